@@ -1,0 +1,220 @@
+"""Plain dataclasses that cross module borders: :class:`Frame` and :class:`Tokens`.
+
+Every source yields :class:`Frame`; every memory takes and gives :class:`Tokens`.
+
+Example:
+    >>> import numpy as np, torch
+    >>> f = Frame(index=0, timestamp=0.0, image=np.zeros((4, 6, 3), np.uint8))
+    >>> f.height, f.width
+    (4, 6)
+    >>> t = Tokens.from_grid(torch.zeros(2, 3, 8), frame_index=5, timestamp=0.5)
+    >>> t.features.shape, t.grid.tolist()[:2]
+    (torch.Size([6, 8]), [[0, 0], [0, 1]])
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field, fields
+from typing import Any, Sequence
+
+import numpy as np
+import torch
+
+__all__ = ["Frame", "Tokens"]
+
+
+@dataclass
+class Frame:
+    """One decoded video frame.
+
+    Attributes:
+        index: position of the frame in the source (0-based, before stride or resampling).
+        timestamp: presentation time in seconds, from the container where it has one.
+        image: RGB pixels, ``uint8`` array of shape ``(H, W, 3)``.
+        pose: optional camera-to-world pose, ``float`` array of shape ``(4, 4)``.
+        action: optional action that led to this frame (free-form: a name, a vector).
+        info: extra per-frame data (ground truth from StreamWorld, source details).
+    """
+
+    index: int
+    timestamp: float
+    image: np.ndarray
+    pose: np.ndarray | None = None
+    action: Any = None
+    info: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        img = self.image
+        if not isinstance(img, np.ndarray) or img.ndim != 3 or img.shape[2] != 3:
+            raise ValueError(
+                f"Frame.image must be an (H, W, 3) numpy array, got "
+                f"{type(img).__name__} of shape {getattr(img, 'shape', None)}"
+            )
+        if img.dtype != np.uint8:
+            raise ValueError(f"Frame.image must be uint8, got {img.dtype}")
+        if self.pose is not None:
+            self.pose = np.asarray(self.pose, dtype=np.float64)
+            if self.pose.shape != (4, 4):
+                raise ValueError(f"Frame.pose must be 4x4, got shape {self.pose.shape}")
+
+    @property
+    def height(self) -> int:
+        return int(self.image.shape[0])
+
+    @property
+    def width(self) -> int:
+        return int(self.image.shape[1])
+
+
+@dataclass
+class Tokens:
+    """A set of N feature tokens of width D, with per-token provenance.
+
+    Attributes:
+        features: ``(N, D)`` float tensor.
+        frame_index: ``(N,)`` int64, the frame each token came from.
+        timestamp: ``(N,)`` float64, that frame's time in seconds.
+        grid: ``(N, 2)`` float32 position (row, col) in the token grid of the frame's
+            full-resolution layout; pooled tokens sit at their cells' centres.
+        level: ``(N,)`` int64 level or scale (pyramid level, pooling factor, memory part).
+        pose: optional ``(N, 4, 4)`` float32 camera pose of each token's frame.
+        score: optional ``(N,)`` float32 per-token score (static/dynamic, confidence).
+    """
+
+    features: torch.Tensor
+    frame_index: torch.Tensor
+    timestamp: torch.Tensor
+    grid: torch.Tensor
+    level: torch.Tensor
+    pose: torch.Tensor | None = None
+    score: torch.Tensor | None = None
+
+    def __post_init__(self) -> None:
+        if not isinstance(self.features, torch.Tensor) or self.features.ndim != 2:
+            raise ValueError(
+                f"Tokens.features must be an (N, D) tensor, got shape "
+                f"{tuple(getattr(self.features, 'shape', ()))}"
+            )
+        n = self.features.shape[0]
+        self.frame_index = torch.as_tensor(self.frame_index, dtype=torch.int64)
+        self.timestamp = torch.as_tensor(self.timestamp, dtype=torch.float64)
+        self.grid = torch.as_tensor(self.grid, dtype=torch.float32)
+        self.level = torch.as_tensor(self.level, dtype=torch.int64)
+        if self.pose is not None:
+            self.pose = torch.as_tensor(self.pose, dtype=torch.float32)
+        if self.score is not None:
+            self.score = torch.as_tensor(self.score, dtype=torch.float32)
+        expect = {
+            "frame_index": (n,),
+            "timestamp": (n,),
+            "grid": (n, 2),
+            "level": (n,),
+            "pose": (n, 4, 4),
+            "score": (n,),
+        }
+        for name, shape in expect.items():
+            value = getattr(self, name)
+            if value is not None and tuple(value.shape) != shape:
+                raise ValueError(
+                    f"Tokens.{name} must have shape {shape} for {n} tokens, got {tuple(value.shape)}"
+                )
+
+    # ------------------------------------------------------------------ constructors
+    @classmethod
+    def from_grid(
+        cls,
+        grid_features: torch.Tensor,
+        frame_index: int,
+        timestamp: float,
+        level: int = 0,
+        pose: np.ndarray | torch.Tensor | None = None,
+        score: torch.Tensor | None = None,
+        cell: float = 1.0,
+    ) -> "Tokens":
+        """Tokens of one frame from an ``(h, w, D)`` grid, row-major.
+
+        ``cell`` is the size of one grid cell in full-resolution grid units, so a grid pooled
+        by 2 has ``cell=2`` and its tokens sit at the pooled cells' centres.
+        """
+        if grid_features.ndim != 3:
+            raise ValueError(f"grid_features must be (h, w, D), got {tuple(grid_features.shape)}")
+        h, w, d = grid_features.shape
+        ys, xs = torch.meshgrid(torch.arange(h), torch.arange(w), indexing="ij")
+        offset = (cell - 1.0) / 2.0
+        grid = torch.stack([ys.reshape(-1), xs.reshape(-1)], 1).float() * cell + offset
+        n = h * w
+        pose_t = None
+        if pose is not None:
+            pose_t = torch.as_tensor(np.asarray(pose), dtype=torch.float32).expand(n, 4, 4).clone()
+        if score is not None:
+            score = torch.as_tensor(score, dtype=torch.float32).reshape(n)
+        return cls(
+            features=grid_features.reshape(n, d),
+            frame_index=torch.full((n,), int(frame_index), dtype=torch.int64),
+            timestamp=torch.full((n,), float(timestamp), dtype=torch.float64),
+            grid=grid,
+            level=torch.full((n,), int(level), dtype=torch.int64),
+            pose=pose_t,
+            score=score,
+        )
+
+    @classmethod
+    def empty(cls, dim: int, with_pose: bool = False, with_score: bool = False) -> "Tokens":
+        return cls(
+            features=torch.zeros(0, dim),
+            frame_index=torch.zeros(0, dtype=torch.int64),
+            timestamp=torch.zeros(0, dtype=torch.float64),
+            grid=torch.zeros(0, 2),
+            level=torch.zeros(0, dtype=torch.int64),
+            pose=torch.zeros(0, 4, 4) if with_pose else None,
+            score=torch.zeros(0) if with_score else None,
+        )
+
+    @classmethod
+    def cat(cls, parts: Sequence["Tokens"]) -> "Tokens":
+        """Concatenate token sets; optional fields are kept only if every part has them."""
+        parts = list(parts)
+        if not parts:
+            raise ValueError("Tokens.cat needs at least one part")
+        out: dict[str, Any] = {}
+        for f in fields(cls):
+            values = [getattr(p, f.name) for p in parts]
+            out[f.name] = None if any(v is None for v in values) else torch.cat(values, 0)
+        return cls(**out)
+
+    # ------------------------------------------------------------------ helpers
+    def __len__(self) -> int:
+        return int(self.features.shape[0])
+
+    @property
+    def dim(self) -> int:
+        return int(self.features.shape[1])
+
+    def index(self, idx: torch.Tensor | slice) -> "Tokens":
+        """Select tokens by a boolean mask, an index tensor or a slice."""
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            out[f.name] = None if v is None else v[idx]
+        return Tokens(**out)
+
+    def sort_by_time(self) -> "Tokens":
+        """Stable sort by (timestamp, frame_index); token order within a frame is kept."""
+        if len(self) == 0:
+            return self
+        key = self.frame_index.to(torch.float64)
+        order = torch.argsort(key, stable=True)
+        order = order[torch.argsort(self.timestamp[order], stable=True)]
+        return self.index(order)
+
+    def to(self, device=None, dtype: torch.dtype | None = None) -> "Tokens":
+        out = {}
+        for f in fields(self):
+            v = getattr(self, f.name)
+            if v is None:
+                out[f.name] = None
+            elif f.name == "features":
+                out[f.name] = v.to(device=device, dtype=dtype or v.dtype)
+            else:
+                out[f.name] = v.to(device=device)
+        return Tokens(**out)
