@@ -4,7 +4,14 @@ Frames from any source (file, camera, URL, image folder, procedural world) strea
 bounded memories that feed video QA, detection aggregation and generation heads.
 """
 
-from streammem.types import Frame, Tokens
+import os as _os
+
+# FFmpeg inside OpenCV prints every decode warning of a damaged file to stderr; streammem
+# reports such problems itself (SourceReadError), so keep FFmpeg quiet unless asked.
+_os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
+_os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+
+from streammem.types import Frame, Tokens  # noqa: E402
 
 __version__ = "0.1.0"
 __all__ = ["Frame", "Tokens", "__version__"]

@@ -1,0 +1,120 @@
+"""The ``streammem`` command.
+
+    streammem info VIDEO             frames, fps, duration, codec, resolution
+    streammem run [SOURCE] --out D   the main job: annotated mp4 + per-frame JSONL + summary
+    streammem world ...              StreamWorld: export streams, render a gallery
+
+Heads add their own sub-commands.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Optional
+
+import typer
+
+from streammem.io import SourceError, probe
+from streammem.pipelines.main_job import DEFAULT_SOURCE, run_main_job
+
+app = typer.Typer(
+    help="streammem: bounded streaming video memories for QA, detection and generation.",
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+)
+
+
+def _source_options(stride, start, end, fps, max_side, backend) -> dict:
+    opts = {"stride": stride, "start": start, "backend": backend}
+    if end is not None:
+        opts["end"] = end
+    if fps is not None:
+        opts["fps"] = fps
+    if max_side is not None:
+        opts["max_side"] = max_side
+    return opts
+
+
+def _fail(message: str, code: int = 2) -> None:
+    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
+    raise typer.Exit(code)
+
+
+@app.command()
+def info(
+    source: str = typer.Argument(..., help="video file, image folder, camera:N, URL or world:..."),
+    as_json: bool = typer.Option(False, "--json", help="print JSON"),
+) -> None:
+    """Print what a source holds: frames, fps, duration, codec, resolution."""
+    try:
+        meta = probe(source)
+    except (SourceError, ValueError) as exc:
+        _fail(str(exc))
+    if as_json:
+        typer.echo(json.dumps(meta.to_dict(), indent=2))
+        return
+    dur = f"{meta.duration:.3f} s" if meta.duration is not None else "unknown (live)"
+    rows = [
+        ("source", meta.uri),
+        ("kind", meta.kind),
+        ("backend", meta.backend),
+        ("frames", meta.num_frames if meta.num_frames is not None else "unknown (live)"),
+        ("fps", f"{meta.fps:.3f}" if meta.fps else "unknown"),
+        ("duration", dur),
+        ("codec", meta.codec or "unknown"),
+        ("resolution", f"{meta.width}x{meta.height}"),
+    ]
+    for key, value in rows:
+        typer.echo(f"{key:>10}: {value}")
+
+
+@app.command()
+def run(
+    source: str = typer.Argument(DEFAULT_SOURCE, help="what to stream (default: a StreamWorld stream)"),
+    out: str = typer.Option("outputs", "--out", "-o", help="output folder"),
+    realtime: bool = typer.Option(False, help="drop frames that arrive while busy (newest wins)"),
+    max_frames: Optional[int] = typer.Option(None, help="stop after this many frames"),
+    stride: int = typer.Option(1, help="keep every n-th frame"),
+    start: float = typer.Option(0.0, help="start time (s)"),
+    end: Optional[float] = typer.Option(None, help="end time (s)"),
+    fps: Optional[float] = typer.Option(None, help="resample to this frame rate"),
+    max_side: Optional[int] = typer.Option(None, help="downscale so the longer side is at most this"),
+    backend: str = typer.Option("auto", help="video reader: auto, decord or opencv"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """The main job: stream SOURCE through the pipeline; write OUT/annotated.mp4,
+    OUT/frames.jsonl and OUT/summary.json, and print a summary."""
+    try:
+        result = run_main_job(
+            source, out, realtime=realtime, max_frames=max_frames, progress=progress,
+            **_source_options(stride, start, end, fps, max_side, backend),
+        )
+    except (SourceError, ValueError) as exc:
+        _fail(str(exc))
+    s = result.summary
+    typer.echo(
+        f"streammem run: {s['frames_processed']} frames in {s['wall_s']:.2f} s "
+        f"({s['fps']:.1f} fps), {s['frames_dropped']} dropped, "
+        f"latency p50 {s['latency_ms_p50']:.2f} ms / p95 {s['latency_ms_p95']:.2f} ms"
+    )
+    typer.echo(f"  video:   {result.video}")
+    typer.echo(f"  stats:   {result.jsonl}")
+    typer.echo(f"  summary: {result.summary_path}")
+    if result.error is not None:
+        _fail(f"{result.error} (everything before it was written)", code=1)
+
+
+def _mount_optional() -> None:
+    """Sub-commands of parts that may be missing from a partial install."""
+    try:
+        from streammem.world.cli import app as world_app
+    except ImportError:
+        return
+    app.add_typer(world_app, name="world", help="StreamWorld: procedural video streams with ground truth")
+
+
+_mount_optional()
+
+if __name__ == "__main__":
+    app()
