@@ -1,0 +1,325 @@
+"""The contract every memory keeps, and the plumbing they share.
+
+A memory is storage plus a policy. It takes and gives :class:`~streammem.types.Tokens`:
+
+- ``write(tokens)`` adds what one step of the stream produced;
+- ``read(query=None) -> Tokens`` returns what the memory holds (or the part a query selects);
+- ``reset()`` forgets everything and reseeds its random generator;
+- ``stats() -> dict`` reports occupancy, evictions, merges, promotions, bytes, ...;
+- ``state_dict()`` / ``load_state_dict()`` hold tensors only (the config travels as JSON
+  text encoded in a ``uint8`` tensor), so ``save(path)`` writes one safetensors file whose
+  header also carries the kind and the JSON config, and ``load(path)`` never runs code;
+- ``num_tokens``, ``capacity`` and ``nbytes`` properties.
+
+Every memory preallocates fixed-size buffers at construction, so ``nbytes`` (the bytes of all
+its state tensors) is the same before the first write and after the millionth, and a write
+costs the same at any stream position. Randomness comes only from ``self.generator``, a
+``torch.Generator`` owned by the memory and seeded from ``config.seed``; its state is part of
+``state_dict``, so save -> load -> continue gives exactly the uninterrupted stream.
+
+Example:
+    >>> import torch
+    >>> from streammem.memory import FeatureBank
+    >>> bank = FeatureBank(dim=8, max_size=100, key_size=10)
+    >>> bank.write(Tokens.from_grid(torch.randn(2, 3, 8), frame_index=0, timestamp=0.0))
+    >>> len(bank.read()), bank.num_tokens <= bank.capacity
+    (6, True)
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, ClassVar
+
+import torch
+import torch.nn.functional as F
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from streammem.types import Tokens
+
+__all__ = ["Memory", "MemoryConfig", "TokenSlots", "check_field", "pool_grid", "MEMORY_KINDS"]
+
+#: kind name -> memory class; filled by ``Memory.__init_subclass__``.
+MEMORY_KINDS: dict[str, type["Memory"]] = {}
+
+
+def check_field(ok: bool, owner: str, field: str, allowed: str, value: Any) -> None:
+    """Raise ``ValueError`` naming ``owner.field``, the allowed range and the value given."""
+    if not ok:
+        raise ValueError(f"{owner}.{field} must be {allowed}, got {value!r}")
+
+
+@dataclass
+class MemoryConfig:
+    """Fields every memory has.
+
+    Attributes:
+        dim: feature width D of the tokens it stores (buffers are preallocated at this width).
+        seed: seed of the memory's own ``torch.Generator``.
+    """
+
+    dim: int = 256
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        name = type(self).__name__
+        check_field(isinstance(self.dim, int) and self.dim >= 1, name, "dim", "an int >= 1", self.dim)
+        check_field(isinstance(self.seed, int) and self.seed >= 0, name, "seed", "an int >= 0", self.seed)
+
+    def to_json(self) -> str:
+        return json.dumps(dataclasses.asdict(self), sort_keys=True)
+
+
+def _bytes_tensor(text: str) -> torch.Tensor:
+    return torch.tensor(list(text.encode("utf-8")), dtype=torch.uint8)
+
+
+def _tensor_text(t: torch.Tensor) -> str:
+    return bytes(t.tolist()).decode("utf-8")
+
+
+def pool_grid(x: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
+    """Adaptive average pooling of an ``(h, w, D)`` token grid to ``(oh, ow, D)``.
+
+    Same result as ``F.adaptive_avg_pool2d`` on ``(D, h, w)``. When the sides divide, it sums
+    strided views (large grids) or takes one reshaped mean (small grids) instead: torch's
+    adaptive pooling always forks threads, which costs far more than the pooling on small
+    grids, and is single-pass slow on wide ones.
+    """
+    h, w, d = x.shape
+    if (h, w) == (oh, ow):
+        return x
+    if h % oh or w % ow:
+        return F.adaptive_avg_pool2d(x.permute(2, 0, 1), (oh, ow)).permute(1, 2, 0)
+    kh, kw = h // oh, w // ow
+    v = x.reshape(oh, kh, ow, kw, d)
+    if x.numel() < 65536 or kh * kw > 16:
+        return v.mean((1, 3))
+    acc = v[:, 0, :, 0].clone()
+    for i in range(kh):
+        for j in range(kw):
+            if i or j:
+                acc += v[:, i, :, j]
+    return acc.div_(kh * kw)
+
+
+class Memory:
+    """Base class: buffers, counters, generator, snapshots. Subclasses set ``kind`` and
+    ``Config`` and implement ``_allocate``, ``write``, ``read``, ``num_tokens``, ``capacity``.
+
+    Subclasses that keep some bookkeeping in plain Python (for speed) override ``_pack`` (copy
+    it into buffers before a snapshot) and ``_unpack`` (rebuild it after a load or reset).
+    """
+
+    kind: ClassVar[str] = "memory"
+    Config: ClassVar[type] = MemoryConfig
+    #: names of the integer event counters kept in ``stats()`` and in snapshots.
+    COUNTERS: ClassVar[tuple[str, ...]] = ("writes",)
+
+    def __init_subclass__(cls, **kwargs: Any) -> None:
+        super().__init_subclass__(**kwargs)
+        if cls.kind != "memory":
+            MEMORY_KINDS[cls.kind] = cls
+
+    def __init__(self, config: Any = None, **kwargs: Any) -> None:
+        if config is None:
+            config = self.Config(**kwargs)
+        elif kwargs:
+            raise TypeError(f"{type(self).__name__}: pass either a config or keyword fields, not both")
+        if not isinstance(config, self.Config):
+            raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(config).__name__}")
+        self.config = config
+        self.generator = torch.Generator()
+        self.generator.manual_seed(config.seed)
+        self._buffers: dict[str, torch.Tensor] = {}
+        self.counters = {name: 0 for name in self.COUNTERS}
+        self._allocate()
+        self._unpack()
+
+    # ------------------------------------------------------------------ to implement
+    def _allocate(self) -> None:
+        raise NotImplementedError
+
+    def write(self, tokens: Tokens) -> None:
+        raise NotImplementedError
+
+    def read(self, query: Any = None) -> Tokens:
+        raise NotImplementedError
+
+    @property
+    def num_tokens(self) -> int:
+        raise NotImplementedError
+
+    @property
+    def capacity(self) -> int:
+        raise NotImplementedError
+
+    def _pack(self) -> None:
+        """Copy Python-side bookkeeping into buffers (before a snapshot)."""
+
+    def _unpack(self) -> None:
+        """Rebuild Python-side bookkeeping from buffers (after construction, load, reset)."""
+
+    # ------------------------------------------------------------------ shared
+    def buffer(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
+        """Register a preallocated state tensor (part of ``nbytes`` and of snapshots)."""
+        self._buffers[name] = tensor
+        return tensor
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every state tensor; constant over the stream (buffers are preallocated)."""
+        return sum(t.numel() * t.element_size() for t in self._buffers.values())
+
+    def reset(self) -> None:
+        for t in self._buffers.values():
+            t.zero_()
+        self.counters = {name: 0 for name in self.COUNTERS}
+        self.generator.manual_seed(self.config.seed)
+        self._reset_extra()
+        self._unpack()
+
+    def _reset_extra(self) -> None:
+        """Non-zero initial values of buffers after ``reset`` (e.g. -1 sentinels)."""
+
+    def stats(self) -> dict:
+        return {
+            "kind": self.kind,
+            "num_tokens": self.num_tokens,
+            "capacity": self.capacity,
+            "occupancy": self.num_tokens / max(self.capacity, 1),
+            "bytes": self.nbytes,
+            **self.counters,
+        }
+
+    def _check_dim(self, tokens: Tokens) -> None:
+        if not isinstance(tokens, Tokens):
+            raise TypeError(f"{type(self).__name__}.write takes Tokens, got {type(tokens).__name__}")
+        if tokens.dim != self.config.dim:
+            raise ValueError(
+                f"{type(self).__name__} holds tokens of width dim={self.config.dim}, got width {tokens.dim}"
+            )
+
+    # ------------------------------------------------------------------ snapshots
+    def state_dict(self) -> dict[str, torch.Tensor]:
+        """Tensors only: buffers, counters, generator state, kind and JSON config (as uint8)."""
+        self._pack()
+        state = {name: t.clone() for name, t in self._buffers.items()}
+        state["meta.counters"] = torch.tensor([self.counters[n] for n in self.COUNTERS], dtype=torch.int64)
+        state["meta.rng"] = self.generator.get_state().clone()
+        state["meta.kind"] = _bytes_tensor(self.kind)
+        state["meta.config"] = _bytes_tensor(self.config.to_json())
+        return state
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        """Restore a snapshot of a memory of the same kind and configuration.
+
+        Raises ``ValueError`` naming what differs: the kind, the config fields, or a tensor's
+        shape or dtype.
+        """
+        me = type(self).__name__
+        if "meta.kind" not in state:
+            raise ValueError(f"{me}.load_state_dict: not a streammem memory snapshot (no 'meta.kind')")
+        kind = _tensor_text(state["meta.kind"])
+        if kind != self.kind:
+            raise ValueError(f"{me}.load_state_dict: snapshot is of kind '{kind}', this memory is '{self.kind}'")
+        theirs = json.loads(_tensor_text(state["meta.config"]))
+        mine = json.loads(self.config.to_json())
+        diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
+        if diff:
+            detail = ", ".join(f"{k}: snapshot {theirs.get(k)!r} vs this {mine.get(k)!r}" for k in diff)
+            raise ValueError(f"{me}.load_state_dict: snapshot has another configuration ({detail})")
+        missing = sorted(set(self._buffers) - set(state))
+        if missing:
+            raise ValueError(f"{me}.load_state_dict: snapshot lacks tensors {missing}")
+        for name, t in self._buffers.items():
+            src = state[name]
+            if src.shape != t.shape or src.dtype != t.dtype:
+                raise ValueError(
+                    f"{me}.load_state_dict: tensor '{name}' is {tuple(src.shape)} {src.dtype} in the "
+                    f"snapshot, {tuple(t.shape)} {t.dtype} here"
+                )
+        for name, t in self._buffers.items():
+            t.copy_(state[name])
+        values = state["meta.counters"].tolist()
+        if len(values) != len(self.COUNTERS):
+            raise ValueError(f"{me}.load_state_dict: counters have {len(values)} entries, expected {len(self.COUNTERS)}")
+        self.counters = dict(zip(self.COUNTERS, (int(v) for v in values)))
+        self.generator.set_state(state["meta.rng"].clone())
+        self._unpack()
+
+    def save(self, path: str | Path) -> None:
+        """Write a safetensors file; its header carries ``kind`` and the JSON ``config``."""
+        state = {k: v.contiguous() for k, v in self.state_dict().items()}
+        save_file(state, str(path), metadata={"kind": self.kind, "config": self.config.to_json()})
+
+    @classmethod
+    def load(cls, path: str | Path) -> "Memory":
+        """Build a memory from a file written by :meth:`save`.
+
+        Called on :class:`Memory` it builds whatever kind the file holds; called on a subclass
+        it refuses a file of another kind.
+        """
+        with safe_open(str(path), framework="pt") as f:
+            meta = f.metadata() or {}
+            state = {k: f.get_tensor(k) for k in f.keys()}
+        kind = meta.get("kind")
+        if kind is None or kind not in MEMORY_KINDS:
+            raise ValueError(f"{path}: not a streammem memory snapshot (kind {kind!r})")
+        if cls is not Memory and kind != cls.kind:
+            raise ValueError(f"{path}: snapshot is of kind '{kind}', cannot load it as {cls.__name__} ('{cls.kind}')")
+        target = MEMORY_KINDS[kind]
+        config = target.Config(**json.loads(meta["config"]))
+        memory = target(config)
+        memory.load_state_dict(state)
+        return memory
+
+    def __repr__(self) -> str:
+        return f"{type(self).__name__}({self.config})"
+
+
+class TokenSlots:
+    """Fixed-capacity slot storage for token features and provenance, owned by a memory.
+
+    Registers ``{prefix}.features`` ``(C, D)`` and per-slot ``frame_index`` ``(C,)``,
+    ``timestamp`` ``(C,)``, ``grid`` ``(C, 2)``, ``level`` ``(C,)``, ``score`` ``(C,)``, and
+    optionally ``pose`` ``(C, 4, 4)``, as buffers of ``memory``. Which slots are live is the
+    owner's business.
+    """
+
+    def __init__(self, memory: Memory, prefix: str, capacity: int, dim: int, with_pose: bool = False,
+                 dtype: torch.dtype = torch.float32) -> None:
+        b = memory.buffer
+        self.features = b(f"{prefix}.features", torch.zeros(capacity, dim, dtype=dtype))
+        self.frame_index = b(f"{prefix}.frame_index", torch.zeros(capacity, dtype=torch.int64))
+        self.timestamp = b(f"{prefix}.timestamp", torch.zeros(capacity, dtype=torch.float64))
+        self.grid = b(f"{prefix}.grid", torch.zeros(capacity, 2))
+        self.level = b(f"{prefix}.level", torch.zeros(capacity, dtype=torch.int64))
+        self.score = b(f"{prefix}.score", torch.zeros(capacity))
+        self.pose = b(f"{prefix}.pose", torch.zeros(capacity, 4, 4)) if with_pose else None
+
+    def put(self, slots: torch.Tensor | slice, tokens: Tokens) -> None:
+        """Copy ``tokens`` into ``slots`` (missing score -> 0, missing pose -> identity)."""
+        self.features[slots] = tokens.features.to(self.features.dtype)
+        self.frame_index[slots] = tokens.frame_index
+        self.timestamp[slots] = tokens.timestamp
+        self.grid[slots] = tokens.grid
+        self.level[slots] = tokens.level
+        self.score[slots] = 0.0 if tokens.score is None else tokens.score
+        if self.pose is not None:
+            self.pose[slots] = torch.eye(4) if tokens.pose is None else tokens.pose
+
+    def get(self, slots: torch.Tensor | slice) -> Tokens:
+        return Tokens(
+            features=self.features[slots].float(),
+            frame_index=self.frame_index[slots],
+            timestamp=self.timestamp[slots],
+            grid=self.grid[slots],
+            level=self.level[slots],
+            pose=None if self.pose is None else self.pose[slots],
+            score=self.score[slots],
+        )

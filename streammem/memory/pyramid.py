@@ -1,0 +1,318 @@
+"""PyramidMemory: VideoChat-Online's Pyramid Memory Bank (PMB), with cached descriptors.
+
+The rule (VideoChat-Online, "Online Video Understanding"; reference code
+``MCG-NJU/VideoChat-Online`` ``HierarchicalMemoryBank``):
+
+- three levels with fixed square token grids, sides ``16, 8, 4`` (256, 64, 16 tokens);
+- frame ``t`` (its position in the written stream, 0-based) enters level 0 if ``t % 8 == 0``,
+  else level 1 if ``t % 4 == 0``, else level 2 (``reverse_memory_sample_ratio = [8, 4, 1]``),
+  pooled to that level's grid with adaptive average pooling;
+- when a level is full, take each stored frame's spatial-mean descriptor, find the adjacent
+  pair (in the level's list order) with the highest cosine similarity, pop the *earlier* frame
+  of that pair, pool it by 2 (the reference's x2 bilinear resize with ``align_corners=False``
+  equals 2x2 average pooling) and append it to the next level, cascading; the last level drops
+  it; a capacity of 0 means unbounded;
+- a read returns every kept frame's tokens sorted by time, each with its level and timestamp.
+
+Reference defaults: capacities are runtime arguments (argparse default 64/64/64); the
+published runs use ``ovbench`` = 2/2/12 (832 tokens, at 8 fps) and ``offline`` = 24/24/144
+(9,984 tokens, VideoMME/MVBench); features are 4096-d (InternViT after pixel shuffle).
+
+Order quirk: in the reference a promoted frame is appended at the *end* of the next level, so
+levels 1 and 2 are not in time order and "adjacent" means adjacent in list order. That is the
+default here (``order="list"``); ``order="time"`` keeps each level sorted by time so adjacent
+means adjacent in time (not in the reference code).
+
+Departures from the reference:
+
+- descriptors (spatial means) are computed once when a frame enters a level and cached, so a
+  write costs O(capacity x D) instead of re-reducing every stored token (same retention);
+- the frame position ``t`` is this memory's own count of written frames (as in the reference's
+  enumeration of sampled frames), not ``Tokens.frame_index``;
+- promotion uses adaptive average pooling to the next level's side (identical to 2x2 average
+  pooling when the side halves);
+- token positions in reads are pooled-cell centres in the input grid's units;
+- levels preallocate their buffers; an unbounded level (capacity 0) doubles its buffers when
+  full, so only then does ``nbytes`` grow.
+
+Shapes: a write takes the ``s*s`` tokens of one frame laid out row-major on an ``s x s`` grid
+(``Tokens.from_grid`` of an ``(s, s, D)`` tensor); a read returns ``(N, D)`` tokens with
+``level`` in ``{0, 1, 2}`` and ``grid`` at cell centres.
+
+Example:
+    >>> import torch
+    >>> from streammem.types import Tokens
+    >>> mem = PyramidMemory.from_preset("ovbench", dim=8)
+    >>> for t in range(40):
+    ...     mem.write(Tokens.from_grid(torch.randn(16, 16, 8), frame_index=t, timestamp=t / 8))
+    >>> out = mem.read()
+    >>> len(out), mem.capacity, sorted(set(out.level.tolist()))
+    (832, 832, [0, 1, 2])
+"""
+
+from __future__ import annotations
+
+import bisect
+import math
+import sys
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from streammem.memory.base import Memory, MemoryConfig, check_field, pool_grid
+from streammem.types import Tokens
+
+__all__ = ["PyramidMemory", "PyramidConfig", "PYRAMID_PRESETS"]
+
+PYRAMID_PRESETS = {"ovbench": (2, 2, 12), "offline": (24, 24, 144)}
+
+
+@dataclass
+class PyramidConfig(MemoryConfig):
+    """Attributes:
+    dim: feature width D (reference: 4096).
+    capacities: frames per level, 0 = unbounded (default: the ``ovbench`` preset 2/2/12;
+        the reference's argparse default is 64/64/64).
+    sides: token-grid side of each level (reference 16/8/4).
+    ratios: entry rule; frame t enters the first level L with ``t % ratios[L] == 0``
+        (reference [8, 4, 1]; the last ratio must be 1).
+    order: ``"list"`` (reference quirk: promoted frames appended at the end) or ``"time"``.
+    """
+
+    dim: int = 4096
+    capacities: tuple = (2, 2, 12)
+    sides: tuple = (16, 8, 4)
+    ratios: tuple = (8, 4, 1)
+    order: str = "list"
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        self.capacities, self.sides, self.ratios = tuple(self.capacities), tuple(self.sides), tuple(self.ratios)
+        n = len(self.sides)
+        check_field(n >= 1 and all(isinstance(s, int) and s >= 1 for s in self.sides), name, "sides",
+                    "a non-empty tuple of ints >= 1", self.sides)
+        check_field(len(self.capacities) == n and all(isinstance(c, int) and c >= 0 for c in self.capacities),
+                    name, "capacities", f"{n} ints >= 0 (0 = unbounded), one per level", self.capacities)
+        check_field(len(self.ratios) == n and all(isinstance(r, int) and r >= 1 for r in self.ratios)
+                    and self.ratios[-1] == 1, name, "ratios", f"{n} ints >= 1 ending in 1", self.ratios)
+        check_field(self.order in ("list", "time"), name, "order", "'list' or 'time'", self.order)
+
+
+class PyramidMemory(Memory):
+    """Pyramid Memory Bank with cached spatial-mean descriptors (see the module docstring)."""
+
+    kind = "pyramid"
+    Config = PyramidConfig
+    COUNTERS = ("writes", "evictions", "promotions", "drops")
+
+    @classmethod
+    def from_preset(cls, preset: str, **overrides: Any) -> "PyramidMemory":
+        """``"ovbench"`` (2/2/12) or ``"offline"`` (24/24/144), plus any config overrides."""
+        if preset not in PYRAMID_PRESETS:
+            raise ValueError(f"PyramidMemory preset must be one of {sorted(PYRAMID_PRESETS)}, got {preset!r}")
+        return cls(PyramidConfig(capacities=PYRAMID_PRESETS[preset], **overrides))
+
+    # ------------------------------------------------------------------ storage
+    def _allocate(self) -> None:
+        c = self.config
+        self._alloc = [cap if cap > 0 else 16 for cap in c.capacities]
+        for lvl in range(len(c.sides)):
+            self._alloc_level(lvl, self._alloc[lvl])
+
+    def _alloc_level(self, lvl: int, n: int) -> None:
+        side2, d = self.config.sides[lvl] ** 2, self.config.dim
+        self.buffer(f"L{lvl}.features", torch.zeros(n, side2, d))
+        self.buffer(f"L{lvl}.descriptor", torch.zeros(n, d))
+        self.buffer(f"L{lvl}.frame_index", torch.zeros(n, dtype=torch.int64))
+        self.buffer(f"L{lvl}.timestamp", torch.zeros(n, dtype=torch.float64))
+        self.buffer(f"L{lvl}.order", torch.full((n,), -1, dtype=torch.int64))
+
+    def _grow(self, lvl: int) -> None:
+        """Double an unbounded level's buffers (capacity 0 only)."""
+        self._pack()
+        old = {k: v for k, v in self._buffers.items() if k.startswith(f"L{lvl}.")}
+        n = self._alloc[lvl]
+        self._alloc[lvl] = 2 * n
+        self._alloc_level(lvl, 2 * n)
+        for k, v in old.items():
+            self._buffers[k][:n] = v
+        self._unpack()
+
+    def _reset_extra(self) -> None:
+        for lvl in range(len(self.config.sides)):
+            self._buffers[f"L{lvl}.order"].fill_(-1)
+
+    def _pack(self) -> None:
+        for lvl, order in enumerate(self._order):
+            buf = self._buffers[f"L{lvl}.order"]
+            buf.fill_(-1)
+            if order:
+                buf[: len(order)] = torch.tensor(order, dtype=torch.int64)
+            self._buffers[f"L{lvl}.frame_index"].copy_(torch.tensor(self._fi[lvl], dtype=torch.int64))
+            self._buffers[f"L{lvl}.timestamp"].copy_(torch.tensor(self._ts[lvl], dtype=torch.float64))
+
+    def _unpack(self) -> None:
+        # Python-side bookkeeping, per level: slots in list order, free slots (lowest last),
+        # per-slot frame index and timestamp, (timestamp, frame_index) per list position, and
+        # the cosine similarity of each adjacent pair in list order (sims[i]: order[i], order[i+1]).
+        self._order, self._free, self._fi, self._ts, self._keys, self._sims = [], [], [], [], [], []
+        self._norms = [self._buffers[f"L{lvl}.descriptor"].norm(dim=1).tolist() for lvl in range(len(self.config.sides))]
+        for lvl in range(len(self.config.sides)):
+            buf = self._buffers[f"L{lvl}.order"]
+            order = [int(s) for s in buf.tolist() if s >= 0]
+            used = set(order)
+            fi = self._buffers[f"L{lvl}.frame_index"].tolist()
+            ts = self._buffers[f"L{lvl}.timestamp"].tolist()
+            self._order.append(order)
+            self._free.append(sorted((s for s in range(buf.numel()) if s not in used), reverse=True))
+            self._fi.append(fi)
+            self._ts.append(ts)
+            self._keys.append([(ts[s], fi[s]) for s in order])
+            self._sims.append([self._cos(lvl, a, b) for a, b in zip(order[:-1], order[1:])])
+
+    def _cos(self, lvl: int, a: int, b: int) -> float:
+        """Cosine similarity of two slots' cached descriptors (as ``F.cosine_similarity``)."""
+        d, norms = self._buffers[f"L{lvl}.descriptor"], self._norms[lvl]
+        return float(torch.dot(d[a], d[b])) / max(norms[a] * norms[b], 1e-8)
+
+    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
+        for lvl, cap in enumerate(self.config.capacities):
+            key = f"L{lvl}.order"
+            if cap == 0 and key in state:
+                while self._alloc[lvl] < state[key].numel():
+                    self._grow(lvl)
+        super().load_state_dict(state)
+
+    # ------------------------------------------------------------------ contract
+    @property
+    def num_tokens(self) -> int:
+        return sum(len(o) * s * s for o, s in zip(self._order, self.config.sides))
+
+    @property
+    def capacity(self) -> int:
+        if 0 in self.config.capacities:
+            return sys.maxsize
+        return sum(c * s * s for c, s in zip(self.config.capacities, self.config.sides))
+
+    def entry_level(self, t: int) -> int:
+        """Level that frame position ``t`` enters: first L with ``t % ratios[L] == 0``."""
+        for lvl, r in enumerate(self.config.ratios):
+            if t % r == 0:
+                return lvl
+        return len(self.config.ratios) - 1
+
+    def write(self, tokens: Tokens) -> None:
+        """Add one frame: ``s*s`` tokens of an ``s x s`` grid, row-major."""
+        self._check_dim(tokens)
+        n = len(tokens)
+        s = math.isqrt(n)
+        if n == 0 or s * s != n:
+            raise ValueError(f"PyramidMemory.write takes one frame on a square grid, got {n} tokens")
+        t = self.counters["writes"]
+        lvl = self.entry_level(t)
+        side = self.config.sides[lvl]
+        frame = tokens.features.float()
+        if s != side:
+            frame = pool_grid(frame.reshape(s, s, -1), side, side).reshape(side * side, -1)
+        self._put(lvl, frame, int(tokens.frame_index[0]), float(tokens.timestamp[0]))
+        self.counters["writes"] = t + 1
+
+    def _remove(self, lvl: int, j: int) -> int:
+        """Pop list position j; keep the adjacent-pair similarities in step."""
+        order, sims = self._order[lvl], self._sims[lvl]
+        n = len(order)
+        if 0 < j < n - 1:
+            sims[j - 1] = self._cos(lvl, order[j - 1], order[j + 1])
+            del sims[j]
+        elif sims:
+            del sims[0 if j == 0 else j - 1]
+        self._keys[lvl].pop(j)
+        return order.pop(j)
+
+    def _insert(self, lvl: int, pos: int, slot: int) -> None:
+        order, sims = self._order[lvl], self._sims[lvl]
+        n = len(order)
+        if 0 < pos < n:
+            sims[pos - 1] = self._cos(lvl, order[pos - 1], slot)
+            sims.insert(pos, self._cos(lvl, slot, order[pos]))
+        elif pos == n and n > 0:
+            sims.append(self._cos(lvl, order[n - 1], slot))
+        elif pos == 0 and n > 0:
+            sims.insert(0, self._cos(lvl, slot, order[0]))
+        order.insert(pos, slot)
+        self._keys[lvl].insert(pos, (self._ts[lvl][slot], self._fi[lvl][slot]))
+
+    def _put(self, lvl: int, frame: torch.Tensor, frame_index: int, timestamp: float) -> None:
+        cap = self.config.capacities[lvl]
+        if cap > 0 and len(self._order[lvl]) >= cap:
+            sims = self._sims[lvl]
+            # earlier frame of the most similar adjacent pair (first maximum, as argmax)
+            j = max(range(len(sims)), key=sims.__getitem__) if sims else 0
+            slot = self._remove(lvl, j)
+            self.counters["evictions"] += 1
+            if lvl + 1 < len(self.config.sides):
+                old = self._buffers[f"L{lvl}.features"][slot]
+                side, nxt = self.config.sides[lvl], self.config.sides[lvl + 1]
+                pooled = pool_grid(old.reshape(side, side, -1), nxt, nxt).reshape(nxt * nxt, -1)
+                self.counters["promotions"] += 1
+                self._put(lvl + 1, pooled, self._fi[lvl][slot], self._ts[lvl][slot])
+            else:
+                self.counters["drops"] += 1
+        else:
+            if not self._free[lvl]:
+                self._grow(lvl)
+            slot = self._free[lvl].pop()
+        self._buffers[f"L{lvl}.features"][slot] = frame
+        desc = self._buffers[f"L{lvl}.descriptor"][slot]
+        torch.mean(frame, 0, out=desc)
+        self._norms[lvl][slot] = float(desc.norm())
+        self._fi[lvl][slot] = frame_index
+        self._ts[lvl][slot] = timestamp
+        if self.config.order == "list":
+            pos = len(self._order[lvl])
+        else:
+            pos = bisect.bisect_right(self._keys[lvl], (timestamp, frame_index))
+        self._insert(lvl, pos, slot)
+
+    def frames(self) -> list[tuple[int, int, float]]:
+        """``(level, frame_index, timestamp)`` of each kept frame, per level in list order."""
+        return [(lvl, fi, ts) for lvl, keys in enumerate(self._keys) for ts, fi in keys]
+
+    def read(self, query: Any = None) -> Tokens:
+        """All kept frames' tokens sorted by time (``query`` is ignored: PMB has no retrieval).
+
+        Returns ``Tokens`` with ``features (N, D)``, ``level`` (pyramid level), ``frame_index``,
+        ``timestamp`` and ``grid`` at pooled-cell centres in units of the level-0 grid.
+        """
+        parts = []
+        top = self.config.sides[0]
+        for lvl, order in enumerate(self._order):
+            if not order:
+                continue
+            side = self.config.sides[lvl]
+            idx = torch.tensor(order)
+            n = len(order)
+            feats = self._buffers[f"L{lvl}.features"][idx].reshape(n * side * side, -1)
+            cell = top / side
+            ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
+            cells = torch.stack([ys.reshape(-1), xs.reshape(-1)], 1).float() * cell + (cell - 1) / 2
+            parts.append(Tokens(
+                features=feats,
+                frame_index=torch.tensor([self._fi[lvl][s] for s in order]).repeat_interleave(side * side),
+                timestamp=torch.tensor([self._ts[lvl][s] for s in order],
+                                       dtype=torch.float64).repeat_interleave(side * side),
+                grid=cells.repeat(n, 1),
+                level=torch.full((n * side * side,), lvl, dtype=torch.int64),
+            ))
+        if not parts:
+            return Tokens.empty(self.config.dim)
+        return Tokens.cat(parts).sort_by_time()
+
+    def stats(self) -> dict:
+        out = super().stats()
+        out["frames_per_level"] = [len(o) for o in self._order]
+        out["tokens_per_level"] = [len(o) * s * s for o, s in zip(self._order, self.config.sides)]
+        return out

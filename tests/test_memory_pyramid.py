@@ -1,0 +1,127 @@
+"""PyramidMemory against a plain, per-write recomputation of the published PMB rule."""
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from streammem.memory import PyramidMemory
+from streammem.types import Tokens
+
+
+def naive_pmb(frames, capacities, sides, ratios, order):
+    """The rule as written in the paper/reference, with nothing cached.
+
+    levels[L] is a list of (grid (side, side, D), frame_index, timestamp) in list order.
+    """
+    levels = [[] for _ in sides]
+
+    def pool(x, side):  # (s, s, D) -> (side, side, D), adaptive average pooling
+        return F.adaptive_avg_pool2d(x.permute(2, 0, 1), side).permute(1, 2, 0)
+
+    def put(lvl, x, fi, ts):
+        items = levels[lvl]
+        if capacities[lvl] > 0 and len(items) >= capacities[lvl]:
+            desc = torch.stack([it[0].mean(dim=(0, 1)) for it in items])
+            if len(items) >= 2:
+                cos = F.cosine_similarity(desc[1:], desc[:-1], dim=-1)
+                j = int(torch.argmax(cos))
+            else:
+                j = 0
+            v = items.pop(j)
+            if lvl + 1 < len(sides):
+                put(lvl + 1, pool(v[0], sides[lvl + 1]), v[1], v[2])
+        item = (x, fi, ts)
+        if order == "list":
+            items.append(item)
+        else:
+            pos = len(items)
+            while pos > 0 and (items[pos - 1][2], items[pos - 1][1]) > (ts, fi):
+                pos -= 1
+            items.insert(pos, item)
+
+    for t, (x, fi, ts) in enumerate(frames):
+        lvl = next(i for i, r in enumerate(ratios) if t % r == 0)
+        put(lvl, pool(x, sides[lvl]), fi, ts)
+    return levels
+
+
+def random_stream(n, side, dim, seed, drift=0.9):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(side, side, dim, generator=g)
+    out = []
+    for t in range(n):
+        # a drifting stream with occasional cuts, so similarities are far from ties
+        if t % 17 == 0:
+            x = torch.randn(side, side, dim, generator=g)
+        x = drift * x + (1 - drift) * torch.randn(side, side, dim, generator=g)
+        out.append((x.clone(), t, t * 0.125))
+    return out
+
+
+@pytest.mark.parametrize("order", ["list", "time"])
+@pytest.mark.parametrize("caps,sides,ratios", [
+    ((2, 2, 12), (8, 4, 2), (8, 4, 1)),
+    ((3, 4, 5), (4, 2, 1), (8, 4, 1)),
+    ((5, 0, 3), (4, 2, 1), (3, 2, 1)),
+    ((1, 1, 2), (4, 2, 1), (2, 1, 1)),
+])
+def test_pyramid_matches_naive_rule(order, caps, sides, ratios):
+    dim = 6
+    frames = random_stream(300, sides[0], dim, seed=sum(caps))
+    mem = PyramidMemory(dim=dim, capacities=caps, sides=sides, ratios=ratios, order=order)
+    for i, (x, fi, ts) in enumerate(frames):
+        mem.write(Tokens.from_grid(x, frame_index=fi, timestamp=ts))
+        if i % 37 == 0 or i == len(frames) - 1:
+            ref = naive_pmb(frames[: i + 1], caps, sides, ratios, order)
+            # same frames, at the same levels, in the same list order
+            got = mem.frames()
+            want = [(lvl, it[1], it[2]) for lvl, items in enumerate(ref) for it in items]
+            assert got == want
+            # same contents, read back sorted by time
+            out = mem.read()
+            flat = sorted(
+                ((it[2], it[1], lvl, it[0].reshape(-1, dim)) for lvl, items in enumerate(ref) for it in items),
+                key=lambda r: (r[0], r[1]),
+            )
+            feats = torch.cat([r[3] for r in flat])
+            torch.testing.assert_close(out.features, feats, atol=1e-5, rtol=0)
+            assert out.level.tolist() == sum(([r[2]] * r[3].shape[0] for r in flat), [])
+            assert out.timestamp.tolist() == sum(([r[0]] * r[3].shape[0] for r in flat), [])
+
+
+def test_list_order_quirk_differs_from_time_order():
+    """With promotions appended at the end, list order and time order disagree on some stream."""
+    frames = random_stream(200, 4, 6, seed=3)
+    kept = {}
+    for order in ("list", "time"):
+        mem = PyramidMemory(dim=6, capacities=(2, 2, 6), sides=(4, 2, 1), order=order)
+        for x, fi, ts in frames:
+            mem.write(Tokens.from_grid(x, frame_index=fi, timestamp=ts))
+        kept[order] = mem.frames()
+    assert [f for f in kept["list"] if f[0] == 2] != [f for f in kept["time"] if f[0] == 2]
+    times = [f[2] for f in kept["time"] if f[0] == 2]
+    assert times == sorted(times)
+
+
+def test_presets_and_read_tags():
+    mem = PyramidMemory.from_preset("offline", dim=4)
+    assert mem.capacity == 9984
+    mem = PyramidMemory.from_preset("ovbench", dim=4)
+    assert mem.capacity == 832
+    for t in range(64):
+        mem.write(Tokens.from_grid(torch.randn(16, 16, 4), frame_index=t, timestamp=t / 8))
+    out = mem.read()
+    assert len(out) == 832 and mem.num_tokens == 832
+    assert torch.all(out.timestamp[1:] >= out.timestamp[:-1])
+    assert out.level.bincount().tolist() == [512, 128, 192]
+    # pooled tokens sit at cell centres of the 16x16 grid: level 2 cells are 4 wide
+    lvl2 = out.grid[out.level == 2]
+    assert set(lvl2[:, 0].tolist()) == {1.5, 5.5, 9.5, 13.5}
+    with pytest.raises(ValueError, match="preset"):
+        PyramidMemory.from_preset("nope", dim=4)
+
+
+def test_write_rejects_non_square_frames():
+    mem = PyramidMemory(dim=4)
+    with pytest.raises(ValueError, match="square grid"):
+        mem.write(Tokens.from_grid(torch.randn(3, 5, 4), frame_index=0, timestamp=0.0))
