@@ -9,7 +9,7 @@ import os as _os
 # FFmpeg inside OpenCV prints every decode warning of a damaged file to stderr; streammem
 # reports such problems itself (SourceReadError), so keep FFmpeg quiet unless asked.
 _os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
-_os.environ.setdefault("OPENCV_LOG_LEVEL", "ERROR")
+_os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
 
 from streammem.types import Frame, Tokens  # noqa: E402
 

@@ -37,6 +37,7 @@ from __future__ import annotations
 import os
 import queue
 import re
+import subprocess
 import threading
 import time
 from dataclasses import asdict, dataclass, field
@@ -139,7 +140,8 @@ class _Selector:
 
     def __init__(self, opts: SourceOptions) -> None:
         self.opts = opts
-        self._next_due: float | None = None
+        self._origin: float | None = None
+        self._tick = 0
         self._kept = 0
 
     def __call__(self, index: int, timestamp: float) -> bool | str:
@@ -149,14 +151,14 @@ class _Selector:
         if timestamp < o.start - 1e-9:
             return False
         if o.fps is not None:
-            period = 1.0 / o.fps
-            if self._next_due is None:
-                self._next_due = timestamp
-            if timestamp < self._next_due - 1e-6:
+            # Keep the first frame at or after each tick origin + k / fps; ticks are counted
+            # in integers so rounding never accumulates, and a gap skips whole periods.
+            if self._origin is None:
+                self._origin = timestamp
+            rel = (timestamp - self._origin) * o.fps
+            if rel < self._tick - 1e-6:
                 return False
-            # Advance past this frame; skip whole periods when the input has a gap.
-            steps = int((timestamp - self._next_due) // period) + 1
-            self._next_due += steps * period
+            self._tick = int(np.floor(rel + 1e-6)) + 1
         keep = self._kept % o.stride == 0
         self._kept += 1
         return keep
@@ -233,9 +235,13 @@ class _FileReader:
 
     def _open_decord(self) -> None:
         try:
-            import decord  # noqa: F401
+            import decord
         except ImportError as exc:  # decord has no wheel on this platform
             raise SourceOpenError(self.path, "the decord backend is not installed") from exc
+        try:  # its FFmpeg logs every decode warning; streammem reports failures itself
+            decord.logging.set_level(decord.logging.QUIET)
+        except AttributeError:
+            pass
         try:
             vr = decord.VideoReader(self.path, ctx=decord.cpu(0), num_threads=1)
             n = len(vr)
@@ -298,7 +304,10 @@ class _FileReader:
         finally:
             cap.release()
         if index < 0:
-            raise SourceOpenError(self.path, f"no frame could be decoded (codec {self.codec or 'unknown'})")
+            problem = f"no frame could be decoded (codec {self.codec or 'unknown'})"
+            if self.header_frames:
+                problem += f" although the header lists {self.header_frames}: the file is truncated or corrupt"
+            raise SourceReadError(self.path, problem, 0, 0.0, 0)
         err = self._truncated(index, ts, read)
         if err is not None:
             raise err
@@ -340,9 +349,11 @@ class _FileReader:
 
 
 def _short(exc: BaseException) -> str:
-    text = str(exc).strip().splitlines()
-    text = text[-1] if text else type(exc).__name__
-    return text[-200:]
+    lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
+    text = lines[-1] if lines else type(exc).__name__
+    # decord prefixes its messages with "[hh:mm:ss] /its/source/file.cc:123: "
+    text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+:\s*", "", text)
+    return text.strip()[-200:]
 
 
 class _LiveReader:
@@ -510,10 +521,7 @@ class Source:
                 return _FileReader(uri, backend)
             except SourceOpenError as exc:
                 problems.append(exc.problem)
-        with open(path, "rb") as fh:
-            head = fh.read(64)
-        hint = "it does not look like a video container" if _looks_like_text(head) else "not a supported video"
-        raise SourceOpenError(uri, f"cannot open as video ({hint}): " + "; ".join(problems))
+        raise SourceOpenError(uri, f"cannot open as video ({_diagnose(path)}): " + "; ".join(problems))
 
     # -- iteration
     def _frames(self) -> Iterator[Frame]:
@@ -593,6 +601,35 @@ class _WorldReader:
                 yield frame.index, frame.timestamp, frame
 
 
+def _diagnose(path: Path) -> str:
+    """Why a file that exists does not open: asks ffmpeg (when there is one) what it sees."""
+    with open(path, "rb") as fh:
+        head = fh.read(64)
+    if _looks_like_text(head):
+        return "it is text, not a video container"
+    from streammem.io.sinks import ffmpeg_exe
+
+    exe = ffmpeg_exe()
+    if exe is None:
+        return "not a supported video"
+    try:
+        proc = subprocess.run([exe, "-hide_banner", "-i", str(path)], capture_output=True, text=True, timeout=15)
+    except (OSError, subprocess.TimeoutExpired):
+        return "not a supported video"
+    text = proc.stderr
+    m = re.search(r"Video: (\S+)(?: \(([^)/]*?)\s*(?:/[^)]*)?\))?", text)
+    if m and m.group(1) in ("none", "unknown"):
+        tag = (m.group(2) or "").strip()
+        return f"unknown video codec{f' {tag!r}' if tag else ''}"
+    if "moov atom not found" in text:
+        return "the mp4 index (moov atom) is missing: the file is truncated or was never finished"
+    if m is None:
+        if "Invalid data found" in text:
+            return "not a video container (unrecognised data)"
+        return "no video stream found"
+    return f"ffmpeg sees video codec {m.group(1)!r} but it could not be decoded"
+
+
 def _looks_like_text(head: bytes) -> bool:
     if not head:
         return False
@@ -652,6 +689,10 @@ def _prefetch(it: Iterator, size: int) -> Iterator:
                     q.get_nowait()
             except queue.Empty:
                 pass
+            # Wait for the reader to release its decoder: a daemon thread killed inside native
+            # decode code at interpreter exit aborts the process.
+            if thread is not threading.current_thread():
+                thread.join(timeout=5.0)
 
     return consume()
 

@@ -249,3 +249,6 @@ def _realtime(source: Iterable[Frame], stats: StreamStats, speed: float, live: b
             yield frame, arrived, dropped
     finally:
         stop.set()
+        with cond:
+            slot.clear()
+        thread.join(timeout=5.0)
