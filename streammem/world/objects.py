@@ -175,7 +175,7 @@ class ObjectSim:
         self.touching[:, i] = False
 
     def _event(self, t: str, i: int, **kw) -> dict:
-        e = {"type": t, "track_id": int(self.tid[i]), "class_name": CLASSES[self.cls[i]]}
+        e = {"type": t, "track_id": int(self.tid[i]), "class_name": CLASSES[self.cls[i]], "colour": self.colour_name(i)}
         e.update(kw)
         return e
 
@@ -191,8 +191,11 @@ class ObjectSim:
         return self.vel * (self.moving & self.present)[:, None]
 
     # ---------------------------------------------------------------- step
-    def step(self, rng: np.random.Generator) -> list[dict]:
+    def step(self, rng: np.random.Generator, focus: np.ndarray | None = None) -> list[dict]:
+        """``focus`` marks slots the camera sees: their colour changes and disappearances are
+        4x as likely (and others' 0.5x), so events happen where the stream can show them."""
         ev: list[dict] = []
+        boost = np.where(focus, 4.0, 0.5) if focus is not None else 1.0
         mot = self.motion
         sg = mot == MOTIONS.index("stop_and_go")
         # 1. timers: respawns, returns, stop-and-go phases
@@ -200,7 +203,7 @@ class ObjectSim:
         due = self.timer <= 0
         for i in np.nonzero(due & ~self.alive)[0]:
             self._spawn(rng, int(i))
-            ev.append(self._event("appears", int(i), colour=self.colour_name(int(i))))
+            ev.append(self._event("appears", int(i)))
         for i in np.nonzero(due & self.alive & self.away)[0]:
             self._reenter(rng, int(i))
             ev.append(self._event("returns", int(i)))
@@ -212,12 +215,12 @@ class ObjectSim:
         u_col = rng.random(self.n)
         u_van = rng.random(self.n)
         pick = rng.integers(1, len(COLOUR_NAMES), self.n)
-        for i in np.nonzero((u_col < self.colour_p) & self.present & self.tintable[self.cls])[0]:
+        for i in np.nonzero((u_col < self.colour_p * boost) & self.present & self.tintable[self.cls])[0]:
             old = self.colour_name(int(i))
             self.colour[i] = (self.colour[i] + pick[i]) % len(COLOUR_NAMES)
             ev.append(self._event("changes_colour", int(i), **{"from": old, "to": self.colour_name(int(i))}))
-        for i in np.nonzero((u_van < self.vanish_p) & self.present)[0]:
-            ev.append(self._event("disappears", int(i), colour=self.colour_name(int(i))))
+        for i in np.nonzero((u_van < self.vanish_p * boost) & self.present)[0]:
+            ev.append(self._event("disappears", int(i)))
             self._kill(rng, int(i))
         # 3. move
         self.pos += self.effective_velocity() * self.dt

@@ -96,7 +96,7 @@ class Simulator:
         t = self.index / self.fps
         delta, segment = self.cam_ctl.step()
         ob = self.objects
-        events = ob.step(self.rng)
+        events = ob.step(self.rng, focus=self.in_view)
         uv, _ = self.project()
         h, w = self.size_hw
         now = ob.present & (uv[:, 0] >= 0) & (uv[:, 0] < w) & (uv[:, 1] >= 0) & (uv[:, 1] < h)
@@ -108,12 +108,16 @@ class Simulator:
                 events.append(ob._event("enters", int(i), x=float(uv[i, 0]), y=float(uv[i, 1])))
             elif not now[i] and self.in_view[i] and tid not in gone:
                 events.append(ob._event("leaves", int(i), x=float(uv[i, 0]), y=float(uv[i, 1])))
-        self.in_view = now
+        slot = {int(v): i for i, v in enumerate(ob.tid)}
         for e in events:
             e["time"] = t
             e["frame"] = self.index
-            if e["type"] == "appears":
-                e["in_view"] = bool(now[list(ob.tid).index(e["track_id"])])
+            i = slot.get(e["track_id"])
+            if e["type"] in ("disappears", "exits_scene", "leaves"):
+                e["in_view"] = bool(self.in_view[i]) if i is not None else False
+            else:
+                e["in_view"] = bool(now[i]) if i is not None else False
+        self.in_view = now
         return SimFrame(self.index, t, CameraState(*self.cam_ctl.state.key()), delta, segment, events)
 
 
@@ -140,6 +144,8 @@ class World:
         corruption: override the preset's corruption level (``"clean"`` turns them off);
             corruptions change pixels, never ground truth.
         drop_frames: when False, ``drop`` bursts are ignored so every index is delivered.
+        start: first index to deliver; earlier frames are simulated without rendering (cheap),
+            so clips from late in a stream cost little.
         debug: also put ``info["id_mask"]``, an int32 ``(H, W)`` map of the track id drawn at
             each pixel (0 for background and foliage), before corruptions.
 
@@ -160,8 +166,8 @@ class World:
     - ``colour``: list of N colour names ("natural" for photo sprites); ``motion``: list of N
       motion kinds.
     - ``dynamic_mask``: bool (H, W), pixels of objects moving at this frame.
-    - ``events``: list of dicts (``type``, ``track_id``, ``class_name``, ``time``, ``frame``,
-      and per type ``from``/``to`` colours, ``other`` id, ``x``/``y`` image position). Types:
+    - ``events``: list of dicts (``type``, ``track_id``, ``class_name``, ``colour``, ``time``,
+      ``frame``, ``in_view``: whether the object's centre was in the image then, and per type ``from``/``to`` colours, ``other`` id, ``x``/``y`` image position). Types:
       appears, disappears, enters, leaves (the view; by the object's centre), changes_colour,
       collides, stops, starts, exits_scene, returns. Events of dropped frames are delivered
       with the next delivered frame (their ``frame`` field keeps their own index).
@@ -182,6 +188,7 @@ class World:
         corruption: str | None = None,
         drop_frames: bool = True,
         debug: bool = False,
+        start: int = 0,
     ):
         if preset not in PRESETS:
             raise ValueError(f"preset must be one of {sorted(PRESETS)}, got {preset!r}")
@@ -205,6 +212,9 @@ class World:
         self.corruption = corruption or self.params.corruption
         self.drop_frames = drop_frames
         self.debug = debug
+        if start < 0:
+            raise ValueError(f"start must be >= 0, got {start}")
+        self.start = int(start)
         self._scene: Scene | None = None
 
     def __repr__(self) -> str:
@@ -233,6 +243,8 @@ class World:
             before = CameraState(*sim.cam_ctl.state.key())
             sf = sim.step()
             names = corr.step()
+            if sf.index < self.start:
+                continue
             if "drop" in names and self.drop_frames:
                 pending.extend(sf.events)
                 continue
