@@ -82,12 +82,14 @@ def run(
     max_side: Optional[int] = typer.Option(None, help="downscale so the longer side is at most this"),
     backend: str = typer.Option("auto", help="video reader: auto, decord or opencv"),
     progress: bool = typer.Option(True, help="show a progress bar"),
+    memory: str = typer.Option("ovbench", help="Pyramid Memory Bank preset: ovbench (832 tokens) or offline (9,984)"),
 ) -> None:
     """The main job: stream SOURCE through the pipeline; write OUT/annotated.mp4,
-    OUT/frames.jsonl and OUT/summary.json, and print a summary."""
+    OUT/frames.jsonl, OUT/summary.json and a memory snapshot OUT/memory.safetensors, and print
+    a summary."""
     try:
         result = run_main_job(
-            source, out, realtime=realtime, max_frames=max_frames, progress=progress,
+            source, out, realtime=realtime, max_frames=max_frames, progress=progress, memory=memory,
             **_source_options(stride, start, end, fps, max_side, backend),
         )
     except (SourceError, ValueError) as exc:
@@ -97,6 +99,11 @@ def run(
         f"streammem run: {s['frames_processed']} frames in {s['wall_s']:.2f} s "
         f"({s['fps']:.1f} fps), {s['frames_dropped']} dropped, "
         f"latency p50 {s['latency_ms_p50']:.2f} ms / p95 {s['latency_ms_p95']:.2f} ms"
+    )
+    m = s["memory"]
+    typer.echo(
+        f"  memory:  PyramidMemory {m['num_tokens']}/{m['capacity']} tokens, frames per level "
+        f"{m['frames_per_level']}, {m.get('promotions', 0)} promotions -> {result.memory}"
     )
     typer.echo(f"  video:   {result.video}")
     typer.echo(f"  stats:   {result.jsonl}")

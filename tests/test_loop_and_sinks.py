@@ -12,7 +12,7 @@ from typer.testing import CliRunner
 from conftest import N_FRAMES
 from streammem import Frame
 from streammem.cli import app
-from streammem.io import JsonlWriter, SinkError, SourceReadError, VideoWriter, open_source
+from streammem.io import JsonlWriter, SinkError, SourceError, SourceReadError, VideoWriter, open_source
 from streammem.pipelines import StatsPipeline, run_stream
 
 
@@ -141,6 +141,14 @@ def test_cli_run_main_job(videos, tmp_path):
     assert open_source(out / "annotated.mp4").info.num_frames == N_FRAMES
     summary = json.loads((out / "summary.json").read_text())
     assert summary["frames_processed"] == N_FRAMES and summary["error"] is None
+    # The memory stayed within the ovbench budget and its snapshot reloads as the same state.
+    from streammem.memory import Memory
+
+    assert summary["memory"]["num_tokens"] <= summary["memory"]["capacity"] == 832
+    mem = Memory.load(out / "memory.safetensors")
+    assert mem.stats()["num_tokens"] == summary["memory"]["num_tokens"]
+    assert mem.stats()["writes"] == N_FRAMES
+    assert rec["memory_tokens"] > 0
 
 
 def test_cli_run_keeps_work_done_before_a_truncation(videos, tmp_path):
@@ -159,3 +167,14 @@ def test_cli_info_and_errors(videos):
     assert res.exit_code == 0 and "MJPG" in res.output and "320x240" in res.output
     res = CliRunner().invoke(app, ["info", "/no/such/video.mp4"])
     assert res.exit_code == 2 and "no such file" in res.output
+
+
+def test_world_source_through_the_loop():
+    src = open_source("world:seed=2,preset=clean,seconds=2,fps=8,size=96")
+    frames = list(src)
+    assert len(frames) == 16 and frames[0].image.shape == (96, 96, 3)
+    assert frames[0].pose.shape == (4, 4) and "boxes" in frames[0].info["gt"]
+    again = [f.image for f in open_source("world:seed=2,preset=clean,seconds=2,fps=8,size=96")]
+    assert all(np.array_equal(a.image, b) for a, b in zip(frames, again))
+    with pytest.raises(SourceError, match="bad world spec"):
+        open_source("world:seed=1,colour=blue")
