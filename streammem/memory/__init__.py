@@ -1,6 +1,53 @@
-"""streammem.memory: bounded, snapshot-able memories behind one contract (see ``base.py``)."""
+"""streammem.memory: bounded, snapshot-able memories behind one contract (see ``base.py``).
+
+``build_memory(name, **cfg)`` builds one by registry name:
+
+========================  ===========================================================
+``pyramid``               :class:`PyramidMemory` (VideoChat-Online PMB); ``preset=``
+                          ``"ovbench"`` (2/2/12) or ``"offline"`` (24/24/144)
+``dual``                  :class:`DualMemory` (Mem4D static / dynamic)
+``posekv``                :class:`PoseKVMemory` (RELIC compressed pose-aware KV)
+``feature_bank``          :class:`FeatureBank` (MAMBA)
+``error_bank``            :class:`ErrorBank` (Stable Video Infinity)
+``kvcache``               :class:`KVCacheMemory` (a bounded cache run by a press)
+========================  ===========================================================
+
+Example:
+    >>> mem = build_memory("pyramid", preset="offline", dim=16)
+    >>> mem.capacity
+    9984
+"""
+
+from typing import Any
 
 from streammem.memory.base import MEMORY_KINDS, Memory, MemoryConfig
+from streammem.memory.dual import DualConfig, DualMemory
+from streammem.memory.error_bank import ErrorBank, ErrorBankConfig
+from streammem.memory.feature_bank import FeatureBank, FeatureBankConfig
+from streammem.memory.kvcache import KVCacheConfig, KVCacheMemory
+from streammem.memory.posekv import RELIC_SCHEDULE, PoseKVConfig, PoseKVMemory
+from streammem.memory.presses import (
+    PRESSES, ComposedPress, H2OPress, KVMergerPress, MiKVPress, Press, SinkWindowPress, build_press,
+)
 from streammem.memory.pyramid import PYRAMID_PRESETS, PyramidConfig, PyramidMemory
 
-__all__ = ["Memory", "MemoryConfig", "MEMORY_KINDS", "PyramidMemory", "PyramidConfig", "PYRAMID_PRESETS"]
+
+def build_memory(name: str, **cfg: Any) -> Memory:
+    """Build the memory registered as ``name`` from config fields (``preset=`` for pyramid)."""
+    if name not in MEMORY_KINDS:
+        raise ValueError(f"unknown memory {name!r}; known: {sorted(MEMORY_KINDS)}")
+    if name == "pyramid" and "preset" in cfg:
+        return PyramidMemory.from_preset(cfg.pop("preset"), **cfg)
+    return MEMORY_KINDS[name](**cfg)
+
+
+__all__ = [
+    "Memory", "MemoryConfig", "MEMORY_KINDS", "build_memory",
+    "PyramidMemory", "PyramidConfig", "PYRAMID_PRESETS",
+    "DualMemory", "DualConfig",
+    "PoseKVMemory", "PoseKVConfig", "RELIC_SCHEDULE",
+    "FeatureBank", "FeatureBankConfig",
+    "ErrorBank", "ErrorBankConfig",
+    "KVCacheMemory", "KVCacheConfig",
+    "Press", "ComposedPress", "SinkWindowPress", "H2OPress", "KVMergerPress", "MiKVPress", "PRESSES", "build_press",
+]

@@ -1,0 +1,260 @@
+"""DualMemory: Mem4D-style static/dynamic decoupling, with Spann3R/Point3R/XMem compression.
+
+Mem4D (arXiv 2508.07908) pairs a Transient Dynamics Memory (high-frequency detail from recent
+frames) with a Persistent Structure Memory (compressed long-term static structure), queried in
+alternation. Only its abstract is public and it has no code, so **every knob here is ours**,
+taken from its code-bearing predecessors:
+
+- transient part (``level`` 1 in reads): a FIFO of the full-detail tokens of the last
+  ``fifo_frames`` frames (each frame owns one block of ``max_tokens_per_frame`` slots);
+- persistent part (``level`` 0 in reads): ``slots`` fixed slots of static structure. While
+  slots are free a static token takes one; when full it is compressed either by merging into
+  its nearest slot (``compress="merge"``: running mean in feature and grid-position space, as
+  Point3R averages a new pointer into its nearest one; the slot keeps the newest frame index
+  and timestamp) or by pruning the slot with the lowest accumulated attention over age
+  (``compress="prune"``: usage = attention received / age, as Spann3R's and XMem's pruning);
+- routing: each written token carries a static/dynamic score in ``Tokens.score`` supplied by
+  the caller (frame difference after pose compensation, a model's confidence, a mask); a token
+  with ``score >= threshold`` is static and goes to the persistent part, the others to the FIFO;
+- a static token nearly identical to a stored slot (cosine > ``skip_cos`` = 0.95, Spann3R's
+  working-memory rule) is skipped;
+- ``read()`` returns both parts tagged by ``level`` (0 persistent, 1 transient);
+  ``query(q, k)`` returns the best ``k`` tokens of both by cosine similarity and adds the
+  attention the persistent slots receive (softmax over slots of ``q k^T / sqrt(D)``) to their
+  accumulated attention, which drives ``prune``.
+
+Batch semantics (ours): the skip test compares a write's static tokens with the slots as they
+were before the write; free slots are then filled in token order, and the remaining tokens
+merge into (or replace) their nearest / least-used slot among all slots after that fill.
+
+Shapes: ``write(tokens)`` takes ``(N, D)`` tokens of one frame with ``score (N,)``; a read
+returns ``(M, D)`` tokens, ``M <= slots + fifo_frames * max_tokens_per_frame``; the stored
+``level`` of written tokens is replaced by the part tag.
+
+Example:
+    >>> import torch
+    >>> from streammem.types import Tokens
+    >>> mem = DualMemory(dim=8, slots=16, fifo_frames=2, max_tokens_per_frame=16)
+    >>> score = torch.tensor([1.0] * 12 + [0.0] * 4)      # 12 static, 4 dynamic tokens
+    >>> mem.write(Tokens.from_grid(torch.randn(4, 4, 8), frame_index=0, timestamp=0.0, score=score))
+    >>> out = mem.read()
+    >>> out.level.bincount().tolist(), mem.stats()["routed_static"]
+    ([12, 4], 12)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from streammem.memory.base import Memory, MemoryConfig, TokenSlots, check_field
+from streammem.types import Tokens
+
+__all__ = ["DualMemory", "DualConfig"]
+
+STATIC, DYNAMIC = 0, 1
+
+
+@dataclass
+class DualConfig(MemoryConfig):
+    """Attributes (all our choices; Mem4D publishes none):
+    slots: persistent slots K.
+    fifo_frames: frames N kept in the transient FIFO.
+    max_tokens_per_frame: FIFO slots per frame; a write with more dynamic tokens fails.
+    threshold: ``score >= threshold`` routes a token to the persistent part.
+    compress: ``"merge"`` (Point3R-style running mean) or ``"prune"`` (attention / age).
+    skip_cos: a static token whose cosine to its nearest slot exceeds this is skipped
+        (Spann3R 0.95; 1.0 disables).
+    missing_score: what to do with tokens without a score: ``"error"``, ``"static"``, ``"dynamic"``.
+    query_k: tokens returned by ``read(query)``.
+    """
+
+    dim: int = 256
+    slots: int = 1024
+    fifo_frames: int = 8
+    max_tokens_per_frame: int = 256
+    threshold: float = 0.5
+    compress: str = "merge"
+    skip_cos: float = 0.95
+    missing_score: str = "error"
+    query_k: int = 256
+
+    def __post_init__(self) -> None:
+        super().__post_init__()
+        name = type(self).__name__
+        for f in ("slots", "fifo_frames", "max_tokens_per_frame", "query_k"):
+            v = getattr(self, f)
+            check_field(isinstance(v, int) and v >= 1, name, f, "an int >= 1", v)
+        check_field(isinstance(self.threshold, (int, float)), name, "threshold", "a number", self.threshold)
+        check_field(self.compress in ("merge", "prune"), name, "compress", "'merge' or 'prune'", self.compress)
+        check_field(isinstance(self.skip_cos, (int, float)) and -1 <= self.skip_cos <= 1, name, "skip_cos",
+                    "a number in [-1, 1]", self.skip_cos)
+        check_field(self.missing_score in ("error", "static", "dynamic"), name, "missing_score",
+                    "'error', 'static' or 'dynamic'", self.missing_score)
+
+
+class DualMemory(Memory):
+    """Transient FIFO + persistent compressed store, routed by a per-token score."""
+
+    kind = "dual"
+    Config = DualConfig
+    COUNTERS = ("writes", "routed_static", "routed_dynamic", "skipped", "merges", "prunes", "evictions")
+
+    def _allocate(self) -> None:
+        c = self.config
+        self.static = TokenSlots(self, "static", c.slots, c.dim)
+        self.mass = self.buffer("static.mass", torch.zeros(c.slots))  # tokens merged into a slot
+        self.usage = self.buffer("static.attention", torch.zeros(c.slots))  # accumulated attention
+        self.birth = self.buffer("static.birth", torch.zeros(c.slots, dtype=torch.int64))
+        self.fifo = TokenSlots(self, "fifo", c.fifo_frames * c.max_tokens_per_frame, c.dim)
+        self.fifo_len = self.buffer("fifo.len", torch.zeros(c.fifo_frames, dtype=torch.int64))
+        self._meta = self.buffer("meta.sizes", torch.zeros(2, dtype=torch.int64))  # static count, frames
+
+    def _pack(self) -> None:
+        self._meta[0], self._meta[1] = self._n, self._frames
+        self.fifo_len.copy_(torch.tensor(self._fifo_len, dtype=torch.int64))
+
+    def _unpack(self) -> None:
+        self._n, self._frames = int(self._meta[0]), int(self._meta[1])
+        self._fifo_len = self.fifo_len.tolist()
+
+    @property
+    def num_tokens(self) -> int:
+        return self._n + sum(self._fifo_len)
+
+    @property
+    def capacity(self) -> int:
+        return self.config.slots + self.config.fifo_frames * self.config.max_tokens_per_frame
+
+    def write(self, tokens: Tokens) -> None:
+        """Route one frame's tokens by ``tokens.score`` (static if ``>= threshold``)."""
+        self._check_dim(tokens)
+        c = self.config
+        score = tokens.score
+        if score is None:
+            if c.missing_score == "error":
+                raise ValueError("DualMemory.write needs Tokens.score (static/dynamic score per token), "
+                                 "or set DualConfig.missing_score to 'static' or 'dynamic'")
+            fill = c.threshold if c.missing_score == "static" else c.threshold - 1.0
+            score = torch.full((len(tokens),), float(fill))
+            tokens = Tokens(tokens.features, tokens.frame_index, tokens.timestamp, tokens.grid, tokens.level,
+                            tokens.pose, score)
+        static = score >= c.threshold
+        self._write_fifo(tokens.index(~static))
+        self._write_static(tokens.index(static))
+        self.counters["writes"] += 1
+
+    def _write_fifo(self, dyn: Tokens) -> None:
+        c = self.config
+        n = len(dyn)
+        if n > c.max_tokens_per_frame:
+            raise ValueError(f"DualMemory: {n} dynamic tokens in one write, more than "
+                             f"max_tokens_per_frame={c.max_tokens_per_frame}")
+        block = self._frames % c.fifo_frames
+        self.counters["evictions"] += self._fifo_len[block]
+        base = block * c.max_tokens_per_frame
+        if n:
+            self.fifo.put(slice(base, base + n), dyn)
+            self.fifo.level[base: base + n] = DYNAMIC
+        self._fifo_len[block] = n
+        self._frames += 1
+        self.counters["routed_dynamic"] += n
+
+    def _write_static(self, sta: Tokens) -> None:
+        c = self.config
+        if len(sta) == 0:
+            return
+        self.counters["routed_static"] += len(sta)
+        if self._n > 0 and c.skip_cos < 1:
+            unit = F.normalize(self.static.features[: self._n], dim=1)
+            best = (F.normalize(sta.features, dim=1) @ unit.t()).max(1).values
+            keep = best <= c.skip_cos
+            self.counters["skipped"] += int((~keep).sum())
+            sta = sta.index(keep)
+        free = min(c.slots - self._n, len(sta))
+        if free > 0:
+            s = slice(self._n, self._n + free)
+            self.static.put(s, sta.index(slice(0, free)))
+            self.static.level[s] = STATIC
+            self.mass[s], self.usage[s], self.birth[s] = 1.0, 0.0, self.counters["writes"]
+            self._n += free
+        rest = sta.index(slice(free, None))
+        if len(rest) == 0:
+            return
+        if c.compress == "merge":
+            self._merge(rest)
+        else:
+            self._prune(rest)
+
+    def _merge(self, rest: Tokens) -> None:
+        """Running mean of each token into its nearest slot (cosine), Point3R-style."""
+        unit = F.normalize(self.static.features, dim=1)
+        near = (F.normalize(rest.features, dim=1) @ unit.t()).argmax(1)
+        k = self.config.slots
+        m = self.mass.unsqueeze(1)
+        added = torch.zeros(k).index_add_(0, near, torch.ones(len(rest)))
+        feat = torch.zeros(k, self.config.dim).index_add_(0, near, rest.features.float())
+        grid = torch.zeros(k, 2).index_add_(0, near, rest.grid)
+        score = torch.zeros(k).index_add_(0, near, rest.score)
+        total = m + added.unsqueeze(1)
+        hit = added > 0
+        self.static.features[hit] = ((self.static.features * m + feat) / total)[hit]
+        self.static.grid[hit] = ((self.static.grid * m + grid) / total)[hit]
+        self.static.score[hit] = ((self.static.score * self.mass + score) / total[:, 0])[hit]
+        # newest provenance wins: the last token merged into each slot
+        self.static.frame_index[near] = rest.frame_index
+        self.static.timestamp[near] = rest.timestamp
+        self.mass += added
+        self.counters["merges"] += len(rest)
+
+    def _prune(self, rest: Tokens) -> None:
+        """Replace the slots of lowest attention-per-age (XMem/Spann3R usage) by new tokens."""
+        k = self.config.slots
+        if len(rest) > k:
+            rest = rest.index(slice(len(rest) - k, None))
+        age = (self.counters["writes"] - self.birth + 1).float()
+        victims = torch.topk(self.usage / age, len(rest), largest=False).indices
+        self.static.put(victims, rest)
+        self.static.level[victims] = STATIC
+        self.mass[victims], self.usage[victims], self.birth[victims] = 1.0, 0.0, self.counters["writes"]
+        self.counters["prunes"] += len(rest)
+        self.counters["evictions"] += len(rest)
+
+    def _fifo_index(self) -> torch.Tensor:
+        """FIFO slots of live tokens, oldest frame first."""
+        c = self.config
+        first = max(self._frames - c.fifo_frames, 0)
+        idx = [torch.arange(b * c.max_tokens_per_frame, b * c.max_tokens_per_frame + self._fifo_len[b])
+               for b in (f % c.fifo_frames for f in range(first, self._frames))]
+        return torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
+
+    def read(self, query: Any = None) -> Tokens:
+        """Both parts, persistent (``level`` 0) then transient (``level`` 1, oldest first); with a
+        query, the best ``query_k`` of them (see :meth:`query`)."""
+        if query is not None:
+            return self.query(query, self.config.query_k)
+        return Tokens.cat([self.static.get(slice(0, self._n)), self.fifo.get(self._fifo_index())])
+
+    def query(self, q: torch.Tensor | Tokens, k: int) -> Tokens:
+        """The ``k`` stored tokens most similar (max cosine over the rows of ``q (M, D)``) to the
+        query, best first; the persistent slots' accumulated attention grows by what ``q``
+        gives them."""
+        q = q.features if isinstance(q, Tokens) else q
+        q = q.reshape(-1, self.config.dim).float()
+        if self._n:
+            attn = torch.softmax(q @ self.static.features[: self._n].t() / self.config.dim ** 0.5, dim=1)
+            self.usage[: self._n] += attn.sum(0)
+        everything = self.read()
+        if len(everything) == 0:
+            return everything
+        sim = (F.normalize(q, dim=1) @ F.normalize(everything.features, dim=1).t()).max(0).values
+        return everything.index(torch.topk(sim, min(k, len(everything))).indices)
+
+    def stats(self) -> dict:
+        out = super().stats()
+        out["static_tokens"] = self._n
+        out["dynamic_tokens"] = sum(self._fifo_len)
+        return out
