@@ -40,7 +40,7 @@ Example:
 
 from __future__ import annotations
 
-from collections import deque
+from collections import Counter, deque
 from dataclasses import dataclass
 
 import numpy as np
@@ -226,7 +226,10 @@ def _questions_at(b: _Builder, snaps: list[_Snap], B: int, events, seen, hw, hor
 
     pm = [e for e in past_ev if e["in_view"] and e["type"] in ("changes_colour", "disappears", "appears")]
     # unambiguous: no other event of the same type within 3 s
-    pm = [e for e in pm if sum(x["type"] == e["type"] and abs(x["time"] - e["time"]) < 3 for x in past_ev) == 1]
+    times: dict[str, np.ndarray] = {}
+    for typ in ("changes_colour", "disappears", "appears"):
+        times[typ] = np.array([x["time"] for x in past_ev if x["type"] == typ])
+    pm = [e for e in pm if int(np.sum(np.abs(times[e["type"]] - e["time"]) < 3)) == 1]
     for typ, sub in (("changes_colour", "PM-1"), ("disappears", "PM-2"), ("appears", "PM-3")):
         cands = [e for e in pm if e["type"] == typ]
         if cands:
@@ -271,9 +274,10 @@ def _questions_at(b: _Builder, snaps: list[_Snap], B: int, events, seen, hw, hor
             b.add(q, t, "TP", "TP-1", "Which happened first?", first, [second], min(e1["time"], e2["time"]),
                   {"events": [{"type": e["type"], "track_id": e["track_id"], "frame": e["frame"]} for e in (e1, e2)]},
                   n_options=2)
+    said_count = Counter((_who(x), x["type"]) for x in past_ev if x["type"] in ("changes_colour", "appears", "disappears"))
     ok = [e for e in tp if e["type"] in ("changes_colour", "appears", "disappears")
           and all(abs((t - e["time"]) - edge) >= 1.0 for edge in (5, 15, 45))
-          and sum(_who(x) == _who(e) and x["type"] == e["type"] for x in past_ev) == 1]
+          and said_count[(_who(e), e["type"])] == 1]
     if ok:
         e = ok[int(rng.integers(len(ok)))]
         age = t - e["time"]

@@ -290,7 +290,7 @@ class World:
         cam = sim.cam_ctl.state
         ob = sim.objects
         img = self.scene.render_ground(cam, self.size_hw)
-        ids = np.zeros((h, w), np.int32)
+        lab = np.zeros((h, w), np.uint8)  # 1 + position in `slots` of the object drawn at each pixel
         m = plane_to_image(cam, self.size_hw, 0.0)
         lin = m[:, :2]
         scale = focal(self.size_hw) / cam.dist
@@ -328,28 +328,29 @@ class World:
                 continue
             cols = np.nonzero(sub.any(0))[0]
             np.copyto(img[cy0:cy1, cx0:cx1], warped[cy0 - y0 : cy1 - y0, cx0 - x0 : cx1 - x0, :3], where=sub[..., None])
-            ids[cy0:cy1, cx0:cx1][sub] = ob.tid[i]
+            if len(slots) >= 255:
+                break
             slots.append(i)
+            lab[cy0:cy1, cx0:cx1][sub] = len(slots)
             boxes.append((cx0 + cols[0], cy0 + rows[0], cx0 + cols[-1] + 1, cy0 + rows[-1] + 1))
             areas.append(full)
         fg = self.scene.render_foreground(cam, self.size_hw)
         if fg is not None:
             fm = fg[..., 3] > 0
             np.copyto(img, fg[..., :3], where=fm[..., None])
-            ids[fm] = 0
+            lab[fm] = 0
         sl = np.array(slots, np.int64)
         tids = ob.tid[sl] if len(sl) else np.zeros(0, np.int64)
         if len(sl):
-            vis_px = _count_ids(ids, tids)
+            vis_px = np.bincount(lab.ravel(), minlength=len(sl) + 1)[1:]
             visible = (vis_px / np.array(areas, np.float64)).astype(np.float32)
         else:
             visible = np.zeros(0, np.float32)
         veff = ob.effective_velocity()[sl] if len(sl) else np.zeros((0, 2))
         speed = np.hypot(veff[:, 0], veff[:, 1])
         buckets = speed_bucket(speed, ob.r[sl]) if len(sl) else np.zeros(0, np.int64)
-        moving_t = tids[speed > 0]
-        dyn = np.isin(ids, moving_t) if len(moving_t) else np.zeros((h, w), bool)
-        dyn &= ids > 0
+        dyn = np.concatenate([[False], speed > 0])[lab]
+        ids = np.concatenate([[0], tids]).astype(np.int32)[lab] if self.debug else None
         gt = {
             "boxes": np.array(boxes, np.float32).reshape(-1, 4),
             "class_id": ob.cls[sl].astype(np.int64),
@@ -370,13 +371,6 @@ class World:
         from .questions import generate
 
         return generate(self, **kw)
-
-
-def _count_ids(ids: np.ndarray, tids: np.ndarray) -> np.ndarray:
-    """Number of pixels of each track id in ``ids``."""
-    vals, counts = np.unique(ids[ids > 0], return_counts=True)
-    lookup = dict(zip(vals.tolist(), counts.tolist()))
-    return np.array([lookup.get(int(t), 0) for t in tids], np.float64)
 
 
 _SCENES: dict[tuple[int, int], Scene] = {}
