@@ -167,7 +167,8 @@ class World:
       motion kinds.
     - ``dynamic_mask``: bool (H, W), pixels of objects moving at this frame.
     - ``events``: list of dicts (``type``, ``track_id``, ``class_name``, ``colour``, ``time``,
-      ``frame``, ``in_view``: whether the object's centre was in the image then, and per type ``from``/``to`` colours, ``other`` id, ``x``/``y`` image position). Types:
+      ``frame``, ``in_view``: whether the object's centre was in the image then, and per type
+      ``from``/``to`` colours, ``other`` id, ``x``/``y`` image position). Types:
       appears, disappears, enters, leaves (the view; by the object's centre), changes_colour,
       collides, stops, starts, exits_scene, returns. Events of dropped frames are delivered
       with the next delivered frame (their ``frame`` field keeps their own index).
