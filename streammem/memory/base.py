@@ -302,24 +302,27 @@ class TokenSlots:
         self.score = b(f"{prefix}.score", torch.zeros(capacity))
         self.pose = b(f"{prefix}.pose", torch.zeros(capacity, 4, 4)) if with_pose else None
 
-    def put(self, slots: torch.Tensor | slice, tokens: Tokens) -> None:
-        """Copy ``tokens`` into ``slots`` (missing score -> 0, missing pose -> identity)."""
-        self.features[slots] = tokens.features.to(self.features.dtype)
-        self.frame_index[slots] = tokens.frame_index
-        self.timestamp[slots] = tokens.timestamp
-        self.grid[slots] = tokens.grid
-        self.level[slots] = tokens.level
-        self.score[slots] = 0.0 if tokens.score is None else tokens.score
+    def put(self, slots: torch.Tensor | slice, tokens: Tokens, src: torch.Tensor | slice | None = None) -> None:
+        """Copy ``tokens`` (or the rows ``src`` of them) into ``slots``; a missing score is
+        stored as 0 and a missing pose as the identity."""
+        pick = (lambda t: t) if src is None else (lambda t: t[src])
+        self.features[slots] = pick(tokens.features)
+        self.frame_index[slots] = pick(tokens.frame_index)
+        self.timestamp[slots] = pick(tokens.timestamp)
+        self.grid[slots] = pick(tokens.grid)
+        self.level[slots] = pick(tokens.level)
+        self.score[slots] = 0.0 if tokens.score is None else pick(tokens.score)
         if self.pose is not None:
-            self.pose[slots] = torch.eye(4) if tokens.pose is None else tokens.pose
+            self.pose[slots] = torch.eye(4) if tokens.pose is None else pick(tokens.pose)
 
     def get(self, slots: torch.Tensor | slice) -> Tokens:
+        """Copies of the slots' contents (never views: later writes must not change a read)."""
         return Tokens(
-            features=self.features[slots].float(),
-            frame_index=self.frame_index[slots],
-            timestamp=self.timestamp[slots],
-            grid=self.grid[slots],
-            level=self.level[slots],
-            pose=None if self.pose is None else self.pose[slots],
-            score=self.score[slots],
+            features=self.features[slots].float().clone(),
+            frame_index=self.frame_index[slots].clone(),
+            timestamp=self.timestamp[slots].clone(),
+            grid=self.grid[slots].clone(),
+            level=self.level[slots].clone(),
+            pose=None if self.pose is None else self.pose[slots].clone(),
+            score=self.score[slots].clone(),
         )

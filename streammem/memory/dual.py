@@ -140,16 +140,14 @@ class DualMemory(Memory):
                                  "or set DualConfig.missing_score to 'static' or 'dynamic'")
             fill = c.threshold if c.missing_score == "static" else c.threshold - 1.0
             score = torch.full((len(tokens),), float(fill))
-            tokens = Tokens(tokens.features, tokens.frame_index, tokens.timestamp, tokens.grid, tokens.level,
-                            tokens.pose, score)
         static = score >= c.threshold
-        self._write_fifo(tokens.index(~static))
-        self._write_static(tokens.index(static))
+        self._write_fifo(tokens, (~static).nonzero().flatten())
+        self._write_static(tokens, score, static.nonzero().flatten())
         self.counters["writes"] += 1
 
-    def _write_fifo(self, dyn: Tokens) -> None:
+    def _write_fifo(self, tokens: Tokens, idx: torch.Tensor) -> None:
         c = self.config
-        n = len(dyn)
+        n = len(idx)
         if n > c.max_tokens_per_frame:
             raise ValueError(f"DualMemory: {n} dynamic tokens in one write, more than "
                              f"max_tokens_per_frame={c.max_tokens_per_frame}")
@@ -157,71 +155,76 @@ class DualMemory(Memory):
         self.counters["evictions"] += self._fifo_len[block]
         base = block * c.max_tokens_per_frame
         if n:
-            self.fifo.put(slice(base, base + n), dyn)
-            self.fifo.level[base: base + n] = DYNAMIC
+            s = slice(base, base + n)
+            self.fifo.put(s, tokens, idx)
+            self.fifo.level[s] = DYNAMIC
         self._fifo_len[block] = n
         self._frames += 1
         self.counters["routed_dynamic"] += n
 
-    def _write_static(self, sta: Tokens) -> None:
+    def _write_static(self, tokens: Tokens, score: torch.Tensor, idx: torch.Tensor) -> None:
         c = self.config
-        if len(sta) == 0:
+        if len(idx) == 0:
             return
-        self.counters["routed_static"] += len(sta)
+        self.counters["routed_static"] += len(idx)
+        feats = tokens.features[idx].float()
         if self._n > 0 and c.skip_cos < 1:
             unit = F.normalize(self.static.features[: self._n], dim=1)
-            best = (F.normalize(sta.features, dim=1) @ unit.t()).max(1).values
-            keep = best <= c.skip_cos
-            self.counters["skipped"] += int((~keep).sum())
-            sta = sta.index(keep)
-        free = min(c.slots - self._n, len(sta))
+            keep = (F.normalize(feats, dim=1) @ unit.t()).amax(1) <= c.skip_cos
+            n_keep = int(keep.sum())
+            if n_keep < len(idx):
+                self.counters["skipped"] += len(idx) - n_keep
+                idx, feats = idx[keep], feats[keep]
+        free = min(c.slots - self._n, len(idx))
         if free > 0:
             s = slice(self._n, self._n + free)
-            self.static.put(s, sta.index(slice(0, free)))
+            self.static.put(s, tokens, idx[:free])
+            self.static.score[s] = score[idx[:free]]
             self.static.level[s] = STATIC
             self.mass[s], self.usage[s], self.birth[s] = 1.0, 0.0, self.counters["writes"]
             self._n += free
-        rest = sta.index(slice(free, None))
-        if len(rest) == 0:
+        if free == len(idx):
             return
+        idx, feats = idx[free:], feats[free:]
         if c.compress == "merge":
-            self._merge(rest)
+            self._merge(tokens, score, idx, feats)
         else:
-            self._prune(rest)
+            self._prune(tokens, score, idx)
 
-    def _merge(self, rest: Tokens) -> None:
+    def _merge(self, tokens: Tokens, score: torch.Tensor, idx: torch.Tensor, feats: torch.Tensor) -> None:
         """Running mean of each token into its nearest slot (cosine), Point3R-style."""
-        unit = F.normalize(self.static.features, dim=1)
-        near = (F.normalize(rest.features, dim=1) @ unit.t()).argmax(1)
-        k = self.config.slots
-        m = self.mass.unsqueeze(1)
-        added = torch.zeros(k).index_add_(0, near, torch.ones(len(rest)))
-        feat = torch.zeros(k, self.config.dim).index_add_(0, near, rest.features.float())
-        grid = torch.zeros(k, 2).index_add_(0, near, rest.grid)
-        score = torch.zeros(k).index_add_(0, near, rest.score)
-        total = m + added.unsqueeze(1)
-        hit = added > 0
-        self.static.features[hit] = ((self.static.features * m + feat) / total)[hit]
-        self.static.grid[hit] = ((self.static.grid * m + grid) / total)[hit]
-        self.static.score[hit] = ((self.static.score * self.mass + score) / total[:, 0])[hit]
-        # newest provenance wins: the last token merged into each slot
-        self.static.frame_index[near] = rest.frame_index
-        self.static.timestamp[near] = rest.timestamp
-        self.mass += added
-        self.counters["merges"] += len(rest)
+        near = (F.normalize(feats, dim=1) @ F.normalize(self.static.features, dim=1).t()).argmax(1)
+        slots, inverse, added = torch.unique(near, return_inverse=True, return_counts=True)
+        m = self.mass[slots]
+        total = m + added
+        w_old = (m / total).unsqueeze(1)
+        w_new = (1.0 / total).unsqueeze(1)
+        k = len(slots)
+        sums = torch.zeros(k, feats.shape[1]).index_add_(0, inverse, feats)
+        self.static.features[slots] = self.static.features[slots] * w_old + sums * w_new
+        self.static.grid[slots] = self.static.grid[slots] * w_old + \
+            torch.zeros(k, 2).index_add_(0, inverse, tokens.grid[idx]) * w_new
+        self.static.score[slots] = self.static.score[slots] * w_old[:, 0] + \
+            torch.zeros(k).index_add_(0, inverse, score[idx]) * w_new[:, 0]
+        # one write is one frame: merged slots take its frame index and timestamp
+        self.static.frame_index[slots] = tokens.frame_index[idx[0]]
+        self.static.timestamp[slots] = tokens.timestamp[idx[0]]
+        self.mass[slots] = total.float()
+        self.counters["merges"] += len(idx)
 
-    def _prune(self, rest: Tokens) -> None:
+    def _prune(self, tokens: Tokens, score: torch.Tensor, idx: torch.Tensor) -> None:
         """Replace the slots of lowest attention-per-age (XMem/Spann3R usage) by new tokens."""
         k = self.config.slots
-        if len(rest) > k:
-            rest = rest.index(slice(len(rest) - k, None))
+        if len(idx) > k:
+            idx = idx[len(idx) - k:]
         age = (self.counters["writes"] - self.birth + 1).float()
-        victims = torch.topk(self.usage / age, len(rest), largest=False).indices
-        self.static.put(victims, rest)
+        victims = torch.topk(self.usage / age, len(idx), largest=False).indices
+        self.static.put(victims, tokens, idx)
+        self.static.score[victims] = score[idx]
         self.static.level[victims] = STATIC
         self.mass[victims], self.usage[victims], self.birth[victims] = 1.0, 0.0, self.counters["writes"]
-        self.counters["prunes"] += len(rest)
-        self.counters["evictions"] += len(rest)
+        self.counters["prunes"] += len(idx)
+        self.counters["evictions"] += len(idx)
 
     def _fifo_index(self) -> torch.Tensor:
         """FIFO slots of live tokens, oldest frame first."""
@@ -250,7 +253,7 @@ class DualMemory(Memory):
         everything = self.read()
         if len(everything) == 0:
             return everything
-        sim = (F.normalize(q, dim=1) @ F.normalize(everything.features, dim=1).t()).max(0).values
+        sim = (F.normalize(q, dim=1) @ F.normalize(everything.features, dim=1).t()).amax(0)
         return everything.index(torch.topk(sim, min(k, len(everything))).indices)
 
     def stats(self) -> dict:

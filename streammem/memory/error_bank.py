@@ -27,8 +27,8 @@ width ``dim`` (reshape latents before and after).
 ``write(tokens)`` takes one error per token: ``features (N, dim)``, ``score (N,)`` the
 diffusion timestep in ``[0, num_train_timesteps]``, ``level (N,)`` the bank (0 noise-side,
 1 clean-side). ``add(errors, timesteps, side)`` is the same with plain tensors. A read returns
-stored errors with ``level`` = bank, ``score`` = their timestep, ``frame_index`` = bin and
-``grid`` = (bin, slot).
+stored errors with ``level`` = bank, ``score`` = their timestep, ``frame_index`` = the frame
+(or, through ``add``, the write count) that produced them and ``grid`` = (bin, slot).
 
 Example:
     >>> import torch
@@ -65,13 +65,14 @@ def flow_match_timesteps(num_bins: int, shift: float, num_train_timesteps: int) 
 
 
 def _per_bin(c: "ErrorBankConfig") -> int:
-    """Errors per bin after the byte cap: error bytes plus a float32 timestep per slot, plus
+    """Errors per bin after the byte cap: error bytes plus a float32 timestep and an int64
+    frame index per slot, plus
     two int64 counters per bin and bank."""
     if c.max_bytes is None:
         return c.per_bin
     elsize = 2 if c.dtype == "float16" else 4
     fixed = 2 * c.num_bins * 8 * 2
-    return min(c.per_bin, (c.max_bytes - fixed) // (2 * c.num_bins * (c.dim * elsize + 4)))
+    return min(c.per_bin, (c.max_bytes - fixed) // (2 * c.num_bins * (c.dim * elsize + 12)))
 
 
 @dataclass
@@ -115,7 +116,7 @@ class ErrorBankConfig(MemoryConfig):
                     "scale_margin", "a number in [0, 1)", self.scale_margin)
         check_field(self.max_bytes is None or (isinstance(self.max_bytes, int) and _per_bin(self) >= 1), name,
                     "max_bytes", "None or an int large enough for one error per bin and bank "
-                    f"(>= {2 * self.num_bins * (self.dim * (2 if self.dtype == 'float16' else 4) + 4 + 16)})",
+                    f"(>= {2 * self.num_bins * (self.dim * (2 if self.dtype == 'float16' else 4) + 12 + 16)})",
                     self.max_bytes)
 
 
@@ -132,6 +133,7 @@ class ErrorBank(Memory):
         dtype = torch.float16 if c.dtype == "float16" else torch.float32
         self.errors = self.buffer("errors", torch.zeros(2, c.num_bins, self.per_bin, c.dim, dtype=dtype))
         self.timesteps = self.buffer("timesteps", torch.zeros(2, c.num_bins, self.per_bin))
+        self.frames = self.buffer("frame_index", torch.zeros(2, c.num_bins, self.per_bin, dtype=torch.int64))
         self.count = self.buffer("count", torch.zeros(2, c.num_bins, dtype=torch.int64))
         self.next = self.buffer("next", torch.zeros(2, c.num_bins, dtype=torch.int64))
         self.bin_timesteps = torch.tensor(flow_match_timesteps(c.num_bins, float(c.shift), c.num_train_timesteps))
@@ -161,7 +163,8 @@ class ErrorBank(Memory):
             raise ValueError(f"ErrorBank side must be 'noise' or 'clean', got {side!r}")
         errors = errors.reshape(-1, self.config.dim).float()
         t = torch.as_tensor(timesteps, dtype=torch.float32).reshape(-1).expand(errors.shape[0])
-        self._add(errors, t, torch.full((errors.shape[0],), SIDES[side]))
+        n = errors.shape[0]
+        self._add(errors, t, torch.full((n,), SIDES[side]), torch.full((n,), self.counters["writes"]))
 
     def write(self, tokens: Tokens) -> None:
         """One error per token: ``score`` = timestep, ``level`` = bank (0 noise, 1 clean)."""
@@ -170,11 +173,11 @@ class ErrorBank(Memory):
             raise ValueError("ErrorBank.write needs Tokens.score (the timestep of each error)")
         if len(tokens) and not bool(((tokens.level == 0) | (tokens.level == 1)).all()):
             raise ValueError("ErrorBank.write needs Tokens.level 0 (noise-side) or 1 (clean-side)")
-        self._add(tokens.features.float(), tokens.score, tokens.level)
+        self._add(tokens.features.float(), tokens.score, tokens.level, tokens.frame_index)
 
-    def _add(self, errors: torch.Tensor, timesteps: torch.Tensor, sides: torch.Tensor) -> None:
+    def _add(self, errors: torch.Tensor, timesteps: torch.Tensor, sides: torch.Tensor, frames: torch.Tensor) -> None:
         bins = self.bin_of(timesteps).tolist()
-        for e, t, b, s in zip(errors, timesteps.tolist(), bins, sides.tolist()):
+        for e, t, b, s, f in zip(errors, timesteps.tolist(), bins, sides.tolist(), frames.tolist()):
             n = self._count[s][b]
             if n < self.per_bin:
                 slot = n
@@ -191,6 +194,7 @@ class ErrorBank(Memory):
                 self.counters["replacements"] += 1
             self.errors[s, b, slot] = e
             self.timesteps[s, b, slot] = t
+            self.frames[s, b, slot] = f
         self.counters["writes"] += 1
 
     def sample(self, n: int = 1, side: str = "clean", timestep: float | None = None) -> torch.Tensor:
@@ -233,7 +237,7 @@ class ErrorBank(Memory):
                     continue
                 parts.append(Tokens(
                     features=self.errors[s, b, :n].float(),
-                    frame_index=torch.full((n,), b),
+                    frame_index=self.frames[s, b, :n].clone(),
                     timestamp=torch.zeros(n, dtype=torch.float64),
                     grid=torch.stack([torch.full((n,), float(b)), torch.arange(n, dtype=torch.float32)], 1),
                     level=torch.full((n,), s),

@@ -122,7 +122,7 @@ class FeatureBank(Memory):
         n = len(tokens)
         free = min(size - self._count, n)
         if free > 0:
-            self.slots.put(slice(self._count, self._count + free), tokens.index(slice(0, free)))
+            self.slots.put(slice(self._count, self._count + free), tokens, slice(0, free))
             self._count += free
         rest = n - free
         if rest > 0:
@@ -131,7 +131,7 @@ class FeatureBank(Memory):
             else:
                 slots = (torch.arange(rest) + self._next) % size
                 self._next = (self._next + rest) % size
-            self.slots.put(slots, tokens.index(slice(free, None)))
+            self.slots.put(slots, tokens, slice(free, None))
             self.counters["evictions"] += rest
         self.counters["writes"] += 1
 

@@ -40,7 +40,7 @@ __all__ = ["MiKVPress", "quantize", "dequantize"]
 def quantize(x: torch.Tensor, bits: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
     """Per-row asymmetric RTN: ``(N, D) -> (codes uint8 (N, D), scale (N, 1), offset (N, 1))``."""
     x = x.float()
-    lo, hi = x.min(1, keepdim=True).values, x.max(1, keepdim=True).values
+    lo, hi = x.amin(1, keepdim=True), x.amax(1, keepdim=True)
     scale = ((hi - lo) / (2 ** bits - 1)).clamp_min(1e-12)
     codes = torch.round((x - lo) / scale).clamp(0, 2 ** bits - 1).to(torch.uint8)
     return codes, scale, lo
