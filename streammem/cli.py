@@ -84,9 +84,10 @@ def run(
     progress: bool = typer.Option(True, help="show a progress bar"),
     memory: str = typer.Option("ovbench", help="Pyramid Memory Bank preset: ovbench (832 tokens) or offline (9,984)"),
 ) -> None:
-    """The main job: stream SOURCE through the pipeline; write OUT/annotated.mp4,
-    OUT/frames.jsonl, OUT/summary.json and a memory snapshot OUT/memory.safetensors, and print
-    a summary."""
+    """The main job: stream SOURCE through the pipeline and its memory.
+
+    Writes OUT/annotated.mp4, OUT/frames.jsonl, OUT/summary.json and OUT/memory.safetensors.
+    """
     try:
         result = run_main_job(
             source, out, realtime=realtime, max_frames=max_frames, progress=progress, memory=memory,
