@@ -51,7 +51,7 @@ def videos(tmp_path_factory) -> dict[str, Path]:
         _ffmpeg(*_src(), *enc, str(path))
         out[name] = path
     vfr = root / "vfr.mp4"
-    _ffmpeg(*_src(size="160x120", seconds=VFR_N / FPS), "-vf", f"setpts='{VFR_EXPR}'", "-vsync", "vfr",
+    _ffmpeg(*_src(size="160x120", seconds=VFR_N / FPS), "-vf", f"setpts='{VFR_EXPR}'", "-fps_mode", "vfr",
             "-c:v", "libx264", "-pix_fmt", "yuv420p", "-movflags", "+faststart", str(vfr))
     out["vfr"] = vfr
     # Broken inputs.

@@ -1,0 +1,296 @@
+"""A small two-stage video detector with MAMBA's memory hooks, trained on StreamWorld.
+
+Stages (each a method, so the streaming pipeline can put memory reads and writes between them):
+
+1. :meth:`SmallDetector.features`: a compact CNN, stride 8: ``(B, 3, H, W)`` in [0, 1] ->
+   ``(B, C, H/8, W/8)``.
+2. :meth:`SmallDetector.enhance_pixels`: pixel-level GEO over all ``H/8 * W/8`` positions of
+   one frame, keys from the pixel bank (``(Nk, C)``; empty -> the frame's own pixels).
+3. :meth:`SmallDetector.propose`: a dense, class-agnostic proposal stage (CenterNet-style
+   objectness heatmap with a 3x3 peak filter, per-cell centre offset and log size): top-K
+   peaks -> ``boxes (K, 4)`` xyxy pixels, ``objectness (K,)``.
+4. :meth:`SmallDetector.roi_fc6`: RoI features by bilinear sampling
+   (``torch.nn.functional.grid_sample``, a ``roi`` x ``roi`` grid of bin centres) ->
+   ``relu(fc6)`` ``(K, D)``. These pre-enhancement features are what the instance bank stores.
+5. :meth:`SmallDetector.head`: ``GEO0(fc6, keys) -> relu(fc7) -> GEO1(., relu(fc7(keys)))``
+   -> class logits ``(K, 1 + num_classes)`` (0 is background) and box deltas ``(K, 4)``.
+
+Training (``streammem.train.detector``) follows MAMBA: no bank; the keys of a frame are the
+fc6 features of the top-75 proposals of reference frames of the same clip (and the pixel keys
+are features inside the reference frames' ground-truth boxes).
+
+Saved as ``config.json`` + ``model.safetensors`` through huggingface_hub's
+``PyTorchModelHubMixin``.
+
+Example:
+    >>> import torch
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> det = SmallDetector(width=16, fc_dim=32, heads=4).eval()
+    >>> out = det.detect(torch.rand(1, 3, 64, 64))
+    >>> sorted(out) == ["boxes", "class_id", "fc6", "objectness", "pixels", "proposals", "scores"]
+    True
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from streammem.models.geo import GEO
+
+__all__ = ["SmallDetector", "nms", "box_iou", "encode_deltas", "decode_deltas"]
+
+STRIDE = 8
+DELTA_STD = (0.1, 0.1, 0.2, 0.2)
+
+
+def _cbr(cin: int, cout: int, stride: int = 1, dilation: int = 1) -> nn.Sequential:
+    return nn.Sequential(
+        nn.Conv2d(cin, cout, 3, stride, padding=dilation, dilation=dilation, bias=False),
+        nn.BatchNorm2d(cout),
+        nn.ReLU(inplace=True),
+    )
+
+
+class _Res(nn.Module):
+    def __init__(self, c: int, dilation: int = 1) -> None:
+        super().__init__()
+        self.a = _cbr(c, c, dilation=dilation)
+        self.b = nn.Sequential(nn.Conv2d(c, c, 3, padding=dilation, dilation=dilation, bias=False), nn.BatchNorm2d(c))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return F.relu(x + self.b(self.a(x)))
+
+
+def box_iou(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """IoU of ``(N, 4)`` and ``(M, 4)`` xyxy boxes -> ``(N, M)``."""
+    area_a = (a[:, 2] - a[:, 0]).clamp(min=0) * (a[:, 3] - a[:, 1]).clamp(min=0)
+    area_b = (b[:, 2] - b[:, 0]).clamp(min=0) * (b[:, 3] - b[:, 1]).clamp(min=0)
+    lt = torch.max(a[:, None, :2], b[None, :, :2])
+    rb = torch.min(a[:, None, 2:], b[None, :, 2:])
+    inter = (rb - lt).clamp(min=0).prod(-1)
+    return inter / (area_a[:, None] + area_b[None, :] - inter).clamp(min=1e-6)
+
+
+def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float = 0.5) -> torch.Tensor:
+    """Greedy non-maximum suppression; returns kept indices in descending score order."""
+    order = torch.argsort(scores, descending=True)
+    if order.numel() == 0:
+        return order
+    ious = box_iou(boxes[order], boxes[order])
+    keep = torch.ones(order.numel(), dtype=torch.bool)
+    for i in range(order.numel()):
+        if keep[i]:
+            keep[i + 1:] &= ious[i, i + 1:] <= iou
+    return order[keep]
+
+
+def encode_deltas(props: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
+    """Standard (dx, dy, dw, dh) deltas of ``gt`` w.r.t. ``props``, divided by DELTA_STD."""
+    pw, ph = (props[:, 2] - props[:, 0]).clamp(min=1), (props[:, 3] - props[:, 1]).clamp(min=1)
+    gw, gh = (gt[:, 2] - gt[:, 0]).clamp(min=1), (gt[:, 3] - gt[:, 1]).clamp(min=1)
+    d = torch.stack([
+        ((gt[:, 0] + gt[:, 2]) - (props[:, 0] + props[:, 2])) / 2 / pw,
+        ((gt[:, 1] + gt[:, 3]) - (props[:, 1] + props[:, 3])) / 2 / ph,
+        torch.log(gw / pw),
+        torch.log(gh / ph),
+    ], 1)
+    return d / d.new_tensor(DELTA_STD)
+
+
+def decode_deltas(props: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
+    d = deltas * deltas.new_tensor(DELTA_STD)
+    pw, ph = (props[:, 2] - props[:, 0]).clamp(min=1), (props[:, 3] - props[:, 1]).clamp(min=1)
+    cx, cy = (props[:, 0] + props[:, 2]) / 2 + d[:, 0] * pw, (props[:, 1] + props[:, 3]) / 2 + d[:, 1] * ph
+    w, h = pw * d[:, 2].clamp(max=4).exp(), ph * d[:, 3].clamp(max=4).exp()
+    return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
+
+
+class SmallDetector(nn.Module, PyTorchModelHubMixin):
+    """The shipped small detector (see the module docstring for the stages and shapes).
+
+    Args:
+        num_classes: object classes (background excluded).
+        class_names: their names, index = class id.
+        width: backbone output channels C (pixel-level token width).
+        fc_dim: fc6 / fc7 width D (instance-level token width).
+        heads: GEO heads at both levels (16 in MAMBA).
+        roi: RoI sampling grid side.
+        num_proposals: top-K peaks kept by the proposal stage (300 in MAMBA).
+        bank_proposals: proposals whose fc6 features go to the instance bank (75 in MAMBA).
+        geo_mode: ``"attention"`` or ``"alignment"`` for the instance-level GEOs.
+        pixel_geo: whether the pixel-level GEO is used.
+        pixel_heads: heads of the pixel-level GEO (4, not MAMBA's 16: attention over all
+            H/8 * W/8 pixels costs ``heads * HW * Nk`` softmax entries, the dominant cost on CPU).
+        pixel_keys: pixel key-set size the model was trained with (the pipeline reads this many
+            from the pixel bank; MAMBA reads 2000). A frame without keys uses ``pixel_keys``
+            of its own pixels, evenly strided.
+    """
+
+    def __init__(
+        self,
+        num_classes: int = 11,
+        class_names: list[str] | None = None,
+        width: int = 48,
+        fc_dim: int = 128,
+        heads: int = 16,
+        roi: int = 7,
+        num_proposals: int = 100,
+        bank_proposals: int = 75,
+        geo_mode: str = "attention",
+        pixel_geo: bool = True,
+        pixel_heads: int = 4,
+        pixel_keys: int = 256,
+    ) -> None:
+        super().__init__()
+        for name, v in (("num_classes", num_classes), ("width", width), ("fc_dim", fc_dim), ("roi", roi),
+                        ("num_proposals", num_proposals), ("bank_proposals", bank_proposals)):
+            if not isinstance(v, int) or v < 1:
+                raise ValueError(f"SmallDetector.{name} must be an int >= 1, got {v!r}")
+        if class_names is not None and len(class_names) != num_classes:
+            raise ValueError(f"SmallDetector.class_names must have num_classes={num_classes} names, got {len(class_names)}")
+        self.num_classes, self.class_names = num_classes, list(class_names or [str(i) for i in range(num_classes)])
+        self.width, self.fc_dim, self.roi = width, fc_dim, roi
+        self.num_proposals, self.bank_proposals, self.use_pixel_geo = num_proposals, bank_proposals, pixel_geo
+        self.pixel_keys = pixel_keys
+        c1, c2 = max(width // 3, 8), max(2 * width // 3, 8)
+        self.backbone = nn.Sequential(
+            _cbr(3, c1, 2), _cbr(c1, c2, 2), _cbr(c2, width, 2), _Res(width), _cbr(width, width, dilation=2)
+        )
+        self.pixel_geo = GEO(width, heads=pixel_heads, mode="attention")
+        self.prop_trunk = _cbr(width, width)
+        self.prop_obj = nn.Conv2d(width, 1, 1)
+        self.prop_box = nn.Conv2d(width, 4, 1)  # dx, dy (cells), log(w / 8), log(h / 8)
+        nn.init.constant_(self.prop_obj.bias, -math.log((1 - 0.1) / 0.1))
+        nn.init.zeros_(self.prop_box.weight)
+        nn.init.constant_(self.prop_box.bias[2:], math.log(3.0))
+        nn.init.zeros_(self.prop_box.bias[:2])
+        self.fc6 = nn.Linear(width * roi * roi, fc_dim)
+        self.geo0 = GEO(fc_dim, heads=heads, mode=geo_mode)
+        self.fc7 = nn.Linear(fc_dim, fc_dim)
+        self.geo1 = GEO(fc_dim, heads=heads, mode=geo_mode)
+        self.cls = nn.Linear(fc_dim, num_classes + 1)
+        self.box = nn.Linear(fc_dim, 4)
+        nn.init.normal_(self.box.weight, std=0.001)
+        nn.init.zeros_(self.box.bias)
+
+    # ------------------------------------------------------------------ stages
+    def features(self, images: torch.Tensor) -> torch.Tensor:
+        """``(B, 3, H, W)`` RGB in [0, 1], H and W multiples of 8 -> ``(B, C, H/8, W/8)``."""
+        if images.ndim != 4 or images.shape[1] != 3:
+            raise ValueError(f"images must be (B, 3, H, W), got {tuple(images.shape)}")
+        if images.shape[2] % STRIDE or images.shape[3] % STRIDE:
+            raise ValueError(f"image height and width must be multiples of {STRIDE}, got {tuple(images.shape[2:])}")
+        x = (images - 0.45) / 0.25
+        return self.backbone(x)
+
+    def enhance_pixels(self, feat: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
+        """Pixel-level GEO of one frame: ``feat (1, C, h, w)``, ``keys (Nk, C)`` -> ``(1, C, h, w)``."""
+        if not self.use_pixel_geo:
+            return feat
+        _, c, h, w = feat.shape
+        q = feat[0].flatten(1).t()
+        if keys.shape[0] == 0:
+            keys = q[:: max(1, q.shape[0] // self.pixel_keys)][: self.pixel_keys]
+        return self.pixel_geo(q, keys).t().reshape(1, c, h, w)
+
+    def proposal_maps(self, feat: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Objectness logits ``(B, 1, h, w)`` and box maps ``(B, 4, h, w)``."""
+        t = self.prop_trunk(feat)
+        return self.prop_obj(t), self.prop_box(t)
+
+    @staticmethod
+    def decode_proposals(obj_logit: torch.Tensor, box_map: torch.Tensor, k: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Top-``k`` 3x3 peaks of one frame's maps -> ``boxes (k', 4)`` xyxy pixels, ``objectness (k',)``."""
+        heat = torch.sigmoid(obj_logit[0, 0])
+        peak = heat == F.max_pool2d(heat[None, None], 3, 1, 1)[0, 0]
+        h, w = heat.shape
+        score = torch.where(peak, heat, heat.new_zeros(()))
+        k = min(k, h * w)
+        top, idx = torch.topk(score.flatten(), k)
+        ys, xs = idx // w, idx % w
+        b = box_map[0][:, ys, xs]  # 4, k
+        cx = (xs.float() + 0.5 + b[0]) * STRIDE
+        cy = (ys.float() + 0.5 + b[1]) * STRIDE
+        bw, bh = b[2].clamp(-3, 5).exp() * STRIDE, b[3].clamp(-3, 5).exp() * STRIDE
+        boxes = torch.stack([cx - bw / 2, cy - bh / 2, cx + bw / 2, cy + bh / 2], 1)
+        boxes = torch.stack([boxes[:, 0].clamp(0, w * STRIDE), boxes[:, 1].clamp(0, h * STRIDE),
+                             boxes[:, 2].clamp(0, w * STRIDE), boxes[:, 3].clamp(0, h * STRIDE)], 1)
+        return boxes, top
+
+    def propose(self, feat: torch.Tensor, k: int | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+        """One frame ``(1, C, h, w)`` -> ``boxes (K, 4)``, ``objectness (K,)``, best first."""
+        o, b = self.proposal_maps(feat)
+        return self.decode_proposals(o, b, k or self.num_proposals)
+
+    def roi_sample(self, feat: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """Bilinear RoI sampling: ``feat (1, C, h, w)``, ``boxes (K, 4)`` xyxy image pixels ->
+        ``(K, C, roi, roi)``, values at the centres of a ``roi x roi`` grid of bins."""
+        _, c, h, w = feat.shape
+        k = boxes.shape[0]
+        t = (torch.arange(self.roi, dtype=feat.dtype, device=feat.device) + 0.5) / self.roi  # bin centres
+        x = boxes[:, 0:1] + (boxes[:, 2:3] - boxes[:, 0:1]) * t  # K, r
+        y = boxes[:, 1:2] + (boxes[:, 3:4] - boxes[:, 1:2]) * t
+        # align_corners=False: -1 and 1 are the outer edges of the map = image pixels 0 and W.
+        gx = x / (w * STRIDE) * 2 - 1
+        gy = y / (h * STRIDE) * 2 - 1
+        grid = torch.stack([gx[:, None, :].expand(k, self.roi, self.roi), gy[:, :, None].expand(k, self.roi, self.roi)], -1)
+        s = F.grid_sample(feat, grid.reshape(1, k, self.roi * self.roi, 2), mode="bilinear", align_corners=False)
+        return s[0].permute(1, 0, 2).reshape(k, c, self.roi, self.roi)
+
+    def roi_fc6(self, feat: torch.Tensor, boxes: torch.Tensor) -> torch.Tensor:
+        """``feat (1, C, h, w)``, ``boxes (K, 4)`` xyxy image pixels -> ``relu(fc6)`` ``(K, D)``."""
+        if boxes.shape[0] == 0:
+            return feat.new_zeros(0, self.fc_dim)
+        return F.relu(self.fc6(self.roi_sample(feat, boxes).flatten(1)))
+
+    def head(self, fc6: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Instance-level enhancement: ``fc6 (K, D)``, ``keys (Nk, D)`` (fc6 features) ->
+        class logits ``(K, 1 + num_classes)`` and box deltas ``(K, 4)``."""
+        x = self.geo0(fc6, keys)
+        x = F.relu(self.fc7(x))
+        k7 = F.relu(self.fc7(keys)) if keys.shape[0] else keys.new_zeros(0, self.fc_dim)
+        x = self.geo1(x, k7)
+        return self.cls(x), self.box(x)
+
+    # ------------------------------------------------------------------ one-frame inference
+    def postprocess(self, props: torch.Tensor, logits: torch.Tensor, deltas: torch.Tensor, size_hw: tuple[int, int],
+                    score_threshold: float = 0.01, nms_iou: float = 0.5) -> dict:
+        """Per proposal: best foreground class and its probability, refined box; class-wise NMS."""
+        prob = torch.softmax(logits, -1)[:, 1:]
+        score, cls = prob.max(-1)
+        boxes = decode_deltas(props, deltas)
+        h, w = size_hw
+        boxes = torch.stack([boxes[:, 0].clamp(0, w), boxes[:, 1].clamp(0, h), boxes[:, 2].clamp(0, w),
+                             boxes[:, 3].clamp(0, h)], 1)
+        ok = (score >= score_threshold) & (boxes[:, 2] > boxes[:, 0]) & (boxes[:, 3] > boxes[:, 1])
+        idx = torch.nonzero(ok).flatten()
+        # class-wise NMS by offsetting boxes per class
+        off = cls[idx].to(boxes.dtype)[:, None] * (max(h, w) + 1)
+        keep = idx[nms(boxes[idx] + off, score[idx], nms_iou)]
+        return {"boxes": boxes[keep], "scores": score[keep], "class_id": cls[keep]}
+
+    @torch.no_grad()
+    def detect(self, image: torch.Tensor, pixel_keys: torch.Tensor | None = None,
+               instance_keys: torch.Tensor | None = None, score_threshold: float = 0.01) -> dict:
+        """One frame ``(1, 3, H, W)``; keys default to the frame itself (the single-frame model).
+
+        Returns ``boxes (N, 4)``, ``scores (N,)``, ``class_id (N,)`` and, for bank writes,
+        ``pixels`` (pre-enhancement ``(1, C, h, w)``), ``proposals (K, 4)``, ``objectness (K,)``,
+        ``fc6 (K, D)`` (pre-enhancement, best proposal first).
+        """
+        feat = self.features(image)
+        pk = pixel_keys if pixel_keys is not None else feat.new_zeros(0, self.width)
+        enh = self.enhance_pixels(feat, pk)
+        props, obj = self.propose(enh)
+        fc6 = self.roi_fc6(enh, props)
+        keys = instance_keys if instance_keys is not None else fc6[: self.bank_proposals]
+        logits, deltas = self.head(fc6, keys)
+        out = self.postprocess(props, logits, deltas, tuple(image.shape[2:]), score_threshold)
+        out.update(pixels=feat, proposals=props, objectness=obj, fc6=fc6)
+        return out

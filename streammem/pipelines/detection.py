@@ -1,0 +1,378 @@
+"""StreamingDetectionPipeline: MAMBA-style memory-bank aggregation on a stream of frames.
+
+Per frame (MAMBA's ``test_frame``, causal by default):
+
+1. check the frame (an empty image gives no detections; a resolution change resets the
+   memories or raises, per ``on_resize``), resize its long side to ``image_size``, pad to a
+   multiple of 8;
+2. backbone features ``F``; read a pixel key set from the pixel memory and enhance ``F`` with
+   the pixel-level GEO (an empty memory: the frame's own pixels);
+3. proposals (top-K peaks) -> fc6 RoI features; read an instance key set from the instance
+   memory (empty: the frame's own top proposals) -> GEO -> fc7 -> GEO -> class + box;
+4. write: pixel level, pre-enhancement features inside detections scoring >= 0.8 (<= 100
+   random pixels per box); instance level, pre-enhancement fc6 of the top-75 proposals;
+5. return ``supervision.Detections`` (boxes in the frame's pixels, ``confidence``,
+   ``class_id``, ``data["class_name"]``; ``metadata`` has the frame index and the mode).
+
+Modes:
+
+- ``"causal"`` (default): frames in stream order, only past frames in memory.
+- ``"protocol"``: **MAMBA's published test protocol, not causal**: the frames of a video are
+  processed in a shuffled order after a warm-up of 25 frames of the same video, and memory is
+  reset per video. Use :meth:`StreamingDetectionPipeline.run_protocol` with the whole video;
+  :meth:`step` refuses in this mode.
+
+Memories: ``memory="feature_bank"`` (MAMBA's bank, :class:`~streammem.memory.FeatureBank`),
+``"dual"`` (:class:`~streammem.memory.DualMemory`, for comparison), or ``"none"`` (the
+single-frame detector: keys are the frame's own features).
+
+Departures from MAMBA, named:
+
+- the pixel bank stores *pre-enhancement* features (MAMBA: enhanced), as in our training;
+  the pixel key set has ``detector.pixel_keys`` (256) entries, not 2000, and there is no
+  per-frame side buffer of 0.5-0.8 boxes and high-norm pixels;
+- instance writes skip proposals with objectness below ``instance_min_objectness`` (0.05), so
+  a stream without objects does not fill the bank with background (MAMBA writes all 75);
+- pixel writes are capped at ``max_pixel_tokens`` per frame (1000).
+
+DualMemory routing (ours): an instance token's static score is ``1 - objectness`` (object-like
+proposals go to the transient FIFO of recent frames, background to the persistent store);
+pixel tokens come from confident detections, so they are dynamic (score 0). Reads take a
+random key set of the bank's size from everything DualMemory returns.
+
+Example:
+    >>> from streammem.models.detector import SmallDetector
+    >>> from streammem.world import World
+    >>> det = SmallDetector(width=16, fc_dim=32, heads=4, pixel_heads=4).eval()
+    >>> pipe = StreamingDetectionPipeline(det, DetectionConfig(image_size=64))
+    >>> outs = [pipe.step(f) for f in World(seed=0, preset="clean", size=64, frames=3)]
+    >>> len(outs), pipe.stats()["frames"]
+    (3, 3)
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Iterable, Iterator, Sequence
+
+import cv2
+import numpy as np
+import supervision as sv
+import torch
+import torch.nn.functional as F
+
+from streammem.models.detector import STRIDE, SmallDetector
+from streammem.types import Frame, Tokens
+
+__all__ = ["DetectionConfig", "StreamingDetectionPipeline", "IoUTracker", "MODES", "MEMORIES"]
+
+MODES = ("causal", "protocol")
+MEMORIES = ("feature_bank", "dual", "none")
+PROTOCOL_LABEL = "protocol (MAMBA's published setting: shuffled frame order, 25-frame warm-up; NOT causal)"
+
+
+@dataclass
+class DetectionConfig:
+    """Attributes:
+    memory: ``"feature_bank"`` (default), ``"dual"`` or ``"none"`` (single-frame).
+    mode: ``"causal"`` (default) or ``"protocol"`` (MAMBA's non-causal test protocol).
+    pixel_level / instance_level: which levels use memory.
+    max_size: bank size per level (MAMBA ``MAX_NUM=20000``).
+    key_size: instance key set per read (MAMBA ``KEY_NUM=2000``).
+    pixel_key_size: pixel key set per read (None: the detector's ``pixel_keys``).
+    pixel_write_score: detections at least this confident write pixels (MAMBA 0.8).
+    pixels_per_box: random pixels written per box (MAMBA 100).
+    max_pixel_tokens: cap on pixel tokens written per frame.
+    bank_proposals: fc6 of this many top proposals are written (None: detector's, MAMBA 75).
+    instance_min_objectness: proposals below this objectness are not written (ours).
+    score_threshold: detections below this confidence are dropped.
+    image_size: the long side frames are resized to (the detector's training size).
+    warmup: protocol mode's warm-up frames (MAMBA 25).
+    on_resize: ``"reset"`` (clear memories on a resolution change) or ``"error"``.
+    dual_slots / dual_fifo_frames: DualMemory sizes.
+    seed: seed of the memories and of pixel sampling.
+    """
+
+    memory: str = "feature_bank"
+    mode: str = "causal"
+    pixel_level: bool = True
+    instance_level: bool = True
+    max_size: int = 20000
+    key_size: int = 2000
+    pixel_key_size: int | None = None
+    pixel_write_score: float = 0.8
+    pixels_per_box: int = 100
+    max_pixel_tokens: int = 1000
+    bank_proposals: int | None = None
+    instance_min_objectness: float = 0.05
+    score_threshold: float = 0.01
+    image_size: int = 256
+    warmup: int = 25
+    on_resize: str = "reset"
+    dual_slots: int = 1024
+    dual_fifo_frames: int = 8
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        def need(ok: bool, name: str, allowed: str) -> None:
+            if not ok:
+                raise ValueError(f"DetectionConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
+
+        need(self.memory in MEMORIES, "memory", f"one of {MEMORIES}")
+        need(self.mode in MODES, "mode", f"one of {MODES}")
+        need(self.on_resize in ("reset", "error"), "on_resize", "'reset' or 'error'")
+        need(isinstance(self.max_size, int) and self.max_size >= 1, "max_size", "an int >= 1")
+        need(isinstance(self.key_size, int) and 1 <= self.key_size <= self.max_size, "key_size", "an int in [1, max_size]")
+        need(0.0 <= self.pixel_write_score <= 1.0, "pixel_write_score", "in [0, 1]")
+        need(self.pixels_per_box >= 1, "pixels_per_box", ">= 1")
+        need(self.max_pixel_tokens >= 1, "max_pixel_tokens", ">= 1")
+        need(self.image_size >= STRIDE and self.image_size % STRIDE == 0, "image_size", f"a multiple of {STRIDE}")
+        need(self.warmup >= 0, "warmup", ">= 0")
+        need(0.0 <= self.score_threshold <= 1.0, "score_threshold", "in [0, 1]")
+
+
+class IoUTracker:
+    """A minimal greedy IoU tracker giving ``tracker_id`` (for ``sv.DetectionsSmoother``).
+
+    Not ByteTrack: each detection takes the unmatched live track of highest IoU >= ``iou``;
+    tracks unseen for ``max_lost`` frames are dropped. (The ``trackers`` package's ByteTrack
+    needs ``opencv-python``, which would replace our ``opencv-python-headless<5``.)
+    """
+
+    def __init__(self, iou: float = 0.3, max_lost: int = 8) -> None:
+        self.iou, self.max_lost = iou, max_lost
+        self.reset()
+
+    def reset(self) -> None:
+        self.tracks: dict[int, tuple[np.ndarray, int]] = {}
+        self.next_id, self.t = 1, 0
+
+    def update(self, det: sv.Detections) -> sv.Detections:
+        from supervision.detection.utils.iou_and_nms import box_iou_batch
+
+        self.t += 1
+        ids = np.zeros(len(det), dtype=int)
+        tids = list(self.tracks)
+        if tids and len(det):
+            iou = box_iou_batch(det.xyxy, np.stack([self.tracks[i][0] for i in tids]))
+            used: set[int] = set()
+            for d in np.argsort(-(det.confidence if det.confidence is not None else np.ones(len(det)))):
+                j = int(np.argmax(np.where([t in used for t in tids], -1, iou[d])))
+                if iou[d, j] >= self.iou and tids[j] not in used:
+                    ids[d] = tids[j]
+                    used.add(tids[j])
+        for d in range(len(det)):
+            if ids[d] == 0:
+                ids[d] = self.next_id
+                self.next_id += 1
+            self.tracks[int(ids[d])] = (det.xyxy[d].copy(), self.t)
+        self.tracks = {k: v for k, v in self.tracks.items() if self.t - v[1] <= self.max_lost}
+        det.tracker_id = ids
+        return det
+
+
+class StreamingDetectionPipeline:
+    """Detector + memories + GEO -> ``sv.Detections`` per frame (see the module docstring).
+
+    State (explicit, reset by :meth:`reset`): ``pixel_memory``, ``instance_memory`` (None for
+    ``memory="none"``), ``size_hw`` (the stream's resolution), counters in :meth:`stats`.
+    """
+
+    def __init__(self, detector: SmallDetector, config: DetectionConfig | None = None, tracker=None) -> None:
+        self.detector = detector.eval()
+        self.config = config or DetectionConfig()
+        self.tracker = tracker
+        c = self.config
+        self.pixel_key_size = c.pixel_key_size or detector.pixel_keys
+        self.bank_proposals = c.bank_proposals or detector.bank_proposals
+        self.pixel_memory = self._make_memory(detector.width, self.pixel_key_size, c.max_pixel_tokens, seed=c.seed)
+        self.instance_memory = self._make_memory(detector.fc_dim, c.key_size, self.bank_proposals, seed=c.seed + 1)
+        self.gen = torch.Generator()
+        self.reset()
+
+    def _make_memory(self, dim: int, key_size: int, per_frame: int, seed: int):
+        c = self.config
+        if c.memory == "none":
+            return None
+        if c.memory == "feature_bank":
+            from streammem.memory import FeatureBank
+
+            return FeatureBank(dim=dim, max_size=c.max_size, key_size=min(key_size, c.max_size), seed=seed)
+        from streammem.memory import DualMemory
+
+        return DualMemory(dim=dim, slots=c.dual_slots, fifo_frames=c.dual_fifo_frames, max_tokens_per_frame=per_frame,
+                          seed=seed)
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget the memories and the stream's resolution; reseed pixel sampling."""
+        for m in (self.pixel_memory, self.instance_memory):
+            if m is not None:
+                m.reset()
+        if self.tracker is not None:
+            self.tracker.reset()
+        self.gen.manual_seed(self.config.seed + 2)
+        self.size_hw: tuple[int, int] | None = None
+        self.counters = {"frames": 0, "pixel_writes": 0, "instance_writes": 0, "resets_on_resize": 0}
+
+    def stats(self) -> dict:
+        out = dict(self.counters)
+        for name, m in (("pixel_memory", self.pixel_memory), ("instance_memory", self.instance_memory)):
+            if m is not None:
+                out[name] = {"num_tokens": m.num_tokens, "capacity": m.capacity, "nbytes": m.nbytes}
+        out["mode"] = self.config.mode
+        out["memory"] = self.config.memory
+        return out
+
+    # ------------------------------------------------------------------ memory access
+    def _read(self, memory, key_size: int, dim: int) -> torch.Tensor:
+        if memory is None or memory.num_tokens == 0:
+            return torch.zeros(0, dim)
+        keys = memory.read().features
+        if keys.shape[0] > key_size:  # DualMemory returns everything: draw a random key set
+            keys = keys[torch.randperm(keys.shape[0], generator=self.gen)[:key_size]]
+        return keys
+
+    def _write_pixels(self, feat: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor, scale: float,
+                      frame: Frame) -> None:
+        c = self.config
+        if self.pixel_memory is None or not c.pixel_level:
+            return
+        _, ch, h, w = feat.shape
+        toks, grid, sc = [], [], []
+        for b, s in zip(boxes[scores >= c.pixel_write_score] * scale, scores[scores >= c.pixel_write_score]):
+            x0, y0 = int(b[0] // STRIDE), int(b[1] // STRIDE)
+            x1 = min(w, max(x0 + 1, int(np.ceil(float(b[2]) / STRIDE))))
+            y1 = min(h, max(y0 + 1, int(np.ceil(float(b[3]) / STRIDE))))
+            ys, xs = torch.meshgrid(torch.arange(y0, y1), torch.arange(x0, x1), indexing="ij")
+            ys, xs = ys.reshape(-1), xs.reshape(-1)
+            if ys.numel() > c.pixels_per_box:
+                pick = torch.randperm(ys.numel(), generator=self.gen)[: c.pixels_per_box]
+                ys, xs = ys[pick], xs[pick]
+            toks.append(feat[0, :, ys, xs].t())
+            grid.append(torch.stack([ys, xs], 1).float())
+            sc.append(torch.full((ys.numel(),), float(s)))
+        if not toks:
+            return
+        f, g, s = torch.cat(toks)[: c.max_pixel_tokens], torch.cat(grid)[: c.max_pixel_tokens], torch.cat(sc)[: c.max_pixel_tokens]
+        n = f.shape[0]
+        static = torch.zeros(n) if c.memory == "dual" else s  # dual: object pixels are dynamic
+        self.pixel_memory.write(Tokens(features=f.contiguous(), frame_index=torch.full((n,), frame.index),
+                                       timestamp=torch.full((n,), float(frame.timestamp)), grid=g,
+                                       level=torch.zeros(n, dtype=torch.int64), score=static))
+        self.counters["pixel_writes"] += n
+
+    def _write_instances(self, fc6: torch.Tensor, props: torch.Tensor, obj: torch.Tensor, frame: Frame) -> None:
+        c = self.config
+        if self.instance_memory is None or not c.instance_level:
+            return
+        k = self.bank_proposals
+        keep = obj[:k] >= c.instance_min_objectness
+        f, p, o = fc6[:k][keep], props[:k][keep], obj[:k][keep]
+        n = f.shape[0]
+        if n == 0:
+            return
+        centre = torch.stack([(p[:, 1] + p[:, 3]) / 2, (p[:, 0] + p[:, 2]) / 2], 1) / STRIDE
+        score = (1.0 - o) if c.memory == "dual" else o
+        self.instance_memory.write(Tokens(features=f.contiguous(), frame_index=torch.full((n,), frame.index),
+                                          timestamp=torch.full((n,), float(frame.timestamp)), grid=centre,
+                                          level=torch.ones(n, dtype=torch.int64), score=score))
+        self.counters["instance_writes"] += n
+
+    # ------------------------------------------------------------------ one frame
+    def _prepare(self, frame: Frame) -> tuple[torch.Tensor, float]:
+        h, w = frame.height, frame.width
+        scale = self.config.image_size / max(h, w)
+        nh, nw = max(1, round(h * scale)), max(1, round(w * scale))
+        img = frame.image if (nh, nw) == (h, w) else cv2.resize(frame.image, (nw, nh), interpolation=cv2.INTER_AREA)
+        x = torch.from_numpy(np.ascontiguousarray(img)).permute(2, 0, 1).float().div_(255.0)[None]
+        ph, pw = (-nh) % STRIDE, (-nw) % STRIDE
+        if ph or pw:
+            x = F.pad(x, (0, pw, 0, ph), value=0.45)
+        return x, scale
+
+    @torch.no_grad()
+    def _process(self, frame: Frame, write: bool = True) -> sv.Detections:
+        c, det = self.config, self.detector
+        # 1. check the frame
+        if frame.height == 0 or frame.width == 0:
+            return self._empty(frame)
+        if self.size_hw is not None and self.size_hw != (frame.height, frame.width):
+            if c.on_resize == "error":
+                raise ValueError(
+                    f"frame {frame.index} is {frame.height}x{frame.width} but the stream started at "
+                    f"{self.size_hw[0]}x{self.size_hw[1]}; call reset() first or use on_resize='reset'")
+            self.reset_memories()
+            self.counters["resets_on_resize"] += 1
+        self.size_hw = (frame.height, frame.width)
+        x, scale = self._prepare(frame)
+        # 2. features, pixel-level enhancement
+        feat = det.features(x)
+        pk = self._read(self.pixel_memory if c.pixel_level else None, self.pixel_key_size, det.width)
+        enh = det.enhance_pixels(feat, pk)
+        # 3. proposals, fc6, instance-level enhancement, head
+        props, obj = det.propose(enh)
+        fc6 = det.roi_fc6(enh, props)
+        ik = self._read(self.instance_memory if c.instance_level else None, c.key_size, det.fc_dim)
+        if ik.shape[0] == 0:
+            ik = fc6[: self.bank_proposals]
+        logits, deltas = det.head(fc6, ik)
+        out = det.postprocess(props, logits, deltas, tuple(x.shape[2:]), c.score_threshold)
+        # 4. memory writes
+        if write:
+            self._write_pixels(feat, out["boxes"] / scale, out["scores"], scale, frame)
+            self._write_instances(fc6, props, obj, frame)
+        self.counters["frames"] += 1
+        # 5. detections in frame pixels
+        boxes = (out["boxes"] / scale).numpy().astype(np.float32)
+        boxes[:, [0, 2]] = boxes[:, [0, 2]].clip(0, frame.width)
+        boxes[:, [1, 3]] = boxes[:, [1, 3]].clip(0, frame.height)
+        cls = out["class_id"].numpy().astype(int)
+        names = np.array([det.class_names[i] for i in cls], dtype=object).astype(str) if len(cls) else np.zeros(0, str)
+        return sv.Detections(xyxy=boxes.reshape(-1, 4), confidence=out["scores"].numpy().astype(np.float32),
+                             class_id=cls, data={"class_name": names},
+                             metadata={"frame_index": frame.index, "mode": self._mode_label()})
+
+    def _empty(self, frame: Frame) -> sv.Detections:
+        d = sv.Detections.empty()
+        d.metadata = {"frame_index": frame.index, "mode": self._mode_label()}
+        return d
+
+    def _mode_label(self) -> str:
+        return "causal" if self.config.mode == "causal" else PROTOCOL_LABEL
+
+    def reset_memories(self) -> None:
+        for m in (self.pixel_memory, self.instance_memory):
+            if m is not None:
+                m.reset()
+
+    def step(self, frame: Frame) -> sv.Detections:
+        """Causal mode: detect in ``frame`` with the memories of past frames, then write it."""
+        if self.config.mode != "causal":
+            raise RuntimeError("step() is causal; in mode='protocol' call run_protocol(frames) with a whole video")
+        d = self._process(frame)
+        if self.tracker is not None:
+            d = self.tracker.update(d)
+        return d
+
+    def run(self, frames: Iterable[Frame]) -> Iterator[sv.Detections]:
+        """Causal mode over a stream: a generator of one ``sv.Detections`` per frame."""
+        for f in frames:
+            yield self.step(f)
+
+    def run_protocol(self, frames: Sequence[Frame], seed: int | None = None) -> list[sv.Detections]:
+        """MAMBA's test protocol on one whole video (**not causal**): reset; warm the memories up
+        with ``warmup`` frames of the video in shuffled order (their outputs discarded); then
+        detect every frame in a shuffled order. Returns the detections in the video's order."""
+        frames = list(frames)
+        self.reset()
+        if not frames:
+            return []
+        rng = np.random.default_rng(self.config.seed if seed is None else seed)
+        order = rng.permutation(len(frames))
+        for i in order[: self.config.warmup]:
+            self._process(frames[int(i)])
+        out: list[sv.Detections | None] = [None] * len(frames)
+        for i in order:
+            out[int(i)] = self._process(frames[int(i)])
+        return out  # type: ignore[return-value]

@@ -1,0 +1,324 @@
+"""Train the shipped small detector on StreamWorld clips, MAMBA-style (no bank in training).
+
+Each sample is a triple of frames of one clip (a key frame and 2 reference frames drawn
+uniformly from the clip). Every frame of a triple is trained as a key frame whose keys come
+from the other two: instance keys are the pre-enhancement fc6 features of their top-75
+proposals, pixel keys are backbone features inside their ground-truth boxes (<= 100 per box,
+``pixel_keys`` in all). With probability ``self_ref`` a triple is one frame three times (the
+single-frame case, and what a stream sees while its bank is empty; MAMBA uses copies of DET
+images the same way).
+
+Losses: CenterNet focal loss on the objectness heatmap, L1 on centre offset and log size at
+object centres, cross-entropy over (background + classes) for RoIs (the model's own top
+proposals plus jittered ground-truth boxes; IoU >= 0.5 is foreground), smooth L1 on box deltas
+of foreground RoIs.
+
+The loop runs under ``accelerate`` for a wall-clock budget (``minutes``), with a cosine
+learning-rate schedule over that budget, a tqdm bar, and ``save_pretrained`` checkpoints every
+``save_every_min`` minutes and at the end.
+
+Example (a few steps):
+    >>> from streammem.train.detector import TrainConfig, train  # doctest: +SKIP
+    >>> train(TrainConfig(minutes=0.2, out="/tmp/det"))           # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+from tqdm import tqdm
+
+from streammem.models.detector import STRIDE, SmallDetector, box_iou, encode_deltas
+
+__all__ = ["TrainConfig", "TripleStream", "train", "detector_losses"]
+
+
+@dataclass
+class TrainConfig:
+    """Attributes:
+    out: checkpoint folder (``config.json`` + ``model.safetensors``).
+    minutes: wall-clock training budget.
+    batch: triples per step.
+    lr: peak AdamW learning rate (cosine to 5% over the budget, 3% warm-up).
+    presets: preset mix, sampled uniformly per clip.
+    size: frame side in pixels.
+    clip_len: frames rendered per clip; triples are drawn from them.
+    triples_per_clip: samples drawn after each newly rendered clip, from a pool of the last
+        ``pool_clips`` clips (so a batch mixes clips and rendering is not the bottleneck).
+    self_ref: probability that a triple is one frame three times.
+    seed: data and init seed.
+    workers: DataLoader worker processes rendering clips.
+    threads: torch threads of the training process.
+    save_every_min: checkpoint period.
+    max_steps: optional step cap (for smoke tests).
+    model: SmallDetector keyword arguments.
+    """
+
+    out: str = "streammem/checkpoints/detector"
+    minutes: float = 30.0
+    batch: int = 3
+    lr: float = 2e-3
+    presets: tuple[str, ...] = ("clean", "medium", "hard", "hard")
+    size: int = 256
+    clip_len: int = 12
+    triples_per_clip: int = 8
+    pool_clips: int = 6
+    self_ref: float = 0.2
+    seed: int = 0
+    workers: int = 1
+    threads: int = 2
+    save_every_min: float = 5.0
+    max_steps: int | None = None
+    log: str | None = None
+    model: dict = field(default_factory=dict)
+
+    def __post_init__(self) -> None:
+        if not self.minutes > 0:
+            raise ValueError(f"TrainConfig.minutes must be > 0, got {self.minutes}")
+        if self.batch < 1 or self.clip_len < 3:
+            raise ValueError(f"TrainConfig.batch must be >= 1 and clip_len >= 3, got {self.batch}, {self.clip_len}")
+        if not 0 <= self.self_ref <= 1:
+            raise ValueError(f"TrainConfig.self_ref must be in [0, 1], got {self.self_ref}")
+
+
+def _frame_target(frame) -> dict:
+    gt = frame.info["gt"]
+    return {
+        "image": torch.from_numpy(frame.image).permute(2, 0, 1).float().div_(255.0),
+        "boxes": torch.from_numpy(np.asarray(gt["boxes"], np.float32)).reshape(-1, 4),
+        "class_id": torch.from_numpy(np.asarray(gt["class_id"], np.int64)).reshape(-1),
+    }
+
+
+class TripleStream(IterableDataset):
+    """Endless triples ``[key, ref, ref]`` of frame dicts (``image (3, H, W)``, ``boxes``,
+    ``class_id``), each from a fresh seeded world clip. World seeds start at 10_000_000 so
+    training never sees the evaluation worlds (seeds < 10_000)."""
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+
+    def __iter__(self):
+        from streammem.world import World
+
+        info = get_worker_info()
+        wid = info.id if info is not None else 0
+        rng = np.random.default_rng([self.cfg.seed, wid, 77])
+        c = self.cfg
+        pool: list[list[dict]] = []
+        while True:
+            preset = c.presets[int(rng.integers(len(c.presets)))]
+            seed = 10_000_000 + int(rng.integers(0, 2**30))
+            start = int(rng.integers(0, 200))
+            w = World(seed=seed, preset=preset, size=c.size, fps=8, drop_frames=False, start=start,
+                      frames=start + c.clip_len)
+            frames = [_frame_target(f) for f in w]
+            if len(frames) < 3:
+                continue
+            pool.append(frames)
+            if len(pool) > c.pool_clips:
+                pool.pop(0)
+            for _ in range(c.triples_per_clip):
+                clip = pool[int(rng.integers(len(pool)))]
+                if rng.random() < c.self_ref:
+                    i = int(rng.integers(len(clip)))
+                    yield [clip[i]] * 3
+                else:
+                    idx = rng.choice(len(clip), 3, replace=False)
+                    yield [clip[int(i)] for i in idx]
+
+
+def _collate(items):
+    return items
+
+
+# ---------------------------------------------------------------------- losses
+def _gaussian_targets(boxes: torch.Tensor, h: int, w: int) -> tuple[torch.Tensor, list, torch.Tensor]:
+    """Heatmap ``(h, w)`` with a Gaussian per object centre, and per object its centre cell and
+    box target (dx, dy, log w/8, log h/8)."""
+    heat = torch.zeros(h, w)
+    cells, regs = [], []
+    ys, xs = torch.meshgrid(torch.arange(h).float(), torch.arange(w).float(), indexing="ij")
+    for b in boxes:
+        bw, bh = float(b[2] - b[0]), float(b[3] - b[1])
+        if bw < 1 or bh < 1:
+            continue
+        cx, cy = float(b[0] + b[2]) / 2 / STRIDE, float(b[1] + b[3]) / 2 / STRIDE
+        ix, iy = min(int(cx), w - 1), min(int(cy), h - 1)
+        sigma = max(0.5, 0.15 * max(bw, bh) / STRIDE)
+        g = torch.exp(-((xs - ix) ** 2 + (ys - iy) ** 2) / (2 * sigma * sigma))
+        heat = torch.maximum(heat, g)
+        cells.append((iy, ix))
+        regs.append([cx - ix - 0.5, cy - iy - 0.5, math.log(bw / STRIDE), math.log(bh / STRIDE)])
+    return heat, cells, torch.tensor(regs, dtype=torch.float32).reshape(-1, 4)
+
+
+def _focal(logit: torch.Tensor, heat: torch.Tensor) -> torch.Tensor:
+    p = torch.sigmoid(logit).clamp(1e-4, 1 - 1e-4)
+    pos = heat.eq(1).float()
+    neg = 1 - pos
+    pos_loss = -(torch.log(p) * (1 - p) ** 2 * pos).sum()
+    neg_loss = -(torch.log(1 - p) * p ** 2 * (1 - heat) ** 4 * neg).sum()
+    return (pos_loss + neg_loss) / pos.sum().clamp(min=1)
+
+
+def _pixel_keys(feat: torch.Tensor, boxes: torch.Tensor, n: int, gen: torch.Generator) -> torch.Tensor:
+    """Backbone features ``(C, h, w)`` inside ``boxes`` (<= 100 random pixels per box), at most ``n``."""
+    c, h, w = feat.shape
+    out = []
+    for b in boxes:
+        x0, y0 = int(b[0] // STRIDE), int(b[1] // STRIDE)
+        x1, y1 = max(x0 + 1, int(math.ceil(float(b[2]) / STRIDE))), max(y0 + 1, int(math.ceil(float(b[3]) / STRIDE)))
+        f = feat[:, y0:min(y1, h), x0:min(x1, w)].reshape(c, -1).t()
+        if f.shape[0] > 100:
+            f = f[torch.randperm(f.shape[0], generator=gen)[:100]]
+        out.append(f)
+    if not out:
+        return feat.new_zeros(0, c)
+    k = torch.cat(out)
+    if k.shape[0] > n:
+        k = k[torch.randperm(k.shape[0], generator=gen)[:n]]
+    return k
+
+
+def detector_losses(model: SmallDetector, triples: list, gen: torch.Generator) -> dict:
+    """Losses of a batch of triples (see the module docstring); returns named scalars."""
+    dev = next(model.parameters()).device
+    imgs = torch.stack([f["image"] for t in triples for f in t]).to(dev)
+    feat = model.features(imgs)  # 3B, C, h, w
+    b3, c, h, w = feat.shape
+    size_hw = (imgs.shape[2], imgs.shape[3])
+    losses = {"heat": 0.0, "reg": 0.0, "cls": 0.0, "box": 0.0}
+    n_frames = 0
+    for ti, t in enumerate(triples):
+        base = 3 * ti
+        # pixel keys of each frame: features inside the gt boxes of the other two frames
+        enh = []
+        for j in range(3):
+            others = [base + o for o in range(3) if o != j]
+            pk = torch.cat([_pixel_keys(feat[o], t[o - base]["boxes"], model.pixel_keys, gen) for o in others])
+            if pk.shape[0] > model.pixel_keys:
+                pk = pk[torch.randperm(pk.shape[0], generator=gen)[: model.pixel_keys]]
+            if t[0] is t[1]:  # self triple: the single-frame case, keys from the frame itself
+                pk = pk[:0]
+            enh.append(model.enhance_pixels(feat[base + j: base + j + 1], pk))
+        enh_t = torch.cat(enh)
+        obj, boxmap = model.proposal_maps(enh_t)
+        # proposals and fc6 of every frame
+        props, fc6s = [], []
+        for j in range(3):
+            p, _ = model.decode_proposals(obj[j:j + 1].detach(), boxmap[j:j + 1].detach(), model.num_proposals)
+            props.append(p)
+            fc6s.append(model.roi_fc6(enh_t[j:j + 1], p[: model.bank_proposals]))
+        for j in range(3):
+            fr = t[j]
+            gtb, gtc = fr["boxes"].to(dev), fr["class_id"].to(dev)
+            heat, cells, regs = _gaussian_targets(gtb.cpu(), h, w)
+            losses["heat"] = losses["heat"] + _focal(obj[j, 0], heat.to(dev))
+            if cells:
+                iy = torch.tensor([cc[0] for cc in cells], device=dev)
+                ix = torch.tensor([cc[1] for cc in cells], device=dev)
+                losses["reg"] = losses["reg"] + F.l1_loss(boxmap[j][:, iy, ix].t(), regs.to(dev))
+            # RoIs: own proposals + jittered gt
+            rois = [props[j]]
+            if len(gtb):
+                wh = (gtb[:, 2:] - gtb[:, :2]).repeat(3, 1)
+                jit = gtb.repeat(3, 1) + torch.randn(wh.shape[0], 4, generator=gen).to(dev) * 0.1 * wh.repeat(1, 2)
+                rois.append(gtb)
+                rois.append(jit)
+            rois = torch.cat(rois)
+            rois = torch.stack([rois[:, 0].clamp(0, size_hw[1]), rois[:, 1].clamp(0, size_hw[0]),
+                                rois[:, 2].clamp(0, size_hw[1]), rois[:, 3].clamp(0, size_hw[0])], 1)
+            rois = torch.cat([rois[:, :2], torch.maximum(rois[:, 2:], rois[:, :2] + 1)], 1)
+            fc6 = model.roi_fc6(enh_t[j:j + 1], rois)
+            if t[0] is t[1]:
+                keys = fc6s[j]
+            else:
+                keys = torch.cat([fc6s[o] for o in range(3) if o != j])
+            logits, deltas = model.head(fc6, keys)
+            labels = torch.zeros(rois.shape[0], dtype=torch.long, device=dev)
+            if len(gtb):
+                iou = box_iou(rois, gtb)
+                best, arg = iou.max(1)
+                fg = best >= 0.5
+                labels[fg] = gtc[arg[fg]] + 1
+                if fg.any():
+                    tgt = encode_deltas(rois[fg], gtb[arg[fg]])
+                    losses["box"] = losses["box"] + F.smooth_l1_loss(deltas[fg], tgt, beta=1 / 9)
+            losses["cls"] = losses["cls"] + F.cross_entropy(logits, labels)
+            n_frames += 1
+    out = {k: v / n_frames for k, v in losses.items()}
+    out["total"] = out["heat"] + out["reg"] + out["cls"] + out["box"]
+    return out
+
+
+# ---------------------------------------------------------------------- loop
+def train(cfg: TrainConfig) -> SmallDetector:
+    """Train for ``cfg.minutes`` of wall clock; saves to ``cfg.out`` as it goes. Returns the model."""
+    from accelerate import Accelerator
+
+    from streammem.world import CLASSES
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    model = SmallDetector(num_classes=len(CLASSES), class_names=list(CLASSES), **cfg.model)
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    loader = DataLoader(TripleStream(cfg), batch_size=cfg.batch, collate_fn=_collate, num_workers=cfg.workers,
+                        prefetch_factor=4 if cfg.workers else None, persistent_workers=bool(cfg.workers))
+    model, opt = acc.prepare(model, opt)
+    gen = torch.Generator().manual_seed(cfg.seed)
+    out = Path(cfg.out)
+    log = open(cfg.log, "a") if cfg.log else None
+    budget = cfg.minutes * 60.0
+    t0 = last_save = time.time()
+    step, ema = 0, None
+    bar = tqdm(total=int(budget), unit="s", desc="train detector", disable=not acc.is_main_process)
+    model.train()
+    for batch in loader:
+        elapsed = time.time() - t0
+        if elapsed >= budget or (cfg.max_steps is not None and step >= cfg.max_steps):
+            break
+        frac = elapsed / budget
+        lr = cfg.lr * (frac / 0.03 if frac < 0.03 else 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        losses = detector_losses(acc.unwrap_model(model), batch, gen)
+        opt.zero_grad(set_to_none=True)
+        acc.backward(losses["total"])
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 5.0)
+        opt.step()
+        step += 1
+        vals = {k: float(v.detach()) if torch.is_tensor(v) else float(v) for k, v in losses.items()}
+        ema = vals if ema is None else {k: 0.95 * ema[k] + 0.05 * vals[k] for k in vals}
+        bar.update(int(time.time() - t0) - bar.n)
+        bar.set_postfix(step=step, loss=f"{ema['total']:.3f}", cls=f"{ema['cls']:.3f}", heat=f"{ema['heat']:.3f}")
+        if log:
+            log.write(json.dumps({"step": step, "time_s": round(time.time() - t0, 1), "lr": lr, **vals}) + "\n")
+            log.flush()
+        if time.time() - last_save >= cfg.save_every_min * 60:
+            _save(acc, model, out, cfg, step, time.time() - t0, ema)
+            last_save = time.time()
+    bar.close()
+    _save(acc, model, out, cfg, step, time.time() - t0, ema)
+    if log:
+        log.close()
+    return acc.unwrap_model(model)
+
+
+def _save(acc, model, out: Path, cfg: TrainConfig, step: int, seconds: float, ema: dict | None) -> None:
+    if not acc.is_main_process:
+        return
+    m = acc.unwrap_model(model)
+    out.mkdir(parents=True, exist_ok=True)
+    m.save_pretrained(out)
+    summary = {"steps": step, "wall_s": round(seconds, 1), "loss_ema": ema, "train_config": asdict(cfg)}
+    (out / "training.json").write_text(json.dumps(summary, indent=2, default=list) + "\n")

@@ -1,0 +1,314 @@
+"""Detection: GEO's fast path, the small detector's stages, bank writes, both modes, bad input,
+save/load of the shipped checkpoint, the training losses and the evaluation runner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import pytest
+import supervision as sv
+import torch
+
+from streammem.memory import DualMemory, FeatureBank
+from streammem.models.detector import STRIDE, SmallDetector, box_iou, decode_deltas, encode_deltas, nms
+from streammem.models.geo import GEO
+from streammem.pipelines.detection import DetectionConfig, IoUTracker, StreamingDetectionPipeline
+from streammem.types import Frame
+
+CKPT = Path(__file__).resolve().parents[1] / "streammem" / "checkpoints" / "detector"
+
+
+def tiny(seed: int = 0, **kw) -> SmallDetector:
+    torch.manual_seed(seed)
+    return SmallDetector(num_classes=3, width=16, fc_dim=32, heads=4, pixel_heads=4, pixel_keys=32,
+                         num_proposals=20, bank_proposals=10, **kw).eval()
+
+
+def frames(n: int, h: int = 64, w: int = 64, seed: int = 0, grey: bool = False) -> list[Frame]:
+    rng = np.random.default_rng(seed)
+    out = []
+    for i in range(n):
+        img = np.full((h, w, 3), 128, np.uint8) if grey else rng.integers(0, 255, (h, w, 3), dtype=np.uint8)
+        out.append(Frame(index=i, timestamp=i / 8, image=img))
+    return out
+
+
+def confident(det: SmallDetector) -> SmallDetector:
+    """Make every proposal an object of class 0 with probability ~1 (for write tests)."""
+    with torch.no_grad():
+        det.prop_obj.bias.fill_(10.0)
+        det.cls.weight.zero_()
+        det.cls.bias.copy_(torch.tensor([-20.0, 20.0, -20.0, -20.0]))
+    return det
+
+
+def _same(a: sv.Detections, b: sv.Detections) -> bool:
+    return len(a) == len(b) and np.allclose(a.xyxy, b.xyxy) and np.allclose(a.confidence, b.confidence)
+
+
+# ---------------------------------------------------------------------- GEO and the model
+@pytest.mark.parametrize("mode", ["attention", "alignment"])
+def test_geo_fast_attend_equals_literal_rule(mode):
+    torch.manual_seed(0)
+    geo = GEO(dim=64, heads=16, mode=mode)
+    with torch.no_grad():
+        geo.merge.weight.normal_()
+        geo.merge.bias.normal_()
+    q, k = torch.randn(9, 64), torch.randn(50, 64)
+    assert torch.allclose(geo.attend(q, k), geo.attend_reference(q, k), atol=1e-4)
+
+
+def test_detector_stage_shapes():
+    det = tiny()
+    x = torch.rand(1, 3, 64, 96)
+    feat = det.features(x)
+    assert feat.shape == (1, 16, 8, 12)
+    enh = det.enhance_pixels(feat, torch.randn(40, 16))
+    assert enh.shape == feat.shape
+    props, obj = det.propose(enh)
+    assert props.shape == (20, 4) and obj.shape == (20,)
+    assert (obj[:-1] >= obj[1:]).all()  # best first
+    assert (props[:, 0] >= 0).all() and (props[:, 2] <= 96).all() and (props[:, 3] <= 64).all()
+    fc6 = det.roi_fc6(enh, props)
+    assert fc6.shape == (20, 32) and (fc6 >= 0).all()
+    logits, deltas = det.head(fc6, torch.randn(7, 32))
+    assert logits.shape == (20, 4) and deltas.shape == (20, 4)
+    with pytest.raises(ValueError, match="multiples of 8"):
+        det.features(torch.rand(1, 3, 60, 64))
+
+
+def test_roi_sampling_reads_the_right_place():
+    det = tiny()
+    h, w = 8, 12
+    # channel 0 holds each cell's centre x in image pixels, channel 1 its centre y: linear maps,
+    # so bilinear samples inside the map equal the sample positions themselves.
+    xs = (torch.arange(w).float() + 0.5) * STRIDE
+    ys = (torch.arange(h).float() + 0.5) * STRIDE
+    feat = torch.zeros(1, 16, h, w)
+    feat[0, 0] = xs[None, :].expand(h, w)
+    feat[0, 1] = ys[:, None].expand(h, w)
+    box = torch.tensor([[20.0, 12.0, 55.0, 40.0]])
+    s = det.roi_sample(feat, box)[0]  # C, r, r
+    t = (torch.arange(det.roi) + 0.5) / det.roi
+    assert torch.allclose(s[0, 0], 20 + 35 * t, atol=1e-4)
+    assert torch.allclose(s[1, :, 0], 12 + 28 * t, atol=1e-4)
+
+
+def test_box_deltas_round_trip_and_nms():
+    props = torch.tensor([[10.0, 10, 30, 40], [0, 0, 8, 8]])
+    gt = torch.tensor([[12.0, 8, 35, 44], [1, 2, 9, 7]])
+    assert torch.allclose(decode_deltas(props, encode_deltas(props, gt)), gt, atol=1e-4)
+    boxes = torch.tensor([[0.0, 0, 10, 10], [1, 1, 10, 10], [20, 20, 30, 30]])
+    keep = nms(boxes, torch.tensor([0.5, 0.9, 0.3]), 0.5)
+    assert keep.tolist() == [1, 2]
+    assert torch.allclose(box_iou(boxes[:1], boxes[:1]), torch.ones(1, 1))
+
+
+def test_save_load_round_trip(tmp_path):
+    det = tiny(class_names=["a", "b", "c"])
+    det.save_pretrained(tmp_path)
+    assert (tmp_path / "config.json").exists() and (tmp_path / "model.safetensors").exists()
+    back = SmallDetector.from_pretrained(tmp_path).eval()
+    assert back.class_names == ["a", "b", "c"] and back.width == 16
+    x = torch.rand(1, 3, 64, 64)
+    a, b = det.detect(x), back.detect(x)
+    assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
+
+
+def test_shipped_checkpoint_loads_with_from_pretrained():
+    assert (CKPT / "config.json").exists() and (CKPT / "model.safetensors").exists()
+    det = SmallDetector.from_pretrained(CKPT).eval()
+    from streammem.world import CLASSES
+
+    assert det.class_names == list(CLASSES)
+    out = det.detect(torch.rand(1, 3, 256, 256))
+    assert out["fc6"].shape == (det.num_proposals, det.fc_dim)
+
+
+# ---------------------------------------------------------------------- bank writes
+def test_instance_and_pixel_writes_follow_the_rules():
+    det = confident(tiny())
+    pipe = StreamingDetectionPipeline(det, DetectionConfig(image_size=64, max_size=5000, key_size=100))
+    out = pipe.step(frames(1)[0])
+    assert len(out) > 0 and (out.confidence >= 0.8).all()
+    # instance level: fc6 of the top bank_proposals proposals (all have objectness ~1)
+    assert pipe.instance_memory.num_tokens == det.bank_proposals
+    # pixel level: inside confident boxes only, at most pixels_per_box per box
+    n_pix = pipe.pixel_memory.num_tokens
+    assert 0 < n_pix <= 100 * len(out)
+    stored = pipe.pixel_memory.read()
+    feat = det.features(torch.from_numpy(frames(1)[0].image).permute(2, 0, 1).float().div(255)[None])[0]
+    g = stored.grid.long()
+    assert torch.allclose(stored.features, feat[:, g[:, 0], g[:, 1]].t(), atol=1e-5)  # pre-enhancement
+    for (r, c) in g.tolist():  # each stored pixel lies in some output box
+        cx, cy = (c + 0.5) * STRIDE, (r + 0.5) * STRIDE
+        assert any(b[0] - STRIDE <= cx <= b[2] + STRIDE and b[1] - STRIDE <= cy <= b[3] + STRIDE for b in out.xyxy)
+
+
+def test_no_detections_for_hundreds_of_frames_writes_nothing():
+    det = tiny()
+    with torch.no_grad():
+        det.prop_obj.bias.fill_(-20.0)  # nothing object-like anywhere
+    pipe = StreamingDetectionPipeline(det, DetectionConfig(image_size=32))
+    for f in frames(300, 32, 32, grey=True):
+        pipe.step(f)
+    assert pipe.instance_memory.num_tokens == 0 and pipe.pixel_memory.num_tokens == 0
+    assert pipe.stats()["frames"] == 300
+
+
+def test_memory_is_bounded_on_a_long_stream():
+    det = confident(tiny())
+    pipe = StreamingDetectionPipeline(det, DetectionConfig(image_size=32, max_size=50, key_size=20))
+    nbytes = pipe.pixel_memory.nbytes, pipe.instance_memory.nbytes
+    for f in frames(40, 32, 32):
+        pipe.step(f)
+    assert pipe.instance_memory.num_tokens == 50 and pipe.pixel_memory.num_tokens <= 50
+    assert (pipe.pixel_memory.nbytes, pipe.instance_memory.nbytes) == nbytes
+
+
+@pytest.mark.parametrize("memory,cls", [("feature_bank", FeatureBank), ("dual", DualMemory)])
+def test_memory_is_selectable(memory, cls):
+    det = confident(tiny())
+    pipe = StreamingDetectionPipeline(det, DetectionConfig(memory=memory, image_size=64, dual_slots=64,
+                                                           dual_fifo_frames=2))
+    assert isinstance(pipe.instance_memory, cls) and isinstance(pipe.pixel_memory, cls)
+    outs = list(pipe.run(frames(5)))
+    assert all(isinstance(o, sv.Detections) for o in outs)
+    assert pipe.instance_memory.num_tokens > 0
+    assert pipe.instance_memory.num_tokens <= pipe.instance_memory.capacity
+
+
+def test_memory_changes_the_output_and_none_is_single_frame():
+    det = tiny()
+    fr = frames(6)
+    single = StreamingDetectionPipeline(det, DetectionConfig(memory="none", image_size=64))
+    bank = StreamingDetectionPipeline(det, DetectionConfig(image_size=64, instance_min_objectness=0.0))
+    a, b = list(single.run(fr)), list(bank.run(fr))
+    # frame 0: the bank is empty, so both use the frame's own keys
+    assert np.allclose(a[0].xyxy, b[0].xyxy) and np.allclose(a[0].confidence, b[0].confidence)
+    assert not np.allclose(a[-1].confidence, b[-1].confidence)
+    # the single-frame pipeline is stateless: a frame's output does not depend on the past
+    c = single.step(fr[-1])
+    assert np.allclose(c.confidence, a[-1].confidence)
+
+
+# ---------------------------------------------------------------------- modes
+def test_causal_mode_depends_only_on_the_past():
+    det = tiny()
+    fr = frames(8)
+    p1 = StreamingDetectionPipeline(det, DetectionConfig(image_size=64, instance_min_objectness=0.0))
+    p2 = StreamingDetectionPipeline(det, DetectionConfig(image_size=64, instance_min_objectness=0.0))
+    short, long = list(p1.run(fr[:4])), list(p2.run(fr))
+    for s, l in zip(short, long[:4]):
+        assert np.allclose(s.xyxy, l.xyxy) and np.allclose(s.confidence, l.confidence)
+    assert long[0].metadata["mode"] == "causal"
+
+
+def test_protocol_mode_shuffles_warms_up_and_resets():
+    det = tiny()
+    fr = frames(30)
+    pipe = StreamingDetectionPipeline(det, DetectionConfig(mode="protocol", image_size=64, warmup=25,
+                                                           instance_min_objectness=0.0))
+    with pytest.raises(RuntimeError, match="run_protocol"):
+        pipe.step(fr[0])
+    out = pipe.run_protocol(fr, seed=1)
+    assert [o.metadata["frame_index"] for o in out] == list(range(30))  # back in video order
+    assert "NOT causal" in out[0].metadata["mode"]
+    assert pipe.stats()["frames"] == 25 + 30  # warm-up + every frame
+    # reset per video: a second video starts from an empty bank, so repeating gives the same
+    again = pipe.run_protocol(fr, seed=1)
+    assert all(_same(a, b) for a, b in zip(out, again))
+    # and the shuffled order matters (frame 0 is no longer seen with an empty bank)
+    causal = list(StreamingDetectionPipeline(det, DetectionConfig(image_size=64, instance_min_objectness=0.0)).run(fr))
+    assert not all(_same(a, b) for a, b in zip(out, causal))
+
+
+# ---------------------------------------------------------------------- bad input
+def test_resolution_change_resets_or_raises():
+    det = tiny()
+    a, b = frames(2, 64, 64), frames(2, 48, 80, seed=1)
+    pipe = StreamingDetectionPipeline(det, DetectionConfig(image_size=64, instance_min_objectness=0.0))
+    pipe.step(a[0])
+    assert pipe.instance_memory.num_tokens > 0
+    out = pipe.step(b[0])
+    assert pipe.stats()["resets_on_resize"] == 1
+    assert (out.xyxy[:, 2] <= 80).all() and (out.xyxy[:, 3] <= 48).all()
+    strict = StreamingDetectionPipeline(det, DetectionConfig(image_size=64, on_resize="error"))
+    strict.step(a[0])
+    with pytest.raises(ValueError, match="48x80 but the stream started at 64x64"):
+        strict.step(b[0])
+
+
+def test_empty_one_frame_and_grey_videos():
+    det = tiny()
+    pipe = StreamingDetectionPipeline(det, DetectionConfig(image_size=64))
+    empty = pipe.step(Frame(index=0, timestamp=0.0, image=np.zeros((0, 0, 3), np.uint8)))
+    assert len(empty) == 0
+    pipe.reset()
+    assert len(list(pipe.run([]))) == 0
+    one = list(pipe.run(frames(1)))
+    assert len(one) == 1 and isinstance(one[0], sv.Detections)
+    pipe.reset()
+    grey = list(pipe.run(frames(5, 50, 70, grey=True)))  # not a multiple of 8: padded
+    assert len(grey) == 5 and all(((g.xyxy[:, 2] <= 70) & (g.xyxy[:, 3] <= 50)).all() for g in grey)
+    assert StreamingDetectionPipeline(det, DetectionConfig(mode="protocol", image_size=64)).run_protocol([]) == []
+
+
+def test_bad_config_names_the_field():
+    with pytest.raises(ValueError, match="DetectionConfig.memory"):
+        DetectionConfig(memory="lstm")
+    with pytest.raises(ValueError, match="DetectionConfig.key_size"):
+        DetectionConfig(max_size=10, key_size=20)
+    with pytest.raises(ValueError, match="SmallDetector.width"):
+        SmallDetector(width=0)
+
+
+# ---------------------------------------------------------------------- tracker, training, eval
+def test_iou_tracker_keeps_ids_and_feeds_the_smoother():
+    tr, sm = IoUTracker(), sv.DetectionsSmoother(length=3)
+    ids = []
+    for t in range(4):
+        d = sv.Detections(xyxy=np.array([[10.0 + t, 10, 30 + t, 30], [100, 100, 120, 120]]),
+                          confidence=np.array([0.9, 0.8]), class_id=np.array([0, 1]))
+        d = tr.update(d)
+        ids.append(d.tracker_id.tolist())
+        s = sm.update_with_detections(d)
+    assert ids == [[1, 2]] * 4
+    assert len(s) == 2
+
+
+def test_training_losses_are_finite_and_reach_every_stage():
+    from streammem.train.detector import detector_losses
+
+    det = tiny().train()
+    rng = np.random.default_rng(0)
+
+    def fr():
+        return {"image": torch.rand(3, 64, 64), "boxes": torch.tensor([[8.0, 8, 30, 28], [35, 30, 60, 62]]),
+                "class_id": torch.tensor([0, 2])}
+
+    triples = [[fr(), fr(), fr()]]
+    same = fr()
+    triples.append([same, same, same])  # the single-frame case
+    losses = detector_losses(det, triples, torch.Generator().manual_seed(0))
+    assert all(torch.isfinite(torch.as_tensor(v)) for v in losses.values())
+    losses["total"].backward()
+    for name in ("backbone.0.0.weight", "pixel_geo.wq.weight", "prop_obj.weight", "fc6.weight", "geo0.wk.weight",
+                 "geo1.merge.weight", "cls.weight", "box.weight"):
+        g = dict(det.named_parameters())[name].grad
+        assert g is not None and g.abs().sum() > 0, name
+    assert rng is not None
+
+
+def test_evaluation_runner_reports_every_method():
+    from streammem.eval.detection import evaluate, format_table
+
+    det = tiny()
+    det.class_names = [str(i) for i in range(3)]
+    res = evaluate(det, presets=("hard",), videos=1, frames=4, size=64, protocol=True)
+    methods = set(res["hard"])
+    assert methods == {"single", "single+smoother", "feature_bank", "dual", "feature_bank/protocol"}
+    assert {"all", "speed:slow", "speed:medium", "speed:fast"} <= set(res["hard"]["single"])
+    table = format_table(res)
+    assert "| hard | dual |" in table
