@@ -113,13 +113,34 @@ def run(
         _fail(f"{result.error} (everything before it was written)", code=1)
 
 
+train_app = typer.Typer(help="Train the shipped small models on StreamWorld.", no_args_is_help=True)
+eval_app = typer.Typer(help="Evaluate heads and memories on StreamWorld (and real benchmarks where given).",
+                       no_args_is_help=True)
+app.add_typer(train_app, name="train")
+app.add_typer(eval_app, name="eval")
+
+
 def _mount_optional() -> None:
-    """Sub-commands of parts that may be missing from a partial install."""
+    """Sub-commands of parts that may be missing from a partial install.
+
+    A head's CLI module exposes ``register(app, train_app, eval_app)`` and adds its commands.
+    """
+    import importlib
+
     try:
         from streammem.world.cli import app as world_app
     except ImportError:
-        return
-    app.add_typer(world_app, name="world", help="StreamWorld: procedural video streams with ground truth")
+        world_app = None
+    if world_app is not None:
+        app.add_typer(world_app, name="world", help="StreamWorld: procedural video streams with ground truth")
+    for name in ("streammem.eval.routing_cli", "streammem.detect_cli", "streammem.qa_cli"):
+        try:
+            mod = importlib.import_module(name)
+        except ModuleNotFoundError as exc:
+            if exc.name != name:
+                raise
+            continue
+        mod.register(app, train_app, eval_app)
 
 
 _mount_optional()

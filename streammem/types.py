@@ -1,4 +1,4 @@
-"""Plain dataclasses that cross module borders: :class:`Frame` and :class:`Tokens`.
+"""Plain dataclasses that cross module borders: :class:`Frame`, :class:`Tokens`, :class:`Answer`.
 
 Every source yields :class:`Frame`; every memory takes and gives :class:`Tokens`.
 
@@ -20,7 +20,7 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
-__all__ = ["Frame", "Tokens"]
+__all__ = ["Frame", "Tokens", "Answer"]
 
 
 @dataclass
@@ -218,3 +218,34 @@ class Tokens:
             else:
                 out[f.name] = v.to(device=device)
         return Tokens(**out)
+
+
+@dataclass
+class Answer:
+    """What a QA answerer returns for one multiple-choice question.
+
+    Attributes:
+        index: chosen candidate (0-based).
+        letter: its option letter (``"A"`` for 0).
+        text: its text.
+        confidence: probability of the chosen candidate.
+        probs: probability per candidate (sums to 1).
+        evidence: the stored frames that weighed most, heaviest first: dicts with
+            ``frame_index``, ``timestamp``, ``weight`` (and ``level`` where known).
+        query_time: the stream time the question was asked at (seconds).
+        extra: anything else an answerer reports (for example the raw generated text).
+    """
+
+    index: int
+    letter: str
+    text: str
+    confidence: float
+    probs: list[float]
+    evidence: list[dict] = field(default_factory=list)
+    query_time: float | None = None
+    extra: dict = field(default_factory=dict)
+
+    def to_dict(self) -> dict:
+        return {"index": self.index, "letter": self.letter, "text": self.text, "confidence": self.confidence,
+                "probs": list(self.probs), "evidence": list(self.evidence), "query_time": self.query_time,
+                **({"extra": self.extra} if self.extra else {})}
