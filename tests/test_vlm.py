@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+import os
 import sys
 
 import numpy as np
 import pytest
 import torch
 
+os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in these tests may reach the hub
 transformers = pytest.importorskip("transformers")
 tokenizers = pytest.importorskip("tokenizers")
 
@@ -256,3 +258,23 @@ def test_from_pretrained_local_folder(tmp_path, memory: Tokens) -> None:
     transformers.LlamaForCausalLM(tiny_llava().config.text_config).save_pretrained(tmp_path / "llm")
     with pytest.raises(ValueError, match="supports"):
         LlavaAnswerer.from_pretrained(str(tmp_path / "llm"), device="cpu")
+
+
+def test_bfloat16_model_stores_float32_features() -> None:
+    qa = LlavaAnswerer(tiny_llava().to(torch.bfloat16), tiny_tokenizer(), prompt_format=PROMPT, evidence_top_k=1)
+    toks = qa.encode_frames(frames(2))
+    assert toks[0].features.dtype == torch.float32
+    ans = qa.answer(Tokens.cat(toks), QUESTION, CANDS)
+    assert abs(sum(ans.probs) - 1) < 1e-5 and ans.evidence[0]["frame_index"] in (0, 1)
+
+
+def test_chat_template_wraps_the_prompt(qa: LlavaAnswerer, memory: Tokens) -> None:
+    tok = tiny_tokenizer()
+    tok.chat_template = (
+        "{% for m in messages %}USER: {{ m['content'] }}{% endfor %}{% if add_generation_prompt %} ASSISTANT:{% endif %}"
+    )
+    chat = LlavaAnswerer(qa.model, tok, prompt_format=None)
+    e1, _, l1 = chat.build_inputs(memory, QUESTION, CANDS)
+    e2, _, l2 = qa.build_inputs(memory, QUESTION, CANDS)  # the same text through prompt_format
+    assert l1.text == l2.text
+    torch.testing.assert_close(e1, e2)

@@ -55,7 +55,7 @@ def minilm_path() -> Path:
     )
 
 
-@dataclass
+@dataclass(eq=False)
 class MiniLMEncoder:
     """all-MiniLM-L6-v2 sentence embeddings: list of strings -> ``(N, 384)`` unit vectors.
 

@@ -100,11 +100,13 @@ __all__ = ["LlavaAnswerer", "PromptLayout", "FrameSpan", "require_transformers"]
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 CLIP_STD = (0.26862954, 0.26130258, 0.27577711)
 
-#: Prompt wrappers used by :meth:`LlavaAnswerer.from_pretrained` per ``config.model_type``.
+#: Prompt wrappers used by :meth:`LlavaAnswerer.from_pretrained` per ``config.model_type``
+#: (the llava-hf processors' chat templates for one user turn, the video where ``<image>`` goes).
 PROMPT_FORMATS = {
     "llava": "USER: {video}\n{text} ASSISTANT:",
     "llava_next": "USER: {video}\n{text} ASSISTANT:",
-    "llava_onevision": "<|im_start|>user\n{video}\n{text}<|im_end|>\n<|im_start|>assistant\n",
+    # as the chat template of llava-hf/llava-onevision-*-hf renders one user turn
+    "llava_onevision": "<|im_start|>user {video}\n{text}<|im_end|><|im_start|>assistant\n",
     "llava_next_video": "USER: {video}\n{text} ASSISTANT:",
 }
 DEFAULT_PROMPT_FORMAT = PROMPT_FORMATS["llava"]
@@ -181,7 +183,7 @@ class PromptLayout:
         return torch.cat([torch.arange(*f.tokens) for f in self.frames])
 
 
-@dataclass
+@dataclass(eq=False)
 class LlavaAnswerer:
     """A LLaVA-family model behind the streammem answerer contract (see the module docstring).
 
