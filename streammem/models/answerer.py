@@ -1,0 +1,334 @@
+"""The shipped small QA answerer: multiple-choice questions over memory tokens with timestamps.
+
+It reads whatever a memory returns (``Tokens``: features, timestamp, level, grid position) and
+scores each candidate answer. Trained on StreamWorld questions with memories compressed by
+``PyramidMemory`` (``streammem.train.answerer``), so it learns pyramid levels and timestamps.
+
+Text. Questions and candidates are cut into words by a regular expression and looked up in a
+small vocabulary fitted to the question templates (:class:`Vocab`, stored in the config). A
+decimal number is a *time* ("at about 37.2s"): it becomes a ``<time>`` word whose value is
+kept; the model sees how long before the query it was.
+
+Network (``d`` wide, pre-norm):
+
+1. the sequence ``[CLS] question [SEP] candidate 1 [SEP] candidate 2 ...`` with word,
+   position and segment (question / candidate k) embeddings; ``<time>`` words add an
+   embedding of their age (query time - stated time);
+2. ``layers`` blocks of self-attention over the sequence, then **time-biased cross-attention**
+   to the memory, then an MLP. Memory tokens are ``Linear(features) + level + grid-cell +
+   age`` embeddings. The attention logit of head h to a memory token is
+   ``q.k / sqrt(d_h) - a_h * log(1 + |t_token - t_ref|)`` with ``a_h >= 0`` learned and
+   ``t_ref`` the time the question names (or the query time if it names none): an ALiBi-style
+   prior that lets heads look at "the moment asked about" or ignore time;
+3. each candidate's positions are mean-pooled and scored by a linear layer; a softmax over
+   the candidates gives the probabilities.
+
+Evidence: last-layer cross-attention weights of the chosen candidate's positions and of
+``[CLS]``, summed per stored frame.
+
+Example:
+    >>> import torch
+    >>> from streammem.types import Tokens
+    >>> vocab = Vocab.fit(["What colour is the cat?", "red", "blue"])
+    >>> m = SmallAnswerer(vocab=vocab.words, token_dim=8, d=16, heads=2, layers=1).eval()
+    >>> mem = Tokens.cat([Tokens.from_grid(torch.randn(2, 2, 8), i, i / 8) for i in range(3)])
+    >>> a = m.answer(mem, "What colour is the cat?", ["red", "blue"], query_time=0.25)
+    >>> a.letter in ("A", "B"), round(sum(a.probs), 5)
+    (True, 1.0)
+"""
+
+from __future__ import annotations
+
+import math
+import re
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from huggingface_hub import PyTorchModelHubMixin
+from torch import nn
+
+from streammem.types import Answer, Tokens
+
+__all__ = ["Vocab", "SmallAnswerer", "EncodedBatch", "encode_questions", "LETTERS"]
+
+LETTERS = "ABCDEFGH"
+WORD_RE = re.compile(r"\d+\.\d+|\d+|[a-z]+|[?,']")
+SPECIALS = ["<pad>", "<unk>", "<cls>", "<sep>", "<time>"]
+PAD, UNK, CLS, SEP, TIME = range(5)
+
+
+class Vocab:
+    """Word-level vocabulary over the question templates; decimals are ``<time>`` words."""
+
+    def __init__(self, words: list[str]) -> None:
+        if list(words[: len(SPECIALS)]) != SPECIALS:
+            raise ValueError(f"Vocab.words must start with {SPECIALS}")
+        self.words = list(words)
+        self.index = {w: i for i, w in enumerate(self.words)}
+
+    @classmethod
+    def fit(cls, texts: list[str], min_count: int = 1) -> "Vocab":
+        counts: dict[str, int] = {}
+        for t in texts:
+            for w in WORD_RE.findall(t.lower()):
+                if not _is_time(w):
+                    counts[w] = counts.get(w, 0) + 1
+        return cls(SPECIALS + sorted(w for w, c in counts.items() if c >= min_count))
+
+    def encode(self, text: str) -> tuple[list[int], list[float]]:
+        """Word ids and, per word, the stated time in seconds (NaN for other words)."""
+        ids, times = [], []
+        for w in WORD_RE.findall(text.lower()):
+            if _is_time(w):
+                ids.append(TIME)
+                times.append(float(w))
+            else:
+                ids.append(self.index.get(w, UNK))
+                times.append(float("nan"))
+        return ids, times
+
+    def __len__(self) -> int:
+        return len(self.words)
+
+
+def _is_time(w: str) -> bool:
+    return "." in w and w[0].isdigit()
+
+
+@dataclass
+class EncodedBatch:
+    """Padded token sequences for B questions over one memory.
+
+    ids, segment, (B, L) long; times (B, L) float (NaN where not a time); ref_time (B,);
+    query_time (B,); cand_mask (B, C, L) bool: positions of candidate c; n_cand (B,).
+    """
+
+    ids: torch.Tensor
+    segment: torch.Tensor
+    times: torch.Tensor
+    ref_time: torch.Tensor
+    query_time: torch.Tensor
+    cand_mask: torch.Tensor
+    n_cand: torch.Tensor
+
+    @property
+    def pad_mask(self) -> torch.Tensor:
+        return self.ids == PAD
+
+
+def encode_questions(vocab: Vocab, questions: list[str], candidates: list[list[str]], query_times: list[float],
+                     max_len: int = 96, max_cand: int = 5) -> EncodedBatch:
+    """Build an :class:`EncodedBatch` (see :class:`SmallAnswerer` for the layout)."""
+    if not questions:
+        raise ValueError("encode_questions needs at least one question")
+    seqs = []
+    for q, cands, qt in zip(questions, candidates, query_times):
+        if not 2 <= len(cands) <= max_cand:
+            raise ValueError(f"a question needs 2..{max_cand} candidates, got {len(cands)}: {cands!r}")
+        qi, qtimes = vocab.encode(q)
+        ids, seg, tms = [CLS] + qi + [SEP], [0] * (len(qi) + 2), [math.nan] + qtimes + [math.nan]
+        spans = []
+        for c, cand in enumerate(cands):
+            ci, ctimes = vocab.encode(cand)
+            ci = ci or [UNK]
+            ctimes = ctimes or [math.nan]
+            spans.append((len(ids), len(ids) + len(ci)))
+            ids += ci + [SEP]
+            seg += [c + 1] * (len(ci) + 1)
+            tms += ctimes + [math.nan]
+        if len(ids) > max_len:
+            raise ValueError(f"question and candidates are {len(ids)} words, over max_len={max_len}: {q!r}")
+        stated = [t for t in qtimes if t == t]
+        ref = stated[0] if stated else qt
+        seqs.append((ids, seg, tms, spans, ref, qt))
+    b, L = len(seqs), max(len(s[0]) for s in seqs)
+    ids = torch.full((b, L), PAD, dtype=torch.long)
+    seg = torch.zeros(b, L, dtype=torch.long)
+    tms = torch.full((b, L), math.nan)
+    cmask = torch.zeros(b, max_cand, L, dtype=torch.bool)
+    n_cand = torch.zeros(b, dtype=torch.long)
+    for i, (si, ss, st, spans, _, _) in enumerate(seqs):
+        ids[i, : len(si)] = torch.tensor(si)
+        seg[i, : len(ss)] = torch.tensor(ss)
+        tms[i, : len(st)] = torch.tensor(st)
+        for c, (a, e) in enumerate(spans):
+            cmask[i, c, a:e] = True
+        n_cand[i] = len(spans)
+    return EncodedBatch(ids, seg, tms, torch.tensor([s[4] for s in seqs], dtype=torch.float64),
+                        torch.tensor([s[5] for s in seqs], dtype=torch.float64), cmask, n_cand)
+
+
+def _fourier(x: torch.Tensor, n: int) -> torch.Tensor:
+    """``(...)`` -> ``(..., 2n)``: sin/cos at geometric frequencies (periods ~2 to ~2000)."""
+    freqs = torch.exp(torch.linspace(math.log(2 * math.pi / 2.0), math.log(2 * math.pi / 2000.0), n,
+                                     device=x.device, dtype=torch.float32))
+    a = x.float()[..., None] * freqs
+    return torch.cat([a.sin(), a.cos()], -1)
+
+
+def _age_features(age: torch.Tensor, n: int = 8) -> torch.Tensor:
+    """Seconds before the query -> ``(..., 2n + 2)``: Fourier features plus log(1 + age)."""
+    age = age.float().clamp(min=0)
+    return torch.cat([_fourier(age, n), torch.log1p(age)[..., None] / 6.0, (age < 1.0).float()[..., None]], -1)
+
+
+class _Block(nn.Module):
+    def __init__(self, d: int, heads: int) -> None:
+        super().__init__()
+        self.heads, self.dh = heads, d // heads
+        self.n1, self.n2, self.n3 = nn.LayerNorm(d), nn.LayerNorm(d), nn.LayerNorm(d)
+        self.self_attn = nn.MultiheadAttention(d, heads, batch_first=True)
+        self.q = nn.Linear(d, d)
+        self.kv = nn.Linear(d, 2 * d)
+        self.o = nn.Linear(d, d)
+        # time-prior slopes a_h = softplus(raw), from ~0 (time-blind) to 8 (sharply time-local)
+        slopes = [1e-3] + [float(v) for v in torch.logspace(0, math.log10(8.0), heads - 1)] if heads > 1 else [2.0]
+        self.time_slope = nn.Parameter(torch.tensor([math.log(math.expm1(v)) for v in slopes]))
+        self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+
+    def forward(self, x: torch.Tensor, pad: torch.Tensor, mem: torch.Tensor, dt: torch.Tensor,
+                want_weights: bool = False):
+        b, L, d = x.shape
+        h = self.n1(x)
+        x = x + self.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0]
+        h = self.n2(x)
+        q = self.q(h).view(b, L, self.heads, self.dh).transpose(1, 2)  # B, H, L, dh
+        k, v = self.kv(mem).view(mem.shape[0], 2, self.heads, self.dh).permute(1, 2, 0, 3)  # H, M, dh each
+        logits = torch.einsum("bhld,hmd->bhlm", q, k) / math.sqrt(self.dh)
+        slope = F.softplus(self.time_slope).view(1, self.heads, 1, 1)
+        logits = logits - slope * torch.log1p(dt)[:, None, None, :]
+        w = torch.softmax(logits, -1)
+        att = torch.einsum("bhlm,hmd->bhld", w, v).transpose(1, 2).reshape(b, L, d)
+        x = x + self.o(att)
+        x = x + self.mlp(self.n3(x))
+        return (x, w) if want_weights else (x, None)
+
+
+class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
+    """Multiple-choice answerer over memory tokens (see the module docstring).
+
+    Args:
+        vocab: the words of :class:`Vocab` (specials first).
+        token_dim: memory token width D (the encoder's).
+        d: model width. heads: attention heads. layers: blocks.
+        grid: side of the level-0 token grid (grid positions are in its units).
+        levels: pyramid levels with their own embedding (others share the last).
+        max_len: longest question + candidates sequence. max_cand: most candidates.
+        encoder: optional name of the frame encoder checkpoint the answerer was trained with
+            (informational; the pipeline loads it).
+    """
+
+    def __init__(self, vocab: list[str], token_dim: int = 64, d: int = 128, heads: int = 4, layers: int = 2,
+                 grid: int = 16, levels: int = 3, max_len: int = 96, max_cand: int = 5,
+                 encoder: str | None = None) -> None:
+        super().__init__()
+        if d % heads:
+            raise ValueError(f"SmallAnswerer.d={d} must be divisible by heads={heads}")
+        for name, val in (("token_dim", token_dim), ("d", d), ("heads", heads), ("layers", layers), ("grid", grid)):
+            if not isinstance(val, int) or val < 1:
+                raise ValueError(f"SmallAnswerer.{name} must be an int >= 1, got {val!r}")
+        self.vocab = Vocab(list(vocab))
+        self.token_dim, self.d, self.grid, self.levels = token_dim, d, grid, levels
+        self.max_len, self.max_cand, self.encoder = max_len, max_cand, encoder
+        self.word = nn.Embedding(len(self.vocab), d, padding_idx=PAD)
+        self.pos = nn.Embedding(max_len, d)
+        self.seg = nn.Embedding(max_cand + 1, d)
+        self.time_word = nn.Linear(2 * 8 + 2, d)
+        self.mem_in = nn.Sequential(nn.LayerNorm(token_dim), nn.Linear(token_dim, d))
+        self.mem_level = nn.Embedding(levels, d)
+        self.mem_cell = nn.Linear(2 * 2 * 4, d)
+        self.mem_age = nn.Linear(2 * 8 + 2, d)
+        self.mem_norm = nn.LayerNorm(d)
+        self.blocks = nn.ModuleList([_Block(d, heads) for _ in range(layers)])
+        self.out_norm = nn.LayerNorm(d)
+        self.score = nn.Linear(d, 1)
+
+    # ------------------------------------------------------------------ pieces
+    def encode_memory(self, memory: Tokens, query_time: float) -> torch.Tensor:
+        """Memory tokens -> ``(M, d)`` (features + level + grid cell + age)."""
+        feats = memory.features.float()
+        if feats.shape[1] != self.token_dim:
+            raise ValueError(f"memory tokens are {feats.shape[1]} wide; this answerer reads {self.token_dim}")
+        lvl = memory.level.long().clamp(0, self.levels - 1) if memory.level is not None else \
+            torch.zeros(len(memory), dtype=torch.long)
+        cell = memory.grid.float() / self.grid * 2 * math.pi  # (M, 2) in one period over the grid
+        cell_f = torch.cat([torch.sin(cell * k) for k in (1, 2, 4, 8)] + [torch.cos(cell * k) for k in (1, 2, 4, 8)], -1)
+        age = (query_time - memory.timestamp.double()).float()
+        x = self.mem_in(feats) + self.mem_level(lvl) + self.mem_cell(cell_f) + self.mem_age(_age_features(age))
+        return self.mem_norm(x)
+
+    def forward(self, memory: Tokens, batch: EncodedBatch, want_weights: bool = False):
+        """Candidate logits ``(B, max_cand)`` (``-inf`` past each question's candidates) for B
+        questions asked at one query time over ``memory``; with ``want_weights`` also the last
+        block's cross-attention ``(B, H, L, M)``."""
+        b, L = batch.ids.shape
+        if L > self.max_len:
+            raise ValueError(f"sequence of {L} words is over max_len={self.max_len}")
+        qt = float(batch.query_time[0])
+        x = self.word(batch.ids) + self.pos(torch.arange(L))[None] + self.seg(batch.segment)
+        is_time = batch.ids == TIME
+        if is_time.any():
+            age = (batch.query_time[:, None] - torch.nan_to_num(batch.times.double(), nan=0.0)).float()
+            x = x + self.time_word(_age_features(age)) * is_time[..., None]
+        if len(memory) == 0:
+            mem = torch.zeros(1, self.d)
+            dt = torch.zeros(b, 1)
+        else:
+            mem = self.encode_memory(memory, qt)
+            dt = (memory.timestamp.double()[None, :] - batch.ref_time[:, None]).abs().float()
+        weights = None
+        for i, blk in enumerate(self.blocks):
+            x, w = blk(x, batch.pad_mask, mem, dt, want_weights and i == len(self.blocks) - 1)
+            weights = w if w is not None else weights
+        x = self.out_norm(x)
+        cm = batch.cand_mask.float()  # B, C, L
+        pooled = torch.einsum("bcl,bld->bcd", cm, x) / cm.sum(-1, keepdim=True).clamp(min=1)
+        logits = self.score(pooled)[..., 0]
+        valid = torch.arange(self.max_cand)[None] < batch.n_cand[:, None]
+        logits = logits.masked_fill(~valid, float("-inf"))
+        return (logits, weights) if want_weights else logits
+
+    # ------------------------------------------------------------------ inference
+    @torch.no_grad()
+    def answer_many(self, memory: Tokens, questions: list[str], candidates: list[list[str]], query_time: float,
+                    evidence_k: int = 5) -> list[Answer]:
+        """Answer several questions asked at the same ``query_time`` over ``memory``."""
+        # chunk the questions so one attention map stays under ~32M entries
+        per_q = self.max_len * len(self.blocks[0].time_slope) * max(len(memory), 1)
+        chunk = max(1, 32_000_000 // per_q)
+        if len(questions) > chunk:
+            out: list[Answer] = []
+            for i in range(0, len(questions), chunk):
+                out += self.answer_many(memory, questions[i:i + chunk], candidates[i:i + chunk], query_time, evidence_k)
+            return out
+        batch = encode_questions(self.vocab, questions, candidates, [query_time] * len(questions),
+                                 self.max_len, self.max_cand)
+        res = self.forward(memory, batch, want_weights=evidence_k > 0)
+        logits, w = res if evidence_k > 0 else (res, None)
+        probs = torch.softmax(logits, -1)
+        out = []
+        for i, cands in enumerate(candidates):
+            p = probs[i, : len(cands)]
+            j = int(p.argmax())
+            ev = []
+            if len(memory) and w is not None:
+                pos = batch.cand_mask[i, j].clone()
+                pos[0] = True  # [CLS]
+                tok_w = w[i][:, pos].mean((0, 1))  # (M,)
+                fids, inv = torch.unique(memory.frame_index, return_inverse=True)
+                per = torch.zeros(len(fids)).index_add_(0, inv, tok_w)
+                top = torch.argsort(per, descending=True)[:evidence_k]
+                for t in top.tolist():
+                    sel = inv == t
+                    first = int(torch.nonzero(sel)[0])
+                    ev.append({"frame_index": int(fids[t]), "timestamp": float(memory.timestamp[first]),
+                               "weight": round(float(per[t]), 4),
+                               "level": int(memory.level[first]) if memory.level is not None else 0})
+            out.append(Answer(index=j, letter=LETTERS[j], text=cands[j], confidence=float(p[j]),
+                              probs=[float(v) for v in p], evidence=ev, query_time=float(query_time)))
+        return out
+
+    def answer(self, memory: Tokens, question: str, candidates: list[str], query_time: float) -> Answer:
+        """One question (see :meth:`answer_many`)."""
+        return self.answer_many(memory, [question], [list(candidates)], query_time)[0]

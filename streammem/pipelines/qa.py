@@ -1,0 +1,293 @@
+"""StreamingQAPipeline: ask questions about a stream at any moment, answered from bounded memory.
+
+Per frame: an encoder turns the frame into a token grid, the grid is written to a
+``PyramidMemory`` (optionally also to a ``DualMemory``: static structure beside recent
+motion, routed by camera-compensated motion scores). A question is answered by an answerer
+reading the memory: answer, confidence and evidence (the stored frames that weighed most,
+with their timestamps and, when ``keep_thumbnails`` is on, small thumbnails).
+
+Causality: a question has a time ``at`` (seconds of stream time). It is answered from the
+memory as it was after the last frame with ``timestamp <= at``, never later frames:
+
+- :meth:`StreamingQAPipeline.schedule` registers a question for a future time and returns a
+  ``concurrent.futures.Future``; :meth:`step` resolves it just before writing the first frame
+  whose timestamp is past ``at`` (and :meth:`finish` at the end of the stream);
+- :meth:`StreamingQAPipeline.ask` answers at the current stream time (the newest written
+  frame), from any thread: writes and reads are serialised by a lock, so a question never sees
+  a half-written frame. Asking for a time already streamed past is an error (the memory cannot
+  be rewound); scheduling one in the future blocks until the stream gets there when
+  ``block=True``.
+
+Unlike VideoChat-Online's released evaluation, which rebuilds the memory from the first frame
+for every question, the memory here is built once, incrementally: a question costs one read
+and one answerer pass, whatever the stream's length.
+
+Example:
+    >>> import torch
+    >>> from streammem.models.answerer import SmallAnswerer, Vocab
+    >>> from streammem.models.grid_encoder import GridEncoder
+    >>> from streammem.world import World
+    >>> torch.manual_seed(0)  # doctest: +ELLIPSIS
+    <torch._C.Generator object at ...>
+    >>> enc = GridEncoder(dim=16, width=8).eval()
+    >>> ans = SmallAnswerer(vocab=Vocab.fit(["is there a cat?", "yes no"]).words, token_dim=16, d=16, heads=2).eval()
+    >>> pipe = StreamingQAPipeline(enc, ans, memory="ovbench")
+    >>> fut = pipe.schedule("is there a cat?", ["yes", "no"], at=0.3)
+    >>> for f in World(seed=0, preset="clean", size=64, frames=6):
+    ...     _ = pipe.step(f)
+    >>> a = fut.result()
+    >>> a.query_time, a.evidence[0]["timestamp"] <= 0.3
+    (0.3, True)
+"""
+
+from __future__ import annotations
+
+import heapq
+import itertools
+import threading
+from concurrent.futures import Future
+from dataclasses import dataclass
+from typing import Any, Iterable, Iterator
+
+import cv2
+import numpy as np
+import torch
+
+from streammem.memory import DualMemory, PyramidMemory
+from streammem.memory.base import Memory
+from streammem.types import Answer, Frame, Tokens
+
+__all__ = ["StreamingQAPipeline", "Question", "load_default_qa"]
+
+
+@dataclass
+class Question:
+    """A question scheduled for stream time ``at`` (seconds)."""
+
+    question: str
+    candidates: list[str]
+    at: float
+    id: Any = None
+
+
+class StreamingQAPipeline:
+    """Encoder -> memory -> answerer, with causal scheduling and thread-safe questions.
+
+    Args:
+        encoder: callable ``Frame -> Tokens`` (one square grid per frame), e.g.
+            :class:`~streammem.models.grid_encoder.GridEncoder`.
+        answerer: has ``answer_many(memory, questions, candidates, query_time)`` or
+            ``answer(memory, question, candidates, query_time)`` returning :class:`Answer`.
+        memory: a :class:`~streammem.memory.base.Memory` or a ``PyramidMemory`` preset name
+            (``"ovbench"``: 832 tokens, ``"offline"``: 9,984).
+        dual: optional :class:`DualMemory` fed beside the pyramid; its tokens are routed by
+            :class:`~streammem.eval.motion.MotionScorer` (static score = 1 - motion), and the
+            answerer reads both memories' tokens.
+        keep_thumbnails: keep a small JPEG-free RGB thumbnail (``thumb_side`` px) of every
+            frame still in memory, for evidence display (bounded: only frames the memory holds).
+    """
+
+    def __init__(self, encoder, answerer, memory: Memory | str = "ovbench", dual: DualMemory | None = None,
+                 keep_thumbnails: bool = False, thumb_side: int = 96) -> None:
+        self.encoder, self.answerer = encoder, answerer
+        dim = getattr(encoder, "dim", None)
+        if isinstance(memory, str):
+            if dim is None:
+                raise ValueError("memory given as a preset name needs an encoder with a .dim")
+            memory = PyramidMemory.from_preset(memory, dim=dim)
+        self.memory = memory
+        self.dual = dual
+        self._scorer = None
+        if dual is not None:
+            from streammem.eval.motion import MotionScorer
+
+            self._scorer = MotionScorer(grid=getattr(encoder, "grid", 16))
+        self.keep_thumbnails, self.thumb_side = keep_thumbnails, thumb_side
+        self._lock = threading.RLock()
+        self._cv = threading.Condition(self._lock)
+        self._pending: list[tuple[float, int, Question, Future]] = []
+        self._seq = itertools.count()
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        with self._lock:
+            self.memory.reset()
+            if self.dual is not None:
+                self.dual.reset()
+                self._scorer.reset() if hasattr(self._scorer, "reset") else None
+            for _, _, _, fut in self._pending:
+                fut.cancel()
+            self._pending.clear()
+            self.time: float | None = None  # timestamp of the newest written frame
+            self.frames = 0
+            self.questions = 0
+            self.thumbs: dict[int, np.ndarray] = {}
+
+    def stats(self) -> dict:
+        with self._lock:
+            out = {"frames": self.frames, "questions": self.questions, "time": self.time,
+                   "pending": len(self._pending), "memory": self.memory.stats()}
+            if self.dual is not None:
+                out["dual"] = self.dual.stats()
+            return out
+
+    # ------------------------------------------------------------------ streaming
+    def step(self, frame: Frame) -> list[tuple[Question, Answer]]:
+        """Answer the scheduled questions whose time comes before ``frame``, then write it.
+
+        Returns the ``(question, answer)`` pairs resolved at this step."""
+        tokens = self.encoder(frame)
+        return self.write(frame, tokens)
+
+    def write(self, frame: Frame, tokens: Tokens) -> list[tuple[Question, Answer]]:
+        """:meth:`step` with the frame already encoded (for batched encoding)."""
+        with self._cv:
+            if self.time is not None and frame.timestamp < self.time:
+                raise ValueError(f"frame {frame.index} at {frame.timestamp:.3f}s is older than the stream's "
+                                 f"newest frame ({self.time:.3f}s); frames must arrive in time order")
+            done = self._resolve_due(frame.timestamp)
+            self.memory.write(tokens)
+            if self.dual is not None:
+                motion = self._scorer(frame.image)
+                t = Tokens(features=tokens.features, frame_index=tokens.frame_index, timestamp=tokens.timestamp,
+                           grid=tokens.grid, level=tokens.level, pose=tokens.pose,
+                           score=torch.from_numpy(1.0 - np.asarray(motion, np.float32).reshape(-1)))
+                self.dual.write(t)
+            if self.keep_thumbnails:
+                self._keep_thumb(frame)
+            self.time = float(frame.timestamp)
+            self.frames += 1
+            self._cv.notify_all()
+            return done
+
+    def run(self, frames: Iterable[Frame], questions: Iterable[Question] = ()) -> Iterator[tuple[Question, Answer]]:
+        """Stream ``frames`` with ``questions`` scheduled up front; yields answers as they are due."""
+        for q in questions:
+            self.schedule(q.question, q.candidates, q.at, id=q.id)
+        for f in frames:
+            yield from self.step(f)
+        yield from self.finish()
+
+    def finish(self) -> list[tuple[Question, Answer]]:
+        """End of stream: answer every question still pending, over the final memory."""
+        with self._cv:
+            return self._resolve_due(float("inf"))
+
+    # ------------------------------------------------------------------ questions
+    def schedule(self, question: str, candidates: list[str], at: float, id: Any = None) -> Future:
+        """Answer ``question`` at stream time ``at`` (seconds); returns a Future of :class:`Answer`."""
+        self._check(question, candidates)
+        q = Question(question, list(candidates), float(at), id)
+        fut: Future = Future()
+        with self._cv:
+            if self.time is not None and at < self.time:
+                raise ValueError(f"the stream is already at {self.time:.3f}s; a question for {at:.3f}s cannot be "
+                                 "answered causally (ask for now or a later time)")
+            heapq.heappush(self._pending, (q.at, next(self._seq), q, fut))
+        return fut
+
+    def ask(self, question: str, candidates: list[str], at: float | None = None, block: bool = True,
+            timeout: float | None = None) -> Answer:
+        """Answer now (``at=None``: over every frame written so far) or at a future time.
+
+        Safe to call from another thread while :meth:`step` runs in the streaming thread.
+        """
+        self._check(question, candidates)
+        if at is None:
+            with self._lock:
+                return self._answer([Question(question, list(candidates), self.time or 0.0)], self.time or 0.0)[0]
+        fut = self.schedule(question, candidates, at)
+        if not block:
+            return fut  # type: ignore[return-value]
+        return fut.result(timeout=timeout)
+
+    def read_memory(self) -> Tokens:
+        """What the answerer reads: the pyramid's tokens (plus DualMemory's, tagged level 3/4)."""
+        mem = self.memory.read()
+        if self.dual is not None:
+            d = self.dual.read()
+            if len(d):
+                d = Tokens(features=d.features, frame_index=d.frame_index, timestamp=d.timestamp, grid=d.grid,
+                           level=d.level + 3)
+                mem = Tokens(features=mem.features, frame_index=mem.frame_index, timestamp=mem.timestamp,
+                             grid=mem.grid, level=mem.level)
+                mem = Tokens.cat([mem, d])
+        return mem
+
+    # ------------------------------------------------------------------ internals
+    @staticmethod
+    def _check(question: str, candidates: list[str]) -> None:
+        if not isinstance(question, str) or not question.strip():
+            raise ValueError("question must be a non-empty string")
+        if not isinstance(candidates, (list, tuple)) or len(candidates) < 2 or not all(
+                isinstance(c, str) and c.strip() for c in candidates):
+            raise ValueError(f"candidates must be a list of at least 2 non-empty strings, got {candidates!r}")
+
+    def _resolve_due(self, before: float) -> list[tuple[Question, Answer]]:
+        due: list[tuple[Question, Future]] = []
+        while self._pending and self._pending[0][0] < before:
+            _, _, q, fut = heapq.heappop(self._pending)
+            if fut.set_running_or_notify_cancel():
+                due.append((q, fut))
+        if not due:
+            return []
+        out = []
+        # questions due at the same time share one memory read
+        groups: dict[float, list[tuple[Question, Future]]] = {}
+        for q, fut in due:
+            groups.setdefault(q.at, []).append((q, fut))
+        for at, items in groups.items():
+            try:
+                answers = self._answer([q for q, _ in items], at)
+            except Exception as exc:  # noqa: BLE001 - delivered to the asker
+                for _, fut in items:
+                    fut.set_exception(exc)
+                continue
+            for (q, fut), a in zip(items, answers):
+                fut.set_result(a)
+                out.append((q, a))
+        return out
+
+    def _answer(self, qs: list[Question], at: float) -> list[Answer]:
+        mem = self.read_memory()
+        self.questions += len(qs)
+        if hasattr(self.answerer, "answer_many"):
+            answers = self.answerer.answer_many(mem, [q.question for q in qs], [q.candidates for q in qs], at)
+        else:
+            answers = [self.answerer.answer(mem, q.question, q.candidates, at) for q in qs]
+        if self.keep_thumbnails:
+            for a in answers:
+                for ev in a.evidence:
+                    th = self.thumbs.get(ev["frame_index"])
+                    if th is not None:
+                        ev["thumbnail"] = th
+        return answers
+
+    def _keep_thumb(self, frame: Frame) -> None:
+        h, w = frame.height, frame.width
+        s = self.thumb_side / max(h, w, 1)
+        self.thumbs[frame.index] = cv2.resize(frame.image, (max(1, round(w * s)), max(1, round(h * s))),
+                                              interpolation=cv2.INTER_AREA)
+        held = set(self.memory.read().frame_index.unique().tolist()) if hasattr(self.memory, "read") else set()
+        if self.dual is not None:
+            held |= set(self.dual.read().frame_index.unique().tolist())
+        for k in [k for k in self.thumbs if k not in held]:
+            del self.thumbs[k]
+
+
+def load_default_qa(memory: Memory | str = "ovbench", **kw) -> StreamingQAPipeline:
+    """The shipped encoder and answerer (``streammem/checkpoints/{grid_encoder,answerer}``)."""
+    from pathlib import Path
+
+    from streammem.models.answerer import SmallAnswerer
+    from streammem.models.grid_encoder import GridEncoder
+
+    root = Path(__file__).resolve().parents[1] / "checkpoints"
+    for name in ("grid_encoder", "answerer"):
+        if not (root / name / "model.safetensors").exists():
+            raise FileNotFoundError(f"the shipped {name} checkpoint is missing at {root / name}; "
+                                    f"train it with `streammem train {'answerer' if name == 'answerer' else 'encoder'}`")
+    enc = GridEncoder.from_pretrained(str(root / "grid_encoder")).eval()
+    ans = SmallAnswerer.from_pretrained(str(root / "answerer")).eval()
+    return StreamingQAPipeline(enc, ans, memory=memory, **kw)

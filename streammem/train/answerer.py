@@ -1,0 +1,304 @@
+"""Train the shipped QA answerer on StreamWorld questions over Pyramid Memory Bank snapshots.
+
+Data (:func:`build_snapshots`): seeded worlds (seeds from 20_000_000 up, never the
+evaluation's) stream through the frozen :class:`~streammem.models.grid_encoder.GridEncoder`
+into ``PyramidMemory`` banks of each preset in ``budgets`` (``ovbench`` 832 tokens,
+``offline`` 9,984); at each question time the banks' contents are snapshotted (as the
+streaming pipeline would read them: only frames up to that time) with the questions asked
+then. Snapshots keep features in half precision.
+
+Training (:func:`train`): each step takes ``snapshots_per_step`` snapshots and all their
+questions, cross-entropy over the candidates; AdamW with warm-up and cosine decay over a
+wall-clock budget, ``accelerate`` for the device, checkpoints (``config.json`` +
+``model.safetensors``) as it goes, validation accuracy per question type on held-out worlds.
+
+    python -m streammem.train.answerer --minutes 25          # or: streammem train answerer
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import random
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from tqdm import tqdm
+
+from streammem.memory import PyramidMemory
+from streammem.models.answerer import SmallAnswerer, Vocab, encode_questions
+from streammem.types import Tokens
+
+__all__ = ["AnswererTrainConfig", "Snapshot", "build_snapshots", "train", "evaluate_snapshots", "fit_vocab"]
+
+TRAIN_SEED0 = 20_000_000
+VAL_SEED0 = 30_000_000
+
+
+@dataclass
+class Snapshot:
+    """One memory read at ``query_time`` and the questions asked then."""
+
+    memory: Tokens
+    query_time: float
+    questions: list[dict]
+    budget: str
+    video: str
+
+
+@dataclass
+class AnswererTrainConfig:
+    """Attributes:
+    out: checkpoint folder. encoder: the frozen GridEncoder checkpoint.
+    minutes: wall-clock training budget (data building excluded).
+    worlds / val_worlds: training / validation worlds; seconds: length of each.
+    presets: world presets, cycled over worlds. budgets: PyramidMemory presets snapshotted.
+    every_s: seconds between question times.
+    snapshots_per_step: snapshots (each with all its questions) per optimiser step.
+    big_memory / big_memory_questions: snapshots with more tokens than ``big_memory`` train on a
+        random subset of this many of their questions per visit (cost is questions x tokens).
+    lr, weight_decay: AdamW. threads: torch threads. seed: init and sampling seed.
+    model: SmallAnswerer keyword arguments (besides vocab and token_dim).
+    """
+
+    out: str = "streammem/checkpoints/answerer"
+    encoder: str = "streammem/checkpoints/grid_encoder"
+    minutes: float = 25.0
+    worlds: int = 10
+    val_worlds: int = 2
+    seconds: float = 360.0
+    presets: tuple[str, ...] = ("clean", "medium", "hard")
+    budgets: tuple[str, ...] = ("ovbench", "offline")
+    every_s: float = 10.0
+    snapshots_per_step: int = 2
+    big_memory: int = 2000
+    big_memory_questions: int = 4
+    lr: float = 1e-3
+    weight_decay: float = 0.01
+    threads: int = 2
+    seed: int = 0
+    log: str | None = None
+    model: dict = field(default_factory=lambda: {"d": 128, "heads": 4, "layers": 2})
+
+    def __post_init__(self) -> None:
+        if not self.minutes > 0:
+            raise ValueError(f"AnswererTrainConfig.minutes must be > 0, got {self.minutes}")
+        if self.worlds < 1 or self.seconds <= 0:
+            raise ValueError("AnswererTrainConfig.worlds must be >= 1 and seconds > 0")
+        for b in self.budgets:
+            if b not in ("ovbench", "offline"):
+                raise ValueError(f"AnswererTrainConfig.budgets: unknown PyramidMemory preset {b!r}")
+
+
+def build_snapshots(encoder, seeds: list[int], presets: tuple[str, ...], seconds: float, budgets: tuple[str, ...],
+                    every_s: float = 10.0, size: int = 256, fps: float = 8.0, batch: int = 32,
+                    progress: bool = True, memories: dict | None = None) -> list[Snapshot]:
+    """Stream each world through ``encoder`` into one memory per budget; snapshot at question times.
+
+    ``memories`` maps a name to a zero-argument factory of a memory, replacing the
+    ``PyramidMemory`` budgets (the evaluation uses this for its baselines).
+    """
+    from streammem.world import World
+
+    factories = memories or {b: (lambda b=b: PyramidMemory.from_preset(b, dim=encoder.dim)) for b in budgets}
+    out: list[Snapshot] = []
+    for wi, seed in enumerate(seeds):
+        preset = presets[wi % len(presets)]
+        world = World(seed=seed, preset=preset, size=size, fps=fps, seconds=seconds, drop_frames=False)
+        qs = world.questions(every_s=every_s)
+        by_time: dict[float, list[dict]] = {}
+        for q in qs:
+            by_time.setdefault(float(q["middle_frame_timestamp"]), []).append(q)
+        times = sorted(by_time)
+        mems = {name: f() for name, f in factories.items()}
+        ti = 0
+        buf = []
+
+        def flush() -> None:
+            if not buf:
+                return
+            with torch.no_grad():
+                grids = encoder.encode_images([f.image for f in buf])
+            for f, g in zip(buf, grids):
+                tok = Tokens.from_grid(g, frame_index=f.index, timestamp=f.timestamp)
+                for m in mems.values():
+                    m.write(tok)
+            buf.clear()
+
+        bar = tqdm(total=world.num_frames, desc=f"snapshots {world.seed} {preset}", disable=not progress, leave=False)
+        for frame in world:
+            # a question at time t is answered before the first frame after t is written
+            while ti < len(times) and times[ti] < frame.timestamp:
+                flush()
+                for name, m in mems.items():
+                    r = m.read()
+                    r = Tokens(features=r.features.half(), frame_index=r.frame_index, timestamp=r.timestamp,
+                               grid=r.grid, level=r.level)
+                    out.append(Snapshot(r, times[ti], by_time[times[ti]], name, world.__repr__()))
+                ti += 1
+            buf.append(frame)
+            if len(buf) >= batch:
+                flush()
+            bar.update(1)
+        bar.close()
+    return out
+
+
+def fit_vocab(extra_texts: list[str] | None = None) -> Vocab:
+    """The vocabulary of StreamWorld's question templates (from a few generated streams)."""
+    from streammem.world import World
+    from streammem.world.questions import AGE_BUCKETS, QUADRANTS
+
+    texts = list(extra_texts or [])
+    for s in range(3):
+        for preset in ("clean", "medium", "hard"):
+            for q in World(seed=990_000 + s, preset=preset, size=256, seconds=400).questions(every_s=5):
+                texts.append(q["question"])
+                texts.extend(q["candidates"])
+    texts += QUADRANTS + [b[2] for b in AGE_BUCKETS] + [str(i) for i in range(10)]
+    return Vocab.fit(texts)
+
+
+def _step_loss(model: SmallAnswerer, snap: Snapshot) -> tuple[torch.Tensor, int, int]:
+    qs = snap.questions
+    batch = encode_questions(model.vocab, [q["question"] for q in qs], [q["candidates"] for q in qs],
+                             [snap.query_time] * len(qs), model.max_len, model.max_cand)
+    mem = Tokens(features=snap.memory.features.float(), frame_index=snap.memory.frame_index,
+                 timestamp=snap.memory.timestamp, grid=snap.memory.grid, level=snap.memory.level)
+    logits = model(mem, batch)
+    target = torch.tensor([q["candidates"].index(q["answer"]) for q in qs])
+    loss = F.cross_entropy(logits, target)
+    correct = int((logits.argmax(-1) == target).sum())
+    return loss, correct, len(qs)
+
+
+@torch.no_grad()
+def evaluate_snapshots(model: SmallAnswerer, snaps: list[Snapshot]) -> dict:
+    """Accuracy per budget, overall and per (answer_type, sub_answer_type)."""
+    model.eval()
+    res: dict[str, dict] = {}
+    for s in snaps:
+        qs = s.questions
+        answers = model.answer_many(Tokens(features=s.memory.features.float(), frame_index=s.memory.frame_index,
+                                           timestamp=s.memory.timestamp, grid=s.memory.grid, level=s.memory.level),
+                                    [q["question"] for q in qs], [q["candidates"] for q in qs], s.query_time,
+                                    evidence_k=0)
+        r = res.setdefault(s.budget, {})
+        for q, a in zip(qs, answers):
+            ok = a.text == q["answer"]
+            for key in ("all", f"{q['answer_type']}/{q['sub_answer_type']}"):
+                c = r.setdefault(key, [0, 0])
+                c[0] += ok
+                c[1] += 1
+    return {b: {k: round(100.0 * c[0] / c[1], 1) for k, c in sorted(r.items())} for b, r in res.items()}
+
+
+def train(cfg: AnswererTrainConfig, snapshots: list[Snapshot] | None = None,
+          val_snapshots: list[Snapshot] | None = None) -> SmallAnswerer:
+    """Build data (unless given), train for ``cfg.minutes``, save to ``cfg.out``; returns the model."""
+    from accelerate import Accelerator
+
+    from streammem.models.grid_encoder import GridEncoder
+
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = random.Random(cfg.seed)
+    encoder = GridEncoder.from_pretrained(cfg.encoder).eval()
+    t_data = time.time()
+    if snapshots is None:
+        seeds = [TRAIN_SEED0 + cfg.seed * 1000 + i for i in range(cfg.worlds)]
+        snapshots = build_snapshots(encoder, seeds, cfg.presets, cfg.seconds, cfg.budgets, cfg.every_s)
+    if val_snapshots is None:
+        vseeds = [VAL_SEED0 + cfg.seed * 1000 + i for i in range(cfg.val_worlds)]
+        val_snapshots = build_snapshots(encoder, vseeds, cfg.presets, cfg.seconds, cfg.budgets, cfg.every_s)
+    n_q = sum(len(s.questions) for s in snapshots)
+    print(f"[answerer] {len(snapshots)} snapshots, {n_q} questions, built in {time.time() - t_data:.0f}s", flush=True)
+    vocab = fit_vocab()
+    model = SmallAnswerer(vocab=vocab.words, token_dim=encoder.dim, grid=encoder.grid, encoder=cfg.encoder, **cfg.model)
+    acc = Accelerator(cpu=not torch.cuda.is_available())
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
+    model, opt = acc.prepare(model, opt)
+    out = Path(cfg.out)
+    log = open(cfg.log, "a") if cfg.log else None
+    budget = cfg.minutes * 60.0
+    t0 = last_save = time.time()
+    step, ema_loss, ema_acc = 0, None, None
+    order: list[int] = []
+    bar = tqdm(total=int(budget), unit="s", desc="train answerer")
+    while time.time() - t0 < budget:
+        frac = (time.time() - t0) / budget
+        lr = cfg.lr * (frac / 0.05 if frac < 0.05 else 0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * frac)))
+        for g in opt.param_groups:
+            g["lr"] = lr
+        model.train()
+        loss_sum, correct, total = 0.0, 0, 0
+        opt.zero_grad(set_to_none=True)
+        for _ in range(cfg.snapshots_per_step):
+            if not order:
+                order = list(range(len(snapshots)))
+                rng.shuffle(order)
+            snap = snapshots[order.pop()]
+            if len(snap.memory) > cfg.big_memory and len(snap.questions) > cfg.big_memory_questions:
+                # large memories cost ~linear in questions x tokens: a random subset of the questions
+                snap = Snapshot(snap.memory, snap.query_time, rng.sample(snap.questions, cfg.big_memory_questions),
+                                snap.budget, snap.video)
+            loss, c, n = _step_loss(acc.unwrap_model(model), snap)
+            acc.backward(loss / cfg.snapshots_per_step)
+            loss_sum += float(loss) / cfg.snapshots_per_step
+            correct += c
+            total += n
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opt.step()
+        step += 1
+        a = correct / max(total, 1)
+        ema_loss = loss_sum if ema_loss is None else 0.98 * ema_loss + 0.02 * loss_sum
+        ema_acc = a if ema_acc is None else 0.98 * ema_acc + 0.02 * a
+        bar.update(int(time.time() - t0) - bar.n)
+        bar.set_postfix(step=step, loss=f"{ema_loss:.3f}", acc=f"{ema_acc:.3f}")
+        if log:
+            log.write(json.dumps({"step": step, "time_s": round(time.time() - t0, 1), "lr": lr, "loss": loss_sum,
+                                  "acc": a}) + "\n")
+            log.flush()
+        if time.time() - last_save > 300:
+            _save(acc.unwrap_model(model), out, cfg, step, time.time() - t0, None)
+            last_save = time.time()
+    bar.close()
+    m = acc.unwrap_model(model)
+    val = evaluate_snapshots(m, val_snapshots)
+    print("[answerer] validation accuracy:", json.dumps(val), flush=True)
+    _save(m, out, cfg, step, time.time() - t0, val)
+    if log:
+        log.close()
+    return m.eval()
+
+
+def _save(model: SmallAnswerer, out: Path, cfg: AnswererTrainConfig, step: int, seconds: float,
+          val: dict | None) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    summary = {"steps": step, "wall_s": round(seconds, 1), "validation_accuracy": val, "train_config": asdict(cfg)}
+    (out / "training.json").write_text(json.dumps(summary, indent=2, default=list) + "\n")
+
+
+def main() -> None:  # python -m streammem.train.answerer
+    import argparse
+
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--minutes", type=float, default=25.0)
+    ap.add_argument("--worlds", type=int, default=10)
+    ap.add_argument("--seconds", type=float, default=360.0)
+    ap.add_argument("--out", default="streammem/checkpoints/answerer")
+    ap.add_argument("--encoder", default="streammem/checkpoints/grid_encoder")
+    ap.add_argument("--log", default=None)
+    a = ap.parse_args()
+    train(AnswererTrainConfig(minutes=a.minutes, worlds=a.worlds, seconds=a.seconds, out=a.out, encoder=a.encoder,
+                              log=a.log))
+
+
+if __name__ == "__main__":
+    np.seterr(all="ignore")
+    main()

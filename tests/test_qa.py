@@ -1,0 +1,280 @@
+"""Streaming QA: causality, concurrency, the answerer's save/load, OVBench loading and scoring,
+the baseline memories, and the shipped answerer end to end."""
+
+from __future__ import annotations
+
+import json
+import threading
+from pathlib import Path
+
+import numpy as np
+import pytest
+import torch
+
+from streammem.eval.qa import (FullMemory, UniformMemory, WindowMemory, load_ovbench, make_memories, mcq_letter,
+                               score, summarise)
+from streammem.memory import PyramidMemory
+from streammem.models.answerer import SmallAnswerer, Vocab, encode_questions
+from streammem.models.grid_encoder import GridEncoder
+from streammem.pipelines.qa import StreamingQAPipeline
+from streammem.types import Answer, Frame, Tokens
+
+CKPT = Path(__file__).resolve().parents[1] / "streammem" / "checkpoints"
+
+
+class SpyAnswerer:
+    """Answers 'A' and records what memory it was given."""
+
+    def __init__(self) -> None:
+        self.seen: list[tuple[float, float, int, set]] = []
+        self.memories: list[Tokens] = []
+
+    def answer_many(self, memory, questions, candidates, query_time, evidence_k=5):
+        newest = float(memory.timestamp.max()) if len(memory) else -1.0
+        self.seen.append((query_time, newest, len(memory), set(memory.frame_index.tolist())))
+        self.memories.append(memory)
+        return [Answer(index=0, letter="A", text=c[0], confidence=1.0, probs=[1.0] + [0.0] * (len(c) - 1),
+                       query_time=query_time) for c in candidates]
+
+
+class GridSpy:
+    """A deterministic 'encoder': a 4 x 4 grid whose features encode the frame index."""
+
+    dim, grid = 8, 4
+
+    def __call__(self, frame: Frame) -> Tokens:
+        x = torch.full((4, 4, 8), float(frame.index)) + torch.arange(8.0)
+        return Tokens.from_grid(x, frame.index, frame.timestamp)
+
+
+def frames(n: int, fps: float = 8.0) -> list[Frame]:
+    rng = np.random.default_rng(0)
+    return [Frame(index=i, timestamp=i / fps, image=rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)) for i in range(n)]
+
+
+def pyramid(dim: int = 8) -> PyramidMemory:
+    return PyramidMemory(dim=dim, sides=(4, 2, 1), capacities=(2, 2, 4))
+
+
+def tiny_answerer(seed: int = 0, token_dim: int = 8) -> SmallAnswerer:
+    torch.manual_seed(seed)
+    vocab = Vocab.fit(["what colour did the red star become at about 3.5s ?", "is there a cat in view now ?",
+                       "yes no red blue green top left right"])
+    return SmallAnswerer(vocab=vocab.words, token_dim=token_dim, d=16, heads=2, layers=1, grid=4).eval()
+
+
+# ---------------------------------------------------------------------- causality
+def test_a_question_at_t_never_sees_later_frames():
+    spy = SpyAnswerer()
+    pipe = StreamingQAPipeline(GridSpy(), spy, memory=pyramid())
+    ats = [0.0, 0.3, 1.0, 2.49, 2.5, 7.0]
+    futs = [pipe.schedule(f"q{i}", ["a", "b"], at=t) for i, t in enumerate(ats)]
+    for f in frames(40):  # 0 .. 4.875 s
+        pipe.step(f)
+    pipe.finish()
+    assert all(f.done() for f in futs)
+    for (qt, newest, _, _), at in zip(sorted(spy.seen), sorted(ats)):
+        assert qt == at and newest <= at
+        # ... and it saw the frame at or just before t (nothing was lost either)
+        assert newest == pytest.approx(min(np.floor(at * 8) / 8, 39 / 8))
+
+
+def test_incremental_memory_equals_rebuilding_it_per_question():
+    """VideoChat-Online's evaluation rebuilds the memory per question; ours is incremental."""
+    spy = SpyAnswerer()
+    pipe = StreamingQAPipeline(GridSpy(), spy, memory=pyramid())
+    fr = frames(50)
+    for at in (1.0, 3.0, 5.5):
+        pipe.schedule("q", ["a", "b"], at=at)
+    for f in fr:
+        pipe.step(f)
+    pipe.finish()
+    for qt, _, n, held in spy.seen:
+        ref = pyramid()
+        for f in fr:
+            if f.timestamp <= qt:
+                ref.write(GridSpy()(f))
+        r = ref.read()
+        assert n == len(r) and held == set(r.frame_index.tolist())
+
+
+def test_asking_for_a_time_already_streamed_past_is_an_error():
+    pipe = StreamingQAPipeline(GridSpy(), SpyAnswerer(), memory=pyramid())
+    for f in frames(10):
+        pipe.step(f)
+    with pytest.raises(ValueError, match="already at"):
+        pipe.schedule("q", ["a", "b"], at=0.5)
+    with pytest.raises(ValueError, match="candidates"):
+        pipe.ask("q", ["only one"])
+    with pytest.raises(ValueError, match="time order"):
+        pipe.step(frames(3)[0])
+
+
+# ---------------------------------------------------------------------- concurrency
+def test_questions_from_another_thread_while_streaming():
+    spy = SpyAnswerer()
+    pipe = StreamingQAPipeline(GridSpy(), spy, memory=pyramid())
+    fr = frames(400)
+    results, errors = [], []
+    started = threading.Event()
+
+    def asker():
+        try:
+            started.wait()
+            for _ in range(50):
+                a = pipe.ask("is there a cat?", ["yes", "no"])  # now
+                results.append(a)
+            # a future time, blocking until the stream gets there
+            results.append(pipe.ask("later?", ["yes", "no"], at=40.0, timeout=60))
+        except Exception as exc:  # noqa: BLE001
+            errors.append(exc)
+
+    t = threading.Thread(target=asker)
+    t.start()
+    for i, f in enumerate(fr):
+        pipe.step(f)
+        if i == 5:
+            started.set()
+    t.join(timeout=60)
+    assert not errors and len(results) == 51
+    assert results[-1].query_time == 40.0
+    # every answer saw only frames up to its time, and whole frames: the token count is a sum of
+    # whole pooled frames (16, 4 or 1 tokens per frame at the three levels)
+    for qt, newest, n, held in spy.seen:
+        assert newest <= qt + 1e-9
+    for memory in spy.memories:
+        for fi in memory.frame_index.unique():
+            sel = memory.frame_index == fi
+            lvl = int(memory.level[sel][0])
+            assert int(sel.sum()) == {0: 16, 1: 4, 2: 1}[lvl]
+    assert pipe.stats()["questions"] == 51
+
+
+# ---------------------------------------------------------------------- answerer
+def test_answerer_save_load_round_trip(tmp_path):
+    m = tiny_answerer()
+    mem = Tokens.cat([Tokens.from_grid(torch.randn(4, 4, 8), i, i / 8) for i in range(6)])
+    a = m.answer(mem, "what colour did the red star become at about 0.5s ?", ["red", "blue", "green"], query_time=0.75)
+    m.save_pretrained(tmp_path / "ans")
+    m2 = SmallAnswerer.from_pretrained(str(tmp_path / "ans")).eval()
+    b = m2.answer(mem, "what colour did the red star become at about 0.5s ?", ["red", "blue", "green"], query_time=0.75)
+    assert m2.vocab.words == m.vocab.words
+    assert np.allclose(a.probs, b.probs) and a.evidence == b.evidence
+    assert abs(sum(a.probs) - 1) < 1e-5 and a.evidence and all(e["frame_index"] in range(6) for e in a.evidence)
+
+
+def test_times_in_questions_are_read_as_times_and_bias_attention():
+    v = Vocab.fit(["at about 3.5s what"])
+    ids, times = v.encode("At about 12.5s what")
+    assert times[2] == 12.5 and np.isnan(times[0])
+    b = encode_questions(v, ["at about 12.5s what"], [["a", "b"]], [20.0])
+    assert float(b.ref_time[0]) == 12.5  # the stated time is the attention's reference
+    b2 = encode_questions(v, ["what"], [["a", "b"]], [20.0])
+    assert float(b2.ref_time[0]) == 20.0  # no stated time: the query time
+
+
+def test_answerer_learns_to_read_the_memory():
+    """A few hundred steps on a toy task (the colour of the frame asked about) go well above chance:
+    the answer is only in the memory token at the stated time."""
+    torch.manual_seed(0)
+    colours = ["red", "blue", "green", "top"]
+    vocab = Vocab.fit(["what colour did the red star become at about 3.5s ?", "red blue green top"])
+    m = SmallAnswerer(vocab=vocab.words, token_dim=8, d=32, heads=2, layers=1, grid=4)
+    protos = torch.randn(4, 8) * 2
+    opt = torch.optim.Adam(m.parameters(), lr=3e-3)
+
+    def sample(g):
+        k = torch.randint(0, 4, (12,), generator=g)  # colour of each of 12 frames
+        mem = Tokens.cat([Tokens.from_grid(protos[k[i]].expand(2, 2, 8) + 0.1 * torch.randn(2, 2, 8, generator=g), i, i * 1.0)
+                          for i in range(12)])
+        asked = torch.randint(0, 12, (6,), generator=g)
+        qs = [f"what colour did the red star become at about {float(t):.1f}s ?" for t in asked]
+        return mem, qs, [colours] * 6, torch.tensor([int(k[t]) for t in asked])
+
+    g = torch.Generator().manual_seed(1)
+    for _ in range(500):
+        mem, qs, cands, y = sample(g)
+        b = encode_questions(m.vocab, qs, cands, [12.0] * 6)
+        loss = torch.nn.functional.cross_entropy(m.train()(mem, b), y)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    m.eval()
+    correct = total = 0
+    for _ in range(20):
+        mem, qs, cands, y = sample(g)
+        ans = m.answer_many(mem, qs, cands, 12.0)
+        correct += sum(a.index == int(t) for a, t in zip(ans, y))
+        total += len(ans)
+    assert correct / total > 0.6  # chance is 0.25
+
+
+# ---------------------------------------------------------------------- OVBench files and scoring
+def test_ovbench_loader_reads_both_layouts_and_scorer_matches_mcq_acc(tmp_path):
+    lmms = [{"video": "v1.mp4", "question": "What is the man holding?", "candidates": ["a cup", "a phone", "a bag", "a pen"],
+             "answer": "a phone", "answer_type": "PM", "sub_answer_type": "PM-1", "middle_frame_timestamp": 12.5,
+             "start": 0, "end": 12.5},
+            {"video": "v2.mp4", "question": "Is there a dog?", "candidates": ["yes", "no"], "answer": "no",
+             "answer_type": "HD", "sub_answer_type": "HD-1", "middle_frame_timestamp": 3.0}]
+    stream = [{"video_id": "v3", "fps": 8, "questions": [
+        {"question": "Where is the car?", "options": "A. left\nB. right\nC. top", "answer": "(C)",
+         "answer_type": "SP", "sub_answer_type": "SP-1", "middle_frame_timestamp": 4.0}]}]
+    (tmp_path / "a.json").write_text(json.dumps(lmms))
+    (tmp_path / "b.json").write_text(json.dumps(stream))
+    qa = load_ovbench(tmp_path / "a.json")
+    qb = load_ovbench(tmp_path / "b.json")
+    assert [q["answer_letter"] for q in qa] == ["B", "B"] and qa[0]["middle_frame_timestamp"] == 12.5
+    assert qb[0]["candidates"] == ["left", "right", "top"] and qb[0]["answer"] == "top" and qb[0]["video"] == "v3"
+    preds = ["(B) a phone", "A", "The answer is C."]
+    recs = [dict(q, correct=mcq_letter(p) == q["answer_letter"]) for q, p in zip(qa + qb, preds)]
+    s = score(recs)
+    assert [r["correct"] for r in recs] == [True, False, True]
+    assert s["micro"] == pytest.approx(200 / 3) and s["macro"] == pytest.approx(200 / 3)
+    (tmp_path / "bad.json").write_text(json.dumps([{"question": "x", "candidates": ["a"], "answer": "b"}]))
+    with pytest.raises(ValueError, match="not one of the candidates"):
+        load_ovbench(tmp_path / "bad.json")
+    (tmp_path / "broken.json").write_text("{not json")
+    with pytest.raises(ValueError, match="cannot read"):
+        load_ovbench(tmp_path / "broken.json")
+
+
+# ---------------------------------------------------------------------- baseline memories
+def test_baseline_memories_keep_what_they_say_at_equal_budgets():
+    toks = [Tokens.from_grid(torch.randn(16, 16, 4), i, i / 8) for i in range(300)]
+    w, u, f = WindowMemory(4, 3), UniformMemory(4, 3 * 13), FullMemory(4)
+    for t in toks:
+        w.write(t)
+        u.write(t)
+        f.write(t)
+    assert w.read().frame_index.unique().tolist() == [297, 298, 299]
+    kept = u.read().frame_index.unique().tolist()
+    assert len(kept) <= 39 and kept[0] == 0 and np.ptp(np.diff(kept)) == 0  # evenly spread from the start
+    assert f.num_tokens == 300 * 16
+    mems = {k: fn() for k, fn in make_memories("ovbench", 4).items()}
+    for t in toks:
+        for name, m in mems.items():
+            if name == "dual":
+                t = Tokens(t.features, t.frame_index, t.timestamp, t.grid, t.level, score=torch.rand(len(t)))
+            m.write(t)
+    for name, m in mems.items():
+        if name != "full":
+            assert m.num_tokens <= 832, name
+    rec = [{"budget": "ovbench", "memory": "pyramid", "answer_type": "PM", "sub_answer_type": "PM-N",
+            "horizon_s": 70.0, "correct": True, "tokens": 832}]
+    assert summarise(rec)["ovbench"]["pyramid"]["PM>=60s"] == 100.0
+
+
+# ---------------------------------------------------------------------- the shipped answerer
+@pytest.mark.slow
+def test_shipped_answerer_beats_chance_by_a_wide_margin():
+    from streammem.eval.qa import evaluate_qa
+
+    enc = GridEncoder.from_pretrained(str(CKPT / "grid_encoder")).eval()
+    ans = SmallAnswerer.from_pretrained(str(CKPT / "answerer")).eval()
+    res = evaluate_qa(ans, enc, seeds=(7,), presets=("medium",), seconds=120, budgets=("ovbench",),
+                      memories=("pyramid",), progress=False)
+    recs = res["records"]
+    chance = 100 * float(np.mean([1 / r["n_options"] for r in recs]))
+    acc = score(recs)["micro"]
+    assert len(recs) >= 50
+    assert acc >= chance + 20, (acc, chance)
