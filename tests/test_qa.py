@@ -278,3 +278,24 @@ def test_shipped_answerer_beats_chance_by_a_wide_margin():
     acc = score(recs)["micro"]
     assert len(recs) >= 50
     assert acc >= chance + 20, (acc, chance)
+
+
+def test_ovbench_questions_run_on_their_videos_and_a_broken_video_is_reported(videos, tmp_path):
+    from streammem.eval.qa import evaluate_ovbench
+
+    root = videos["h264_mp4"].parent
+    qs = [{"video": videos["h264_mp4"].name, "question": "is there a cat in view now ?", "candidates": ["yes", "no"],
+           "answer": "no", "answer_type": "HD", "sub_answer_type": "HD-2", "middle_frame_timestamp": t}
+          for t in (0.2, 0.6, 99.0)]
+    qs.append({"video": "text.mp4", "question": "is there a cat in view now ?", "candidates": ["yes", "no"],
+               "answer": "yes", "answer_type": "HD", "sub_answer_type": "HD-2", "middle_frame_timestamp": 0.5})
+    (tmp_path / "ov.json").write_text(json.dumps(qs))
+    loaded = load_ovbench(tmp_path / "ov.json")
+    enc = GridEncoder(dim=8, width=4).eval()
+    res = evaluate_ovbench(tiny_answerer(), enc, loaded, root, budgets=("ovbench",), memories=("pyramid", "window"),
+                           progress=False)
+    assert len(res["records"]) == 3 * 2  # three questions x two memories on the good video
+    assert list(res["errors"]) == ["text.mp4"] and "text.mp4" in res["errors"]["text.mp4"]
+    # the question at 0.2 s was answered over frames up to 0.2 s only
+    toks = [r["tokens"] for r in res["records"] if r["memory"] == "window"]
+    assert toks[0] < toks[1] or toks[0] == toks[1] == 3 * 256

@@ -46,7 +46,7 @@ from streammem.memory.base import pool_grid
 from streammem.types import Tokens
 
 __all__ = ["mcq_letter", "score", "load_ovbench", "WindowMemory", "UniformMemory", "FullMemory", "make_memories",
-           "evaluate_qa", "format_table", "plot_horizon", "BUDGETS", "MEMORIES"]
+           "evaluate_qa", "evaluate_ovbench", "run_stream", "summarise", "format_table", "plot_horizon", "BUDGETS", "MEMORIES"]
 
 BUDGETS = {"ovbench": 832, "offline": 9984}
 MEMORIES = ("window", "uniform", "pyramid", "dual", "full")
@@ -261,12 +261,9 @@ def make_memories(budget: str, dim: int, names: tuple[str, ...] = MEMORIES) -> d
 def evaluate_qa(answerer, encoder, seeds=(0, 1), presets=("medium",), seconds: float = 600.0,
                 budgets=("offline", "ovbench"), memories: tuple[str, ...] = MEMORIES, every_s: float = 10.0,
                 size: int = 256, fps: float = 8.0, batch: int = 32, progress: bool = True) -> dict:
-    """Run every memory at every budget on the same encoded streams; return per-question records
-    and timing. Each question is answered over each memory as it was after the last frame at or
-    before the question's time (causal)."""
-    from tqdm import tqdm
-
-    from streammem.eval.motion import MotionScorer
+    """Run every memory at every budget on the same encoded StreamWorld streams; return
+    per-question records and latency. Each question is answered over each memory as it was after
+    the last frame at or before the question's time (causal)."""
     from streammem.world import World
 
     records: list[dict] = []
@@ -274,62 +271,99 @@ def evaluate_qa(answerer, encoder, seeds=(0, 1), presets=("medium",), seconds: f
     for preset in presets:
         for seed in seeds:
             world = World(seed=seed, preset=preset, size=size, fps=fps, seconds=seconds, drop_frames=False)
-            qs = world.questions(every_s=every_s)
-            by_time: dict[float, list[dict]] = {}
-            for q in qs:
-                by_time.setdefault(float(q["middle_frame_timestamp"]), []).append(q)
-            times = sorted(by_time)
-            mems = {(b, m): f() for b in budgets for m, f in make_memories(b, encoder.dim, memories).items()}
-            scorer = MotionScorer(grid=encoder.grid) if "dual" in memories else None
-            ti, buf = 0, []
-
-            def flush() -> None:
-                if not buf:
-                    return
-                with torch.no_grad():
-                    grids = encoder.encode_images([f.image for f in buf])
-                for f, g in zip(buf, grids):
-                    tok = Tokens.from_grid(g, frame_index=f.index, timestamp=f.timestamp)
-                    dual_tok = None
-                    for (b, name), m in mems.items():
-                        if name == "dual":
-                            if dual_tok is None:
-                                motion = np.asarray(f.info["motion"], np.float32).reshape(-1)
-                                dual_tok = Tokens(features=tok.features, frame_index=tok.frame_index,
-                                                  timestamp=tok.timestamp, grid=tok.grid, level=tok.level,
-                                                  score=torch.from_numpy(1.0 - motion))
-                            m.write(dual_tok)
-                        else:
-                            m.write(tok)
-                buf.clear()
-
-            for frame in tqdm(world, total=world.num_frames, desc=f"qa eval {preset} seed {seed}", disable=not progress):
-                while ti < len(times) and times[ti] < frame.timestamp:
-                    flush()
-                    _answer_all(answerer, mems, by_time[times[ti]], times[ti], records, latency, preset, seed)
-                    ti += 1
-                if scorer is not None:
-                    frame.info["motion"] = scorer(frame.image)
-                buf.append(frame)
-                if len(buf) >= batch:
-                    flush()
-            flush()
-            while ti < len(times):
-                _answer_all(answerer, mems, by_time[times[ti]], times[ti], records, latency, preset, seed)
-                ti += 1
+            run_stream(world, world.questions(every_s=every_s), answerer, encoder, budgets, memories, records,
+                       latency, {"preset": preset, "seed": seed}, batch, progress, total=world.num_frames,
+                       desc=f"qa eval {preset} seed {seed}")
     return {"records": records, "latency_ms": {k: 1000 * float(np.mean(v)) for k, v in latency.items()}}
 
 
-def _answer_all(answerer, mems, questions, at, records, latency, preset, seed) -> None:
+def evaluate_ovbench(answerer, encoder, questions: list[dict], video_root: str | Path, budgets=("ovbench",),
+                     memories: tuple[str, ...] = ("pyramid",), fps: float = 8.0, batch: int = 32,
+                     progress: bool = True) -> dict:
+    """OVBench questions (:func:`load_ovbench`) on their videos under ``video_root``, streamed at
+    ``fps`` (8, as VideoChat-Online's OVBench runs); each question answered at its
+    ``middle_frame_timestamp``. A video that cannot be read is reported in ``errors`` and the
+    others go on."""
+    from streammem.io import SourceError, open_source
+
+    records: list[dict] = []
+    latency: dict[str, list[float]] = {}
+    errors: dict[str, str] = {}
+    by_video: dict[str, list[dict]] = {}
+    for q in questions:
+        by_video.setdefault(str(q.get("video")), []).append(q)
+    for video, qs in by_video.items():
+        path = Path(video_root) / video
+        try:
+            src = open_source(str(path), fps=fps)
+            run_stream(src, qs, answerer, encoder, budgets, memories, records, latency, {"video": video}, batch,
+                       progress, desc=f"ovbench {video}")
+        except (SourceError, ValueError, OSError) as exc:
+            errors[video] = str(exc)
+    return {"records": records, "latency_ms": {k: 1000 * float(np.mean(v)) for k, v in latency.items()},
+            "errors": errors}
+
+
+def run_stream(frames, questions: list[dict], answerer, encoder, budgets, memories, records: list[dict],
+               latency: dict, tags: dict, batch: int = 32, progress: bool = True, total: int | None = None,
+               desc: str = "qa") -> None:
+    """Stream ``frames`` once through ``encoder`` into every (budget, memory); answer each
+    question over each memory just before the first frame past its time (or at the end)."""
+    from tqdm import tqdm
+
+    from streammem.eval.motion import MotionScorer
+
+    by_time: dict[float, list[dict]] = {}
+    for q in questions:
+        by_time.setdefault(float(q["middle_frame_timestamp"]), []).append(q)
+    times = sorted(by_time)
+    mems = {(b, m): f() for b in budgets for m, f in make_memories(b, encoder.dim, memories).items()}
+    scorer = MotionScorer(grid=encoder.grid) if "dual" in memories else None
+    ti, buf = 0, []
+
+    def flush() -> None:
+        if not buf:
+            return
+        with torch.no_grad():
+            grids = encoder.encode_images([f.image for f, _ in buf])
+        for (f, motion), g in zip(buf, grids):
+            tok = Tokens.from_grid(g, frame_index=f.index, timestamp=f.timestamp)
+            for (b, name), m in mems.items():
+                if name == "dual":
+                    m.write(Tokens(features=tok.features, frame_index=tok.frame_index, timestamp=tok.timestamp,
+                                   grid=tok.grid, level=tok.level, score=torch.from_numpy(1.0 - motion)))
+                else:
+                    m.write(tok)
+        buf.clear()
+
+    for frame in tqdm(frames, total=total, desc=desc, disable=not progress):
+        while ti < len(times) and times[ti] < frame.timestamp:
+            flush()
+            _answer_all(answerer, mems, by_time[times[ti]], times[ti], records, latency, tags)
+            ti += 1
+        motion = np.asarray(scorer(frame.image), np.float32).reshape(-1) if scorer is not None else None
+        buf.append((frame, motion))
+        if len(buf) >= batch:
+            flush()
+    flush()
+    while ti < len(times):
+        _answer_all(answerer, mems, by_time[times[ti]], times[ti], records, latency, tags)
+        ti += 1
+
+
+def _answer_all(answerer, mems, questions, at, records, latency, tags) -> None:
     for (budget, name), m in mems.items():
         t0 = time.perf_counter()
         memory = m.read()
-        answers = answerer.answer_many(memory, [q["question"] for q in questions],
-                                       [q["candidates"] for q in questions], at, evidence_k=0)
+        if hasattr(answerer, "answer_many"):
+            answers = answerer.answer_many(memory, [q["question"] for q in questions],
+                                           [q["candidates"] for q in questions], at, evidence_k=0)
+        else:
+            answers = [answerer.answer(memory, q["question"], q["candidates"], at) for q in questions]
         latency.setdefault(f"{budget}/{name}", []).append((time.perf_counter() - t0) / len(questions))
         for q, a in zip(questions, answers):
             letter = mcq_letter(f"({a.letter}) {a.text}")
-            records.append({"budget": budget, "memory": name, "preset": preset, "seed": seed,
+            records.append({"budget": budget, "memory": name, **tags,
                             "answer_type": q["answer_type"], "sub_answer_type": q["sub_answer_type"],
                             "horizon_s": float(q.get("horizon_s", 0.0)), "needle": bool(q.get("needle")),
                             "n_options": len(q["candidates"]), "tokens": len(memory),

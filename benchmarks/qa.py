@@ -1,0 +1,107 @@
+"""QA latency benchmark: question latency against stream length, incremental memory vs rebuild.
+
+    python benchmarks/qa.py                  # 1k, 10k, 50k frames, both presets
+    python benchmarks/qa.py --quick          # 1k, 5k frames
+
+For each stream length T, a ``PyramidMemory`` is fed T frames of 16 x 16 tokens (cycled
+from a pool of encoded StreamWorld frames, so writing costs what it costs in a real stream and
+nothing is generated in the timed part). Then a batch of StreamWorld questions is answered,
+timed two ways in the same process:
+
+- **incremental** (streammem): read the memory kept up to date while streaming + answer;
+- **rebuild** (VideoChat-Online's released evaluation): for every question, build a fresh
+  memory from the first frame up to the question's time, then read + answer.
+
+Reported: milliseconds per question (median over repeats); the incremental latency must stay
+flat in T and under 50 ms for the shipped answerer.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import torch
+
+from streammem.memory import PyramidMemory
+from streammem.types import Tokens
+
+ROOT = Path(__file__).resolve().parents[1] / "streammem" / "checkpoints"
+
+
+def load_models():
+    from streammem.models.answerer import SmallAnswerer
+    from streammem.models.grid_encoder import GridEncoder
+    from streammem.train.answerer import fit_vocab
+
+    if (ROOT / "answerer" / "model.safetensors").exists():
+        enc = GridEncoder.from_pretrained(str(ROOT / "grid_encoder")).eval()
+        ans = SmallAnswerer.from_pretrained(str(ROOT / "answerer")).eval()
+        return enc, ans, "shipped checkpoints"
+    torch.manual_seed(0)
+    enc = GridEncoder().eval()
+    return enc, SmallAnswerer(vocab=fit_vocab().words, token_dim=enc.dim).eval(), "random weights (no checkpoint)"
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--lengths", type=int, nargs="+", default=[1_000, 10_000, 50_000])
+    ap.add_argument("--presets", nargs="+", default=["ovbench", "offline"])
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--questions", type=int, default=8, help="questions per timed batch")
+    ap.add_argument("--quick", action="store_true")
+    args = ap.parse_args()
+    if args.quick:
+        args.lengths, args.repeats = [1_000, 5_000], 3
+    from streammem.world import World
+
+    enc, ans, what = load_models()
+    world = World(seed=5, preset="medium", size=256, seconds=60, drop_frames=False)
+    frames = list(World(seed=5, preset="medium", size=256, frames=64, drop_frames=False))
+    with torch.no_grad():
+        pool = enc.encode_images([f.image for f in frames])
+    qs = [q for q in world.questions(every_s=5)][: args.questions]
+    questions, cands = [q["question"] for q in qs], [q["candidates"] for q in qs]
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; answerer: {what}; "
+          f"{len(qs)} questions per batch, median of {args.repeats}\n")
+    print("| preset | frames streamed | memory tokens | incremental ms/question | rebuild ms/question | rebuild / incremental |")
+    print("|---|---:|---:|---:|---:|---:|")
+    for preset in args.presets:
+        flat = []
+        for T in args.lengths:
+            mem = PyramidMemory.from_preset(preset, dim=enc.dim)
+            toks = [Tokens.from_grid(pool[i % len(pool)], i, i / 8) for i in range(len(pool))]
+
+            def feed(m, n):
+                for i in range(n):
+                    t = toks[i % len(toks)]
+                    t.frame_index.fill_(i)
+                    t.timestamp.fill_(i / 8)
+                    m.write(t)
+
+            feed(mem, T)
+            at = (T - 1) / 8
+            inc = []
+            for _ in range(args.repeats):
+                t0 = time.perf_counter()
+                ans.answer_many(mem.read(), questions, cands, at)
+                inc.append((time.perf_counter() - t0) / len(qs))
+            reb = []
+            for _ in range(max(1, args.repeats // 2)):
+                # the reference evaluation rebuilds the memory for every question
+                t0 = time.perf_counter()
+                fresh = PyramidMemory.from_preset(preset, dim=enc.dim)
+                feed(fresh, T)
+                t1 = time.perf_counter()
+                ans.answer_many(fresh.read(), questions, cands, at)
+                reb.append((t1 - t0) + (time.perf_counter() - t1) / len(qs))
+            i_ms, r_ms = 1000 * statistics.median(inc), 1000 * statistics.median(reb)
+            flat.append(i_ms)
+            print(f"| {preset} | {T:,} | {mem.num_tokens:,} | {i_ms:.1f} | {r_ms:.1f} | {r_ms / i_ms:.0f}x |")
+        print(f"| {preset} | late / early incremental latency | | {flat[-1] / flat[0]:.2f} | | |")
+
+
+if __name__ == "__main__":
+    main()

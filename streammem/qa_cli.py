@@ -1,0 +1,203 @@
+"""QA commands: ``streammem ask``, ``streammem train encoder|answerer``, ``streammem eval qa``.
+
+    streammem ask world:seed=3,preset=medium,seconds=60 --at 20 --at 40 \\
+        "Is there a cat in view now?" -c yes -c no
+    streammem ask VIDEO --interactive          # type: question | option | option ...
+    streammem eval qa --seconds 600 --out outputs/qa_eval
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+import threading
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+_OPT_RE = re.compile(r"\(?([A-E])[).:]\s*")
+
+
+def split_options(question: str, choices: list[str]) -> tuple[str, list[str]]:
+    """Options from ``-c`` flags, or written into the question as ``A. x B. y`` / ``(A) x (B) y``;
+    a question with neither is a yes/no question.
+
+    >>> split_options("Where is it? (A) left (B) right", [])
+    ('Where is it?', ['left', 'right'])
+    >>> split_options("Is it red?", [])
+    ('Is it red?', ['yes', 'no'])
+    """
+    if choices:
+        return question.strip(), [c.strip() for c in choices]
+    parts = _OPT_RE.split(question)
+    if len(parts) >= 5 and [parts[i] for i in range(1, len(parts), 2)] == list("ABCDE"[: len(parts) // 2]):
+        return parts[0].strip(), [parts[i].strip() for i in range(2, len(parts), 2)]
+    return question.strip(), ["yes", "no"]
+
+
+def _print_answer(q: str, at: float, a) -> None:
+    ev = ", ".join(f"frame {e['frame_index']} @ {e['timestamp']:.1f}s ({e['weight']:.2f})" for e in a.evidence[:3])
+    typer.echo(f"[{at:7.2f}s] {q}\n           -> ({a.letter}) {a.text}  confidence {a.confidence:.2f}; evidence: {ev}")
+
+
+def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) -> None:
+    @app.command("ask")
+    def ask(
+        source: str = typer.Argument(..., help="video file, folder, camera:N, URL or world:..."),
+        question: Optional[str] = typer.Argument(None, help="the question (options with -c, or 'A. x B. y' inside)"),
+        at: List[float] = typer.Option([], "--at", help="stream time (s) to ask at; repeat for several"),
+        choice: List[str] = typer.Option([], "--choice", "-c", help="an answer option; repeat"),
+        interactive: bool = typer.Option(False, "--interactive", "-i",
+                                         help="stream the source and answer questions typed on stdin"),
+        memory: str = typer.Option("ovbench", help="PyramidMemory preset: ovbench (832 tokens) or offline (9,984)"),
+        out: Optional[Path] = typer.Option(None, "--out", "-o", help="write answers.jsonl here"),
+        max_frames: Optional[int] = typer.Option(None, help="stop after this many frames"),
+        fps: Optional[float] = typer.Option(8.0, help="resample the source to this frame rate (8 as VideoChat-Online)"),
+    ) -> None:
+        """Stream SOURCE into the Pyramid Memory Bank and answer questions at given times."""
+        from streammem.io import SourceError, open_source
+        from streammem.io.sinks import JsonlWriter
+        from streammem.pipelines.qa import load_default_qa
+
+        if not interactive and (question is None or not at):
+            raise typer.BadParameter("give a QUESTION and at least one --at, or use --interactive")
+        try:
+            pipe = load_default_qa(memory=memory, keep_thumbnails=False)
+        except (FileNotFoundError, ValueError) as exc:
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
+        opts = {"fps": fps} if fps and not source.startswith("world:") else {}
+        writer = JsonlWriter(out / "answers.jsonl") if out else None
+        n = 0
+        try:
+            src = open_source(source, **opts)
+            if interactive:
+                n = _interactive(pipe, src, max_frames, writer)
+            else:
+                q, cands = split_options(question, choice)
+                futs = [(t, pipe.schedule(q, cands, at=t)) for t in sorted(at)]
+                for i, frame in enumerate(src):
+                    if max_frames is not None and i >= max_frames:
+                        break
+                    pipe.step(frame)
+                pipe.finish()
+                for t, fut in futs:
+                    a = fut.result()
+                    _print_answer(q, t, a)
+                    if writer:
+                        writer.write({"question": q, "candidates": cands, "at": t, **a.to_dict()})
+                    n += 1
+        except (SourceError, ValueError) as exc:
+            typer.secho(f"error: {exc} (answers so far: {n})", fg=typer.colors.RED, err=True)
+            if writer:
+                writer.close()
+            raise typer.Exit(1)
+        if writer:
+            path = writer.close()
+            typer.echo(f"{n} answers -> {path}")
+
+    def _interactive(pipe, src, max_frames, writer) -> int:
+        stop = threading.Event()
+        err: list[BaseException] = []
+
+        def stream():
+            try:
+                for i, frame in enumerate(src):
+                    if stop.is_set() or (max_frames is not None and i >= max_frames):
+                        break
+                    pipe.step(frame)
+            except BaseException as exc:  # noqa: BLE001 - reported to the user below
+                err.append(exc)
+
+        th = threading.Thread(target=stream, daemon=True)
+        th.start()
+        typer.echo("streaming; type a question ('question | option | option ...'), empty line or Ctrl-D to stop")
+        n = 0
+        for line in sys.stdin:
+            line = line.strip()
+            if not line:
+                break
+            parts = [p.strip() for p in line.split("|")]
+            q, cands = split_options(parts[0], parts[1:])
+            try:
+                a = pipe.ask(q, cands)
+            except ValueError as exc:
+                typer.echo(f"  ! {exc}")
+                continue
+            t = pipe.time or 0.0
+            _print_answer(q, t, a)
+            if writer:
+                writer.write({"question": q, "candidates": cands, "at": t, **a.to_dict()})
+            n += 1
+        stop.set()
+        th.join(timeout=5)
+        if err:
+            raise ValueError(f"the stream stopped: {err[0]}")
+        return n
+
+    @train_app.command("encoder")
+    def train_encoder_cmd(
+        minutes: float = typer.Option(10.0, help="wall-clock budget"),
+        out: str = typer.Option("streammem/checkpoints/grid_encoder", help="checkpoint folder"),
+        threads: int = typer.Option(2, help="torch threads"),
+    ) -> None:
+        """Pretrain the QA frame encoder (GridEncoder) on StreamWorld cell targets."""
+        import torch
+
+        from streammem.train.grid_encoder import EncoderTrainConfig, train_encoder
+
+        torch.set_num_threads(threads)
+        train_encoder(EncoderTrainConfig(minutes=minutes, out=out))
+
+    @train_app.command("answerer")
+    def train_answerer_cmd(
+        minutes: float = typer.Option(25.0, help="wall-clock training budget (data building excluded)"),
+        worlds: int = typer.Option(10, help="training worlds"),
+        seconds: float = typer.Option(360.0, help="length of each world"),
+        out: str = typer.Option("streammem/checkpoints/answerer", help="checkpoint folder"),
+        encoder: str = typer.Option("streammem/checkpoints/grid_encoder", help="frozen encoder checkpoint"),
+        log: Optional[str] = typer.Option(None, help="JSONL training log"),
+    ) -> None:
+        """Train the QA answerer on StreamWorld questions over Pyramid Memory Bank snapshots."""
+        from streammem.train.answerer import AnswererTrainConfig, train
+
+        train(AnswererTrainConfig(minutes=minutes, worlds=worlds, seconds=seconds, out=out, encoder=encoder, log=log))
+
+    @eval_app.command("qa")
+    def eval_qa(
+        seconds: float = typer.Option(600.0, help="length of each StreamWorld stream (8 fps)"),
+        seeds: List[int] = typer.Option([0, 1], "--seed", help="world seeds"),
+        presets: List[str] = typer.Option(["medium"], "--preset", help="world presets"),
+        budgets: List[str] = typer.Option(["offline", "ovbench"], "--budget", help="token budgets"),
+        memories: List[str] = typer.Option(["window", "uniform", "pyramid", "dual", "full"], "--memory"),
+        out: Path = typer.Option(Path("outputs/qa_eval"), "--out", "-o", help="results folder"),
+        ovbench: Optional[Path] = typer.Option(None, help="an OVBench JSON file: evaluate on its videos instead"),
+        video_root: Optional[Path] = typer.Option(None, help="folder holding the OVBench videos"),
+    ) -> None:
+        """Score memories at equal token budgets (OVBench's mcq_acc), with the horizon plot."""
+        from streammem.eval import qa as E
+        from streammem.models.answerer import SmallAnswerer
+        from streammem.models.grid_encoder import GridEncoder
+
+        root = Path(__file__).resolve().parent / "checkpoints"
+        enc = GridEncoder.from_pretrained(str(root / "grid_encoder")).eval()
+        ans = SmallAnswerer.from_pretrained(str(root / "answerer")).eval()
+        out.mkdir(parents=True, exist_ok=True)
+        if ovbench is not None:
+            res = E.evaluate_ovbench(ans, enc, E.load_ovbench(ovbench), video_root or ovbench.parent,
+                                     budgets=tuple(budgets), memories=tuple(memories))
+        else:
+            res = E.evaluate_qa(ans, enc, seeds=tuple(seeds), presets=tuple(presets), seconds=seconds,
+                                budgets=tuple(budgets), memories=tuple(memories))
+        summary = E.summarise(res["records"])
+        table = E.format_table(summary)
+        (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in res["records"]))
+        (out / "summary.json").write_text(json.dumps({"summary": summary, "latency_ms": res["latency_ms"]}, indent=2))
+        (out / "table.md").write_text(table + "\n")
+        png = E.plot_horizon(res["records"], out / "horizon.png")
+        typer.echo(table)
+        typer.echo("\nms per question (read + answer): " +
+                   ", ".join(f"{k} {v:.1f}" for k, v in res["latency_ms"].items()))
+        typer.echo(f"-> {out / 'table.md'}, {png}")
