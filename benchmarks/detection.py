@@ -1,0 +1,282 @@
+"""Detection benchmark: the cost of memory aggregation against the detector's own time, and
+boundedness over long streams.
+
+    python benchmarks/detection.py                       # 48 timed frames + a 300-frame stream
+    python benchmarks/detection.py --synthetic-writes    # + 100,000 frames of synthetic writes
+    python benchmarks/detection.py --frames 40 --long-frames 0 --quick
+
+In one process, on the same StreamWorld frames:
+
+1. **Per-frame time.** ``none`` is the detector alone (``memory="none"``: the single-frame
+   model, whose GEOs take their keys from the frame itself); ``feature_bank`` and ``dual`` are
+   the causal aggregation pipelines. The methods are run in turn on every frame (rotating
+   order, after a warm-up), so a busy machine slows them alike; medians are reported. The
+   aggregation overhead is ``median(method) - median(none)``, printed as a ratio of the
+   detector's own time (the project's target: <= 15%).
+2. **A long stream** (``--long-frames``): the memories' size, ``nbytes`` and the per-frame
+   time over the first and the last 50 frames of a real stream.
+3. **Synthetic writes** (``--synthetic-writes``): the pipelines' own memory objects are driven
+   with per-frame writes shaped like the real ones (the pixel and instance token counts per
+   frame measured in part 1, random non-negative features of the detector's widths, the
+   pipeline's DualMemory routing scores) for ``--synthetic-frames`` frames (100,000), with a
+   read per frame; then real frames are timed again on those full memories. This shows in
+   seconds what a 100,000-frame video would take hours to show on a CPU.
+
+The detector is the shipped checkpoint (``streammem/checkpoints/detector``) when present,
+else a randomly initialised ``SmallDetector()`` of the default size (the output says which;
+timings do not depend on the weights).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from streammem.models.detector import SmallDetector
+from streammem.pipelines.detection import DetectionConfig, StreamingDetectionPipeline
+from streammem.types import Tokens
+
+CKPT = Path(__file__).resolve().parents[1] / "streammem" / "checkpoints" / "detector"
+METHODS = ("none", "feature_bank", "dual")
+
+
+def load_detector(path: str | None) -> tuple[SmallDetector, str]:
+    p = Path(path) if path else CKPT
+    if (p / "config.json").is_file() and (p / "model.safetensors").is_file():
+        return SmallDetector.from_pretrained(str(p)).eval(), f"checkpoint {p}"
+    torch.manual_seed(0)
+    return SmallDetector().eval(), f"random SmallDetector() of the default size (no checkpoint at {p})"
+
+
+def world_frames(n: int, size: int, seed: int = 7) -> list:
+    from streammem.world import World
+
+    return list(World(seed=seed, preset="medium", size=size, fps=8, frames=n))
+
+
+def fmt_bytes(n: float) -> str:
+    for unit in ("B", "KiB", "MiB", "GiB"):
+        if n < 1024 or unit == "GiB":
+            return f"{n:.1f} {unit}" if unit != "B" else f"{int(n)} B"
+        n /= 1024
+    return f"{n:.1f} GiB"
+
+
+def mem_state(pipe: StreamingDetectionPipeline) -> tuple[int, int]:
+    ms = [m for m in (pipe.pixel_memory, pipe.instance_memory) if m is not None]
+    return sum(m.num_tokens for m in ms), sum(m.nbytes for m in ms)
+
+
+# ---------------------------------------------------------------------- 1. per-frame time
+def fill(pipe: StreamingDetectionPipeline, per: dict[str, int], seed: int = 0, max_frames: int = 5000) -> int:
+    """Write synthetic per-frame token blocks into the pipeline's memories until the bank is
+    full (FeatureBank) or ``fifo_frames`` + 1,000 frames have passed (DualMemory). Returns frames."""
+    g = torch.Generator().manual_seed(seed)
+    c = pipe.config
+    n = 0
+    for level, mem, dim in (("pixel", pipe.pixel_memory, pipe.detector.width),
+                            ("instance", pipe.instance_memory, pipe.detector.fc_dim)):
+        k = per[level]
+        frames = min(max_frames, -(-mem.capacity // k) if c.memory == "feature_bank" else c.dual_fifo_frames + 1000)
+        pool = torch.randn(16, k, dim, generator=g).abs()
+        for t in range(frames):
+            score = torch.zeros(k) if (c.memory == "dual" and level == "pixel") else torch.rand(k, generator=g)
+            mem.write(Tokens(features=pool[t % 16], frame_index=torch.full((k,), t), timestamp=torch.full((k,), t / 8),
+                             grid=torch.zeros(k, 2), level=torch.zeros(k, dtype=torch.int64), score=score))
+        n = max(n, frames)
+    return n
+
+
+def write_counts(pipe: StreamingDetectionPipeline) -> dict[str, int]:
+    """Measured tokens written per frame; a detector with no confident box (random weights)
+    writes no pixels, and then one box's worth (``pixels_per_box``) is assumed."""
+    f = max(1, pipe.counters["frames"])
+    return {"pixel": round(pipe.counters["pixel_writes"] / f) or pipe.config.pixels_per_box,
+            "instance": max(1, round(pipe.counters["instance_writes"] / f))}
+
+
+def per_frame(det: SmallDetector, frames: list, size: int, warmup: int, key_sizes: list[int]) -> tuple[dict, dict, dict]:
+    """Time every method on every frame (rotating order). Methods: the detector alone, both
+    memories from an empty start, and both with memories filled first (steady state: the key
+    sets at their full size), FeatureBank at each of ``key_sizes``."""
+    pipes = {"none": StreamingDetectionPipeline(det, DetectionConfig(memory="none", image_size=size)),
+             "feature_bank, stream start": StreamingDetectionPipeline(det, DetectionConfig(image_size=size)),
+             "dual, stream start": StreamingDetectionPipeline(det, DetectionConfig(memory="dual", image_size=size))}
+    for f in frames[:warmup]:
+        for p in pipes.values():
+            p.step(f)
+    # the per-frame write sizes the fills copy, measured on all the frames
+    counts = {}
+    for m in ("feature_bank", "dual"):
+        probe = StreamingDetectionPipeline(det, DetectionConfig(memory=m, image_size=size))
+        for f in frames:
+            probe.step(f)
+        counts[m] = write_counts(probe)
+    per = counts["feature_bank"]
+    filled = {}
+    for ks in key_sizes:
+        p = StreamingDetectionPipeline(det, DetectionConfig(image_size=size, key_size=ks))
+        filled[f"feature_bank, full, key_size {ks}"] = fill(p, per)
+        pipes[f"feature_bank, full, key_size {ks}"] = p
+    p = StreamingDetectionPipeline(det, DetectionConfig(memory="dual", image_size=size))
+    filled["dual, full"] = fill(p, counts["dual"])
+    pipes["dual, full"] = p
+    names = list(pipes)
+    times: dict[str, list[float]] = {m: [] for m in names}
+    for i, f in enumerate(frames[warmup:]):
+        r = i % len(names)
+        for m in names[r:] + names[:r]:
+            t0 = time.perf_counter()
+            pipes[m].step(f)
+            times[m].append((time.perf_counter() - t0) * 1e3)
+    return times, pipes, {"per_frame_writes": per, "fill_frames": filled, "counts": counts}
+
+
+def table_per_frame(times: dict, pipes: dict) -> str:
+    base = statistics.median(times["none"])
+    rows = ["| method | keys read (pixel / instance) | ms / frame (median) | p90 | overhead (ms) | "
+            "overhead / detector time | <= 15% |", "|---|---|---:|---:|---:|---:|---|"]
+    for m, t in times.items():
+        t = np.asarray(t)
+        med = float(np.median(t))
+        over, ratio = med - base, (med - base) / base
+        p = pipes[m]
+        keys = "own frame" if m == "none" else f"{_keys(p.pixel_memory, p.pixel_key_size)} / " \
+                                                f"{_keys(p.instance_memory, p.config.key_size)}"
+        label = "none (detector alone)" if m == "none" else m
+        rows.append(f"| {label} | {keys} | {med:.1f} | {np.percentile(t, 90):.1f} | "
+                    f"{'-' if m == 'none' else f'{over:+.1f}'} | {'-' if m == 'none' else f'{100 * ratio:+.1f}%'} | "
+                    f"{'-' if m == 'none' else ('yes' if ratio <= 0.15 else 'no')} |")
+    return "\n".join(rows)
+
+
+def _keys(mem, key_size: int) -> int:
+    return min(mem.num_tokens, key_size)
+
+
+# ---------------------------------------------------------------------- 2. a long real stream
+def long_stream(det: SmallDetector, n: int, size: int, window: int = 50) -> str:
+    from streammem.world import World
+
+    rows = ["| method | frames | ms / frame, first 50 | ms / frame, last 50 | tokens after 50 | tokens at end | "
+            "nbytes after 50 | nbytes at end |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for m in ("feature_bank", "dual"):
+        pipe = StreamingDetectionPipeline(det, DetectionConfig(memory=m, image_size=size))
+        t: list[float] = []
+        early = (0, 0)
+        for i, f in enumerate(World(seed=11, preset="medium", size=size, fps=8, frames=n)):
+            t0 = time.perf_counter()
+            pipe.step(f)
+            t.append((time.perf_counter() - t0) * 1e3)
+            if i + 1 == window:
+                early = mem_state(pipe)
+        tok, nb = mem_state(pipe)
+        rows.append(f"| {m} | {len(t)} | {np.median(t[:window]):.1f} | {np.median(t[-window:]):.1f} | {early[0]} | "
+                    f"{tok} | {fmt_bytes(early[1])} | {fmt_bytes(nb)} |")
+    return "\n".join(rows)
+
+
+# ---------------------------------------------------------------------- 3. synthetic writes
+def synthetic(det: SmallDetector, counts: dict, frames: list, n: int, size: int) -> str:
+    """Drive fresh pipelines' memories with n frames of realistic writes, then time real frames."""
+    checkpoints = sorted({p for p in (1_000, 10_000, 100_000, n) if p <= n})
+    rows = ["| method | level | tokens / frame written | " + " | ".join(f"tokens after {p:,}" for p in checkpoints)
+            + " | nbytes first / last | µs per write+read, first 1,000 / last 1,000 |",
+            "|---|---|---:|" + "---:|" * len(checkpoints) + "---|---|"]
+    after = ["| method | ms / frame on empty memories (median) | ms / frame after the synthetic stream (median) |",
+             "|---|---:|---:|"]
+    g = torch.Generator().manual_seed(0)
+    for m in ("feature_bank", "dual"):
+        per = counts[m]
+        pipe = StreamingDetectionPipeline(det, DetectionConfig(memory=m, image_size=size))
+        empty = []
+        for f in frames[:8]:
+            t0 = time.perf_counter()
+            pipe.step(f)
+            empty.append((time.perf_counter() - t0) * 1e3)
+        pipe.reset()
+        for level, mem, dim, key in (("pixel", pipe.pixel_memory, det.width, pipe.pixel_key_size),
+                                     ("instance", pipe.instance_memory, det.fc_dim, pipe.config.key_size)):
+            k = per[level]
+            pool = torch.randn(64, k, dim, generator=g).abs()  # recycled feature blocks: cheap, realistic widths
+            if m == "dual":  # the pipeline's routing: object pixels dynamic, proposals by 1 - objectness
+                scores = torch.zeros(64, k) if level == "pixel" else torch.rand(64, k, generator=g)
+            else:
+                scores = torch.rand(64, k, generator=g)
+            seen, first, last, nb0 = {}, [], [], mem.nbytes
+            for t in range(n):
+                toks = Tokens(features=pool[t % 64], frame_index=torch.full((k,), t), timestamp=torch.full((k,), t / 8),
+                              grid=torch.zeros(k, 2), level=torch.zeros(k, dtype=torch.int64), score=scores[t % 64])
+                t0 = time.perf_counter()
+                mem.write(toks)
+                keys = mem.read().features
+                if keys.shape[0] > key:
+                    keys = keys[torch.randperm(keys.shape[0], generator=g)[:key]]
+                dt = (time.perf_counter() - t0) * 1e6
+                if t < 1000:
+                    first.append(dt)
+                elif t >= n - 1000:
+                    last.append(dt)
+                if t + 1 in checkpoints:
+                    seen[t + 1] = mem.num_tokens
+            rows.append(f"| {m} | {level} | {k} | " + " | ".join(f"{seen[p]:,}" for p in checkpoints)
+                        + f" | {fmt_bytes(nb0)} / {fmt_bytes(mem.nbytes)} | "
+                        + f"{np.median(first):.0f} / {np.median(last or first):.0f} |")
+        pipe.counters["frames"] = n
+        full = []
+        for f in frames[:8]:
+            t0 = time.perf_counter()
+            pipe.step(f)
+            full.append((time.perf_counter() - t0) * 1e3)
+        after.append(f"| {m} | {np.median(empty):.1f} | {np.median(full):.1f} |")
+    return "\n".join(rows) + "\n\n" + "\n".join(after)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--checkpoint", default=None, help="detector folder (default: the shipped one)")
+    ap.add_argument("--size", type=int, default=256, help="frame side (the detector's training size)")
+    ap.add_argument("--frames", type=int, default=48, help="frames timed per method (after --warmup)")
+    ap.add_argument("--warmup", type=int, default=6, help="untimed first frames")
+    ap.add_argument("--key-sizes", default="2000,1000,500,250",
+                    help="FeatureBank instance key-set sizes timed on full memories (MAMBA: 2000)")
+    ap.add_argument("--long-frames", type=int, default=300, help="frames of the real long stream (0: skip)")
+    ap.add_argument("--synthetic-writes", action="store_true", help="also drive the memories with synthetic writes")
+    ap.add_argument("--synthetic-frames", type=int, default=100_000, help="frames of synthetic writes")
+    ap.add_argument("--threads", type=int, default=int(os.environ.get("OMP_NUM_THREADS", "1")), help="torch threads")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    det, what = load_detector(args.checkpoint)
+    print(f"# Detection benchmark\n\ndetector: {what}; width C={det.width}, fc_dim D={det.fc_dim}, "
+          f"{det.num_proposals} proposals; frames {args.size}x{args.size} (StreamWorld 'medium'); "
+          f"torch threads {torch.get_num_threads()}; load average {os.getloadavg()[0]:.1f} on {os.cpu_count()} CPUs\n")
+    frames = world_frames(args.frames + args.warmup, args.size)
+    key_sizes = [int(k) for k in args.key_sizes.split(",") if k.strip()]
+    times, pipes, info = per_frame(det, frames, args.size, args.warmup, key_sizes)
+    print(f"## Per-frame time ({args.frames} frames after {args.warmup} warm-up, methods interleaved)\n")
+    print(table_per_frame(times, pipes))
+    print(f"\n'full': memories first filled with synthetic writes of the measured per-frame size "
+          f"({info['per_frame_writes']['pixel']} pixel and {info['per_frame_writes']['instance']} instance tokens "
+          f"per frame; " + ", ".join(f"{k}: {v:,} frames" for k, v in info["fill_frames"].items())
+          + "), so the key sets read are at their steady-state size.")
+    for m in pipes:
+        if m != "none":
+            st = pipes[m].stats()
+            print(f"- {m}: pixel memory {st['pixel_memory']['num_tokens']:,}/{st['pixel_memory']['capacity']:,} tokens, "
+                  f"instance memory {st['instance_memory']['num_tokens']:,}/{st['instance_memory']['capacity']:,}")
+    if args.long_frames > 0:
+        print(f"\n## A long real stream ({args.long_frames} frames)\n")
+        print(long_stream(det, args.long_frames, args.size))
+    if args.synthetic_writes:
+        print(f"\n## Synthetic writes ({args.synthetic_frames:,} frames; write + key-set read per frame)\n")
+        print(synthetic(det, info["counts"], frames, args.synthetic_frames, args.size))
+
+
+if __name__ == "__main__":
+    main()
