@@ -286,30 +286,30 @@ class PyramidMemory(Memory):
 
         Returns ``Tokens`` with ``features (N, D)``, ``level`` (pyramid level), ``frame_index``,
         ``timestamp`` and ``grid`` at pooled-cell centres in units of the level-0 grid.
+        Frames are ordered by ``(timestamp, frame_index)`` first and their features gathered in
+        one copy (a read costs one pass over the kept tokens).
         """
-        parts = []
-        top = self.config.sides[0]
-        for lvl, order in enumerate(self._order):
-            if not order:
-                continue
-            side = self.config.sides[lvl]
-            idx = torch.tensor(order)
-            n = len(order)
-            feats = self._buffers[f"L{lvl}.features"][idx].reshape(n * side * side, -1)
+        items = [(self._ts[lvl][s], self._fi[lvl][s], lvl, s) for lvl, order in enumerate(self._order) for s in order]
+        if not items:
+            return Tokens.empty(self.config.dim)
+        items.sort(key=lambda r: (r[0], r[1]))
+        sides = self.config.sides
+        top = sides[0]
+        bufs = [self._buffers[f"L{lvl}.features"] for lvl in range(len(sides))]
+        feats = torch.cat([bufs[lvl][s] for _, _, lvl, s in items])
+        counts = torch.tensor([sides[lvl] ** 2 for _, _, lvl, _ in items])
+        cells = []
+        for side in sides:
             cell = top / side
             ys, xs = torch.meshgrid(torch.arange(side), torch.arange(side), indexing="ij")
-            cells = torch.stack([ys.reshape(-1), xs.reshape(-1)], 1).float() * cell + (cell - 1) / 2
-            parts.append(Tokens(
-                features=feats,
-                frame_index=torch.tensor([self._fi[lvl][s] for s in order]).repeat_interleave(side * side),
-                timestamp=torch.tensor([self._ts[lvl][s] for s in order],
-                                       dtype=torch.float64).repeat_interleave(side * side),
-                grid=cells.repeat(n, 1),
-                level=torch.full((n * side * side,), lvl, dtype=torch.int64),
-            ))
-        if not parts:
-            return Tokens.empty(self.config.dim)
-        return Tokens.cat(parts).sort_by_time()
+            cells.append(torch.stack([ys.reshape(-1), xs.reshape(-1)], 1).float() * cell + (cell - 1) / 2)
+        return Tokens(
+            features=feats,
+            frame_index=torch.tensor([r[1] for r in items], dtype=torch.int64).repeat_interleave(counts),
+            timestamp=torch.tensor([r[0] for r in items], dtype=torch.float64).repeat_interleave(counts),
+            grid=torch.cat([cells[lvl] for _, _, lvl, _ in items]),
+            level=torch.tensor([r[2] for r in items], dtype=torch.int64).repeat_interleave(counts),
+        )
 
     def stats(self) -> dict:
         out = super().stats()
