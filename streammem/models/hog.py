@@ -149,7 +149,7 @@ class HOGConfig:
         need(isinstance(self.max_proposals, int) and self.max_proposals >= 1, "max_proposals", "an int >= 1")
         need(0.0 < self.proposal_nms_iou <= 1.0, "proposal_nms_iou", "in (0, 1]")
         need(0.0 < self.nms_iou <= 1.0, "nms_iou", "in (0, 1]")
-        need(self.write_score >= self.proposal_threshold, "write_score", "> = proposal_threshold")
+        need(self.write_score >= self.proposal_threshold, "write_score", ">= proposal_threshold")
         need(isinstance(self.max_positive_writes, int) and self.max_positive_writes >= 1, "max_positive_writes",
              "an int >= 1")
         need(isinstance(self.negative_writes, int) and self.negative_writes >= 0, "negative_writes", "an int >= 0")
@@ -387,16 +387,17 @@ class HOGDetectionPipeline:
         if frame.height == 0 or frame.width == 0:
             return self._empty(frame)
         img, scale = self._prepare(frame)
-        # 2. proposals and their features
+        # 2. proposals, and their features (only needed by the memory)
         windows, raw = self.detector.propose(img)
-        feats = self.detector.features(img, windows)
+        with_memory = self.positive_memory is not None
+        feats = self.detector.features(img, windows) if with_memory else np.zeros((len(windows), 0), np.float32)
         self.counters["frames"] += 1
         self.counters["proposals"] += len(windows)
         # 3. memory term: attention to the positive and the negative key sets
         kpos, kneg = self._keys()
-        q = torch.from_numpy(feats)
         mem = torch.zeros(len(windows))
-        if kpos.shape[0] and kneg.shape[0] and c.beta > 0:
+        if with_memory and kpos.shape[0] and kneg.shape[0] and c.beta > 0:
+            q = torch.from_numpy(feats)
             mem = c.beta * (support(q, kpos, c.tau) - support(q, kneg, c.tau))
         score = torch.from_numpy(raw) + mem
         # 4. person boxes, NMS, threshold
@@ -405,7 +406,7 @@ class HOGDetectionPipeline:
         keep = keep[score[keep] >= c.score_threshold]
         self.counters["rescued"] += int((torch.from_numpy(raw)[keep] < c.score_threshold).sum())
         # 5. memory writes (after the reads: causal)
-        if write:
+        if write and with_memory:
             self._write(feats, boxes, raw, frame)
         # 6. detections in frame pixels
         k = keep.numpy()
