@@ -270,6 +270,7 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         max_steps: Optional[int] = typer.Option(None, help="stop after this many steps"),
         log: Optional[str] = typer.Option(None, help="append per-step losses to this JSONL file"),
         model: Optional[str] = typer.Option(None, help='SmallDetector keyword arguments as JSON, e.g. \'{"width": 32}\''),
+        resume: Optional[str] = typer.Option(None, help="start from this checkpoint folder's weights"),
     ) -> None:
         """Train the small detector on StreamWorld clips (MAMBA-style triples); saves
         config.json + model.safetensors to OUT as it goes."""
@@ -279,9 +280,12 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
             model_kw = json.loads(model) if model else {}
             if not isinstance(model_kw, dict):
                 raise ValueError("--model must be a JSON object")
+            kw = {"resume": resume} if resume else {}
+            if resume and "resume" not in TrainConfig.__dataclass_fields__:
+                raise ValueError("--resume is not supported by this version of streammem.train.detector")
             cfg = TrainConfig(out=out, minutes=minutes, batch=batch, lr=lr, size=size, seed=seed, workers=workers,
                               threads=threads, save_every_min=save_every_min, max_steps=max_steps, log=log,
-                              model=model_kw)
+                              model=model_kw, **kw)
         except (ValueError, json.JSONDecodeError) as exc:
             _fail(str(exc))
         train(cfg)
