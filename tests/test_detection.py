@@ -312,3 +312,17 @@ def test_evaluation_runner_reports_every_method():
     assert {"all", "speed:slow", "speed:medium", "speed:fast"} <= set(res["hard"]["single"])
     table = format_table(res)
     assert "| hard | dual |" in table
+
+
+def test_cached_key_projections_give_the_same_head_output():
+    """The instance bank stores GEO-projected keys; reading them must equal projecting raw keys."""
+    for mode in ("attention", "alignment"):
+        det = tiny(geo_mode=mode)
+        with torch.no_grad():
+            for g in (det.geo0, det.geo1):
+                g.wk.weight.normal_()
+                g.merge.weight.normal_()
+        fc6, keys = torch.rand(7, det.fc_dim), torch.rand(40, det.fc_dim)
+        a = det.head(fc6, keys)
+        b = det.head_cached(fc6, det.key_cache(keys))
+        assert torch.allclose(a[0], b[0], atol=1e-4) and torch.allclose(a[1], b[1], atol=1e-4)

@@ -258,6 +258,23 @@ class SmallDetector(nn.Module, PyTorchModelHubMixin):
         x = self.geo1(x, k7)
         return self.cls(x), self.box(x)
 
+    def key_cache(self, fc6: torch.Tensor) -> torch.Tensor:
+        """Everything :meth:`head` computes from its keys alone, ``(K, 4D)``: GEO0's projected
+        keys, ``relu(fc7(keys))`` through GEO1's projections. The instance memory stores these
+        (they depend only on the key), so a read of N keys costs no per-read key work;
+        :meth:`head_cached` gives :meth:`head`'s result from them."""
+        if fc6.shape[0] == 0:
+            return fc6.new_zeros(0, 4 * self.fc_dim)
+        return torch.cat([self.geo0.project_keys(fc6), self.geo1.project_keys(F.relu(self.fc7(fc6)))], 1)
+
+    def head_cached(self, fc6: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """:meth:`head` with keys given as :meth:`key_cache` rows (at least one)."""
+        d2 = 2 * self.fc_dim
+        x = self.geo0.mix(fc6, self.geo0.attend_projected(fc6, cache[:, :d2]))
+        x = F.relu(self.fc7(x))
+        x = self.geo1.mix(x, self.geo1.attend_projected(x, cache[:, d2:]))
+        return self.cls(x), self.box(x)
+
     # ------------------------------------------------------------------ one-frame inference
     def postprocess(self, props: torch.Tensor, logits: torch.Tensor, deltas: torch.Tensor, size_hw: tuple[int, int],
                     score_threshold: float = 0.01, nms_iou: float = 0.5) -> dict:

@@ -77,6 +77,32 @@ class GEO(nn.Module):
             nn.init.normal_(self.merge.weight, std=0.01)
             nn.init.zeros_(self.merge.bias)
 
+    def project_keys(self, k: torch.Tensor) -> torch.Tensor:
+        """What :meth:`attend` computes from the keys alone: ``(Nk, 2C)`` = ``[Wk k, k W^T]``.
+
+        A memory can store this instead of ``k`` (it depends on nothing else), so a read of Nk
+        keys costs no key projection: :meth:`attend_projected` then gives :meth:`attend`'s result.
+        """
+        return torch.cat([self.wk(k), k @ self.merge.weight[:, :, 0].t()], 1)
+
+    def attend_projected(self, q: torch.Tensor, pk: torch.Tensor) -> torch.Tensor:
+        """:meth:`attend` with keys given as :meth:`project_keys` output ``(Nk, 2C)``."""
+        nq, c = q.shape
+        nk = pk.shape[0]
+        qh = self.wq(q).view(nq, self.heads, self.head_dim).transpose(0, 1)  # H, Nq, d
+        kh = pk[:, :c].reshape(nk, self.heads, self.head_dim).transpose(0, 1)
+        kv = pk[:, c:].reshape(nk, self.heads, self.head_dim).transpose(0, 1)
+        a = torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(self.head_dim), dim=-1)
+        return (a @ kv).transpose(0, 1).reshape(nq, c) + self.merge.bias
+
+    def mix(self, q: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
+        """The mode's output from ``q`` and ``att`` (see the module docstring)."""
+        if self.mode == "attention":
+            return q + att
+        if self.training:
+            return att
+        return self.test_mix * q + (1.0 - self.test_mix) * att
+
     def attend(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         """``att`` of the rule above: ``(Nq, C)``.
 
@@ -119,9 +145,4 @@ class GEO(nn.Module):
     def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
         if q.ndim != 2 or k.ndim != 2 or q.shape[1] != self.dim or k.shape[1] != self.dim:
             raise ValueError(f"GEO expects q (Nq, {self.dim}) and k (Nk, {self.dim}), got {tuple(q.shape)} and {tuple(k.shape)}")
-        att = self.attend(q, k)
-        if self.mode == "attention":
-            return q + att
-        if self.training:
-            return att
-        return self.test_mix * q + (1.0 - self.test_mix) * att
+        return self.mix(q, self.attend(q, k))

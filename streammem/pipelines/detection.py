@@ -33,7 +33,11 @@ Departures from MAMBA, named:
   per-frame side buffer of 0.5-0.8 boxes and high-norm pixels;
 - instance writes skip proposals with objectness below ``instance_min_objectness`` (0.05), so
   a stream without objects does not fill the bank with background (MAMBA writes all 75);
-- pixel writes are capped at ``max_pixel_tokens`` per frame (1000).
+- pixel writes are capped at ``max_pixel_tokens`` per frame (1000);
+- the instance bank stores each key's projections for the two instance-level GEOs
+  (:meth:`~streammem.models.detector.SmallDetector.key_cache`, 4 x fc_dim wide) instead of
+  the raw fc6 feature: the same result (tested), with the key projections done once at write
+  time instead of for every key at every read.
 
 DualMemory routing (ours): an instance token's static score is ``1 - objectness`` (object-like
 proposals go to the transient FIFO of recent frames, background to the persistent store);
@@ -186,7 +190,9 @@ class StreamingDetectionPipeline:
         self.pixel_key_size = c.pixel_key_size or detector.pixel_keys
         self.bank_proposals = c.bank_proposals or detector.bank_proposals
         self.pixel_memory = self._make_memory(detector.width, self.pixel_key_size, c.max_pixel_tokens, seed=c.seed)
-        self.instance_memory = self._make_memory(detector.fc_dim, c.key_size, self.bank_proposals, seed=c.seed + 1)
+        # the instance bank stores each key's GEO projections (detector.key_cache), 4 x fc_dim wide
+        self.instance_dim = 4 * detector.fc_dim
+        self.instance_memory = self._make_memory(self.instance_dim, c.key_size, self.bank_proposals, seed=c.seed + 1)
         self.gen = torch.Generator()
         self.reset()
 
@@ -274,7 +280,8 @@ class StreamingDetectionPipeline:
             return
         centre = torch.stack([(p[:, 1] + p[:, 3]) / 2, (p[:, 0] + p[:, 2]) / 2], 1) / STRIDE
         score = (1.0 - o) if c.memory == "dual" else o
-        self.instance_memory.write(Tokens(features=f.contiguous(), frame_index=torch.full((n,), frame.index),
+        self.instance_memory.write(Tokens(features=self.detector.key_cache(f).contiguous(),
+                                          frame_index=torch.full((n,), frame.index),
                                           timestamp=torch.full((n,), float(frame.timestamp)), grid=centre,
                                           level=torch.ones(n, dtype=torch.int64), score=score))
         self.counters["instance_writes"] += n
@@ -313,10 +320,10 @@ class StreamingDetectionPipeline:
         # 3. proposals, fc6, instance-level enhancement, head
         props, obj = det.propose(enh)
         fc6 = det.roi_fc6(enh, props)
-        ik = self._read(self.instance_memory if c.instance_level else None, c.key_size, det.fc_dim)
+        ik = self._read(self.instance_memory if c.instance_level else None, c.key_size, self.instance_dim)
         if ik.shape[0] == 0:
-            ik = fc6[: self.bank_proposals]
-        logits, deltas = det.head(fc6, ik)
+            ik = det.key_cache(fc6[: self.bank_proposals])
+        logits, deltas = det.head_cached(fc6, ik)
         out = det.postprocess(props, logits, deltas, tuple(x.shape[2:]), c.score_threshold)
         # 4. memory writes
         if write:

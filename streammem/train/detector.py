@@ -59,6 +59,9 @@ class TrainConfig:
     threads: torch threads of the training process.
     save_every_min: checkpoint period.
     max_steps: optional step cap (for smoke tests).
+    log: optional JSONL file of per-step losses.
+    resume: a checkpoint folder to start from (its weights and model config; the schedule
+        starts afresh over ``minutes``).
     model: SmallDetector keyword arguments.
     """
 
@@ -78,6 +81,7 @@ class TrainConfig:
     save_every_min: float = 5.0
     max_steps: int | None = None
     log: str | None = None
+    resume: str | None = None
     model: dict = field(default_factory=dict)
 
     def __post_init__(self) -> None:
@@ -270,7 +274,10 @@ def train(cfg: TrainConfig) -> SmallDetector:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    model = SmallDetector(num_classes=len(CLASSES), class_names=list(CLASSES), **cfg.model)
+    if cfg.resume:
+        model = SmallDetector.from_pretrained(cfg.resume)
+    else:
+        model = SmallDetector(num_classes=len(CLASSES), class_names=list(CLASSES), **cfg.model)
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
     loader = DataLoader(TripleStream(cfg), batch_size=cfg.batch, collate_fn=_collate, num_workers=cfg.workers,
                         prefetch_factor=4 if cfg.workers else None, persistent_workers=bool(cfg.workers))
