@@ -81,7 +81,7 @@ def fill(pipe: StreamingDetectionPipeline, per: dict[str, int], seed: int = 0, m
     c = pipe.config
     n = 0
     for level, mem, dim in (("pixel", pipe.pixel_memory, pipe.detector.width),
-                            ("instance", pipe.instance_memory, pipe.detector.fc_dim)):
+                            ("instance", pipe.instance_memory, pipe.instance_dim)):
         k = per[level]
         frames = min(max_frames, -(-mem.capacity // k) if c.memory == "feature_bank" else c.dual_fifo_frames + 1000)
         pool = torch.randn(16, k, dim, generator=g).abs()
