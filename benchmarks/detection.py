@@ -202,7 +202,7 @@ def synthetic(det: SmallDetector, counts: dict, frames: list, n: int, size: int)
             empty.append((time.perf_counter() - t0) * 1e3)
         pipe.reset()
         for level, mem, dim, key in (("pixel", pipe.pixel_memory, det.width, pipe.pixel_key_size),
-                                     ("instance", pipe.instance_memory, det.fc_dim, pipe.config.key_size)):
+                                     ("instance", pipe.instance_memory, pipe.instance_dim, pipe.config.key_size)):
             k = per[level]
             pool = torch.randn(64, k, dim, generator=g).abs()  # recycled feature blocks: cheap, realistic widths
             if m == "dual":  # the pipeline's routing: object pixels dynamic, proposals by 1 - objectness
