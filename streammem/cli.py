@@ -83,14 +83,18 @@ def run(
     backend: str = typer.Option("auto", help="video reader: auto, decord or opencv"),
     progress: bool = typer.Option(True, help="show a progress bar"),
     memory: str = typer.Option("ovbench", help="Pyramid Memory Bank preset: ovbench (832 tokens) or offline (9,984)"),
+    detection: bool = typer.Option(True, help="run the detection head"),
+    qa: bool = typer.Option(True, help="run the QA head (a few questions during the stream)"),
 ) -> None:
-    """The main job: stream SOURCE through the pipeline and its memory.
+    """The main job: stream SOURCE through the memory and the heads.
 
-    Writes OUT/annotated.mp4, OUT/frames.jsonl, OUT/summary.json and OUT/memory.safetensors.
+    Writes OUT/annotated.mp4, OUT/frames.jsonl, OUT/detections.jsonl, OUT/answers.jsonl,
+    OUT/summary.json and OUT/memory.safetensors.
     """
     try:
         result = run_main_job(
             source, out, realtime=realtime, max_frames=max_frames, progress=progress, memory=memory,
+            heads=tuple(h for h, on in (("detection", detection), ("qa", qa)) if on),
             **_source_options(stride, start, end, fps, max_side, backend),
         )
     except (SourceError, ValueError) as exc:
@@ -106,6 +110,21 @@ def run(
         f"  memory:  PyramidMemory {m['num_tokens']}/{m['capacity']} tokens, frames per level "
         f"{m['frames_per_level']}, {m.get('promotions', 0)} promotions -> {result.memory}"
     )
+    det = s["heads"]["detection"]
+    if det is not None:
+        bank = det.get("instance_memory", {})
+        typer.echo(f"  detect:  {det['frames']} frames, instance bank {bank.get('num_tokens', 0)}/{bank.get('capacity', 0)} "
+                   f"tokens -> {s['outputs']['detections']}")
+    qa = s["heads"]["qa"]
+    if qa is not None:
+        typer.echo(f"  ask:     {len(qa['answers'])} answers -> {s['outputs']['answers']}")
+        for a in qa["answers"]:
+            ev = ", ".join(f"{e['timestamp']:.1f}s" for e in a["evidence"][:3])
+            truth = {True: "  [right]", False: "  [wrong]"}.get(a.get("correct"), "")
+            typer.echo(f"    @{a['at']:5.1f}s {a['question']} -> {a['answer']} ({a['confidence']:.2f}){truth}; "
+                       f"evidence {ev}")
+    for note in s.get("notes", []):
+        typer.echo(f"  note:    {note}")
     typer.echo(f"  video:   {result.video}")
     typer.echo(f"  stats:   {result.jsonl}")
     typer.echo(f"  summary: {result.summary_path}")

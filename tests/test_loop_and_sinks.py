@@ -149,6 +149,13 @@ def test_cli_run_main_job(videos, tmp_path):
     assert mem.stats()["num_tokens"] == summary["memory"]["num_tokens"]
     assert mem.stats()["writes"] == N_FRAMES
     assert rec["memory_tokens"] > 0
+    # the heads ran: detections for every frame, and the scheduled questions answered causally
+    dets = [json.loads(x) for x in (out / "detections.jsonl").read_text().splitlines()]
+    assert [d["frame"] for d in dets] == list(range(N_FRAMES))
+    answers = [json.loads(x) for x in (out / "answers.jsonl").read_text().splitlines()]
+    assert len(answers) == 4 and all(a["answer"] in ("yes", "no") and a["evidence"] for a in answers)
+    assert all(e["timestamp"] <= a["at"] for a in answers for e in a["evidence"])
+    assert "answers ->" in res.output and "detect:" in res.output
 
 
 def test_cli_run_keeps_work_done_before_a_truncation(videos, tmp_path):
