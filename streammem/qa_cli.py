@@ -171,7 +171,7 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         seeds: List[int] = typer.Option([0, 1], "--seed", help="world seeds"),
         presets: List[str] = typer.Option(["medium"], "--preset", help="world presets"),
         budgets: List[str] = typer.Option(["offline", "ovbench"], "--budget", help="token budgets"),
-        memories: List[str] = typer.Option(["window", "uniform", "pyramid", "dual", "full"], "--memory"),
+        memories: List[str] = typer.Option(["none", "window", "uniform", "pyramid", "dual", "full"], "--memory"),
         out: Path = typer.Option(Path("outputs/qa_eval"), "--out", "-o", help="results folder"),
         ovbench: Optional[Path] = typer.Option(None, help="an OVBench JSON file: evaluate on its videos instead"),
         video_root: Optional[Path] = typer.Option(None, help="folder holding the OVBench videos"),

@@ -14,7 +14,9 @@ Memories compared in one run, every one fed the same encoded frames, at one toke
 - ``pyramid``: :class:`~streammem.memory.PyramidMemory` with the budget's preset;
 - ``dual``: :class:`~streammem.memory.DualMemory` (a FIFO of the newest frames' moving tokens
   beside persistent static slots, the rest of the budget), routed by camera-compensated motion;
-- ``full``: every frame, pooled to 4 x 4 (16 tokens): unbounded, the reference ceiling.
+- ``full``: every frame, pooled to 4 x 4 (16 tokens): unbounded, the reference ceiling (it
+  has no budget; it is run once and reported beside each budget);
+- ``none``: an empty memory: what the answerer gets from the question alone (its priors).
 
 Questions come from StreamWorld streams (``seconds`` long, at 8 fps) or, for real videos, from
 OVBench JSON files (:func:`load_ovbench`).
@@ -45,11 +47,11 @@ from streammem.memory import DualMemory, PyramidMemory
 from streammem.memory.base import pool_grid
 from streammem.types import Tokens
 
-__all__ = ["mcq_letter", "score", "load_ovbench", "WindowMemory", "UniformMemory", "FullMemory", "make_memories",
+__all__ = ["mcq_letter", "score", "load_ovbench", "WindowMemory", "UniformMemory", "FullMemory", "EmptyMemory", "make_memories",
            "evaluate_qa", "evaluate_ovbench", "run_stream", "summarise", "format_table", "plot_horizon", "BUDGETS", "MEMORIES"]
 
 BUDGETS = {"ovbench": 832, "offline": 9984}
-MEMORIES = ("window", "uniform", "pyramid", "dual", "full")
+MEMORIES = ("none", "window", "uniform", "pyramid", "dual", "full")
 TYPES = ("PM", "SP", "TP", "STP", "HD", "FP")
 _LETTER_RE = re.compile(r"(?:^|[^A-Za-z])\(?([A-E])(?:[).:,]|\s|$)")
 
@@ -216,6 +218,16 @@ class UniformMemory(_FrameMemory):
         self.writes += 1
 
 
+class EmptyMemory(_FrameMemory):
+    """Holds nothing: the answerer sees only the question (a prior-only baseline)."""
+
+    def __init__(self, dim: int) -> None:
+        super().__init__(dim, 16)
+
+    def write(self, tokens: Tokens) -> None:
+        self.writes += 1
+
+
 class FullMemory(_FrameMemory):
     """Every frame at ``side x side`` (unbounded: the reference ceiling)."""
 
@@ -250,6 +262,7 @@ def make_memories(budget: str, dim: int, names: tuple[str, ...] = MEMORIES) -> d
         "pyramid": lambda: PyramidMemory.from_preset(budget, dim=dim),
         "dual": lambda: DualMemory(dim=dim, slots=n - fifo * 256, fifo_frames=fifo, max_tokens_per_frame=256),
         "full": lambda: FullMemory(dim),
+        "none": lambda: EmptyMemory(dim),
     }
     unknown = [k for k in names if k not in table]
     if unknown:
@@ -317,7 +330,11 @@ def run_stream(frames, questions: list[dict], answerer, encoder, budgets, memori
     for q in questions:
         by_time.setdefault(float(q["middle_frame_timestamp"]), []).append(q)
     times = sorted(by_time)
-    mems = {(b, m): f() for b in budgets for m, f in make_memories(b, encoder.dim, memories).items()}
+    mems = {}
+    for i, b in enumerate(budgets):  # budget-free memories (full, none) run once, under the first budget
+        for m, f in make_memories(b, encoder.dim, memories).items():
+            if i == 0 or m not in ("full", "none"):
+                mems[(b, m)] = f()
     scorer = MotionScorer(grid=encoder.grid) if "dual" in memories else None
     ti, buf = 0, []
 
@@ -370,10 +387,22 @@ def _answer_all(answerer, mems, questions, at, records, latency, tags) -> None:
                             "correct": letter == q["answer_letter"]})
 
 
+def _broadcast(records: list[dict]) -> list[dict]:
+    """Budget-free baselines (full, none) are run once; show them beside every budget."""
+    budgets = sorted({r["budget"] for r in records})
+    shared = [r for r in records if r["memory"] in ("full", "none")]
+    out = [r for r in records if r["memory"] not in ("full", "none")]
+    for b in budgets:
+        out += [dict(r, budget=b) for r in shared]
+    return out
+
+
 def summarise(records: list[dict], min_horizon: float = 60.0) -> dict:
     """``{budget: {memory: {micro, macro, per type, "PM>=60s", n}}}``."""
+    records = _broadcast(records)
+    budgets = sorted({r["budget"] for r in records})
     out: dict = {}
-    for budget in sorted({r["budget"] for r in records}):
+    for budget in budgets:
         for mem in [m for m in MEMORIES if any(r["memory"] == m and r["budget"] == budget for r in records)]:
             rs = [r for r in records if r["budget"] == budget and r["memory"] == mem]
             s = score(rs)
@@ -406,7 +435,7 @@ def format_table(summary: dict, min_horizon: float = 60.0) -> str:
 def horizon_curve(records: list[dict], edges=(0, 5, 15, 30, 60, 120, 240, 600)) -> dict:
     """Past-memory accuracy per horizon bucket: ``{(budget, memory): [(lo, hi, acc, n), ...]}``."""
     out: dict = {}
-    for r in records:
+    for r in _broadcast(records):
         if r["answer_type"] != "PM":
             continue
         out.setdefault((r["budget"], r["memory"]), []).append(r)
