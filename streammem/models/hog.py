@@ -64,7 +64,6 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -72,6 +71,7 @@ import supervision as sv
 import torch
 
 from streammem.models.detector import box_iou, nms
+from streammem.pipelines.detection import DetectionStreamMixin
 from streammem.types import Frame, Tokens
 
 __all__ = ["HOGConfig", "HOGPeopleDetector", "HOGDetectionPipeline", "HOG_MEMORIES"]
@@ -245,7 +245,7 @@ def support(queries: torch.Tensor, keys: torch.Tensor, tau: float) -> torch.Tens
     return (torch.softmax(sim / tau, dim=1) * sim).sum(1)
 
 
-class HOGDetectionPipeline:
+class HOGDetectionPipeline(DetectionStreamMixin):
     """HOG proposals + memory re-scoring -> ``sv.Detections`` per frame.
 
     The same streaming API as :class:`~streammem.pipelines.detection.StreamingDetectionPipeline`:
@@ -426,46 +426,3 @@ class HOGDetectionPipeline:
         cx, cy = (windows[:, 0] + windows[:, 2]) / 2, (windows[:, 1] + windows[:, 3]) / 2
         w, h = (windows[:, 2] - windows[:, 0]) * fw, (windows[:, 3] - windows[:, 1]) * fh
         return np.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1).astype(np.float32).reshape(-1, 4)
-
-    def _empty(self, frame: Frame) -> sv.Detections:
-        d = sv.Detections.empty()
-        d.metadata = {"frame_index": frame.index, "mode": self._mode_label()}
-        return d
-
-    def _mode_label(self) -> str:
-        from streammem.pipelines.detection import PROTOCOL_LABEL
-
-        return "causal" if self.config.mode == "causal" else PROTOCOL_LABEL
-
-    # ------------------------------------------------------------------ streams
-    def step(self, frame: Frame) -> sv.Detections:
-        """Causal mode: detect in ``frame`` with the memories of past frames, then write it."""
-        if self.config.mode != "causal":
-            raise RuntimeError("step() is causal; in mode='protocol' call run_protocol(frames) with a whole video")
-        d = self._process(frame)
-        if self.tracker is not None:
-            d = self.tracker.update(d)
-        return d
-
-    def run(self, frames: Iterable[Frame]) -> Iterator[sv.Detections]:
-        """Causal mode over a stream: a generator of one ``sv.Detections`` per frame."""
-        for f in frames:
-            yield self.step(f)
-
-    def run_protocol(self, frames: Sequence[Frame], seed: int | None = None) -> list[sv.Detections]:
-        """MAMBA's test protocol on one whole video (**not causal**): reset, warm the memories
-        up with ``warmup`` frames in shuffled order, then detect every frame in a shuffled
-        order. Returns the detections in the video's order."""
-        frames = list(frames)
-        self.reset()
-        if not frames:
-            return []
-        rng = np.random.default_rng(self.config.seed if seed is None else seed)
-        order = rng.permutation(len(frames))
-        for i in order[: self.config.warmup]:
-            self._process(frames[int(i)])
-        out: list[sv.Detections | None] = [None] * len(frames)
-        for i in order:
-            out[int(i)] = self._process(frames[int(i)])
-        return out  # type: ignore[return-value]
-

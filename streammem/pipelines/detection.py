@@ -68,7 +68,7 @@ import torch.nn.functional as F
 from streammem.models.detector import STRIDE, SmallDetector
 from streammem.types import Frame, Tokens
 
-__all__ = ["DetectionConfig", "StreamingDetectionPipeline", "IoUTracker", "MODES", "MEMORIES"]
+__all__ = ["DetectionConfig", "DetectionStreamMixin", "StreamingDetectionPipeline", "IoUTracker", "MODES", "MEMORIES"]
 
 MODES = ("causal", "protocol")
 MEMORIES = ("feature_bank", "dual", "none")
@@ -175,7 +175,52 @@ class IoUTracker:
         return det
 
 
-class StreamingDetectionPipeline:
+class DetectionStreamMixin:
+    """Streaming API shared by detection pipelines: causal ``step`` / ``run`` and MAMBA's
+    ``run_protocol``. A pipeline provides ``config`` (``mode``, ``warmup``, ``seed``),
+    ``tracker`` (or None), ``reset()`` and ``_process(frame) -> sv.Detections``."""
+
+    def _empty(self, frame: Frame) -> sv.Detections:
+        d = sv.Detections.empty()
+        d.metadata = {"frame_index": frame.index, "mode": self._mode_label()}
+        return d
+
+    def _mode_label(self) -> str:
+        return "causal" if self.config.mode == "causal" else PROTOCOL_LABEL
+
+    def step(self, frame: Frame) -> sv.Detections:
+        """Causal mode: detect in ``frame`` with the memories of past frames, then write it."""
+        if self.config.mode != "causal":
+            raise RuntimeError("step() is causal; in mode='protocol' call run_protocol(frames) with a whole video")
+        d = self._process(frame)
+        if self.tracker is not None:
+            d = self.tracker.update(d)
+        return d
+
+    def run(self, frames: Iterable[Frame]) -> Iterator[sv.Detections]:
+        """Causal mode over a stream: a generator of one ``sv.Detections`` per frame."""
+        for f in frames:
+            yield self.step(f)
+
+    def run_protocol(self, frames: Sequence[Frame], seed: int | None = None) -> list[sv.Detections]:
+        """MAMBA's test protocol on one whole video (**not causal**): reset; warm the memories up
+        with ``warmup`` frames of the video in shuffled order (their outputs discarded); then
+        detect every frame in a shuffled order. Returns the detections in the video's order."""
+        frames = list(frames)
+        self.reset()
+        if not frames:
+            return []
+        rng = np.random.default_rng(self.config.seed if seed is None else seed)
+        order = rng.permutation(len(frames))
+        for i in order[: self.config.warmup]:
+            self._process(frames[int(i)])
+        out: list[sv.Detections | None] = [None] * len(frames)
+        for i in order:
+            out[int(i)] = self._process(frames[int(i)])
+        return out  # type: ignore[return-value]
+
+
+class StreamingDetectionPipeline(DetectionStreamMixin):
     """Detector + memories + GEO -> ``sv.Detections`` per frame (see the module docstring).
 
     State (explicit, reset by :meth:`reset`): ``pixel_memory``, ``instance_memory`` (None for
@@ -340,46 +385,7 @@ class StreamingDetectionPipeline:
                              class_id=cls, data={"class_name": names},
                              metadata={"frame_index": frame.index, "mode": self._mode_label()})
 
-    def _empty(self, frame: Frame) -> sv.Detections:
-        d = sv.Detections.empty()
-        d.metadata = {"frame_index": frame.index, "mode": self._mode_label()}
-        return d
-
-    def _mode_label(self) -> str:
-        return "causal" if self.config.mode == "causal" else PROTOCOL_LABEL
-
     def reset_memories(self) -> None:
         for m in (self.pixel_memory, self.instance_memory):
             if m is not None:
                 m.reset()
-
-    def step(self, frame: Frame) -> sv.Detections:
-        """Causal mode: detect in ``frame`` with the memories of past frames, then write it."""
-        if self.config.mode != "causal":
-            raise RuntimeError("step() is causal; in mode='protocol' call run_protocol(frames) with a whole video")
-        d = self._process(frame)
-        if self.tracker is not None:
-            d = self.tracker.update(d)
-        return d
-
-    def run(self, frames: Iterable[Frame]) -> Iterator[sv.Detections]:
-        """Causal mode over a stream: a generator of one ``sv.Detections`` per frame."""
-        for f in frames:
-            yield self.step(f)
-
-    def run_protocol(self, frames: Sequence[Frame], seed: int | None = None) -> list[sv.Detections]:
-        """MAMBA's test protocol on one whole video (**not causal**): reset; warm the memories up
-        with ``warmup`` frames of the video in shuffled order (their outputs discarded); then
-        detect every frame in a shuffled order. Returns the detections in the video's order."""
-        frames = list(frames)
-        self.reset()
-        if not frames:
-            return []
-        rng = np.random.default_rng(self.config.seed if seed is None else seed)
-        order = rng.permutation(len(frames))
-        for i in order[: self.config.warmup]:
-            self._process(frames[int(i)])
-        out: list[sv.Detections | None] = [None] * len(frames)
-        for i in order:
-            out[int(i)] = self._process(frames[int(i)])
-        return out  # type: ignore[return-value]
