@@ -269,7 +269,9 @@ class StreamingQAPipeline:
         s = self.thumb_side / max(h, w, 1)
         self.thumbs[frame.index] = cv2.resize(frame.image, (max(1, round(w * s)), max(1, round(h * s))),
                                               interpolation=cv2.INTER_AREA)
-        held = set(self.memory.read().frame_index.unique().tolist()) if hasattr(self.memory, "read") else set()
+        # which frames the memory still holds: PyramidMemory lists them cheaply, others by a read
+        held = ({fi for _, fi, _ in self.memory.frames()} if hasattr(self.memory, "frames")
+                else set(self.memory.read().frame_index.unique().tolist()))
         if self.dual is not None:
             held |= set(self.dual.read().frame_index.unique().tolist())
         for k in [k for k in self.thumbs if k not in held]:
