@@ -9,7 +9,9 @@ real writes until all its buffers are full (``--warmup`` writes, enough to fill 
 a later stream position p is then reached by advancing the stream-position counters in its
 snapshot (``writes``, frame counters) to p with ``state_dict`` / ``load_state_dict``, which is
 what p real writes would leave apart from the (already full) contents. Costs are medians over
-``--repeats`` writes and reads taken at each position. Peak resident memory is measured over
+``--repeats`` writes and reads taken at each position, in five rounds that visit the positions
+in turn (each position continues from its own snapshot), so a slow drift of a noisy machine
+does not read as growth with stream position. Peak resident memory is measured over
 real writes only (``--rss-writes``, 100k by default, at D = 256).
 """
 
@@ -98,8 +100,8 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-def bench_costs(dims, positions, repeats, only):
-    print(f"\n## Cost per write / read (median of {repeats}) against stream position")
+def bench_costs(dims, positions, repeats, only, rounds=5):
+    print(f"\n## Cost per write / read (median of {repeats}, in {rounds} interleaved rounds) against stream position")
     print("positions past the warm-up are reached by advancing the snapshot's stream counters (see docstring)\n")
     head = "| memory | D | " + " | ".join(f"write @{p // 1000}k ms" for p in positions) + " | " + \
         " | ".join(f"read @{p // 1000}k ms" for p in positions) + " | write late/early | read late/early |"
@@ -117,12 +119,25 @@ def bench_costs(dims, positions, repeats, only):
             for i in range(warm):
                 mem.write(writes[i % len(writes)])
             q = torch.randn(4, d) if kind == "dual" else None
-            w_cost, r_cost = [], []
+            # one snapshot per position; rounds visit the positions in turn, so a drift of the
+            # machine over time is spread over all positions instead of reading as growth
+            states = {}
             for p in positions:
                 advance(mem, p)
-                it = iter(range(10 ** 9))
-                w_cost.append(timed(lambda: mem.write(writes[next(it) % len(writes)]), repeats))
-                r_cost.append(timed(lambda: mem.read(q), repeats))
+                states[p] = {k: v.clone() for k, v in mem.state_dict().items()}
+            per_round = max(1, repeats // rounds)
+            w_times = {p: [] for p in positions}
+            r_times = {p: [] for p in positions}
+            it = iter(range(10 ** 9))
+            for _ in range(rounds):
+                for p in positions:
+                    mem.load_state_dict(states[p])
+                    for _ in range(per_round):
+                        w_times[p].append(timed(lambda: mem.write(writes[next(it) % len(writes)]), 1))
+                        r_times[p].append(timed(lambda: mem.read(q), 1))
+                    states[p] = {k: v.clone() for k, v in mem.state_dict().items()}
+            w_cost = [statistics.median(w_times[p]) for p in positions]
+            r_cost = [statistics.median(r_times[p]) for p in positions]
             wr, rr = w_cost[-1] / w_cost[0], r_cost[-1] / r_cost[0]
             worst = max(worst, wr, rr)
             print(f"| {name} | {d} | " + " | ".join(f"{c * 1e3:.3f}" for c in w_cost) + " | " +

@@ -300,12 +300,14 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         size: int = typer.Option(256, help="frame side in pixels"),
         seed: int = typer.Option(0, help="evaluation seed (world seeds < 10,000)"),
         protocol: bool = typer.Option(False, "--protocol", help="also MAMBA's non-causal protocol"),
+        key_size: Optional[int] = typer.Option(None, help="instance keys per read (default: DetectionConfig's)"),
         out: Optional[str] = typer.Option(None, "--out", "-o", help="write the results as JSON here"),
         progress: bool = typer.Option(False, help="show progress bars"),
     ) -> None:
         """AP50 of the small detector on StreamWorld: single frame, + smoother, FeatureBank, DualMemory."""
         from streammem.eval.detection import evaluate, format_table
         from streammem.models.detector import SmallDetector
+        from streammem.pipelines.detection import DetectionConfig
         from streammem.world import PRESETS
 
         names = tuple(p.strip() for p in presets.split(",") if p.strip())
@@ -318,8 +320,12 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
             _fail(f"no detector checkpoint at {path}; train one with `streammem train detector --out {path}`")
         det = SmallDetector.from_pretrained(str(path)).eval()
+        try:
+            cfg = DetectionConfig(image_size=size, **({"key_size": key_size} if key_size is not None else {}))
+        except ValueError as e:
+            _fail(str(e))
         res = evaluate(det, presets=names, videos=videos, frames=frames, size=size, seed=seed, protocol=protocol,
-                       progress=progress)
+                       config=cfg, progress=progress)
         typer.echo(format_table(res))
         if out:
             p = Path(out)

@@ -13,6 +13,12 @@ wall-clock budget, ``accelerate`` for the device, checkpoints (``config.json`` +
 ``model.safetensors``) as it goes, validation accuracy per question type on held-out worlds.
 
     python -m streammem.train.answerer --minutes 25          # or: streammem train answerer
+
+With many worlds, render and encode in one process while another trains (two cores, one
+each; every world the trainer sees is new, so it cannot memorise a handful of streams):
+
+    python -m streammem.train.answerer produce data/qa --worlds 60 &     # shards, one per world
+    python -m streammem.train.answerer --data data/qa --minutes 45 --threads 1
 """
 
 from __future__ import annotations
@@ -33,7 +39,8 @@ from streammem.memory import PyramidMemory
 from streammem.models.answerer import SmallAnswerer, Vocab, encode_questions
 from streammem.types import Tokens
 
-__all__ = ["AnswererTrainConfig", "Snapshot", "build_snapshots", "train", "evaluate_snapshots", "fit_vocab"]
+__all__ = ["AnswererTrainConfig", "Snapshot", "build_snapshots", "iter_world_snapshots", "save_shard", "load_shard",
+           "produce", "train", "evaluate_snapshots", "fit_vocab"]
 
 TRAIN_SEED0 = 20_000_000
 VAL_SEED0 = 30_000_000
@@ -62,6 +69,10 @@ class AnswererTrainConfig:
     big_memory / big_memory_questions: snapshots with more tokens than ``big_memory`` train on a
         random subset of this many of their questions per visit (cost is questions x tokens).
     lr, weight_decay: AdamW. threads: torch threads. seed: init and sampling seed.
+    data: a folder of snapshot shards written by :func:`produce` (``train/`` and ``val/``)
+        instead of building snapshots in process. New shards are picked up while training runs
+        (the producer may still be writing them); at most ``buffer_mb`` MB of snapshot features
+        are held, random ones dropped beyond that.
     model: SmallAnswerer keyword arguments (besides vocab and token_dim).
     """
 
@@ -82,6 +93,8 @@ class AnswererTrainConfig:
     threads: int = 2
     seed: int = 0
     log: str | None = None
+    data: str | None = None
+    buffer_mb: float = 6000.0
     model: dict = field(default_factory=lambda: {"d": 128, "heads": 4, "layers": 2})
 
     def __post_init__(self) -> None:
@@ -96,17 +109,33 @@ class AnswererTrainConfig:
 
 def build_snapshots(encoder, seeds: list[int], presets: tuple[str, ...], seconds: float, budgets: tuple[str, ...],
                     every_s: float = 10.0, size: int = 256, fps: float = 8.0, batch: int = 32,
-                    progress: bool = True, memories: dict | None = None) -> list[Snapshot]:
+                    progress: bool = True, memories: dict | None = None,
+                    strides: dict[str, int] | None = None) -> list[Snapshot]:
     """Stream each world through ``encoder`` into one memory per budget; snapshot at question times.
 
     ``memories`` maps a name to a zero-argument factory of a memory, replacing the
-    ``PyramidMemory`` budgets (the evaluation uses this for its baselines).
+    ``PyramidMemory`` budgets (the evaluation uses this for its baselines). ``strides`` maps a
+    budget to k: snapshot it only at every k-th question time (big memories cost more to keep
+    and to train on).
     """
+    out: list[Snapshot] = []
+    for _, snaps in iter_world_snapshots(encoder, seeds, presets, seconds, budgets, every_s, size, fps, batch,
+                                         progress, memories, strides):
+        out += snaps
+    return out
+
+
+def iter_world_snapshots(encoder, seeds: list[int], presets: tuple[str, ...], seconds: float,
+                         budgets: tuple[str, ...], every_s: float = 10.0, size: int = 256, fps: float = 8.0,
+                         batch: int = 32, progress: bool = True, memories: dict | None = None,
+                         strides: dict[str, int] | None = None):
+    """Like :func:`build_snapshots`, one world at a time: yields ``(seed, snapshots)``."""
     from streammem.world import World
 
     factories = memories or {b: (lambda b=b: PyramidMemory.from_preset(b, dim=encoder.dim)) for b in budgets}
-    out: list[Snapshot] = []
+    strides = strides or {}
     for wi, seed in enumerate(seeds):
+        out: list[Snapshot] = []
         preset = presets[wi % len(presets)]
         world = World(seed=seed, preset=preset, size=size, fps=fps, seconds=seconds, drop_frames=False)
         qs = world.questions(every_s=every_s)
@@ -135,6 +164,8 @@ def build_snapshots(encoder, seeds: list[int], presets: tuple[str, ...], seconds
             while ti < len(times) and times[ti] < frame.timestamp:
                 flush()
                 for name, m in mems.items():
+                    if ti % strides.get(name, 1):
+                        continue
                     r = m.read()
                     r = Tokens(features=r.features.half(), frame_index=r.frame_index, timestamp=r.timestamp,
                                grid=r.grid, level=r.level)
@@ -145,7 +176,87 @@ def build_snapshots(encoder, seeds: list[int], presets: tuple[str, ...], seconds
                 flush()
             bar.update(1)
         bar.close()
+        yield seed, out
+
+
+# ------------------------------------------------------------------ snapshot shards on disk
+def save_shard(path: str | Path, snaps: list[Snapshot]) -> Path:
+    """Write snapshots as one safetensors file (tensors) with the questions in its JSON metadata.
+
+    The file appears atomically (written under a temporary name, then renamed), so a trainer
+    following a folder never reads half a shard.
+    """
+    import os
+
+    from safetensors.torch import save_file
+
+    path = Path(path)
+    tensors, meta = {}, []
+    for i, s in enumerate(snaps):
+        m = s.memory
+        tensors[f"{i}.features"] = m.features.half().contiguous()
+        tensors[f"{i}.frame_index"] = m.frame_index.to(torch.int32).contiguous()
+        tensors[f"{i}.timestamp"] = m.timestamp.to(torch.float64).contiguous()
+        tensors[f"{i}.grid"] = m.grid.to(torch.int16).contiguous()
+        tensors[f"{i}.level"] = (m.level if m.level is not None else torch.zeros(len(m), dtype=torch.long)) \
+            .to(torch.int8).contiguous()
+        meta.append({"query_time": s.query_time, "budget": s.budget, "video": s.video, "questions": s.questions})
+    tmp = path.with_name(path.name + ".tmp")
+    save_file(tensors, str(tmp), metadata={"format": "streammem.answerer_snapshots/1",
+                                           "snapshots": json.dumps(meta)})
+    os.replace(tmp, path)
+    return path
+
+
+def load_shard(path: str | Path) -> list[Snapshot]:
+    """Read a :func:`save_shard` file (tensors and JSON only; nothing is unpickled)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        md = f.metadata() or {}
+        if md.get("format") != "streammem.answerer_snapshots/1":
+            raise ValueError(f"{path} is not a streammem answerer snapshot shard (format {md.get('format')!r})")
+        meta = json.loads(md["snapshots"])
+        out = []
+        for i, m in enumerate(meta):
+            mem = Tokens(features=f.get_tensor(f"{i}.features"), frame_index=f.get_tensor(f"{i}.frame_index").long(),
+                         timestamp=f.get_tensor(f"{i}.timestamp"), grid=f.get_tensor(f"{i}.grid").long(),
+                         level=f.get_tensor(f"{i}.level").long())
+            out.append(Snapshot(mem, float(m["query_time"]), m["questions"], m["budget"], m["video"]))
     return out
+
+
+def produce(out_dir: str | Path, encoder: str = "streammem/checkpoints/grid_encoder", worlds: int = 60,
+            val_worlds: int = 2, seconds: float = 360.0, every_s: float = 1.0, val_every_s: float = 10.0,
+            presets: tuple[str, ...] = ("clean", "medium", "hard"), budgets: tuple[str, ...] = ("ovbench", "offline"),
+            strides: dict[str, int] | None = None, seed: int = 0, threads: int = 1,
+            progress: bool = True) -> None:
+    """Write snapshot shards, one per world, to ``out_dir/val`` (first) and ``out_dir/train``.
+
+    Worlds already written are skipped, so a stopped run resumes. A trainer can follow the
+    folder while this runs (``AnswererTrainConfig.data``): rendering and encoding on one core,
+    training on the other, and every world the trainer sees is a new one.
+    """
+    from streammem.models.grid_encoder import GridEncoder
+
+    torch.set_num_threads(threads)
+    enc = GridEncoder.from_pretrained(encoder).eval()
+    strides = {"offline": 5} if strides is None else strides
+    root = Path(out_dir)
+    jobs = [("val", VAL_SEED0 + seed * 1000 + i, val_every_s, {}) for i in range(val_worlds)] + \
+           [("train", TRAIN_SEED0 + seed * 1000 + i, every_s, strides) for i in range(worlds)]
+    for wi, (split, s, ev, st) in enumerate(jobs):
+        path = root / split / f"world_{s}.safetensors"
+        if path.exists():
+            continue
+        path.parent.mkdir(parents=True, exist_ok=True)
+        preset = presets[wi % len(presets)]
+        t0 = time.time()
+        for _, snaps in iter_world_snapshots(enc, [s], (preset,), seconds, budgets, ev, progress=progress,
+                                             strides=st):
+            save_shard(path, snaps)
+        print(f"[produce] {split} world {s} ({preset}): {len(snaps)} snapshots, "
+              f"{sum(len(x.questions) for x in snaps)} questions, {time.time() - t0:.0f}s", flush=True)
 
 
 def fit_vocab(extra_texts: list[str] | None = None) -> Vocab:
@@ -197,6 +308,39 @@ def evaluate_snapshots(model: SmallAnswerer, snaps: list[Snapshot]) -> dict:
     return {b: {k: round(100.0 * c[0] / c[1], 1) for k, c in sorted(r.items())} for b, r in res.items()}
 
 
+class _ShardPool:
+    """Snapshots from the shards in ``root/train``, loaded as they appear, at most ``cap_mb``."""
+
+    def __init__(self, root: Path, cap_mb: float, rng: random.Random) -> None:
+        self.root, self.cap, self.rng = root, cap_mb * 2 ** 20, rng
+        self.snapshots: list[Snapshot] = []
+        self.seen: set[str] = set()
+        self.bytes = 0
+        self.dropped = 0
+        self.questions = 0
+
+    def refresh(self) -> int:
+        """Load new shards; returns how many snapshots the pool holds."""
+        for p in sorted((self.root / "train").glob("*.safetensors")):
+            if p.name in self.seen:
+                continue
+            self.seen.add(p.name)
+            new = load_shard(p)
+            self.snapshots += new
+            self.bytes += sum(x.memory.features.nbytes for x in new)
+            self.questions += sum(len(x.questions) for x in new)
+            while self.bytes > self.cap and len(self.snapshots) > 1:
+                i = self.rng.randrange(len(self.snapshots))
+                self.snapshots[i], self.snapshots[-1] = self.snapshots[-1], self.snapshots[i]
+                self.bytes -= self.snapshots.pop().memory.features.nbytes
+                self.dropped += 1
+        return len(self.snapshots)
+
+    def summary(self) -> str:
+        return (f"{len(self.seen)} shards ({self.questions} questions); {len(self.snapshots)} snapshots held, "
+                f"{self.dropped} dropped by the {self.cap / 2 ** 20:.0f} MB cap")
+
+
 def train(cfg: AnswererTrainConfig, snapshots: list[Snapshot] | None = None,
           val_snapshots: list[Snapshot] | None = None) -> SmallAnswerer:
     """Build data (unless given), train for ``cfg.minutes``, save to ``cfg.out``; returns the model."""
@@ -209,14 +353,19 @@ def train(cfg: AnswererTrainConfig, snapshots: list[Snapshot] | None = None,
     rng = random.Random(cfg.seed)
     encoder = GridEncoder.from_pretrained(cfg.encoder).eval()
     t_data = time.time()
-    if snapshots is None:
+    pool = _ShardPool(Path(cfg.data), cfg.buffer_mb, rng) if cfg.data else None
+    if pool is not None:
+        snapshots = pool.snapshots
+        while not pool.refresh():
+            time.sleep(10)  # wait for the producer's first shard
+    elif snapshots is None:
         seeds = [TRAIN_SEED0 + cfg.seed * 1000 + i for i in range(cfg.worlds)]
         snapshots = build_snapshots(encoder, seeds, cfg.presets, cfg.seconds, cfg.budgets, cfg.every_s)
-    if val_snapshots is None:
+    if val_snapshots is None and pool is None:
         vseeds = [VAL_SEED0 + cfg.seed * 1000 + i for i in range(cfg.val_worlds)]
         val_snapshots = build_snapshots(encoder, vseeds, cfg.presets, cfg.seconds, cfg.budgets, cfg.every_s)
     n_q = sum(len(s.questions) for s in snapshots)
-    print(f"[answerer] {len(snapshots)} snapshots, {n_q} questions, built in {time.time() - t_data:.0f}s", flush=True)
+    print(f"[answerer] {len(snapshots)} snapshots, {n_q} questions, ready in {time.time() - t_data:.0f}s", flush=True)
     vocab = fit_vocab()
     model = SmallAnswerer(vocab=vocab.words, token_dim=encoder.dim, grid=encoder.grid, encoder=cfg.encoder, **cfg.model)
     acc = Accelerator(cpu=not torch.cuda.is_available())
@@ -229,7 +378,11 @@ def train(cfg: AnswererTrainConfig, snapshots: list[Snapshot] | None = None,
     step, ema_loss, ema_acc = 0, None, None
     order: list[int] = []
     bar = tqdm(total=int(budget), unit="s", desc="train answerer")
+    last_poll = time.time()
     while time.time() - t0 < budget:
+        if pool is not None and time.time() - last_poll > 20:
+            pool.refresh()
+            last_poll = time.time()
         frac = (time.time() - t0) / budget
         lr = cfg.lr * (frac / 0.05 if frac < 0.05 else 0.03 + 0.97 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
@@ -238,17 +391,20 @@ def train(cfg: AnswererTrainConfig, snapshots: list[Snapshot] | None = None,
         loss_sum, correct, total = 0.0, 0, 0
         opt.zero_grad(set_to_none=True)
         for _ in range(cfg.snapshots_per_step):
-            if not order:
-                order = list(range(len(snapshots)))
-                rng.shuffle(order)
-            snap = snapshots[order.pop()]
+            if pool is not None:  # the pool changes as shards arrive: sample uniformly
+                snap = snapshots[rng.randrange(len(snapshots))]
+            else:
+                if not order:
+                    order = list(range(len(snapshots)))
+                    rng.shuffle(order)
+                snap = snapshots[order.pop()]
             if len(snap.memory) > cfg.big_memory and len(snap.questions) > cfg.big_memory_questions:
                 # large memories cost ~linear in questions x tokens: a random subset of the questions
                 snap = Snapshot(snap.memory, snap.query_time, rng.sample(snap.questions, cfg.big_memory_questions),
                                 snap.budget, snap.video)
             loss, c, n = _step_loss(acc.unwrap_model(model), snap)
             acc.backward(loss / cfg.snapshots_per_step)
-            loss_sum += float(loss) / cfg.snapshots_per_step
+            loss_sum += float(loss.detach()) / cfg.snapshots_per_step
             correct += c
             total += n
         torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
@@ -268,35 +424,58 @@ def train(cfg: AnswererTrainConfig, snapshots: list[Snapshot] | None = None,
             last_save = time.time()
     bar.close()
     m = acc.unwrap_model(model)
-    val = evaluate_snapshots(m, val_snapshots)
+    if pool is not None:
+        val_snapshots = [x for p in sorted((Path(cfg.data) / "val").glob("*.safetensors")) for x in load_shard(p)]
+        print(f"[answerer] trained on {pool.summary()}", flush=True)
+    val = evaluate_snapshots(m, val_snapshots) if val_snapshots else None
     print("[answerer] validation accuracy:", json.dumps(val), flush=True)
-    _save(m, out, cfg, step, time.time() - t0, val)
+    _save(m, out, cfg, step, time.time() - t0, val, pool.summary() if pool is not None else None)
     if log:
         log.close()
     return m.eval()
 
 
 def _save(model: SmallAnswerer, out: Path, cfg: AnswererTrainConfig, step: int, seconds: float,
-          val: dict | None) -> None:
+          val: dict | None, data: str | None = None) -> None:
     out.mkdir(parents=True, exist_ok=True)
     model.save_pretrained(out)
-    summary = {"steps": step, "wall_s": round(seconds, 1), "validation_accuracy": val, "train_config": asdict(cfg)}
+    summary = {"steps": step, "wall_s": round(seconds, 1), "validation_accuracy": val, "data": data,
+               "train_config": asdict(cfg)}
     (out / "training.json").write_text(json.dumps(summary, indent=2, default=list) + "\n")
 
 
-def main() -> None:  # python -m streammem.train.answerer
+def main() -> None:  # python -m streammem.train.answerer [produce DIR]
     import argparse
+    import sys
 
+    if sys.argv[1:2] == ["produce"]:
+        ap = argparse.ArgumentParser(description=produce.__doc__)
+        ap.add_argument("cmd")
+        ap.add_argument("out_dir")
+        ap.add_argument("--worlds", type=int, default=60)
+        ap.add_argument("--seconds", type=float, default=360.0)
+        ap.add_argument("--every", type=float, default=1.0)
+        ap.add_argument("--encoder", default="streammem/checkpoints/grid_encoder")
+        ap.add_argument("--threads", type=int, default=1)
+        a = ap.parse_args()
+        produce(a.out_dir, a.encoder, worlds=a.worlds, seconds=a.seconds, every_s=a.every, threads=a.threads)
+        return
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--minutes", type=float, default=25.0)
     ap.add_argument("--worlds", type=int, default=10)
     ap.add_argument("--seconds", type=float, default=360.0)
     ap.add_argument("--out", default="streammem/checkpoints/answerer")
     ap.add_argument("--encoder", default="streammem/checkpoints/grid_encoder")
+    ap.add_argument("--data", default=None, help="folder of snapshot shards (python -m ... produce DIR)")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--d", type=int, default=128, help="model width")
+    ap.add_argument("--layers", type=int, default=2)
+    ap.add_argument("--heads", type=int, default=4)
     ap.add_argument("--log", default=None)
     a = ap.parse_args()
     train(AnswererTrainConfig(minutes=a.minutes, worlds=a.worlds, seconds=a.seconds, out=a.out, encoder=a.encoder,
-                              log=a.log))
+                              log=a.log, data=a.data, threads=a.threads,
+                              model={"d": a.d, "heads": a.heads, "layers": a.layers}))
 
 
 if __name__ == "__main__":

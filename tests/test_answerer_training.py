@@ -1,0 +1,90 @@
+"""Answerer training data: snapshot shards on disk (safetensors + JSON, atomic, no pickle) and
+the trainer that follows a folder of them."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+from safetensors.torch import save_file
+
+from streammem.models.grid_encoder import GridEncoder
+from streammem.train.answerer import (AnswererTrainConfig, Snapshot, _ShardPool, iter_world_snapshots, load_shard,
+                                      save_shard, train)
+from streammem.types import Tokens
+
+
+def _snap(i: int, n: int = 12, dim: int = 8) -> Snapshot:
+    mem = Tokens.cat([Tokens.from_grid(torch.randn(2, 2, dim), f, f / 8) for f in range(n // 4)])
+    mem = Tokens(features=mem.features, frame_index=mem.frame_index, timestamp=mem.timestamp, grid=mem.grid,
+                 level=torch.arange(len(mem)) % 3)
+    q = {"question": "is there a cat in view now ?", "candidates": ["yes", "no"], "answer": "no",
+         "answer_type": "HD", "sub_answer_type": "HD-2"}
+    return Snapshot(mem, 0.5 + i, [q], "ovbench", f"world{i}")
+
+
+def test_a_shard_round_trips_tokens_and_questions(tmp_path):
+    snaps = [_snap(0), _snap(1, n=20)]
+    p = save_shard(tmp_path / "a.safetensors", snaps)
+    assert p.exists() and not list(tmp_path.glob("*.tmp"))
+    back = load_shard(p)
+    assert len(back) == 2
+    for a, b in zip(snaps, back):
+        assert torch.equal(a.memory.features.half(), b.memory.features)
+        assert torch.equal(a.memory.frame_index, b.memory.frame_index)
+        assert torch.equal(a.memory.timestamp, b.memory.timestamp)
+        assert torch.equal(a.memory.grid, b.memory.grid) and torch.equal(a.memory.level, b.memory.level)
+        assert (a.query_time, a.questions, a.budget, a.video) == (b.query_time, b.questions, b.budget, b.video)
+
+
+def test_a_safetensors_file_that_is_not_a_shard_is_refused(tmp_path):
+    save_file({"x": torch.zeros(2)}, str(tmp_path / "other.safetensors"))
+    with pytest.raises(ValueError, match="not a streammem answerer snapshot shard"):
+        load_shard(tmp_path / "other.safetensors")
+
+
+def test_the_pool_picks_up_new_shards_and_keeps_under_its_cap(tmp_path):
+    import random
+
+    (tmp_path / "train").mkdir()
+    pool = _ShardPool(tmp_path, cap_mb=1e9, rng=random.Random(0))
+    assert pool.refresh() == 0
+    save_shard(tmp_path / "train" / "w0.safetensors", [_snap(0), _snap(1)])
+    assert pool.refresh() == 2
+    save_shard(tmp_path / "train" / "w1.safetensors", [_snap(2)])
+    assert pool.refresh() == 3 and pool.refresh() == 3  # a shard is read once
+    one = _snap(0).memory.features.half().nbytes
+    small = _ShardPool(tmp_path, cap_mb=2.5 * one / 2 ** 20, rng=random.Random(0))
+    assert small.refresh() == 2 and small.dropped == 1 and small.bytes <= 2.5 * one
+
+
+def test_world_snapshots_are_causal_and_strided():
+    enc = GridEncoder(dim=8, width=4).eval()
+    (_, snaps), = list(iter_world_snapshots(enc, [5], ("clean",), 24.0, ("ovbench", "offline"), every_s=2.0,
+                                            progress=False, strides={"offline": 3}))
+    ov = [s for s in snaps if s.budget == "ovbench"]
+    off = [s for s in snaps if s.budget == "offline"]
+    assert len(ov) >= 5 and len(off) == -(-len(ov) // 3)
+    for s in snaps:
+        assert float(s.memory.timestamp.max()) <= s.query_time + 1e-9
+        assert all(q["middle_frame_timestamp"] == s.query_time for q in s.questions)
+
+
+def test_training_follows_a_shard_folder_and_saves_a_loadable_answerer(tmp_path):
+    from streammem.models.answerer import SmallAnswerer
+
+    enc = GridEncoder(dim=8, width=4)
+    enc.save_pretrained(tmp_path / "enc")
+    (tmp_path / "data" / "train").mkdir(parents=True)
+    (tmp_path / "data" / "val").mkdir()
+    save_shard(tmp_path / "data" / "train" / "w0.safetensors", [_snap(i) for i in range(4)])
+    save_shard(tmp_path / "data" / "val" / "v0.safetensors", [_snap(9)])
+    cfg = AnswererTrainConfig(out=str(tmp_path / "ck"), encoder=str(tmp_path / "enc"), minutes=0.03,
+                              data=str(tmp_path / "data"), threads=1, model={"d": 16, "heads": 2, "layers": 1})
+    train(cfg)
+    info = json.loads((tmp_path / "ck" / "training.json").read_text())
+    assert info["steps"] >= 1 and info["validation_accuracy"]["ovbench"]["all"] in (0.0, 100.0)
+    assert "1 shards" in info["data"]
+    m = SmallAnswerer.from_pretrained(str(tmp_path / "ck"))
+    assert m.token_dim == 8
