@@ -175,6 +175,8 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         out: Path = typer.Option(Path("outputs/qa_eval"), "--out", "-o", help="results folder"),
         ovbench: Optional[Path] = typer.Option(None, help="an OVBench JSON file: evaluate on its videos instead"),
         video_root: Optional[Path] = typer.Option(None, help="folder holding the OVBench videos"),
+        answerer: Optional[Path] = typer.Option(None, help="answerer checkpoint folder (default: the shipped one)"),
+        encoder: Optional[Path] = typer.Option(None, help="encoder checkpoint folder (default: the shipped one)"),
     ) -> None:
         """Score memories at equal token budgets (OVBench's mcq_acc), with the horizon plot."""
         from streammem.eval import qa as E
@@ -182,8 +184,11 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         from streammem.models.grid_encoder import GridEncoder
 
         root = Path(__file__).resolve().parent / "checkpoints"
-        enc = GridEncoder.from_pretrained(str(root / "grid_encoder")).eval()
-        ans = SmallAnswerer.from_pretrained(str(root / "answerer")).eval()
+        for name, p in (("--answerer", answerer), ("--encoder", encoder)):
+            if p is not None and not (p / "config.json").is_file():
+                raise typer.BadParameter(f"no checkpoint (config.json) in {p}", param_hint=name)
+        enc = GridEncoder.from_pretrained(str(encoder or root / "grid_encoder")).eval()
+        ans = SmallAnswerer.from_pretrained(str(answerer or root / "answerer")).eval()
         out.mkdir(parents=True, exist_ok=True)
         if ovbench is not None:
             res = E.evaluate_ovbench(ans, enc, E.load_ovbench(ovbench), video_root or ovbench.parent,

@@ -209,6 +209,40 @@ def test_answerer_learns_to_read_the_memory():
     assert correct / total > 0.6  # chance is 0.25
 
 
+def test_label_words_and_memory_tokens_share_the_label_space(tmp_path):
+    """Grounding: words that name an encoder label and memory tokens the encoder's heads assign
+    to it add the same learned vector; the heads travel with the saved answerer."""
+    torch.manual_seed(0)
+    enc = GridEncoder(dim=8, width=4, num_classes=2, num_colours=2).eval()
+    labels = ["<background>", "cat", "star", "red", "blue"]
+    vocab = Vocab.fit(["where is the red star now ?", "is there a cat ?", "top left right blue"])
+    m = SmallAnswerer(vocab=vocab.words, token_dim=8, d=16, heads=2, layers=1, grid=4, labels=labels,
+                      num_classes=3).set_label_heads(enc).eval()
+    n = len(labels)
+    lab = {w: int(m.word_label[vocab.index[w]]) for w in ("cat", "star", "red", "blue", "where", "left")}
+    assert lab == {"cat": 1, "star": 2, "red": 3, "blue": 4, "where": n, "left": n}
+    # a token pointing along the 'star' class row and the 'red' colour row is read as a red star
+    w = torch.cat([enc.cls_head.weight, enc.colour_head.weight]).detach()
+    feats = 50 * (w[2] / w[2].norm() + w[3] / w[3].norm())[None]
+    p = m.label_probs(feats)[0]
+    assert int(p[:3].argmax()) == 2 and int(p[3:].argmax()) == 0
+    assert abs(float(p[:3].sum()) - 1) < 1e-5 and abs(float(p[3:].sum()) - (1 - float(p[0]))) < 1e-5
+    # the word 'star' and a star token get the same label vector
+    e = m.label_emb.weight
+    assert torch.equal(m.label_emb(m.word_label[vocab.index["star"]]), e[2])
+    assert float(m.label_emb(torch.tensor(n)).abs().sum()) == 0.0  # ordinary words add nothing
+    mem = Tokens.cat([Tokens.from_grid(torch.randn(2, 2, 8), i, i / 8) for i in range(4)])
+    a = m.answer(mem, "where is the red star now ?", ["top left", "top right"], 0.4)
+    m.save_pretrained(tmp_path / "g")
+    m2 = SmallAnswerer.from_pretrained(str(tmp_path / "g")).eval()
+    assert m2.labels == labels and torch.equal(m2.label_w, m.label_w)
+    assert np.allclose(m2.answer(mem, "where is the red star now ?", ["top left", "top right"], 0.4).probs, a.probs)
+    with pytest.raises(ValueError, match="encoder heads"):
+        m.set_label_heads(GridEncoder(dim=8, width=4, num_classes=3, num_colours=2))
+    with pytest.raises(ValueError, match="num_classes"):
+        SmallAnswerer(vocab=vocab.words, token_dim=8, d=16, heads=2, layers=1, labels=labels, num_classes=9)
+
+
 # ---------------------------------------------------------------------- OVBench files and scoring
 def test_ovbench_loader_reads_both_layouts_and_scorer_matches_mcq_acc(tmp_path):
     lmms = [{"video": "v1.mp4", "question": "What is the man holding?", "candidates": ["a cup", "a phone", "a bag", "a pen"],

@@ -23,6 +23,14 @@ Network (``d`` wide, pre-norm):
 3. each candidate's positions are mean-pooled and scored by a linear layer; a softmax over
    the candidates gives the probabilities.
 
+Grounding (``labels``): the frozen encoder's class and colour heads are copied into the
+answerer (:meth:`SmallAnswerer.set_label_heads`), and their label names share one learned
+embedding table with the words: a memory token adds ``sum_k p_k E[k]`` (its label
+probabilities), a word that names label k adds ``E[k]``. "star" in a question and a star in
+memory then start out pointing the same way, instead of the cross-attention having to
+discover each word-to-feature pairing from answer supervision alone (which, trained on a few
+streams, it did not: it learned the answer priors). Answerers built without labels ignore this.
+
 Evidence: last-layer cross-attention weights of the chosen candidate's positions and of
 ``[CLS]``, summed per stored frame.
 
@@ -221,7 +229,7 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
 
     def __init__(self, vocab: list[str], token_dim: int = 64, d: int = 128, heads: int = 4, layers: int = 2,
                  grid: int = 16, levels: int = 3, max_len: int = 96, max_cand: int = 5,
-                 encoder: str | None = None) -> None:
+                 encoder: str | None = None, labels: list[str] | None = None, num_classes: int = 0) -> None:
         super().__init__()
         if d % heads:
             raise ValueError(f"SmallAnswerer.d={d} must be divisible by heads={heads}")
@@ -243,10 +251,45 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
         self.blocks = nn.ModuleList([_Block(d, heads) for _ in range(layers)])
         self.out_norm = nn.LayerNorm(d)
         self.score = nn.Linear(d, 1)
+        # shared label space (see "Grounding" in the module docstring)
+        self.labels = list(labels) if labels else None
+        self.num_classes = num_classes
+        if self.labels is not None:
+            n = len(self.labels)
+            if not 1 <= num_classes < n:
+                raise ValueError(f"SmallAnswerer.num_classes must be in [1, {n - 1}] for {n} labels, got {num_classes}")
+            self.label_emb = nn.Embedding(n + 1, d, padding_idx=n)  # row n: "not a label word"
+            index = {w.lower(): i for i, w in enumerate(self.labels)}
+            self.register_buffer("word_label", torch.tensor([index.get(w, n) for w in self.vocab.words]))
+            # the frozen encoder's label heads (filled by set_label_heads, saved with the model)
+            self.register_buffer("label_w", torch.zeros(n, token_dim))
+            self.register_buffer("label_b", torch.zeros(n))
 
     # ------------------------------------------------------------------ pieces
+    def set_label_heads(self, encoder) -> "SmallAnswerer":
+        """Copy a :class:`~streammem.models.grid_encoder.GridEncoder`'s class and colour heads
+        (class 0 is background) into this answerer's label space."""
+        if self.labels is None:
+            raise ValueError("this SmallAnswerer was built without labels")
+        w = torch.cat([encoder.cls_head.weight, encoder.colour_head.weight]).detach()
+        b = torch.cat([encoder.cls_head.bias, encoder.colour_head.bias]).detach()
+        if w.shape != self.label_w.shape:
+            raise ValueError(f"encoder heads are {tuple(w.shape)}; this answerer's labels need {tuple(self.label_w.shape)}")
+        self.label_w.copy_(w)
+        self.label_b.copy_(b)
+        return self
+
+    def label_probs(self, feats: torch.Tensor) -> torch.Tensor:
+        """``(M, token_dim)`` -> ``(M, labels)``: class probabilities (background first), then
+        colour probabilities scaled by the probability of an object."""
+        z = feats @ self.label_w.t() + self.label_b
+        c = self.num_classes
+        pc = torch.softmax(z[:, :c], -1)
+        pk = torch.softmax(z[:, c:], -1) * (1 - pc[:, :1])
+        return torch.cat([pc, pk], -1)
+
     def encode_memory(self, memory: Tokens, query_time: float) -> torch.Tensor:
-        """Memory tokens -> ``(M, d)`` (features + level + grid cell + age)."""
+        """Memory tokens -> ``(M, d)`` (features + level + grid cell + age [+ labels])."""
         feats = memory.features.float()
         if feats.shape[1] != self.token_dim:
             raise ValueError(f"memory tokens are {feats.shape[1]} wide; this answerer reads {self.token_dim}")
@@ -256,6 +299,8 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
         cell_f = torch.cat([torch.sin(cell * k) for k in (1, 2, 4, 8)] + [torch.cos(cell * k) for k in (1, 2, 4, 8)], -1)
         age = (query_time - memory.timestamp.double()).float()
         x = self.mem_in(feats) + self.mem_level(lvl) + self.mem_cell(cell_f) + self.mem_age(_age_features(age))
+        if self.labels is not None:
+            x = x + self.label_probs(feats) @ self.label_emb.weight[:-1]
         return self.mem_norm(x)
 
     def forward(self, memory: Tokens, batch: EncodedBatch, want_weights: bool = False):
@@ -267,6 +312,8 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
             raise ValueError(f"sequence of {L} words is over max_len={self.max_len}")
         qt = float(batch.query_time[0])
         x = self.word(batch.ids) + self.pos(torch.arange(L))[None] + self.seg(batch.segment)
+        if self.labels is not None:
+            x = x + self.label_emb(self.word_label[batch.ids])
         is_time = batch.ids == TIME
         if is_time.any():
             age = (batch.query_time[:, None] - torch.nan_to_num(batch.times.double(), nan=0.0)).float()

@@ -73,6 +73,8 @@ class AnswererTrainConfig:
         instead of building snapshots in process. New shards are picked up while training runs
         (the producer may still be writing them); at most ``buffer_mb`` MB of snapshot features
         are held, random ones dropped beyond that.
+    grounding: share the encoder's class / colour label space with the words (see
+        :class:`~streammem.models.answerer.SmallAnswerer`).
     model: SmallAnswerer keyword arguments (besides vocab and token_dim).
     """
 
@@ -95,6 +97,7 @@ class AnswererTrainConfig:
     log: str | None = None
     data: str | None = None
     buffer_mb: float = 6000.0
+    grounding: bool = True
     model: dict = field(default_factory=lambda: {"d": 128, "heads": 4, "layers": 2})
 
     def __post_init__(self) -> None:
@@ -274,6 +277,20 @@ def fit_vocab(extra_texts: list[str] | None = None) -> Vocab:
     return Vocab.fit(texts)
 
 
+def label_space(encoder, grounding: bool = True) -> dict:
+    """``labels`` / ``num_classes`` for a :class:`SmallAnswerer` sharing ``encoder``'s label heads
+    (StreamWorld's class names after background, then its colour names)."""
+    if not grounding:
+        return {}
+    from streammem.world.objects import CLASSES, COLOUR_NAMES
+
+    labels = ["<background>"] + list(CLASSES) + list(COLOUR_NAMES) + ["natural"]
+    n_cls, n_col = encoder.cls_head.out_features, encoder.colour_head.out_features
+    if (n_cls, n_col) != (1 + len(CLASSES), len(COLOUR_NAMES) + 1):
+        raise ValueError(f"the encoder's heads ({n_cls} classes, {n_col} colours) are not StreamWorld's labels")
+    return {"labels": labels, "num_classes": n_cls}
+
+
 def _step_loss(model: SmallAnswerer, snap: Snapshot) -> tuple[torch.Tensor, int, int]:
     qs = snap.questions
     batch = encode_questions(model.vocab, [q["question"] for q in qs], [q["candidates"] for q in qs],
@@ -367,7 +384,10 @@ def train(cfg: AnswererTrainConfig, snapshots: list[Snapshot] | None = None,
     n_q = sum(len(s.questions) for s in snapshots)
     print(f"[answerer] {len(snapshots)} snapshots, {n_q} questions, ready in {time.time() - t_data:.0f}s", flush=True)
     vocab = fit_vocab()
-    model = SmallAnswerer(vocab=vocab.words, token_dim=encoder.dim, grid=encoder.grid, encoder=cfg.encoder, **cfg.model)
+    model = SmallAnswerer(vocab=vocab.words, token_dim=encoder.dim, grid=encoder.grid, encoder=cfg.encoder,
+                          **label_space(encoder, cfg.grounding), **cfg.model)
+    if cfg.grounding:
+        model.set_label_heads(encoder)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)
