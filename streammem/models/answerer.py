@@ -181,6 +181,9 @@ def _age_features(age: torch.Tensor, n: int = 8) -> torch.Tensor:
     return torch.cat([_fourier(age, n), torch.log1p(age)[..., None] / 6.0, (age < 1.0).float()[..., None]], -1)
 
 
+_GROUND_V = 16 + 18 + 3  # read-out value: grid-cell Fourier, age features, level one-hot (+ label probs)
+
+
 class _Block(nn.Module):
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()
@@ -194,6 +197,14 @@ class _Block(nn.Module):
         slopes = [1e-3] + [float(v) for v in torch.logspace(0, math.log10(8.0), heads - 1)] if heads > 1 else [2.0]
         self.time_slope = nn.Parameter(torch.tensor([math.log(math.expm1(v)) for v in slopes]))
         self.mlp = nn.Sequential(nn.Linear(d, 4 * d), nn.GELU(), nn.Linear(4 * d, d))
+        # cross-attention starts content-matching: query and key projections begin as the
+        # identity, so a word and a memory token that share a component (the label embedding)
+        # attend to each other from the first step instead of attending uniformly
+        with torch.no_grad():
+            self.q.weight.copy_(torch.eye(d))
+            self.q.bias.zero_()
+            self.kv.weight[:d].copy_(torch.eye(d))
+            self.kv.bias[:d].zero_()
 
     def forward(self, x: torch.Tensor, pad: torch.Tensor, mem: torch.Tensor, dt: torch.Tensor,
                 want_weights: bool = False):
@@ -264,6 +275,11 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
             # the frozen encoder's label heads (filled by set_label_heads, saved with the model)
             self.register_buffer("label_w", torch.zeros(n, token_dim))
             self.register_buffer("label_b", torch.zeros(n))
+            # grounded read-out: two time scales (broad, local), learned slopes
+            self.ground_slope = nn.Parameter(torch.tensor([math.log(math.expm1(0.3)), math.log(math.expm1(4.0))]))
+            self.ground_out = nn.Linear(2 * (_GROUND_V + n + 1), d)
+            nn.init.zeros_(self.ground_out.weight)
+            nn.init.zeros_(self.ground_out.bias)
 
     # ------------------------------------------------------------------ pieces
     def set_label_heads(self, encoder) -> "SmallAnswerer":
@@ -288,6 +304,42 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
         pk = torch.softmax(z[:, c:], -1) * (1 - pc[:, :1])
         return torch.cat([pc, pk], -1)
 
+    def _cell_features(self, memory: Tokens) -> torch.Tensor:
+        cell = memory.grid.float() / self.grid * 2 * math.pi  # (M, 2) in one period over the grid
+        return torch.cat([torch.sin(cell * k) for k in (1, 2, 4, 8)] + [torch.cos(cell * k) for k in (1, 2, 4, 8)], -1)
+
+    def grounded_readout(self, memory: Tokens, batch: "EncodedBatch") -> torch.Tensor:
+        """``(B, L, d)``: at each word naming a label, what memory holds of that label.
+
+        The word's target is its label (a class word preceded by a colour word targets the
+        conjunction: "the red star"); memory token i scores ``log p_i(target)`` (from the
+        encoder's heads) minus a time prior ``a * log(1 + |t_i - t_ref|)`` at two learned
+        scales. The read-out is the softmax-weighted mean of the tokens' grid cell, age, level
+        and label probabilities, plus the log-sum-exp of the scores (how much evidence there
+        is), through a linear layer that starts at zero.
+        """
+        n, c = len(self.labels), self.num_classes
+        feats = memory.features.float()
+        logp = torch.log(self.label_probs(feats).clamp(min=1e-4))  # M, n
+        logp = torch.cat([logp, torch.zeros(len(memory), 1)], 1).t()  # n + 1, M (row n: not a label)
+        lab = self.word_label[batch.ids]  # B, L
+        prev = torch.cat([torch.full_like(lab[:, :1], n), lab[:, :-1]], 1)
+        is_cls = (lab >= 1) & (lab < c)
+        conj = torch.where(is_cls & (prev >= c) & (prev < n), prev, torch.full_like(prev, n))
+        score = logp[lab] + logp[conj]  # B, L, M
+        age = (batch.query_time[0] - memory.timestamp.double()).float()
+        lvl = memory.level.long().clamp(0, 2) if memory.level is not None else torch.zeros(len(memory), dtype=torch.long)
+        v = torch.cat([self._cell_features(memory), _age_features(age), F.one_hot(lvl, 3).float(),
+                       torch.exp(logp[:n].t())], -1)  # M, V
+        dt = torch.log1p((memory.timestamp.double()[None, :] - batch.ref_time[:, None]).abs().float())  # B, M
+        outs = []
+        for a in F.softplus(self.ground_slope):
+            z = score - a * dt[:, None, :]
+            lse = torch.logsumexp(z, -1, keepdim=True)
+            outs += [torch.softmax(z, -1) @ v, (lse - math.log(len(memory))) / 5.0]
+        r = self.ground_out(torch.cat(outs, -1))
+        return r * (lab < n)[..., None]
+
     def encode_memory(self, memory: Tokens, query_time: float) -> torch.Tensor:
         """Memory tokens -> ``(M, d)`` (features + level + grid cell + age [+ labels])."""
         feats = memory.features.float()
@@ -295,8 +347,7 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
             raise ValueError(f"memory tokens are {feats.shape[1]} wide; this answerer reads {self.token_dim}")
         lvl = memory.level.long().clamp(0, self.levels - 1) if memory.level is not None else \
             torch.zeros(len(memory), dtype=torch.long)
-        cell = memory.grid.float() / self.grid * 2 * math.pi  # (M, 2) in one period over the grid
-        cell_f = torch.cat([torch.sin(cell * k) for k in (1, 2, 4, 8)] + [torch.cos(cell * k) for k in (1, 2, 4, 8)], -1)
+        cell_f = self._cell_features(memory)
         age = (query_time - memory.timestamp.double()).float()
         x = self.mem_in(feats) + self.mem_level(lvl) + self.mem_cell(cell_f) + self.mem_age(_age_features(age))
         if self.labels is not None:
@@ -318,6 +369,8 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
         if is_time.any():
             age = (batch.query_time[:, None] - torch.nan_to_num(batch.times.double(), nan=0.0)).float()
             x = x + self.time_word(_age_features(age)) * is_time[..., None]
+        if self.labels is not None and len(memory):
+            x = x + self.grounded_readout(memory, batch)
         if len(memory) == 0:
             mem = torch.zeros(1, self.d)
             dt = torch.zeros(b, 1)
