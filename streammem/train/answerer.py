@@ -75,6 +75,9 @@ class AnswererTrainConfig:
         are held, random ones dropped beyond that.
     grounding: share the encoder's class / colour label space with the words (see
         :class:`~streammem.models.answerer.SmallAnswerer`).
+    only_budgets: train on snapshots of these budgets only (a first, cheap phase on the small
+        ``ovbench`` memories: an offline snapshot costs about 12 ovbench ones).
+    init: start from this answerer checkpoint instead of a fresh model (a second phase).
     model: SmallAnswerer keyword arguments (besides vocab and token_dim).
     """
 
@@ -98,6 +101,8 @@ class AnswererTrainConfig:
     data: str | None = None
     buffer_mb: float = 6000.0
     grounding: bool = True
+    only_budgets: tuple[str, ...] | None = None
+    init: str | None = None
     model: dict = field(default_factory=lambda: {"d": 128, "heads": 4, "layers": 2})
 
     def __post_init__(self) -> None:
@@ -328,8 +333,8 @@ def evaluate_snapshots(model: SmallAnswerer, snaps: list[Snapshot]) -> dict:
 class _ShardPool:
     """Snapshots from the shards in ``root/train``, loaded as they appear, at most ``cap_mb``."""
 
-    def __init__(self, root: Path, cap_mb: float, rng: random.Random) -> None:
-        self.root, self.cap, self.rng = root, cap_mb * 2 ** 20, rng
+    def __init__(self, root: Path, cap_mb: float, rng: random.Random, budgets: tuple[str, ...] | None = None) -> None:
+        self.root, self.cap, self.rng, self.budgets = root, cap_mb * 2 ** 20, rng, budgets
         self.snapshots: list[Snapshot] = []
         self.seen: set[str] = set()
         self.bytes = 0
@@ -342,7 +347,7 @@ class _ShardPool:
             if p.name in self.seen:
                 continue
             self.seen.add(p.name)
-            new = load_shard(p)
+            new = [x for x in load_shard(p) if self.budgets is None or x.budget in self.budgets]
             self.snapshots += new
             self.bytes += sum(x.memory.features.nbytes for x in new)
             self.questions += sum(len(x.questions) for x in new)
@@ -370,7 +375,7 @@ def train(cfg: AnswererTrainConfig, snapshots: list[Snapshot] | None = None,
     rng = random.Random(cfg.seed)
     encoder = GridEncoder.from_pretrained(cfg.encoder).eval()
     t_data = time.time()
-    pool = _ShardPool(Path(cfg.data), cfg.buffer_mb, rng) if cfg.data else None
+    pool = _ShardPool(Path(cfg.data), cfg.buffer_mb, rng, cfg.only_budgets) if cfg.data else None
     if pool is not None:
         snapshots = pool.snapshots
         while not pool.refresh():
@@ -384,10 +389,13 @@ def train(cfg: AnswererTrainConfig, snapshots: list[Snapshot] | None = None,
     n_q = sum(len(s.questions) for s in snapshots)
     print(f"[answerer] {len(snapshots)} snapshots, {n_q} questions, ready in {time.time() - t_data:.0f}s", flush=True)
     vocab = fit_vocab()
-    model = SmallAnswerer(vocab=vocab.words, token_dim=encoder.dim, grid=encoder.grid, encoder=cfg.encoder,
-                          **label_space(encoder, cfg.grounding), **cfg.model)
-    if cfg.grounding:
-        model.set_label_heads(encoder)
+    if cfg.init:
+        model = SmallAnswerer.from_pretrained(cfg.init)
+    else:
+        model = SmallAnswerer(vocab=vocab.words, token_dim=encoder.dim, grid=encoder.grid, encoder=cfg.encoder,
+                              **label_space(encoder, cfg.grounding), **cfg.model)
+        if cfg.grounding:
+            model.set_label_heads(encoder)
     acc = Accelerator(cpu=not torch.cuda.is_available())
     opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=cfg.weight_decay)
     model, opt = acc.prepare(model, opt)
@@ -491,10 +499,15 @@ def main() -> None:  # python -m streammem.train.answerer [produce DIR]
     ap.add_argument("--d", type=int, default=128, help="model width")
     ap.add_argument("--layers", type=int, default=2)
     ap.add_argument("--heads", type=int, default=4)
+    ap.add_argument("--only-budgets", nargs="*", default=None, help="train on these budgets' snapshots only")
+    ap.add_argument("--init", default=None, help="start from this answerer checkpoint")
+    ap.add_argument("--snapshots-per-step", type=int, default=2)
     ap.add_argument("--log", default=None)
     a = ap.parse_args()
     train(AnswererTrainConfig(minutes=a.minutes, worlds=a.worlds, seconds=a.seconds, out=a.out, encoder=a.encoder,
-                              log=a.log, data=a.data, threads=a.threads,
+                              log=a.log, data=a.data, threads=a.threads, init=a.init,
+                              only_budgets=tuple(a.only_budgets) if a.only_budgets else None,
+                              snapshots_per_step=a.snapshots_per_step,
                               model={"d": a.d, "heads": a.heads, "layers": a.layers}))
 
 
