@@ -326,3 +326,17 @@ def test_cached_key_projections_give_the_same_head_output():
         a = det.head(fc6, keys)
         b = det.head_cached(fc6, det.key_cache(keys))
         assert torch.allclose(a[0], b[0], atol=1e-4) and torch.allclose(a[1], b[1], atol=1e-4)
+
+
+@pytest.mark.slow
+def test_shipped_detector_with_memory_beats_single_frame_on_a_seeded_hard_clip():
+    """End to end on the evaluation's first hard clip (seed 0, 48 frames, 256 px): the causal
+    FeatureBank pipeline scores a higher AP50 than the same detector frame by frame. The margin
+    is small (measured: 43.7 vs 42.8; +1.1 over the four clips of the README's table)."""
+    from streammem.eval.detection import evaluate
+
+    det = SmallDetector.from_pretrained(str(CKPT)).eval()
+    res = evaluate(det, presets=("hard",), videos=1, frames=48, seed=0, config=DetectionConfig(image_size=256))
+    single, bank = res["hard"]["single"]["all"], res["hard"]["feature_bank"]["all"]
+    assert bank > single + 0.5, (bank, single)
+    assert bank > res["hard"]["single+smoother"]["all"]
