@@ -32,15 +32,16 @@ from streammem.types import Tokens
 ROOT = Path(__file__).resolve().parents[1] / "streammem" / "checkpoints"
 
 
-def load_models():
+def load_models(answerer: str | None = None):
     from streammem.models.answerer import SmallAnswerer
     from streammem.models.grid_encoder import GridEncoder
     from streammem.train.answerer import fit_vocab
 
-    if (ROOT / "answerer" / "model.safetensors").exists():
+    path = Path(answerer) if answerer else ROOT / "answerer"
+    if (path / "model.safetensors").exists():
         enc = GridEncoder.from_pretrained(str(ROOT / "grid_encoder")).eval()
-        ans = SmallAnswerer.from_pretrained(str(ROOT / "answerer")).eval()
-        return enc, ans, "shipped checkpoints"
+        ans = SmallAnswerer.from_pretrained(str(path)).eval()
+        return enc, ans, "shipped checkpoints" if answerer is None else f"answerer {path}"
     torch.manual_seed(0)
     enc = GridEncoder().eval()
     return enc, SmallAnswerer(vocab=fit_vocab().words, token_dim=enc.dim).eval(), "random weights (no checkpoint)"
@@ -53,12 +54,13 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--questions", type=int, default=8, help="questions per timed batch")
     ap.add_argument("--quick", action="store_true")
+    ap.add_argument("--answerer", default=None, help="answerer checkpoint folder (default: the shipped one)")
     args = ap.parse_args()
     if args.quick:
         args.lengths, args.repeats = [1_000, 5_000], 3
     from streammem.world import World
 
-    enc, ans, what = load_models()
+    enc, ans, what = load_models(args.answerer)
     world = World(seed=5, preset="medium", size=256, seconds=60, drop_frames=False)
     frames = list(World(seed=5, preset="medium", size=256, frames=64, drop_frames=False))
     with torch.no_grad():

@@ -308,39 +308,46 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
         cell = memory.grid.float() / self.grid * 2 * math.pi  # (M, 2) in one period over the grid
         return torch.cat([torch.sin(cell * k) for k in (1, 2, 4, 8)] + [torch.cos(cell * k) for k in (1, 2, 4, 8)], -1)
 
-    def grounded_readout(self, memory: Tokens, batch: "EncodedBatch") -> torch.Tensor:
-        """``(B, L, d)``: at each word naming a label, what memory holds of that label.
+    def grounded_readout(self, memory: Tokens, batch: "EncodedBatch", probs: torch.Tensor | None = None) -> torch.Tensor:
+        """``(B, L, d)``: at each word naming a label, what memory holds of that label (zero at
+        other words).
 
         The word's target is its label (a class word preceded by a colour word targets the
         conjunction: "the red star"); memory token i scores ``log p_i(target)`` (from the
         encoder's heads) minus a time prior ``a * log(1 + |t_i - t_ref|)`` at two learned
         scales. The read-out is the softmax-weighted mean of the tokens' grid cell, age, level
         and label probabilities, plus the log-sum-exp of the scores (how much evidence there
-        is), through a linear layer that starts at zero.
+        is), through a linear layer that starts at zero. Only label words are computed.
         """
         n, c = len(self.labels), self.num_classes
-        feats = memory.features.float()
-        logp = torch.log(self.label_probs(feats).clamp(min=1e-4))  # M, n
-        logp = torch.cat([logp, torch.zeros(len(memory), 1)], 1).t()  # n + 1, M (row n: not a label)
+        b, L = batch.ids.shape
+        out = torch.zeros(b, L, self.d)
         lab = self.word_label[batch.ids]  # B, L
+        bi, li = torch.nonzero(lab < n, as_tuple=True)
+        if len(bi) == 0:
+            return out
+        if probs is None:
+            probs = self.label_probs(memory.features.float())
+        logp = torch.log(probs.clamp(min=1e-4))  # M, n
+        logp = torch.cat([logp, torch.zeros(len(memory), 1)], 1).t()  # n + 1, M (row n: not a label)
         prev = torch.cat([torch.full_like(lab[:, :1], n), lab[:, :-1]], 1)
         is_cls = (lab >= 1) & (lab < c)
         conj = torch.where(is_cls & (prev >= c) & (prev < n), prev, torch.full_like(prev, n))
-        score = logp[lab] + logp[conj]  # B, L, M
+        score = logp[lab[bi, li]] + logp[conj[bi, li]]  # P, M
         age = (batch.query_time[0] - memory.timestamp.double()).float()
         lvl = memory.level.long().clamp(0, 2) if memory.level is not None else torch.zeros(len(memory), dtype=torch.long)
         v = torch.cat([self._cell_features(memory), _age_features(age), F.one_hot(lvl, 3).float(),
                        torch.exp(logp[:n].t())], -1)  # M, V
-        dt = torch.log1p((memory.timestamp.double()[None, :] - batch.ref_time[:, None]).abs().float())  # B, M
+        dt = torch.log1p((memory.timestamp.double()[None, :] - batch.ref_time[bi, None]).abs().float())  # P, M
         outs = []
         for a in F.softplus(self.ground_slope):
-            z = score - a * dt[:, None, :]
+            z = score - a * dt
             lse = torch.logsumexp(z, -1, keepdim=True)
             outs += [torch.softmax(z, -1) @ v, (lse - math.log(len(memory))) / 5.0]
-        r = self.ground_out(torch.cat(outs, -1))
-        return r * (lab < n)[..., None]
+        out[bi, li] = self.ground_out(torch.cat(outs, -1))
+        return out
 
-    def encode_memory(self, memory: Tokens, query_time: float) -> torch.Tensor:
+    def encode_memory(self, memory: Tokens, query_time: float, probs: torch.Tensor | None = None) -> torch.Tensor:
         """Memory tokens -> ``(M, d)`` (features + level + grid cell + age [+ labels])."""
         feats = memory.features.float()
         if feats.shape[1] != self.token_dim:
@@ -351,7 +358,7 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
         age = (query_time - memory.timestamp.double()).float()
         x = self.mem_in(feats) + self.mem_level(lvl) + self.mem_cell(cell_f) + self.mem_age(_age_features(age))
         if self.labels is not None:
-            x = x + self.label_probs(feats) @ self.label_emb.weight[:-1]
+            x = x + (self.label_probs(feats) if probs is None else probs) @ self.label_emb.weight[:-1]
         return self.mem_norm(x)
 
     def forward(self, memory: Tokens, batch: EncodedBatch, want_weights: bool = False):
@@ -369,13 +376,14 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
         if is_time.any():
             age = (batch.query_time[:, None] - torch.nan_to_num(batch.times.double(), nan=0.0)).float()
             x = x + self.time_word(_age_features(age)) * is_time[..., None]
-        if self.labels is not None and len(memory):
-            x = x + self.grounded_readout(memory, batch)
+        probs = self.label_probs(memory.features.float()) if self.labels is not None and len(memory) else None
+        if probs is not None:
+            x = x + self.grounded_readout(memory, batch, probs)
         if len(memory) == 0:
             mem = torch.zeros(1, self.d)
             dt = torch.zeros(b, 1)
         else:
-            mem = self.encode_memory(memory, qt)
+            mem = self.encode_memory(memory, qt, probs)
             dt = (memory.timestamp.double()[None, :] - batch.ref_time[:, None]).abs().float()
         weights = None
         for i, blk in enumerate(self.blocks):
