@@ -154,16 +154,39 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
     @train_app.command("answerer")
     def train_answerer_cmd(
         minutes: float = typer.Option(25.0, help="wall-clock training budget (data building excluded)"),
-        worlds: int = typer.Option(10, help="training worlds"),
-        seconds: float = typer.Option(360.0, help="length of each world"),
+        worlds: int = typer.Option(10, help="training worlds (without --data)"),
+        seconds: float = typer.Option(360.0, help="length of each world (without --data)"),
         out: str = typer.Option("streammem/checkpoints/answerer", help="checkpoint folder"),
         encoder: str = typer.Option("streammem/checkpoints/grid_encoder", help="frozen encoder checkpoint"),
+        data: Optional[Path] = typer.Option(None, help="folder of snapshot shards (`streammem train qa-snapshots`)"),
+        only_budget: List[str] = typer.Option([], "--only-budget", help="train on these budgets' snapshots only"),
+        init: Optional[Path] = typer.Option(None, help="start from this answerer checkpoint"),
+        threads: int = typer.Option(2, help="torch threads"),
         log: Optional[str] = typer.Option(None, help="JSONL training log"),
     ) -> None:
         """Train the QA answerer on StreamWorld questions over Pyramid Memory Bank snapshots."""
         from streammem.train.answerer import AnswererTrainConfig, train
 
-        train(AnswererTrainConfig(minutes=minutes, worlds=worlds, seconds=seconds, out=out, encoder=encoder, log=log))
+        if data is not None and not (data / "train").is_dir():
+            raise typer.BadParameter(f"{data} has no train/ folder of snapshot shards", param_hint="--data")
+        train(AnswererTrainConfig(minutes=minutes, worlds=worlds, seconds=seconds, out=out, encoder=encoder, log=log,
+                                  data=str(data) if data else None, threads=threads,
+                                  only_budgets=tuple(only_budget) or None, init=str(init) if init else None))
+
+    @train_app.command("qa-snapshots")
+    def qa_snapshots_cmd(
+        out_dir: Path = typer.Argument(..., help="folder for train/ and val/ shards"),
+        worlds: int = typer.Option(60, help="training worlds"),
+        seconds: float = typer.Option(480.0, help="length of each world"),
+        every: float = typer.Option(1.0, help="seconds between question times"),
+        encoder: str = typer.Option("streammem/checkpoints/grid_encoder", help="frozen encoder checkpoint"),
+        threads: int = typer.Option(1, help="torch threads"),
+    ) -> None:
+        """Render StreamWorld worlds through the encoder into PyramidMemory snapshots with their
+        questions, one safetensors shard per world (resumable; a trainer may follow the folder)."""
+        from streammem.train.answerer import produce
+
+        produce(out_dir, encoder, worlds=worlds, seconds=seconds, every_s=every, threads=threads)
 
     @eval_app.command("qa")
     def eval_qa(
