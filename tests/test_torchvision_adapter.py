@@ -153,3 +153,50 @@ def test_hook_is_removed_after_an_error():
     with pytest.raises(ValueError, match="GEO expects"):
         det(torch.rand(3, 64, 64), torch.rand(4, 7))  # keys of the wrong width fail inside the hook
     assert len(det.model.roi_heads.box_head._forward_hooks) == 0
+
+
+class _StubRoIHeads(torch.nn.Module):
+    def __init__(self) -> None:
+        super().__init__()
+        self.box_head = torch.nn.Linear(12, 16)
+        self.box_predictor = torch.nn.Module()
+        self.box_predictor.cls_score = torch.nn.Linear(16, 3)
+
+
+class _StubTwoStage(torch.nn.Module):
+    """The shape of a torchvision two-stage detector, without torchvision: 10 fixed proposals
+    whose box-head features (the hooked module) decide the scores."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.roi_heads = _StubRoIHeads()
+
+    def forward(self, images):
+        x = images[0]
+        f = self.roi_heads.box_head(x.reshape(3, -1)[:, :40].reshape(10, 12))
+        score, label = self.roi_heads.box_predictor.cls_score(f).softmax(-1).max(-1)
+        k = torch.arange(10.0)
+        return [{"boxes": torch.stack([2 * k, k, 2 * k + 5, k + 5], 1), "labels": label, "scores": score}]
+
+
+def test_pipeline_modes_on_a_stub_two_stage_model():
+    """Runs without torchvision: the pipeline's streaming API (shared with the other detection
+    pipelines) in causal and protocol mode, bank writes and the mode checks."""
+    torch.manual_seed(0)
+    det = TorchvisionDetector(_StubTwoStage())
+    rng = np.random.default_rng(0)
+    video = [Frame(i, i / 8, rng.integers(0, 255, (16, 16, 3), dtype=np.uint8)) for i in range(6)]
+    pipe = TorchvisionDetectionPipeline(det, TorchvisionConfig(max_size=30, key_size=10))
+    out = list(pipe.run(video))
+    assert len(out) == 6 and all(len(d) == 10 and d.metadata["mode"] == "causal" for d in out)
+    assert pipe.stats()["instance_writes"] == 60 and pipe.instance_memory.num_tokens == 30  # bounded
+    alone = TorchvisionDetectionPipeline(det, TorchvisionConfig(memory="none"))
+    assert not np.allclose(alone.step(video[-1]).confidence, out[-1].confidence)  # the bank changes scores
+    proto = TorchvisionDetectionPipeline(det, TorchvisionConfig(max_size=30, key_size=10, mode="protocol", warmup=3))
+    res = proto.run_protocol(video)
+    assert [d.metadata["frame_index"] for d in res] == list(range(6)) and proto.stats()["frames"] == 9
+    assert res[0].metadata["mode"].startswith("protocol") and proto.stats()["mode"] == "protocol"
+    with pytest.raises(RuntimeError, match="step\\(\\) is causal"):
+        proto.step(video[0])
+    with pytest.raises(ValueError, match="TorchvisionConfig.mode"):
+        TorchvisionConfig(mode="shuffled")

@@ -40,7 +40,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass
-from typing import Any, Iterable, Iterator
+from typing import Any
 
 import numpy as np
 import supervision as sv
@@ -48,6 +48,7 @@ import torch
 from torch import nn
 
 from streammem.models.geo import GEO
+from streammem.pipelines.detection import DetectionStreamMixin
 from streammem.types import Frame, Tokens
 
 __all__ = ["TorchvisionConfig", "TorchvisionDetector", "TorchvisionDetectionPipeline", "require_torchvision",
@@ -91,7 +92,9 @@ class TorchvisionConfig:
     bank_proposals: top proposals whose box-head features are written per frame (MAMBA 75).
     score_threshold: detections below this score are dropped (after the model's own threshold).
     device: where the model runs (``"cpu"``, ``"cuda"``).
-    seed: seed of the bank.
+    seed: seed of the bank (and of the protocol's shuffled order).
+    mode: ``"causal"`` (default) or ``"protocol"`` (MAMBA's non-causal test protocol, through
+        ``run_protocol``). warmup: the protocol's warm-up frames (MAMBA 25).
     """
 
     memory: str = "feature_bank"
@@ -101,6 +104,8 @@ class TorchvisionConfig:
     score_threshold: float = 0.0
     device: str = "cpu"
     seed: int = 0
+    mode: str = "causal"
+    warmup: int = 25
 
     def __post_init__(self) -> None:
         def need(ok: bool, name: str, allowed: str) -> None:
@@ -113,6 +118,8 @@ class TorchvisionConfig:
              "an int in [1, max_size]")
         need(isinstance(self.bank_proposals, int) and self.bank_proposals >= 1, "bank_proposals", "an int >= 1")
         need(0.0 <= self.score_threshold <= 1.0, "score_threshold", "in [0, 1]")
+        need(self.mode in ("causal", "protocol"), "mode", "'causal' or 'protocol'")
+        need(isinstance(self.warmup, int) and self.warmup >= 0, "warmup", "an int >= 0")
 
 
 class TorchvisionDetector:
@@ -199,11 +206,11 @@ class TorchvisionDetector:
         return out, feats
 
 
-class TorchvisionDetectionPipeline:
-    """A torchvision detector + FeatureBank + GEO -> ``sv.Detections`` per frame (causal).
+class TorchvisionDetectionPipeline(DetectionStreamMixin):
+    """A torchvision detector + FeatureBank + GEO -> ``sv.Detections`` per frame.
 
-    The API of the other detection pipelines: :meth:`step`, :meth:`run`, :meth:`reset`,
-    :meth:`stats`. State (explicit): ``instance_memory`` (None for ``memory="none"``) and counters.
+    The API of the other detection pipelines (:class:`DetectionStreamMixin`): causal
+    :meth:`step` / :meth:`run`, MAMBA's :meth:`run_protocol`, :meth:`reset`, :meth:`stats`. State (explicit): ``instance_memory`` (None for ``memory="none"``) and counters.
     """
 
     def __init__(self, detector: TorchvisionDetector, config: TorchvisionConfig | None = None, tracker=None) -> None:
@@ -235,13 +242,13 @@ class TorchvisionDetectionPipeline:
             m = self.instance_memory
             out["instance_memory"] = {"num_tokens": m.num_tokens, "capacity": m.capacity, "nbytes": m.nbytes}
         out["memory"] = self.config.memory
-        out["mode"] = "causal"
+        out["mode"] = self.config.mode
         out["detector"] = "torchvision"
         return out
 
     @torch.no_grad()
-    def step(self, frame: Frame) -> sv.Detections:
-        """Detect in ``frame`` with the bank of past frames, then write this frame's top proposals."""
+    def _process(self, frame: Frame) -> sv.Detections:
+        """Detect in ``frame`` with the bank, then write this frame's top proposals."""
         c = self.config
         # 1. the image as torchvision wants it
         x = torch.from_numpy(np.ascontiguousarray(frame.image)).permute(2, 0, 1).float().div_(255.0).to(c.device)
@@ -268,12 +275,5 @@ class TorchvisionDetectionPipeline:
         names = np.array([self.class_names[i] if i < len(self.class_names) else str(i) for i in labels], dtype=str)
         d = sv.Detections(xyxy=boxes, confidence=out["scores"][keep].float().cpu().numpy(), class_id=labels,
                           data={"class_name": names.reshape(-1)},
-                          metadata={"frame_index": frame.index, "mode": "causal"})
-        if self.tracker is not None:
-            d = self.tracker.update(d)
+                          metadata={"frame_index": frame.index, "mode": self._mode_label()})
         return d
-
-    def run(self, frames: Iterable[Frame]) -> Iterator[sv.Detections]:
-        """A generator of one ``sv.Detections`` per frame."""
-        for f in frames:
-            yield self.step(f)
