@@ -181,6 +181,22 @@ def _age_features(age: torch.Tensor, n: int = 8) -> torch.Tensor:
     return torch.cat([_fourier(age, n), torch.log1p(age)[..., None] / 6.0, (age < 1.0).float()[..., None]], -1)
 
 
+@dataclass
+class _MemoryView:
+    """Per-read inputs shared by the memory encoding and the grounded read-out."""
+
+    feats: torch.Tensor  # (M, token_dim) float
+    level: torch.Tensor  # (M,) long
+    cell_f: torch.Tensor  # (M, 16) grid-cell Fourier features
+    age_f: torch.Tensor  # (M, 18) age features (query time - timestamp)
+    probs: torch.Tensor | None  # (M, labels) or None without a label space
+
+
+def _log_dt(memory: Tokens, batch: "EncodedBatch") -> torch.Tensor:
+    """``(B, M)``: log(1 + |t_token - t_ref|), the time prior's distance."""
+    return torch.log1p((memory.timestamp.double()[None, :] - batch.ref_time[:, None]).abs().float())
+
+
 _GROUND_V = 16 + 18 + 3  # read-out value: grid-cell Fourier, age features, level one-hot (+ label probs)
 
 
@@ -206,7 +222,7 @@ class _Block(nn.Module):
             self.kv.weight[:d].copy_(torch.eye(d))
             self.kv.bias[:d].zero_()
 
-    def forward(self, x: torch.Tensor, pad: torch.Tensor, mem: torch.Tensor, dt: torch.Tensor,
+    def forward(self, x: torch.Tensor, pad: torch.Tensor, mem: torch.Tensor, log_dt: torch.Tensor,
                 want_weights: bool = False):
         b, L, d = x.shape
         h = self.n1(x)
@@ -216,7 +232,7 @@ class _Block(nn.Module):
         k, v = self.kv(mem).view(mem.shape[0], 2, self.heads, self.dh).permute(1, 2, 0, 3)  # H, M, dh each
         logits = torch.einsum("bhld,hmd->bhlm", q, k) / math.sqrt(self.dh)
         slope = F.softplus(self.time_slope).view(1, self.heads, 1, 1)
-        logits = logits - slope * torch.log1p(dt)[:, None, None, :]
+        logits = logits - slope * log_dt[:, None, None, :]
         w = torch.softmax(logits, -1)
         att = torch.einsum("bhlm,hmd->bhld", w, v).transpose(1, 2).reshape(b, L, d)
         x = x + self.o(att)
@@ -308,7 +324,18 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
         cell = memory.grid.float() / self.grid * 2 * math.pi  # (M, 2) in one period over the grid
         return torch.cat([torch.sin(cell * k) for k in (1, 2, 4, 8)] + [torch.cos(cell * k) for k in (1, 2, 4, 8)], -1)
 
-    def grounded_readout(self, memory: Tokens, batch: "EncodedBatch", probs: torch.Tensor | None = None) -> torch.Tensor:
+    def _view(self, memory: Tokens, query_time: float) -> _MemoryView:
+        """What every part of a read needs of ``memory``, computed once per read."""
+        feats = memory.features.float()
+        if feats.shape[1] != self.token_dim:
+            raise ValueError(f"memory tokens are {feats.shape[1]} wide; this answerer reads {self.token_dim}")
+        level = memory.level.long() if memory.level is not None else torch.zeros(len(memory), dtype=torch.long)
+        age = (query_time - memory.timestamp.double()).float()
+        probs = self.label_probs(feats) if self.labels is not None else None
+        return _MemoryView(feats, level, self._cell_features(memory), _age_features(age), probs)
+
+    def grounded_readout(self, memory: Tokens, batch: "EncodedBatch", view: _MemoryView | None = None,
+                         log_dt: torch.Tensor | None = None) -> torch.Tensor:
         """``(B, L, d)``: at each word naming a label, what memory holds of that label (zero at
         other words).
 
@@ -318,6 +345,7 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
         scales. The read-out is the softmax-weighted mean of the tokens' grid cell, age, level
         and label probabilities, plus the log-sum-exp of the scores (how much evidence there
         is), through a linear layer that starts at zero. Only label words are computed.
+        ``view`` / ``log_dt`` (``(B, M)``) are what :meth:`forward` already computed.
         """
         n, c = len(self.labels), self.num_classes
         b, L = batch.ids.shape
@@ -326,19 +354,18 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
         bi, li = torch.nonzero(lab < n, as_tuple=True)
         if len(bi) == 0:
             return out
-        if probs is None:
-            probs = self.label_probs(memory.features.float())
-        logp = torch.log(probs.clamp(min=1e-4))  # M, n
+        view = view or self._view(memory, float(batch.query_time[0]))
+        if log_dt is None:
+            log_dt = _log_dt(memory, batch)
+        logp = torch.log(view.probs.clamp(min=1e-4))  # M, n
         logp = torch.cat([logp, torch.zeros(len(memory), 1)], 1).t()  # n + 1, M (row n: not a label)
         prev = torch.cat([torch.full_like(lab[:, :1], n), lab[:, :-1]], 1)
         is_cls = (lab >= 1) & (lab < c)
         conj = torch.where(is_cls & (prev >= c) & (prev < n), prev, torch.full_like(prev, n))
         score = logp[lab[bi, li]] + logp[conj[bi, li]]  # P, M
-        age = (batch.query_time[0] - memory.timestamp.double()).float()
-        lvl = memory.level.long().clamp(0, 2) if memory.level is not None else torch.zeros(len(memory), dtype=torch.long)
-        v = torch.cat([self._cell_features(memory), _age_features(age), F.one_hot(lvl, 3).float(),
+        v = torch.cat([view.cell_f, view.age_f, F.one_hot(view.level.clamp(0, 2), 3).float(),
                        torch.exp(logp[:n].t())], -1)  # M, V
-        dt = torch.log1p((memory.timestamp.double()[None, :] - batch.ref_time[bi, None]).abs().float())  # P, M
+        dt = log_dt[bi]  # P, M
         outs = []
         for a in F.softplus(self.ground_slope):
             z = score - a * dt
@@ -347,18 +374,13 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
         out[bi, li] = self.ground_out(torch.cat(outs, -1))
         return out
 
-    def encode_memory(self, memory: Tokens, query_time: float, probs: torch.Tensor | None = None) -> torch.Tensor:
+    def encode_memory(self, memory: Tokens, query_time: float, view: _MemoryView | None = None) -> torch.Tensor:
         """Memory tokens -> ``(M, d)`` (features + level + grid cell + age [+ labels])."""
-        feats = memory.features.float()
-        if feats.shape[1] != self.token_dim:
-            raise ValueError(f"memory tokens are {feats.shape[1]} wide; this answerer reads {self.token_dim}")
-        lvl = memory.level.long().clamp(0, self.levels - 1) if memory.level is not None else \
-            torch.zeros(len(memory), dtype=torch.long)
-        cell_f = self._cell_features(memory)
-        age = (query_time - memory.timestamp.double()).float()
-        x = self.mem_in(feats) + self.mem_level(lvl) + self.mem_cell(cell_f) + self.mem_age(_age_features(age))
-        if self.labels is not None:
-            x = x + (self.label_probs(feats) if probs is None else probs) @ self.label_emb.weight[:-1]
+        view = view or self._view(memory, query_time)
+        x = self.mem_in(view.feats) + self.mem_level(view.level.clamp(0, self.levels - 1)) + \
+            self.mem_cell(view.cell_f) + self.mem_age(view.age_f)
+        if view.probs is not None:
+            x = x + view.probs @ self.label_emb.weight[:-1]
         return self.mem_norm(x)
 
     def forward(self, memory: Tokens, batch: EncodedBatch, want_weights: bool = False):
@@ -376,18 +398,18 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
         if is_time.any():
             age = (batch.query_time[:, None] - torch.nan_to_num(batch.times.double(), nan=0.0)).float()
             x = x + self.time_word(_age_features(age)) * is_time[..., None]
-        probs = self.label_probs(memory.features.float()) if self.labels is not None and len(memory) else None
-        if probs is not None:
-            x = x + self.grounded_readout(memory, batch, probs)
         if len(memory) == 0:
             mem = torch.zeros(1, self.d)
-            dt = torch.zeros(b, 1)
+            log_dt = torch.zeros(b, 1)
         else:
-            mem = self.encode_memory(memory, qt, probs)
-            dt = (memory.timestamp.double()[None, :] - batch.ref_time[:, None]).abs().float()
+            view = self._view(memory, qt)
+            log_dt = _log_dt(memory, batch)
+            if view.probs is not None:
+                x = x + self.grounded_readout(memory, batch, view, log_dt)
+            mem = self.encode_memory(memory, qt, view)
         weights = None
         for i, blk in enumerate(self.blocks):
-            x, w = blk(x, batch.pad_mask, mem, dt, want_weights and i == len(self.blocks) - 1)
+            x, w = blk(x, batch.pad_mask, mem, log_dt, want_weights and i == len(self.blocks) - 1)
             weights = w if w is not None else weights
         x = self.out_norm(x)
         cm = batch.cand_mask.float()  # B, C, L
