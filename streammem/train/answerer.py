@@ -482,43 +482,12 @@ def _save(model: SmallAnswerer, out: Path, cfg: AnswererTrainConfig, step: int, 
     (out / "training.json").write_text(json.dumps(summary, indent=2, default=list) + "\n")
 
 
-def main() -> None:  # python -m streammem.train.answerer [produce DIR]
-    import argparse
+def main() -> None:  # python -m streammem.train.answerer [OPTIONS]: the same as `streammem train answerer`
     import sys
 
-    if sys.argv[1:2] == ["produce"]:
-        ap = argparse.ArgumentParser(description=produce.__doc__)
-        ap.add_argument("cmd")
-        ap.add_argument("out_dir")
-        ap.add_argument("--worlds", type=int, default=60)
-        ap.add_argument("--seconds", type=float, default=360.0)
-        ap.add_argument("--every", type=float, default=1.0)
-        ap.add_argument("--encoder", default="streammem/checkpoints/grid_encoder")
-        ap.add_argument("--threads", type=int, default=1)
-        a = ap.parse_args()
-        produce(a.out_dir, a.encoder, worlds=a.worlds, seconds=a.seconds, every_s=a.every, threads=a.threads)
-        return
-    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--minutes", type=float, default=25.0)
-    ap.add_argument("--worlds", type=int, default=10)
-    ap.add_argument("--seconds", type=float, default=360.0)
-    ap.add_argument("--out", default="streammem/checkpoints/answerer")
-    ap.add_argument("--encoder", default="streammem/checkpoints/grid_encoder")
-    ap.add_argument("--data", default=None, help="folder of snapshot shards (python -m ... produce DIR)")
-    ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--d", type=int, default=128, help="model width")
-    ap.add_argument("--layers", type=int, default=2)
-    ap.add_argument("--heads", type=int, default=4)
-    ap.add_argument("--only-budgets", nargs="*", default=None, help="train on these budgets' snapshots only")
-    ap.add_argument("--init", default=None, help="start from this answerer checkpoint")
-    ap.add_argument("--snapshots-per-step", type=int, default=2)
-    ap.add_argument("--log", default=None)
-    a = ap.parse_args()
-    train(AnswererTrainConfig(minutes=a.minutes, worlds=a.worlds, seconds=a.seconds, out=a.out, encoder=a.encoder,
-                              log=a.log, data=a.data, threads=a.threads, init=a.init,
-                              only_budgets=tuple(a.only_budgets) if a.only_budgets else None,
-                              snapshots_per_step=a.snapshots_per_step,
-                              model={"d": a.d, "heads": a.heads, "layers": a.layers}))
+    from streammem.cli import app
+
+    app(["train", "answerer", *sys.argv[1:]])
 
 
 if __name__ == "__main__":
