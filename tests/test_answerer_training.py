@@ -54,6 +54,8 @@ def test_the_pool_picks_up_new_shards_and_keeps_under_its_cap(tmp_path):
     assert pool.refresh() == 2
     save_shard(tmp_path / "train" / "w1.safetensors", [_snap(2)])
     assert pool.refresh() == 3 and pool.refresh() == 3  # a shard is read once
+    (tmp_path / "train" / "w2.safetensors").write_bytes(b"truncated")  # a broken shard is skipped, named
+    assert pool.refresh() == 3 and pool.broken == ["w2.safetensors"] and "w2.safetensors" in pool.summary()
     one = _snap(0).memory.features.half().nbytes
     small = _ShardPool(tmp_path, cap_mb=2.5 * one / 2 ** 20, rng=random.Random(0))
     assert small.refresh() == 2 and small.dropped == 1 and small.bytes <= 2.5 * one

@@ -350,6 +350,7 @@ class _ShardPool:
         self.bytes = 0
         self.dropped = 0
         self.questions = 0
+        self.broken: list[str] = []
 
     def refresh(self) -> int:
         """Load new shards; returns how many snapshots the pool holds."""
@@ -357,7 +358,13 @@ class _ShardPool:
             if p.name in self.seen:
                 continue
             self.seen.add(p.name)
-            new = [x for x in load_shard(p) if self.budgets is None or x.budget in self.budgets]
+            try:
+                loaded = load_shard(p)
+            except Exception as e:  # a broken shard must not end a training run: skip it, say so
+                self.broken.append(p.name)
+                print(f"[answerer] skipping unreadable shard {p}: {e}", flush=True)
+                continue
+            new = [x for x in loaded if self.budgets is None or x.budget in self.budgets]
             self.snapshots += new
             self.bytes += sum(x.memory.features.nbytes for x in new)
             self.questions += sum(len(x.questions) for x in new)
@@ -369,8 +376,9 @@ class _ShardPool:
         return len(self.snapshots)
 
     def summary(self) -> str:
-        return (f"{len(self.seen)} shards ({self.questions} questions); {len(self.snapshots)} snapshots held, "
-                f"{self.dropped} dropped by the {self.cap / 2 ** 20:.0f} MB cap")
+        return (f"{len(self.seen) - len(self.broken)} shards ({self.questions} questions); {len(self.snapshots)} "
+                f"snapshots held, {self.dropped} dropped by the {self.cap / 2 ** 20:.0f} MB cap"
+                + (f"; {len(self.broken)} unreadable shards skipped: {', '.join(self.broken)}" if self.broken else ""))
 
 
 def train(cfg: AnswererTrainConfig, snapshots: list[Snapshot] | None = None,
