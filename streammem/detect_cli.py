@@ -271,6 +271,9 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         log: Optional[str] = typer.Option(None, help="append per-step losses to this JSONL file"),
         model: Optional[str] = typer.Option(None, help='SmallDetector keyword arguments as JSON, e.g. \'{"width": 32}\''),
         resume: Optional[str] = typer.Option(None, help="start from this checkpoint folder's weights"),
+        clip_len: int = typer.Option(12, help="frames per rendered clip (references come from the same clip)"),
+        self_ref: float = typer.Option(0.2, help="share of single-frame triples (one frame three times)"),
+        key_corrupt: float = typer.Option(0.0, help="share of triples whose key frame gets an extra corruption"),
     ) -> None:
         """Train the small detector on StreamWorld clips (MAMBA-style triples); saves
         config.json + model.safetensors to OUT as it goes."""
@@ -285,7 +288,7 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
                 raise ValueError("--resume is not supported by this version of streammem.train.detector")
             cfg = TrainConfig(out=out, minutes=minutes, batch=batch, lr=lr, size=size, seed=seed, workers=workers,
                               threads=threads, save_every_min=save_every_min, max_steps=max_steps, log=log,
-                              model=model_kw, **kw)
+                              model=model_kw, clip_len=clip_len, self_ref=self_ref, key_corrupt=key_corrupt, **kw)
         except (ValueError, json.JSONDecodeError) as exc:
             _fail(str(exc))
         train(cfg)

@@ -162,20 +162,23 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         only_budget: List[str] = typer.Option([], "--only-budget", help="train on these budgets' snapshots only"),
         init: Optional[Path] = typer.Option(None, help="start from this answerer checkpoint"),
         threads: int = typer.Option(2, help="torch threads"),
+        lr: float = typer.Option(1e-3, help="peak learning rate (lower it for a phase started with --init)"),
         snapshots_per_step: int = typer.Option(2, help="snapshots (each with all its questions) per step"),
         d: int = typer.Option(128, help="model width (a fresh model)"),
         layers: int = typer.Option(2, help="blocks (a fresh model)"),
         heads: int = typer.Option(4, help="attention heads (a fresh model)"),
         log: Optional[str] = typer.Option(None, help="JSONL training log"),
+        signed_time: bool = typer.Option(False, help="add the signed-time grounded read-out (before / after a time)"),
     ) -> None:
         """Train the QA answerer on StreamWorld questions over Pyramid Memory Bank snapshots."""
         from streammem.train.answerer import AnswererTrainConfig, train
 
+        model = {"d": d, "heads": heads, "layers": layers, **({"signed_time": True} if signed_time else {})}
         if data is not None and not (data / "train").is_dir():
             raise typer.BadParameter(f"{data} has no train/ folder of snapshot shards", param_hint="--data")
         train(AnswererTrainConfig(minutes=minutes, worlds=worlds, seconds=seconds, out=out, encoder=encoder, log=log,
-                                  data=str(data) if data else None, threads=threads,
-                                  snapshots_per_step=snapshots_per_step, model={"d": d, "heads": heads, "layers": layers},
+                                  data=str(data) if data else None, threads=threads, lr=lr,
+                                  snapshots_per_step=snapshots_per_step, model=model,
                                   only_budgets=tuple(only_budget) or None, init=str(init) if init else None))
 
     @train_app.command("qa-snapshots")

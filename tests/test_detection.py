@@ -301,6 +301,32 @@ def test_training_losses_are_finite_and_reach_every_stage():
     assert rng is not None
 
 
+def test_key_frame_corruption_degrades_the_key_and_keeps_the_targets():
+    """``key_corrupt``: the first frame of a triple gets an extra corruption its references do not
+    have (a self triple stays one frame three times); boxes and classes are unchanged."""
+    from streammem.train.detector import TrainConfig, TripleStream, _corrupted
+
+    fr = {"image": torch.rand(3, 64, 64), "boxes": torch.tensor([[8.0, 8, 30, 28]]), "class_id": torch.tensor([2])}
+    before = fr["image"].clone()
+    out = _corrupted(fr, np.random.default_rng(0))
+    assert torch.equal(fr["image"], before)  # the pool's frame is not touched
+    assert out["boxes"] is fr["boxes"] and out["class_id"] is fr["class_id"]
+    assert out["image"].shape == before.shape and float((out["image"] - before).abs().mean()) > 0.01
+    for self_ref in (0.0, 1.0):
+        cfg = TrainConfig(minutes=1, size=64, clip_len=4, triples_per_clip=2, pool_clips=1, self_ref=self_ref,
+                          key_corrupt=1.0)
+        plain = next(iter(TripleStream(TrainConfig(minutes=1, size=64, clip_len=4, triples_per_clip=2, pool_clips=1,
+                                                   self_ref=self_ref, key_corrupt=0.0))))
+        t = next(iter(TripleStream(cfg)))
+        if self_ref == 1.0:
+            assert t[0] is t[1] is t[2]
+        else:
+            assert t[0] is not t[1] and not torch.equal(t[0]["image"], t[1]["image"])
+        assert torch.equal(t[0]["boxes"], plain[0]["boxes"])
+    with pytest.raises(ValueError, match="key_corrupt"):
+        TrainConfig(key_corrupt=1.5)
+
+
 def test_evaluation_runner_reports_every_method():
     from streammem.eval.detection import evaluate, format_table
 

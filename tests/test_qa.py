@@ -243,6 +243,52 @@ def test_label_words_and_memory_tokens_share_the_label_space(tmp_path):
         SmallAnswerer(vocab=vocab.words, token_dim=8, d=16, heads=2, layers=1, labels=labels, num_classes=9)
 
 
+def test_signed_readout_tells_before_from_after_the_stated_time():
+    """The grounded read-out compares a target's evidence after the time a question names with
+    the evidence before it; a bare colour candidate targets the class the question names."""
+    torch.manual_seed(0)
+    enc = GridEncoder(dim=8, width=4, num_classes=2, num_colours=2).eval()
+    labels = ["<background>", "cat", "star", "red", "blue"]
+    vocab = Vocab.fit(["which object appeared at about 3.5s ?", "the red star", "the blue cat",
+                       "at about 3.5s , the blue star changed colour . what colour did it become ? red blue"])
+    m = SmallAnswerer(vocab=vocab.words, token_dim=8, d=16, heads=2, layers=1, grid=4, labels=labels,
+                      num_classes=3, signed_time=True).set_label_heads(enc).eval()
+    with torch.no_grad():  # expose the signed features: 8 inputs -> the first 8 output dims
+        m.ground_signed.weight.zero_()
+        m.ground_signed.weight[:8, :8] = torch.eye(8)
+    w = torch.cat([enc.cls_head.weight, enc.colour_head.weight]).detach()
+    u = w / w.norm(dim=1, keepdim=True)
+    red_star, blue_star, bg = 40 * (u[2] + u[3]), 40 * (u[2] + u[4]), 40 * u[0]
+
+    def memory(before: torch.Tensor, after: torch.Tensor) -> Tokens:
+        parts = [Tokens.from_grid(torch.stack([before, bg, bg, bg]).reshape(2, 2, 8), i, i * 0.5) for i in range(6)]
+        parts += [Tokens.from_grid(torch.stack([after, bg, bg, bg]).reshape(2, 2, 8), i, i * 0.5) for i in range(8, 14)]
+        return Tokens.cat(parts)  # frames at 0-2.5 s and 4-6.5 s
+
+    def signed(mem: Tokens, question: str, cands: list[str], word: str, seg: int) -> torch.Tensor:
+        b = encode_questions(m.vocab, [question], [cands], [7.0])
+        pos = [i for i in range(b.ids.shape[1]) if int(b.ids[0, i]) == m.vocab.index[word] and int(b.segment[0, i]) == seg]
+        return m.grounded_readout(mem, b)[0, pos[0], :8].detach()
+
+    q = "which object appeared at about 3.5s ?"
+    appeared = signed(memory(blue_star, red_star), q, ["the red star", "the blue cat"], "star", 1)
+    vanished = signed(memory(red_star, blue_star), q, ["the red star", "the blue cat"], "star", 1)
+    assert appeared[:2].tolist() == [1.0, 1.0]  # tokens on both sides
+    assert float(appeared[7]) > 1.0 and float(vanished[7]) < -1.0  # local scale: after - before
+    # per scale: (lse before, lse after, after - before); both scales see the red star move sides
+    assert float(appeared[4]) > 0 > float(vanished[4])
+    assert float(appeared[6]) > float(vanished[6]) and float(appeared[5]) < float(vanished[5])
+    # "what colour did it become?": the bare candidate 'red' is read as a red star
+    qc = "at about 3.5s , the blue star changed colour . what colour did it become ?"
+    turned_red = signed(memory(blue_star, red_star), qc, ["red", "blue"], "red", 1)
+    assert float(turned_red[7]) > 1.0
+    # a side without tokens reads as the floor value
+    only_before = Tokens.cat([Tokens.from_grid(torch.stack([red_star, bg, bg, bg]).reshape(2, 2, 8), i, i * 0.5)
+                              for i in range(6)])
+    f = signed(only_before, q, ["the red star", "the blue cat"], "star", 1)
+    assert f[:2].tolist() == [1.0, 0.0] and abs(float(f[3]) + 4.0) < 1e-5
+
+
 # ---------------------------------------------------------------------- OVBench files and scoring
 def test_ovbench_loader_reads_both_layouts_and_scorer_matches_mcq_acc(tmp_path):
     lmms = [{"video": "v1.mp4", "question": "What is the man holding?", "candidates": ["a cup", "a phone", "a bag", "a pen"],

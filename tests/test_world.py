@@ -220,6 +220,20 @@ def _centre(g, tid):
     return (b[0] + b[2]) / 2, (b[1] + b[3]) / 2, b
 
 
+def test_corrupt_once_applies_one_named_corruption():
+    from streammem.world.corruptions import PIXEL_CORRUPTIONS, corrupt_once
+
+    img = np.random.default_rng(0).integers(0, 255, (48, 48, 3), dtype=np.uint8)
+    for name in PIXEL_CORRUPTIONS:
+        out = corrupt_once(img, name, 1.0, seed=3, motion=(2.0, 0.0))
+        assert out.shape == img.shape and out.dtype == np.uint8, name
+        assert np.abs(out.astype(int) - img).mean() > 1.0, name
+        assert np.array_equal(out, corrupt_once(img, name, 1.0, seed=3, motion=(2.0, 0.0))), name  # seeded
+    assert corrupt_once(img, "low_light", 1.0, seed=0).mean() < corrupt_once(img, "low_light", 0.2, seed=0).mean()
+    with pytest.raises(ValueError, match="drop"):
+        corrupt_once(img, "drop", 1.0, seed=0)
+
+
 def test_questions_shape_types_and_shuffle(qa_world):
     w, frames, qs = qa_world
     assert {q["answer_type"] for q in qs} == {"PM", "SP", "TP", "STP", "HD", "FP"}

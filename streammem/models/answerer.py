@@ -198,6 +198,8 @@ def _log_dt(memory: Tokens, batch: "EncodedBatch") -> torch.Tensor:
 
 
 _GROUND_V = 16 + 18 + 3  # read-out value: grid-cell Fourier, age features, level one-hot (+ label probs)
+_SIDE_GAP = 0.25  # seconds: tokens this close to the stated time are neither before nor after it
+_EMPTY_LSE = -20.0  # the signed read-out's value for a side with no tokens (below any real score)
 
 
 class _Block(nn.Module):
@@ -252,11 +254,14 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
         max_len: longest question + candidates sequence. max_cand: most candidates.
         encoder: optional name of the frame encoder checkpoint the answerer was trained with
             (informational; the pipeline loads it).
+        labels / num_classes: the encoder's label space (see "Grounding").
+        signed_time: add the signed-time grounded read-out (see :meth:`grounded_readout`).
     """
 
     def __init__(self, vocab: list[str], token_dim: int = 64, d: int = 128, heads: int = 4, layers: int = 2,
                  grid: int = 16, levels: int = 3, max_len: int = 96, max_cand: int = 5,
-                 encoder: str | None = None, labels: list[str] | None = None, num_classes: int = 0) -> None:
+                 encoder: str | None = None, labels: list[str] | None = None, num_classes: int = 0,
+                 signed_time: bool = False) -> None:
         super().__init__()
         if d % heads:
             raise ValueError(f"SmallAnswerer.d={d} must be divisible by heads={heads}")
@@ -281,6 +286,7 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
         # shared label space (see "Grounding" in the module docstring)
         self.labels = list(labels) if labels else None
         self.num_classes = num_classes
+        self.signed_time = bool(signed_time) and self.labels is not None
         if self.labels is not None:
             n = len(self.labels)
             if not 1 <= num_classes < n:
@@ -296,6 +302,11 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
             self.ground_out = nn.Linear(2 * (_GROUND_V + n + 1), d)
             nn.init.zeros_(self.ground_out.weight)
             nn.init.zeros_(self.ground_out.bias)
+            if self.signed_time:
+                # signed-time read-out: has-before/after, then per scale lse before, after, after - before
+                self.ground_signed = nn.Linear(2 + 2 * 3, d)
+                nn.init.zeros_(self.ground_signed.weight)
+                nn.init.zeros_(self.ground_signed.bias)
 
     # ------------------------------------------------------------------ pieces
     def set_label_heads(self, encoder) -> "SmallAnswerer":
@@ -345,6 +356,15 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
         scales. The read-out is the softmax-weighted mean of the tokens' grid cell, age, level
         and label probabilities, plus the log-sum-exp of the scores (how much evidence there
         is), through a linear layer that starts at zero. Only label words are computed.
+
+        Signed time (``signed_time=True``; the shipped answerer is built without it): the
+        same log-sum-exp is also taken over the tokens before ``t_ref`` and over those after
+        it, with their difference. "What colour did it become", "which object
+        vanished / appeared at about 62.4s" ask whether a target is more present after the
+        stated moment than before it, which the symmetric time prior cannot tell. A candidate
+        that is a bare colour word ("green") targets the conjunction with the class the
+        question names ("the purple triangle changed colour").
+
         ``view`` / ``log_dt`` (``(B, M)``) are what :meth:`forward` already computed.
         """
         n, c = len(self.labels), self.num_classes
@@ -360,18 +380,38 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
         logp = torch.log(view.probs.clamp(min=1e-4))  # M, n
         logp = torch.cat([logp, torch.zeros(len(memory), 1)], 1).t()  # n + 1, M (row n: not a label)
         prev = torch.cat([torch.full_like(lab[:, :1], n), lab[:, :-1]], 1)
+        nxt = torch.cat([lab[:, 1:], torch.full_like(lab[:, :1], n)], 1)
         is_cls = (lab >= 1) & (lab < c)
         conj = torch.where(is_cls & (prev >= c) & (prev < n), prev, torch.full_like(prev, n))
+        # a bare colour candidate ("green") targets the class its question names
+        in_q = (batch.segment == 0) & is_cls
+        pos = torch.arange(L)[None].expand(b, L)
+        last = torch.where(in_q, pos, torch.full_like(pos, -1)).max(1).values  # B
+        q_cls = torch.where(last >= 0, lab.gather(1, last.clamp(min=0)[:, None])[:, 0], torch.full_like(last, n))
+        bare = (batch.segment > 0) & (lab >= c) & (lab < n) & ~((nxt >= 1) & (nxt < c))
+        if self.signed_time:
+            conj = torch.where(bare, q_cls[:, None].expand(b, L), conj)
         score = logp[lab[bi, li]] + logp[conj[bi, li]]  # P, M
         v = torch.cat([view.cell_f, view.age_f, F.one_hot(view.level.clamp(0, 2), 3).float(),
                        torch.exp(logp[:n].t())], -1)  # M, V
         dt = log_dt[bi]  # P, M
+        if self.signed_time:
+            side = memory.timestamp.double()[None, :] - batch.ref_time[bi][:, None]  # P, M
+            before, after = side < -_SIDE_GAP, side > _SIDE_GAP
+            signed = [torch.stack([before.any(-1), after.any(-1)], -1).float()]  # has tokens before / after
         outs = []
         for a in F.softplus(self.ground_slope):
             z = score - a * dt
             lse = torch.logsumexp(z, -1, keepdim=True)
             outs += [torch.softmax(z, -1) @ v, (lse - math.log(len(memory))) / 5.0]
-        out[bi, li] = self.ground_out(torch.cat(outs, -1))
+            if self.signed_time:
+                lb = torch.logsumexp(z.masked_fill(~before, -1e4), -1).clamp(min=_EMPTY_LSE)
+                la = torch.logsumexp(z.masked_fill(~after, -1e4), -1).clamp(min=_EMPTY_LSE)
+                signed.append(torch.stack([lb, la, la - lb], -1) / 5.0)
+        res = self.ground_out(torch.cat(outs, -1))
+        if self.signed_time:
+            res = res + self.ground_signed(torch.cat(signed, -1))
+        out[bi, li] = res
         return out
 
     def encode_memory(self, memory: Tokens, query_time: float, view: _MemoryView | None = None) -> torch.Tensor:

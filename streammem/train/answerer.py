@@ -408,7 +408,8 @@ def train(cfg: AnswererTrainConfig, snapshots: list[Snapshot] | None = None,
     print(f"[answerer] {len(snapshots)} snapshots, {n_q} questions, ready in {time.time() - t_data:.0f}s", flush=True)
     vocab = fit_vocab()
     if cfg.init:
-        model = SmallAnswerer.from_pretrained(cfg.init)
+        extra = {"signed_time": True} if cfg.model.get("signed_time") else {}
+        model = SmallAnswerer.from_pretrained(cfg.init, **extra)
     else:
         model = SmallAnswerer(vocab=vocab.words, token_dim=encoder.dim, grid=encoder.grid, encoder=cfg.encoder,
                               **label_space(encoder, cfg.grounding), **cfg.model)

@@ -6,7 +6,9 @@ from the other two: instance keys are the pre-enhancement fc6 features of their 
 proposals, pixel keys are backbone features inside their ground-truth boxes (<= 100 per box,
 ``pixel_keys`` in all). With probability ``self_ref`` a triple is one frame three times (the
 single-frame case, and what a stream sees while its bank is empty; MAMBA uses copies of DET
-images the same way).
+images the same way). With probability ``key_corrupt`` the first frame of a triple gets one
+extra corruption (blur, defocus, noise, low light, occluder or JPEG) that its references do not
+have, so the enhancement learns to borrow from cleaner frames, as a stream's bank lets it.
 
 Losses: CenterNet focal loss on the objectness heatmap, L1 on centre offset and log size at
 object centres, cross-entropy over (background + classes) for RoIs (the model's own top
@@ -54,6 +56,12 @@ class TrainConfig:
     triples_per_clip: samples drawn after each newly rendered clip, from a pool of the last
         ``pool_clips`` clips (so a batch mixes clips and rendering is not the bottleneck).
     self_ref: probability that a triple is one frame three times.
+    key_corrupt: probability that the first frame of a triple gets one extra pixel corruption
+        (a type of ``PIXEL_CORRUPTIONS`` at intensity 0.4-1.0) that its references do not have.
+        A stream's degraded frame (a blur burst, a dark stretch, an occluder) usually has cleaner
+        frames in the bank: this teaches the enhancement to borrow from them. A self triple
+        (the single-frame case) is corrupted the same way, so the single-frame model sees as
+        many degraded frames as the aggregated one.
     seed: data and init seed.
     workers: DataLoader worker processes rendering clips.
     threads: torch threads of the training process.
@@ -75,6 +83,7 @@ class TrainConfig:
     triples_per_clip: int = 8
     pool_clips: int = 6
     self_ref: float = 0.2
+    key_corrupt: float = 0.0
     seed: int = 0
     workers: int = 1
     threads: int = 2
@@ -91,6 +100,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.batch must be >= 1 and clip_len >= 3, got {self.batch}, {self.clip_len}")
         if not 0 <= self.self_ref <= 1:
             raise ValueError(f"TrainConfig.self_ref must be in [0, 1], got {self.self_ref}")
+        if not 0 <= self.key_corrupt <= 1:
+            raise ValueError(f"TrainConfig.key_corrupt must be in [0, 1], got {self.key_corrupt}")
 
 
 def _frame_target(frame) -> dict:
@@ -134,10 +145,25 @@ class TripleStream(IterableDataset):
                 clip = pool[int(rng.integers(len(pool)))]
                 if rng.random() < c.self_ref:
                     i = int(rng.integers(len(clip)))
-                    yield [clip[i]] * 3
+                    triple = [clip[i]] * 3
                 else:
                     idx = rng.choice(len(clip), 3, replace=False)
-                    yield [clip[int(i)] for i in idx]
+                    triple = [clip[int(i)] for i in idx]
+                if rng.random() < c.key_corrupt:
+                    key = _corrupted(triple[0], rng)
+                    triple = [key] * 3 if triple[0] is triple[1] else [key] + triple[1:]
+                yield triple
+
+
+def _corrupted(frame: dict, rng: np.random.Generator) -> dict:
+    """A copy of a frame dict with one extra pixel corruption (see ``TrainConfig.key_corrupt``)."""
+    from streammem.world.corruptions import PIXEL_CORRUPTIONS, corrupt_once
+
+    img = (frame["image"].permute(1, 2, 0).numpy() * 255.0).round().astype(np.uint8)
+    name = PIXEL_CORRUPTIONS[int(rng.integers(len(PIXEL_CORRUPTIONS)))]
+    out = corrupt_once(img, name, float(rng.uniform(0.4, 1.0)), seed=int(rng.integers(2**31)),
+                       motion=tuple(rng.normal(0.0, 3.0, 2)))
+    return dict(frame, image=torch.from_numpy(np.ascontiguousarray(out)).permute(2, 0, 1).float().div_(255.0))
 
 
 def _collate(items):

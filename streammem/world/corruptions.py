@@ -25,9 +25,11 @@ from dataclasses import dataclass
 import cv2
 import numpy as np
 
-__all__ = ["LEVELS", "CORRUPTIONS", "Corruptor"]
+__all__ = ["LEVELS", "CORRUPTIONS", "PIXEL_CORRUPTIONS", "Corruptor", "corrupt_once"]
 
 CORRUPTIONS = ["motion_blur", "defocus", "noise", "low_light", "occluder", "jpeg", "drop", "duplicate"]
+#: The corruptions that change pixels (``drop`` and ``duplicate`` change the stream instead).
+PIXEL_CORRUPTIONS = CORRUPTIONS[:6]
 
 
 @dataclass(frozen=True)
@@ -153,3 +155,27 @@ class Corruptor:
                 ok, buf = cv2.imencode(".jpg", out, [cv2.IMWRITE_JPEG_QUALITY, q])
                 out = cv2.imdecode(buf, cv2.IMREAD_UNCHANGED)
         return out
+
+
+def corrupt_once(img: np.ndarray, name: str, intensity: float, seed: int,
+                 motion: tuple[float, float] = (0.0, 0.0)) -> np.ndarray:
+    """One image with one pixel corruption at ``intensity`` in [0, 1] (the ``hard`` level's
+    filters; a seeded occluder shape and place, blur direction and noise slice), outside any
+    burst: for training augmentation. ``img`` is not modified.
+
+    Example:
+        >>> out = corrupt_once(np.full((32, 32, 3), 128, np.uint8), "low_light", 1.0, seed=0)
+        >>> int(out.max()) < 128
+        True
+    """
+    if name not in PIXEL_CORRUPTIONS:
+        raise ValueError(f"corrupt_once: name must be one of {PIXEL_CORRUPTIONS}, got {name!r}")
+    c = Corruptor(seed, "hard", img.shape[:2], fps=8.0)
+    u = float(np.random.default_rng([seed, 204]).random())
+    c.inten[name] = float(np.clip(intensity, 0.0, 1.0))
+    c.left[name] = 1 + int(u * 32)
+    if name == "occluder":
+        c._occ = c._new_occluder(u)
+    if name == "motion_blur":
+        c._dir = u * np.pi
+    return c.filter(img, [name], motion)
