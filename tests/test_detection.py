@@ -357,12 +357,12 @@ def test_cached_key_projections_give_the_same_head_output():
 @pytest.mark.slow
 def test_shipped_detector_with_memory_beats_single_frame_on_a_seeded_hard_clip():
     """End to end on the evaluation's first hard clip (seed 0, 48 frames, 256 px): the causal
-    FeatureBank pipeline scores a higher AP50 than the same detector frame by frame. The margin
-    is small (measured: 43.7 vs 42.8; +1.1 over the four clips of the README's table)."""
+    FeatureBank pipeline scores a higher AP50 than the same detector frame by frame (measured with
+    the shipped checkpoint: 60.9 vs 57.8; the README's table has the gain over more clips)."""
     from streammem.eval.detection import evaluate
 
     det = SmallDetector.from_pretrained(str(CKPT)).eval()
     res = evaluate(det, presets=("hard",), videos=1, frames=48, seed=0, config=DetectionConfig(image_size=256))
     single, bank = res["hard"]["single"]["all"], res["hard"]["feature_bank"]["all"]
-    assert bank > single + 0.5, (bank, single)
+    assert bank > single + 1.5, (bank, single)
     assert bank > res["hard"]["single+smoother"]["all"]
