@@ -3,7 +3,7 @@ boundedness over long streams.
 
     python benchmarks/detection.py                       # 48 timed frames + a 300-frame stream
     python benchmarks/detection.py --synthetic-writes    # + 100,000 frames of synthetic writes
-    python benchmarks/detection.py --frames 40 --long-frames 0 --quick
+    python benchmarks/detection.py --frames 40 --long-frames 0     # per-frame time only
 
 In one process, on the same StreamWorld frames:
 
