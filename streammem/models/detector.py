@@ -36,6 +36,7 @@ from __future__ import annotations
 
 import math
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from huggingface_hub import PyTorchModelHubMixin
@@ -82,12 +83,13 @@ def nms(boxes: torch.Tensor, scores: torch.Tensor, iou: float = 0.5) -> torch.Te
     order = torch.argsort(scores, descending=True)
     if order.numel() == 0:
         return order
-    ious = box_iou(boxes[order], boxes[order])
-    keep = torch.ones(order.numel(), dtype=torch.bool)
+    # the greedy pass runs on a numpy boolean matrix: per-step tensor ops cost ~10x more on CPU
+    suppress = (box_iou(boxes[order], boxes[order]) > iou).cpu().numpy()
+    keep = np.ones(order.numel(), dtype=bool)
     for i in range(order.numel()):
         if keep[i]:
-            keep[i + 1:] &= ious[i, i + 1:] <= iou
-    return order[keep]
+            keep[i + 1:] &= ~suppress[i, i + 1:]
+    return order[torch.from_numpy(keep).to(order.device)]
 
 
 def encode_deltas(props: torch.Tensor, gt: torch.Tensor) -> torch.Tensor:
