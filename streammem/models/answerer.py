@@ -380,16 +380,14 @@ class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
         logp = torch.log(view.probs.clamp(min=1e-4))  # M, n
         logp = torch.cat([logp, torch.zeros(len(memory), 1)], 1).t()  # n + 1, M (row n: not a label)
         prev = torch.cat([torch.full_like(lab[:, :1], n), lab[:, :-1]], 1)
-        nxt = torch.cat([lab[:, 1:], torch.full_like(lab[:, :1], n)], 1)
         is_cls = (lab >= 1) & (lab < c)
         conj = torch.where(is_cls & (prev >= c) & (prev < n), prev, torch.full_like(prev, n))
-        # a bare colour candidate ("green") targets the class its question names
-        in_q = (batch.segment == 0) & is_cls
-        pos = torch.arange(L)[None].expand(b, L)
-        last = torch.where(in_q, pos, torch.full_like(pos, -1)).max(1).values  # B
-        q_cls = torch.where(last >= 0, lab.gather(1, last.clamp(min=0)[:, None])[:, 0], torch.full_like(last, n))
-        bare = (batch.segment > 0) & (lab >= c) & (lab < n) & ~((nxt >= 1) & (nxt < c))
-        if self.signed_time:
+        if self.signed_time:  # a bare colour candidate ("green") targets the class its question names
+            nxt = torch.cat([lab[:, 1:], torch.full_like(lab[:, :1], n)], 1)
+            pos = torch.arange(L)[None].expand(b, L)
+            last = torch.where((batch.segment == 0) & is_cls, pos, torch.full_like(pos, -1)).max(1).values  # B
+            q_cls = torch.where(last >= 0, lab.gather(1, last.clamp(min=0)[:, None])[:, 0], torch.full_like(last, n))
+            bare = (batch.segment > 0) & (lab >= c) & (lab < n) & ~((nxt >= 1) & (nxt < c))
             conj = torch.where(bare, q_cls[:, None].expand(b, L), conj)
         score = logp[lab[bi, li]] + logp[conj[bi, li]]  # P, M
         v = torch.cat([view.cell_f, view.age_f, F.one_hot(view.level.clamp(0, 2), 3).float(),
