@@ -269,7 +269,7 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         save_every_min: float = typer.Option(5.0, help="checkpoint period (minutes)"),
         max_steps: Optional[int] = typer.Option(None, help="stop after this many steps"),
         log: Optional[str] = typer.Option(None, help="append per-step losses to this JSONL file"),
-        model: Optional[str] = typer.Option(None, help='SmallDetector keyword arguments as JSON, e.g. \'{"width": 32}\''),
+        model: Optional[str] = typer.Option(None, help='SmallDetector keyword arguments as JSON, e.g. \'{"width": 32}\'; with --resume they override the checkpoint\'s config (e.g. \'{"geo_pos": true}\': new parameters start at their init)'),
         resume: Optional[str] = typer.Option(None, help="start from this checkpoint folder's weights"),
         clip_len: int = typer.Option(12, help="frames per rendered clip (references come from the same clip)"),
         self_ref: float = typer.Option(0.2, help="share of single-frame triples (one frame three times)"),

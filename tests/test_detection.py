@@ -354,6 +354,76 @@ def test_cached_key_projections_give_the_same_head_output():
         assert torch.allclose(a[0], b[0], atol=1e-4) and torch.allclose(a[1], b[1], atol=1e-4)
 
 
+def test_geo_bias_steers_attention_and_checks_its_shape():
+    torch.manual_seed(0)
+    geo = GEO(dim=32, heads=4)
+    q, k = torch.randn(5, 32), torch.randn(12, 32)
+    assert torch.allclose(geo.attend(q, k, torch.zeros(4, 5, 12)), geo.attend(q, k))
+    # a bias that rules out every key but key 3 gives key 3's value for every query
+    bias = torch.full((4, 5, 12), -1e4)
+    bias[:, :, 3] = 0.0
+    only3 = geo.attend(q, k[3:4])
+    assert torch.allclose(geo.attend(q, k, bias), only3, atol=1e-5)
+    assert torch.allclose(geo.attend_reference(q, k, bias), only3, atol=1e-4)
+    assert torch.allclose(geo.attend_projected(q, geo.project_keys(k), bias), only3, atol=1e-5)
+    with pytest.raises(ValueError, match="bias"):
+        geo.attend(q, k, torch.zeros(4, 12, 5))
+
+
+def test_geometry_prior_starts_neutral_prefers_near_recent_keys_and_trains():
+    """``geo_pos``: zero-initialised (a checkpoint without it gives the same detections), a
+    negative distance weight makes a proposal attend to the key at its own place, and the
+    training loss reaches it."""
+    from streammem.train.detector import detector_losses
+
+    plain = tiny()
+    det = tiny(geo_pos=True)
+    det.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.rand(1, 3, 64, 64)
+    a, b = plain.detect(x), det.detect(x)
+    assert torch.equal(a["scores"], b["scores"]) and torch.equal(a["boxes"], b["boxes"])
+    boxes = torch.tensor([[0.0, 0, 16, 16], [40, 40, 56, 56]])
+    key_xy = torch.tensor([[8.0, 8], [48, 48], [8, 8]])
+    bias = det.position_bias(boxes, key_xy, torch.tensor([0.0, 0.0, 3.0]))
+    assert bias.shape == (2, det.heads, 2, 3) and bias.abs().max() == 0
+    with torch.no_grad():
+        det.pos_bias.weight[:, 0] = -4.0  # log(1 + r^2)
+        det.pos_bias.weight[:, 1] = -1.0  # log(1 + |age|)
+    bias = det.position_bias(boxes, key_xy, torch.tensor([0.0, 0.0, 3.0]))
+    assert (bias[:, :, 0, 0] > bias[:, :, 0, 1]).all() and (bias[:, :, 1, 1] > bias[:, :, 1, 0]).all()
+    assert (bias[:, :, 0, 0] > bias[:, :, 0, 2]).all()  # same place, older key: less weight
+    fc6, keys = torch.rand(2, det.fc_dim), torch.rand(3, det.fc_dim)
+    h, hc = det.head(fc6, keys, bias), det.head_cached(fc6, det.key_cache(keys), bias)
+    assert torch.allclose(h[0], hc[0], atol=1e-4) and torch.allclose(h[1], hc[1], atol=1e-4)
+    assert not torch.allclose(h[0], det.head(fc6, keys)[0])
+    det.train()
+
+    def fr(t):
+        return {"image": torch.rand(3, 64, 64), "boxes": torch.tensor([[8.0, 8, 30, 28]]),
+                "class_id": torch.tensor([1]), "t": t}
+
+    losses = detector_losses(det, [[fr(0.0), fr(0.5), fr(1.0)]], torch.Generator().manual_seed(0))
+    losses["total"].backward()
+    assert det.pos_bias.weight.grad is not None and det.pos_bias.weight.grad.abs().sum() > 0
+
+
+@pytest.mark.parametrize("memory", ["feature_bank", "dual"])
+def test_pipeline_feeds_key_places_and_ages_to_the_geometry_prior(memory):
+    det = tiny(geo_pos=True)
+    with torch.no_grad():
+        det.pos_bias.weight.normal_()
+    seen = []
+    orig = det.position_bias
+    det.position_bias = lambda boxes, xy, age: seen.append((xy.clone(), age.clone())) or orig(boxes, xy, age)
+    pipe = StreamingDetectionPipeline(det, DetectionConfig(memory=memory, image_size=64))
+    outs = list(pipe.run(frames(4)))
+    assert len(outs) == 4 and len(seen) == 4
+    assert seen[0][1].abs().max() == 0  # the first frame's own proposals: age 0
+    xy, age = seen[3]
+    assert age.min() >= 0.125 - 1e-6 and age.max() <= 3 / 8 + 1e-6  # frames 0-2 seen from frame 3 at 8 fps
+    assert xy.min() >= 0 and xy.max() <= 64
+
+
 @pytest.mark.slow
 def test_shipped_detector_with_memory_beats_single_frame_on_a_seeded_hard_clip():
     """End to end on the evaluation's first hard clip (seed 0, 48 frames, 256 px): the causal

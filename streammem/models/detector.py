@@ -132,6 +132,12 @@ class SmallDetector(nn.Module, PyTorchModelHubMixin):
         pixel_keys: pixel key-set size the model was trained with (the pipeline reads this many
             from the pixel bank; MAMBA reads 2000). A frame without keys uses ``pixel_keys``
             of its own pixels, evenly strided.
+        geo_pos: add a learned geometry prior to the instance-level GEOs' attention logits (not
+            in MAMBA): per head, a linear function of ``log(1 + r^2)``, ``log(1 + |dt|)`` and
+            ``log(1 + r^2) / (1 + |dt|)``, where ``r`` is the distance from the proposal's centre
+            to the key's, in units of the proposal's size, and ``dt`` the key's age in seconds.
+            It lets a proposal attend to the same object in recent frames; zero-initialised,
+            so a model trained without it is unchanged when it is switched on.
     """
 
     def __init__(
@@ -148,6 +154,7 @@ class SmallDetector(nn.Module, PyTorchModelHubMixin):
         pixel_geo: bool = True,
         pixel_heads: int = 4,
         pixel_keys: int = 256,
+        geo_pos: bool = False,
     ) -> None:
         super().__init__()
         for name, v in (("num_classes", num_classes), ("width", width), ("fc_dim", fc_dim), ("roi", roi),
@@ -159,7 +166,7 @@ class SmallDetector(nn.Module, PyTorchModelHubMixin):
         self.num_classes, self.class_names = num_classes, list(class_names or [str(i) for i in range(num_classes)])
         self.width, self.fc_dim, self.roi = width, fc_dim, roi
         self.num_proposals, self.bank_proposals, self.use_pixel_geo = num_proposals, bank_proposals, pixel_geo
-        self.pixel_keys = pixel_keys
+        self.pixel_keys, self.geo_pos, self.heads = pixel_keys, bool(geo_pos), heads
         c1, c2 = max(width // 3, 8), max(2 * width // 3, 8)
         self.backbone = nn.Sequential(
             _cbr(3, c1, 2), _cbr(c1, c2, 2), _cbr(c2, width, 2), _Res(width), _cbr(width, width, dilation=2)
@@ -180,6 +187,10 @@ class SmallDetector(nn.Module, PyTorchModelHubMixin):
         self.box = nn.Linear(fc_dim, 4)
         nn.init.normal_(self.box.weight, std=0.001)
         nn.init.zeros_(self.box.bias)
+        if self.geo_pos:
+            self.pos_bias = nn.Linear(3, 2 * heads)  # -> GEO0 and GEO1 logit biases per head
+            nn.init.zeros_(self.pos_bias.weight)
+            nn.init.zeros_(self.pos_bias.bias)
 
     # ------------------------------------------------------------------ stages
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -251,13 +262,30 @@ class SmallDetector(nn.Module, PyTorchModelHubMixin):
             return feat.new_zeros(0, self.fc_dim)
         return F.relu(self.fc6(self.roi_sample(feat, boxes).flatten(1)))
 
-    def head(self, fc6: torch.Tensor, keys: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def position_bias(self, boxes: torch.Tensor, key_xy: torch.Tensor, key_age: torch.Tensor) -> torch.Tensor | None:
+        """The geometry prior of ``geo_pos`` (None when the model has none): proposals ``boxes
+        (K, 4)`` xyxy pixels, key centres ``key_xy (Nk, 2)`` xy pixels, key ages ``key_age (Nk,)``
+        seconds -> logit biases ``(2, heads, K, Nk)`` for GEO0 and GEO1."""
+        if not self.geo_pos:
+            return None
+        c = (boxes[:, :2] + boxes[:, 2:]) / 2
+        size = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=STRIDE * STRIDE)
+        r2 = torch.log1p(((c[:, None, :] - key_xy[None].to(c)) ** 2).sum(-1) / size[:, None])  # K, Nk
+        age = torch.log1p(key_age.abs().to(c))[None].expand_as(r2)
+        phi = torch.stack([r2, age, r2 / (1.0 + key_age.abs().to(c))[None]], 0)  # 3, K, Nk
+        w = self.pos_bias.weight  # 2H, 3
+        b = torch.einsum("hf,fqk->hqk", w, phi) + self.pos_bias.bias[:, None, None]
+        return b.view(2, self.heads, *r2.shape)
+
+    def head(self, fc6: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None
+             ) -> tuple[torch.Tensor, torch.Tensor]:
         """Instance-level enhancement: ``fc6 (K, D)``, ``keys (Nk, D)`` (fc6 features) ->
-        class logits ``(K, 1 + num_classes)`` and box deltas ``(K, 4)``."""
-        x = self.geo0(fc6, keys)
+        class logits ``(K, 1 + num_classes)`` and box deltas ``(K, 4)``. ``bias``: optional
+        :meth:`position_bias` output."""
+        x = self.geo0(fc6, keys, None if bias is None else bias[0])
         x = F.relu(self.fc7(x))
         k7 = F.relu(self.fc7(keys)) if keys.shape[0] else keys.new_zeros(0, self.fc_dim)
-        x = self.geo1(x, k7)
+        x = self.geo1(x, k7, None if bias is None else bias[1])
         return self.cls(x), self.box(x)
 
     def key_cache(self, fc6: torch.Tensor) -> torch.Tensor:
@@ -269,12 +297,13 @@ class SmallDetector(nn.Module, PyTorchModelHubMixin):
             return fc6.new_zeros(0, 4 * self.fc_dim)
         return torch.cat([self.geo0.project_keys(fc6), self.geo1.project_keys(F.relu(self.fc7(fc6)))], 1)
 
-    def head_cached(self, fc6: torch.Tensor, cache: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    def head_cached(self, fc6: torch.Tensor, cache: torch.Tensor, bias: torch.Tensor | None = None
+                    ) -> tuple[torch.Tensor, torch.Tensor]:
         """:meth:`head` with keys given as :meth:`key_cache` rows (at least one)."""
         d2 = 2 * self.fc_dim
-        x = self.geo0.mix(fc6, self.geo0.attend_projected(fc6, cache[:, :d2]))
+        x = self.geo0.mix(fc6, self.geo0.attend_projected(fc6, cache[:, :d2], None if bias is None else bias[0]))
         x = F.relu(self.fc7(x))
-        x = self.geo1.mix(x, self.geo1.attend_projected(x, cache[:, d2:]))
+        x = self.geo1.mix(x, self.geo1.attend_projected(x, cache[:, d2:], None if bias is None else bias[1]))
         return self.cls(x), self.box(x)
 
     # ------------------------------------------------------------------ one-frame inference
@@ -296,8 +325,11 @@ class SmallDetector(nn.Module, PyTorchModelHubMixin):
 
     @torch.no_grad()
     def detect(self, image: torch.Tensor, pixel_keys: torch.Tensor | None = None,
-               instance_keys: torch.Tensor | None = None, score_threshold: float = 0.01) -> dict:
+               instance_keys: torch.Tensor | None = None, score_threshold: float = 0.01,
+               instance_key_pos: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
         """One frame ``(1, 3, H, W)``; keys default to the frame itself (the single-frame model).
+        ``instance_key_pos``: ``(centres (Nk, 2) xy pixels, ages (Nk,) seconds)`` of given
+        instance keys, for a ``geo_pos`` model (without it the prior is left out).
 
         Returns ``boxes (N, 4)``, ``scores (N,)``, ``class_id (N,)`` and, for bank writes,
         ``pixels`` (pre-enhancement ``(1, C, h, w)``), ``proposals (K, 4)``, ``objectness (K,)``,
@@ -308,8 +340,13 @@ class SmallDetector(nn.Module, PyTorchModelHubMixin):
         enh = self.enhance_pixels(feat, pk)
         props, obj = self.propose(enh)
         fc6 = self.roi_fc6(enh, props)
-        keys = instance_keys if instance_keys is not None else fc6[: self.bank_proposals]
-        logits, deltas = self.head(fc6, keys)
+        if instance_keys is None:
+            keys, own = fc6[: self.bank_proposals], props[: self.bank_proposals]
+            instance_key_pos = ((own[:, :2] + own[:, 2:]) / 2, own.new_zeros(own.shape[0]))
+        else:
+            keys = instance_keys
+        bias = None if instance_key_pos is None else self.position_bias(props, *instance_key_pos)
+        logits, deltas = self.head(fc6, keys, bias)
         out = self.postprocess(props, logits, deltas, tuple(image.shape[2:]), score_threshold)
         out.update(pixels=feat, proposals=props, objectness=obj, fc6=fc6)
         return out

@@ -85,15 +85,23 @@ class GEO(nn.Module):
         """
         return torch.cat([self.wk(k), k @ self.merge.weight[:, :, 0].t()], 1)
 
-    def attend_projected(self, q: torch.Tensor, pk: torch.Tensor) -> torch.Tensor:
+    def attend_projected(self, q: torch.Tensor, pk: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """:meth:`attend` with keys given as :meth:`project_keys` output ``(Nk, 2C)``."""
         nq, c = q.shape
         nk = pk.shape[0]
         qh = self.wq(q).view(nq, self.heads, self.head_dim).transpose(0, 1)  # H, Nq, d
         kh = pk[:, :c].reshape(nk, self.heads, self.head_dim).transpose(0, 1)
         kv = pk[:, c:].reshape(nk, self.heads, self.head_dim).transpose(0, 1)
-        a = torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(self.head_dim), dim=-1)
+        a = torch.softmax(self._logits(qh, kh, bias), dim=-1)
         return (a @ kv).transpose(0, 1).reshape(nq, c) + self.merge.bias
+
+    def _logits(self, qh: torch.Tensor, kh: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
+        logits = qh @ kh.transpose(1, 2) / math.sqrt(self.head_dim)  # H, Nq, Nk
+        if bias is not None:
+            if bias.shape != logits.shape:
+                raise ValueError(f"GEO bias must be (heads, Nq, Nk) = {tuple(logits.shape)}, got {tuple(bias.shape)}")
+            logits = logits + bias
+        return logits
 
     def mix(self, q: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
         """The mode's output from ``q`` and ``att`` (see the module docstring)."""
@@ -103,8 +111,9 @@ class GEO(nn.Module):
             return att
         return self.test_mix * q + (1.0 - self.test_mix) * att
 
-    def attend(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
-        """``att`` of the rule above: ``(Nq, C)``.
+    def attend(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """``att`` of the rule above: ``(Nq, C)``. ``bias`` ``(H, Nq, Nk)``, optional, is added to
+        the attention logits before the softmax (a geometry prior; not in MAMBA).
 
         Computed as ``A_h @ (k W_h^T)`` rather than ``W_h (A_h @ k)``: the grouped merge is
         linear, so the two are equal, and the first costs ``Nk C^2 + Nq Nk C`` instead of
@@ -116,20 +125,20 @@ class GEO(nn.Module):
             k = q
         qh = self.wq(q).view(nq, self.heads, self.head_dim).transpose(0, 1)  # H, Nq, d
         kh = self.wk(k).view(k.shape[0], self.heads, self.head_dim).transpose(0, 1)  # H, Nk, d
-        a = torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(self.head_dim), dim=-1)  # H, Nq, Nk
+        a = torch.softmax(self._logits(qh, kh, bias), dim=-1)  # H, Nq, Nk
         # Group h of the merge maps O_h (C) to output slice h (d): W_h = merge.weight[h*d:(h+1)*d].
         kv = (k @ self.merge.weight[:, :, 0].t()).view(k.shape[0], self.heads, self.head_dim).transpose(0, 1)
         out = (a @ kv).transpose(0, 1).reshape(nq, c)  # Nq, H*d = C, heads in merge order
         return out + self.merge.bias
 
-    def attend_reference(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def attend_reference(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         """The literal rule: ``GroupConv1x1(cat_h A_h @ k)``; equal to :meth:`attend`."""
         nq, c = q.shape
         if k.shape[0] == 0:
             k = q
         qh = self.wq(q).view(nq, self.heads, self.head_dim).transpose(0, 1)  # H, Nq, d
         kh = self.wk(k).view(k.shape[0], self.heads, self.head_dim).transpose(0, 1)  # H, Nk, d
-        a = torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(self.head_dim), dim=-1)  # H, Nq, Nk
+        a = torch.softmax(self._logits(qh, kh, bias), dim=-1)  # H, Nq, Nk
         o = a @ k.unsqueeze(0)  # H, Nq, C: raw keys as values
         o = o.permute(1, 0, 2).reshape(nq, self.heads * c, 1)  # Nq, H*C, 1
         return self.merge(o).squeeze(-1)
@@ -142,7 +151,7 @@ class GEO(nn.Module):
         kh = self.wk(k).view(k.shape[0], self.heads, self.head_dim).transpose(0, 1)
         return torch.softmax(qh @ kh.transpose(1, 2) / math.sqrt(self.head_dim), dim=-1).mean(0)
 
-    def forward(self, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    def forward(self, q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor | None = None) -> torch.Tensor:
         if q.ndim != 2 or k.ndim != 2 or q.shape[1] != self.dim or k.shape[1] != self.dim:
             raise ValueError(f"GEO expects q (Nq, {self.dim}) and k (Nk, {self.dim}), got {tuple(q.shape)} and {tuple(k.shape)}")
-        return self.mix(q, self.attend(q, k))
+        return self.mix(q, self.attend(q, k, bias))

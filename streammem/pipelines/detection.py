@@ -34,6 +34,11 @@ Departures from MAMBA, named:
 - instance writes skip proposals with objectness below ``instance_min_objectness`` (0.05), so
   a stream without objects does not fill the bank with background (MAMBA writes all 75);
 - pixel writes are capped at ``max_pixel_tokens`` per frame (1000);
+- with a ``geo_pos`` detector (:class:`~streammem.models.detector.SmallDetector`), each
+  instance key also carries its box centre (``Tokens.grid``) and age (now minus
+  ``Tokens.timestamp``), and the GEOs add a learned geometry prior to their attention logits
+  (a proposal attends more to keys at its own place in recent frames); the frame's own keys
+  have age 0;
 - the instance bank stores each key's projections for the two instance-level GEOs
   (:meth:`~streammem.models.detector.SmallDetector.key_cache`, 4 x fc_dim wide) instead of
   the raw fc6 feature: the same result (tested), with the key projections done once at write
@@ -268,6 +273,7 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
         if self.tracker is not None:
             self.tracker.reset()
         self.gen.manual_seed(self.config.seed + 2)
+        self.rng = np.random.default_rng(self.config.seed + 2)  # pixel sampling inside boxes
         self.size_hw: tuple[int, int] | None = None
         self.counters = {"frames": 0, "pixel_writes": 0, "instance_writes": 0, "resets_on_resize": 0}
 
@@ -281,12 +287,13 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
         return out
 
     # ------------------------------------------------------------------ memory access
-    def _read(self, memory, key_size: int, dim: int) -> torch.Tensor:
+    def _read(self, memory, key_size: int) -> Tokens | None:
+        """A key set of at most ``key_size`` tokens, or None when the memory is off or empty."""
         if memory is None or memory.num_tokens == 0:
-            return torch.zeros(0, dim)
-        keys = memory.read().features
-        if keys.shape[0] > key_size:  # DualMemory returns everything: draw a random key set
-            keys = keys[torch.randperm(keys.shape[0], generator=self.gen)[:key_size]]
+            return None
+        keys = memory.read()
+        if len(keys) > key_size:  # DualMemory returns everything: draw a random key set
+            keys = keys.index(torch.randperm(len(keys), generator=self.gen)[:key_size])
         return keys
 
     def _write_pixels(self, feat: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor, scale: float,
@@ -294,29 +301,38 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
         c = self.config
         if self.pixel_memory is None or not c.pixel_level:
             return
-        _, ch, h, w = feat.shape
-        toks, grid, sc = [], [], []
-        for b, s in zip(boxes[scores >= c.pixel_write_score] * scale, scores[scores >= c.pixel_write_score]):
-            x0, y0 = int(b[0] // STRIDE), int(b[1] // STRIDE)
-            x1 = min(w, max(x0 + 1, int(np.ceil(float(b[2]) / STRIDE))))
-            y1 = min(h, max(y0 + 1, int(np.ceil(float(b[3]) / STRIDE))))
-            ys, xs = torch.meshgrid(torch.arange(y0, y1), torch.arange(x0, x1), indexing="ij")
-            ys, xs = ys.reshape(-1), xs.reshape(-1)
-            if ys.numel() > c.pixels_per_box:
-                pick = torch.randperm(ys.numel(), generator=self.gen)[: c.pixels_per_box]
-                ys, xs = ys[pick], xs[pick]
-            toks.append(feat[0, :, ys, xs].t())
-            grid.append(torch.stack([ys, xs], 1).float())
-            sc.append(torch.full((ys.numel(),), float(s)))
-        if not toks:
+        sel = scores >= c.pixel_write_score
+        if not bool(sel.any()):
             return
-        f, g, s = torch.cat(toks)[: c.max_pixel_tokens], torch.cat(grid)[: c.max_pixel_tokens], torch.cat(sc)[: c.max_pixel_tokens]
-        n = f.shape[0]
-        static = torch.zeros(n) if c.memory == "dual" else s  # dual: object pixels are dynamic
-        self.pixel_memory.write(Tokens(features=f.contiguous(), frame_index=torch.full((n,), frame.index),
-                                       timestamp=torch.full((n,), float(frame.timestamp)), grid=g,
-                                       level=torch.zeros(n, dtype=torch.int64), score=static))
-        self.counters["pixel_writes"] += n
+        _, ch, h, w = feat.shape
+        # cell ranges of the confident boxes; <= pixels_per_box random cells of each (all when fewer)
+        b = (boxes[sel] * scale).numpy()
+        s = scores[sel].numpy()
+        x0 = (b[:, 0] // STRIDE).astype(np.int64).clip(0, w - 1)
+        y0 = (b[:, 1] // STRIDE).astype(np.int64).clip(0, h - 1)
+        x1 = np.minimum(w, np.maximum(x0 + 1, np.ceil(b[:, 2] / STRIDE).astype(np.int64)))
+        y1 = np.minimum(h, np.maximum(y0 + 1, np.ceil(b[:, 3] / STRIDE).astype(np.int64)))
+        bw, n = x1 - x0, (x1 - x0) * (y1 - y0)
+        ys, xs, sc, total = [], [], [], 0
+        for i in range(len(b)):
+            cells = np.arange(n[i]) if n[i] <= c.pixels_per_box else self.rng.choice(n[i], c.pixels_per_box, replace=False)
+            ys.append(y0[i] + cells // bw[i])
+            xs.append(x0[i] + cells % bw[i])
+            sc.append(np.full(len(cells), s[i], np.float32))
+            total += len(cells)
+            if total >= c.max_pixel_tokens:
+                break
+        ys_t = torch.from_numpy(np.concatenate(ys)[: c.max_pixel_tokens])
+        xs_t = torch.from_numpy(np.concatenate(xs)[: c.max_pixel_tokens])
+        sc_t = torch.from_numpy(np.concatenate(sc)[: c.max_pixel_tokens])
+        f = feat[0, :, ys_t, xs_t].t().contiguous()
+        n_tok = f.shape[0]
+        static = torch.zeros(n_tok) if c.memory == "dual" else sc_t  # dual: object pixels are dynamic
+        self.pixel_memory.write(Tokens(features=f, frame_index=torch.full((n_tok,), frame.index),
+                                       timestamp=torch.full((n_tok,), float(frame.timestamp)),
+                                       grid=torch.stack([ys_t, xs_t], 1).float(),
+                                       level=torch.zeros(n_tok, dtype=torch.int64), score=static))
+        self.counters["pixel_writes"] += n_tok
 
     def _write_instances(self, fc6: torch.Tensor, props: torch.Tensor, obj: torch.Tensor, frame: Frame) -> None:
         c = self.config
@@ -365,15 +381,21 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
         x, scale = self._prepare(frame)
         # 2. features, pixel-level enhancement
         feat = det.features(x)
-        pk = self._read(self.pixel_memory if c.pixel_level else None, self.pixel_key_size, det.width)
-        enh = det.enhance_pixels(feat, pk)
+        pk = self._read(self.pixel_memory if c.pixel_level else None, self.pixel_key_size)
+        enh = det.enhance_pixels(feat, feat.new_zeros(0, det.width) if pk is None else pk.features)
         # 3. proposals, fc6, instance-level enhancement, head
         props, obj = det.propose(enh)
         fc6 = det.roi_fc6(enh, props)
-        ik = self._read(self.instance_memory if c.instance_level else None, c.key_size, self.instance_dim)
-        if ik.shape[0] == 0:
-            ik = det.key_cache(fc6[: self.bank_proposals])
-        logits, deltas = det.head_cached(fc6, ik)
+        ik = self._read(self.instance_memory if c.instance_level else None, c.key_size)
+        if ik is None:  # the frame's own top proposals, age 0
+            own = props[: self.bank_proposals]
+            cache, key_xy, key_age = det.key_cache(fc6[: self.bank_proposals]), (own[:, :2] + own[:, 2:]) / 2, None
+        else:  # bank keys: their box centres (stored as (row, col) cells) and ages in seconds
+            cache, key_xy, key_age = ik.features, ik.grid[:, [1, 0]] * STRIDE, float(frame.timestamp) - ik.timestamp
+        bias = None
+        if det.geo_pos:
+            bias = det.position_bias(props, key_xy, key_xy.new_zeros(len(key_xy)) if key_age is None else key_age.float())
+        logits, deltas = det.head_cached(fc6, cache, bias)
         out = det.postprocess(props, logits, deltas, tuple(x.shape[2:]), c.score_threshold)
         # 4. memory writes
         if write:

@@ -110,6 +110,7 @@ def _frame_target(frame) -> dict:
         "image": torch.from_numpy(frame.image).permute(2, 0, 1).float().div_(255.0),
         "boxes": torch.from_numpy(np.asarray(gt["boxes"], np.float32)).reshape(-1, 4),
         "class_id": torch.from_numpy(np.asarray(gt["class_id"], np.int64)).reshape(-1),
+        "t": float(frame.timestamp),
     }
 
 
@@ -269,11 +270,15 @@ def detector_losses(model: SmallDetector, triples: list, gen: torch.Generator) -
                                 rois[:, 2].clamp(0, size_hw[1]), rois[:, 3].clamp(0, size_hw[0])], 1)
             rois = torch.cat([rois[:, :2], torch.maximum(rois[:, 2:], rois[:, :2] + 1)], 1)
             fc6 = model.roi_fc6(enh_t[j:j + 1], rois)
-            if t[0] is t[1]:
-                keys = fc6s[j]
-            else:
-                keys = torch.cat([fc6s[o] for o in range(3) if o != j])
-            logits, deltas = model.head(fc6, keys)
+            refs = [j] if t[0] is t[1] else [o for o in range(3) if o != j]
+            keys = torch.cat([fc6s[o] for o in refs])
+            bias = None
+            if model.geo_pos:  # key centres and ages (the reference frame's time minus the key's)
+                kb = torch.cat([props[o][: model.bank_proposals] for o in refs])
+                age = torch.cat([kb.new_full((min(len(props[o]), model.bank_proposals),),
+                                             t[o].get("t", 0.0) - fr.get("t", 0.0)) for o in refs])
+                bias = model.position_bias(rois, (kb[:, :2] + kb[:, 2:]) / 2, age)
+            logits, deltas = model.head(fc6, keys, bias)
             labels = torch.zeros(rois.shape[0], dtype=torch.long, device=dev)
             if len(gtb):
                 iou = box_iou(rois, gtb)
@@ -300,11 +305,15 @@ def train(cfg: TrainConfig) -> SmallDetector:
     torch.set_num_threads(cfg.threads)
     torch.manual_seed(cfg.seed)
     acc = Accelerator(cpu=not torch.cuda.is_available())
-    if cfg.resume:
-        model = SmallDetector.from_pretrained(cfg.resume)
+    if cfg.resume:  # cfg.model entries override the checkpoint's config (new parameters start at their init)
+        model = SmallDetector.from_pretrained(cfg.resume, **cfg.model)
     else:
         model = SmallDetector(num_classes=len(CLASSES), class_names=list(CLASSES), **cfg.model)
-    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, weight_decay=1e-4)
+    # the geometry prior (geo_pos) is a few logit-scale weights: it learns at 10x the rate
+    prior = [p for n, p in model.named_parameters() if n.startswith("pos_bias.")]
+    rest = [p for n, p in model.named_parameters() if not n.startswith("pos_bias.")]
+    groups = [{"params": rest, "lr_scale": 1.0}] + ([{"params": prior, "lr_scale": 10.0}] if prior else [])
+    opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=1e-4)
     loader = DataLoader(TripleStream(cfg), batch_size=cfg.batch, collate_fn=_collate, num_workers=cfg.workers,
                         prefetch_factor=4 if cfg.workers else None, persistent_workers=bool(cfg.workers))
     model, opt = acc.prepare(model, opt)
@@ -323,7 +332,7 @@ def train(cfg: TrainConfig) -> SmallDetector:
         frac = elapsed / budget
         lr = cfg.lr * (frac / 0.03 if frac < 0.03 else 0.05 + 0.95 * 0.5 * (1 + math.cos(math.pi * frac)))
         for g in opt.param_groups:
-            g["lr"] = lr
+            g["lr"] = lr * g.get("lr_scale", 1.0)
         losses = detector_losses(acc.unwrap_model(model), batch, gen)
         opt.zero_grad(set_to_none=True)
         acc.backward(losses["total"])
