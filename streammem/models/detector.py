@@ -269,13 +269,18 @@ class SmallDetector(nn.Module, PyTorchModelHubMixin):
         if not self.geo_pos:
             return None
         c = (boxes[:, :2] + boxes[:, 2:]) / 2
+        k = key_xy.to(c)
         size = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=STRIDE * STRIDE)
-        r2 = torch.log1p(((c[:, None, :] - key_xy[None].to(c)) ** 2).sum(-1) / size[:, None])  # K, Nk
-        age = torch.log1p(key_age.abs().to(c))[None].expand_as(r2)
-        phi = torch.stack([r2, age, r2 / (1.0 + key_age.abs().to(c))[None]], 0)  # 3, K, Nk
-        w = self.pos_bias.weight  # 2H, 3
-        b = torch.einsum("hf,fqk->hqk", w, phi) + self.pos_bias.bias[:, None, None]
-        return b.view(2, self.heads, *r2.shape)
+        # squared centre distances by one matmul, in units of the proposal's area -> log(1 + r^2)
+        d2 = torch.addmm((c * c).sum(1)[:, None] + (k * k).sum(1)[None], c, k.t(), alpha=-2.0)
+        r2 = torch.log1p(d2.clamp_(min=0.0) / size[:, None])  # K, Nk
+        age = key_age.abs().to(c)
+        # w0 r2 + w1 log(1 + age) + w2 r2 / (1 + age) + b  =  r2 * A[:, key] + B[:, key]
+        w, bias = self.pos_bias.weight, self.pos_bias.bias  # (2H, 3), (2H,)
+        a = w[:, 0:1] + w[:, 2:3] * (1.0 / (1.0 + age))[None]  # 2H, Nk
+        b = w[:, 1:2] * torch.log1p(age)[None] + bias[:, None]
+        out = torch.addcmul(b[:, None, :], r2[None], a[:, None, :])  # 2H, K, Nk
+        return out.view(2, self.heads, *r2.shape)
 
     def head(self, fc6: torch.Tensor, keys: torch.Tensor, bias: torch.Tensor | None = None
              ) -> tuple[torch.Tensor, torch.Tensor]:

@@ -96,12 +96,13 @@ class GEO(nn.Module):
         return (a @ kv).transpose(0, 1).reshape(nq, c) + self.merge.bias
 
     def _logits(self, qh: torch.Tensor, kh: torch.Tensor, bias: torch.Tensor | None) -> torch.Tensor:
-        logits = qh @ kh.transpose(1, 2) / math.sqrt(self.head_dim)  # H, Nq, Nk
-        if bias is not None:
-            if bias.shape != logits.shape:
-                raise ValueError(f"GEO bias must be (heads, Nq, Nk) = {tuple(logits.shape)}, got {tuple(bias.shape)}")
-            logits = logits + bias
-        return logits
+        scale = 1.0 / math.sqrt(self.head_dim)
+        if bias is None:
+            return qh @ kh.transpose(1, 2) * scale  # H, Nq, Nk
+        want = (qh.shape[0], qh.shape[1], kh.shape[1])
+        if tuple(bias.shape) != want:
+            raise ValueError(f"GEO bias must be (heads, Nq, Nk) = {want}, got {tuple(bias.shape)}")
+        return torch.baddbmm(bias, qh, kh.transpose(1, 2), alpha=scale)  # bias + scale * q k^T in one pass
 
     def mix(self, q: torch.Tensor, att: torch.Tensor) -> torch.Tensor:
         """The mode's output from ``q`` and ``att`` (see the module docstring)."""
