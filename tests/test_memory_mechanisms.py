@@ -74,6 +74,24 @@ def test_feature_bank_fills_before_evicting_and_keys_are_uniform():
     assert not torch.equal(bank.read().frame_index, bank.read().frame_index)
 
 
+def test_feature_bank_recent_keys_are_the_newest_and_the_rest_uniform():
+    size, k, r = 40, 8, 3
+    bank = FeatureBank(dim=2, max_size=size, key_size=k, recent=r, seed=5)
+    for i in range(size):
+        bank.write(row(1, 2, i))
+    counts = torch.zeros(size)
+    for _ in range(3000):
+        keys = bank.read()
+        fi = keys.frame_index
+        assert len(keys) == k and len(set(fi.tolist())) == k  # no repeats
+        assert sorted(fi[:r].tolist()) == [size - 3, size - 2, size - 1]  # the newest first
+        counts[fi[r:]] += 1
+    assert counts[size - r:].sum() == 0
+    assert chi2(counts[: size - r]) < chi2_critical(size - r - 1)
+    with pytest.raises(ValueError, match="recent"):
+        FeatureBank(dim=2, max_size=size, key_size=k, recent=k + 1)
+
+
 # ---------------------------------------------------------------------------------- ErrorBank
 def test_error_bank_bins_follow_shifted_flow_matching_schedule():
     bank = ErrorBank(dim=4)

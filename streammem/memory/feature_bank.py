@@ -59,6 +59,10 @@ class FeatureBankConfig(MemoryConfig):
     key_size: entries per read (reference ``KEY_NUM=2000``).
     update: ``"random"`` (reference) or ``"fifo"`` (not in the reference).
     sample: ``"random"`` (reference) or ``"score"`` (top by score; not in the reference).
+    recent: of each ``"random"`` key set, this many are the newest entries (highest
+        ``frame_index``) and the rest a random draw from the others (0, the reference: all random;
+        not in the reference). A detector trained with references from a few frames away finds
+        the current objects among them.
     """
 
     dim: int = 1024
@@ -66,6 +70,7 @@ class FeatureBankConfig(MemoryConfig):
     key_size: int = 2000
     update: str = "random"
     sample: str = "random"
+    recent: int = 0
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -76,6 +81,8 @@ class FeatureBankConfig(MemoryConfig):
                     f"an int in [1, max_size={self.max_size}]", self.key_size)
         check_field(self.update in ("random", "fifo"), name, "update", "'random' or 'fifo'", self.update)
         check_field(self.sample in ("random", "score"), name, "sample", "'random' or 'score'", self.sample)
+        check_field(isinstance(self.recent, int) and 0 <= self.recent <= self.key_size, name, "recent",
+                    f"an int in [0, key_size={self.key_size}]", self.recent)
 
 
 class FeatureBank(Memory):
@@ -151,7 +158,14 @@ class FeatureBank(Memory):
         n, k = self._count, self.config.key_size
         if n <= k:
             return self.slots.get(slice(0, n))
-        if self.config.sample == "random":
+        if self.config.sample == "random" and self.config.recent:
+            r = self.config.recent
+            newest = torch.topk(self.slots.frame_index[:n], r).indices
+            taken = torch.zeros(n, dtype=torch.bool)
+            taken[newest] = True
+            draw = self._distinct(n, min(n, k))  # k distinct candidates hold >= k - r untaken ones
+            idx = torch.cat([newest, draw[~taken[draw]][: k - r]])
+        elif self.config.sample == "random":
             idx = self._distinct(n, k)
         else:
             idx = torch.topk(self.slots.score[:n], k).indices

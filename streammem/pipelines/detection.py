@@ -93,6 +93,9 @@ class DetectionConfig:
         for the previous checkpoint, at 200, 300 and 2000; README); and the instance-level
         attention over the key set is most of the aggregation's cost (2000 keys cost several
         times the small detector's own time per frame).
+    recent_keys: of each instance key set read from a FeatureBank, this many are the newest
+        entries (the latest frames' proposals) and the rest a random draw (0: MAMBA's fully
+        random key set; not in MAMBA). DualMemory ignores it (its FIFO is its recent part).
     pixel_key_size: pixel key set per read (None: the detector's ``pixel_keys``).
     pixel_write_score: detections at least this confident write pixels (MAMBA 0.8).
     pixels_per_box: random pixels written per box (MAMBA 100).
@@ -113,6 +116,7 @@ class DetectionConfig:
     instance_level: bool = True
     max_size: int = 20000
     key_size: int = 150
+    recent_keys: int = 0
     pixel_key_size: int | None = None
     pixel_write_score: float = 0.8
     pixels_per_box: int = 100
@@ -137,6 +141,8 @@ class DetectionConfig:
         need(self.on_resize in ("reset", "error"), "on_resize", "'reset' or 'error'")
         need(isinstance(self.max_size, int) and self.max_size >= 1, "max_size", "an int >= 1")
         need(isinstance(self.key_size, int) and 1 <= self.key_size <= self.max_size, "key_size", "an int in [1, max_size]")
+        need(isinstance(self.recent_keys, int) and 0 <= self.recent_keys <= self.key_size, "recent_keys",
+             "an int in [0, key_size]")
         need(0.0 <= self.pixel_write_score <= 1.0, "pixel_write_score", "in [0, 1]")
         need(self.pixels_per_box >= 1, "pixels_per_box", ">= 1")
         need(self.max_pixel_tokens >= 1, "max_pixel_tokens", ">= 1")
@@ -247,18 +253,20 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
         self.pixel_memory = self._make_memory(detector.width, self.pixel_key_size, c.max_pixel_tokens, seed=c.seed)
         # the instance bank stores each key's GEO projections (detector.key_cache), 4 x fc_dim wide
         self.instance_dim = 4 * detector.fc_dim
-        self.instance_memory = self._make_memory(self.instance_dim, c.key_size, self.bank_proposals, seed=c.seed + 1)
+        self.instance_memory = self._make_memory(self.instance_dim, c.key_size, self.bank_proposals, seed=c.seed + 1,
+                                                 recent=c.recent_keys)
         self.gen = torch.Generator()
         self.reset()
 
-    def _make_memory(self, dim: int, key_size: int, per_frame: int, seed: int):
+    def _make_memory(self, dim: int, key_size: int, per_frame: int, seed: int, recent: int = 0):
         c = self.config
         if c.memory == "none":
             return None
         if c.memory == "feature_bank":
             from streammem.memory import FeatureBank
 
-            return FeatureBank(dim=dim, max_size=c.max_size, key_size=min(key_size, c.max_size), seed=seed)
+            key_size = min(key_size, c.max_size)
+            return FeatureBank(dim=dim, max_size=c.max_size, key_size=key_size, seed=seed, recent=min(recent, key_size))
         from streammem.memory import DualMemory
 
         return DualMemory(dim=dim, slots=c.dual_slots, fifo_frames=c.dual_fifo_frames, max_tokens_per_frame=per_frame,
