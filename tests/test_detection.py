@@ -116,6 +116,19 @@ def test_save_load_round_trip(tmp_path):
     assert torch.equal(a["boxes"], b["boxes"]) and torch.equal(a["scores"], b["scores"])
 
 
+def test_checkpoint_loading_names_missing_weights_and_refuses_pickles(tmp_path):
+    """A checkpoint without some parameters loads with a warning naming them (strict=True raises);
+    pickled weights are refused."""
+    tiny().save_pretrained(tmp_path)
+    with pytest.warns(UserWarning, match="pos_bias.weight"):
+        det = SmallDetector.from_pretrained(tmp_path, geo_pos=True)
+    assert det.pos_bias.weight.abs().sum() == 0  # left at its (zero) init
+    with pytest.raises(RuntimeError, match="pos_bias"):
+        SmallDetector.from_pretrained(tmp_path, geo_pos=True, strict=True)
+    with pytest.raises(ValueError, match="pickled"):
+        SmallDetector._load_as_pickle(tiny(), str(tmp_path / "pytorch_model.bin"), "cpu", False)
+
+
 def test_shipped_checkpoint_loads_with_from_pretrained():
     assert (CKPT / "config.json").exists() and (CKPT / "model.safetensors").exists()
     det = SmallDetector.from_pretrained(CKPT).eval()

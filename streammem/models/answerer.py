@@ -53,7 +53,7 @@ from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
+from streammem.models.hub import SafeHubMixin
 from torch import nn
 
 from streammem.types import Answer, Tokens
@@ -242,7 +242,7 @@ class _Block(nn.Module):
         return (x, w) if want_weights else (x, None)
 
 
-class SmallAnswerer(nn.Module, PyTorchModelHubMixin):
+class SmallAnswerer(nn.Module, SafeHubMixin):
     """Multiple-choice answerer over memory tokens (see the module docstring).
 
     Args:

@@ -20,7 +20,7 @@ fc6 features of the top-75 proposals of reference frames of the same clip (and t
 are features inside the reference frames' ground-truth boxes).
 
 Saved as ``config.json`` + ``model.safetensors`` through huggingface_hub's
-``PyTorchModelHubMixin``.
+``SafeHubMixin`` (huggingface_hub's ``PyTorchModelHubMixin``, refusing pickles and naming missing weights).
 
 Example:
     >>> import torch
@@ -39,7 +39,7 @@ import math
 import numpy as np
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
+from streammem.models.hub import SafeHubMixin
 from torch import nn
 
 from streammem.models.geo import GEO
@@ -113,7 +113,7 @@ def decode_deltas(props: torch.Tensor, deltas: torch.Tensor) -> torch.Tensor:
     return torch.stack([cx - w / 2, cy - h / 2, cx + w / 2, cy + h / 2], 1)
 
 
-class SmallDetector(nn.Module, PyTorchModelHubMixin):
+class SmallDetector(nn.Module, SafeHubMixin):
     """The shipped small detector (see the module docstring for the stages and shapes).
 
     Args:

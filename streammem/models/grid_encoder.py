@@ -8,7 +8,7 @@ cell that objects cover. Heads are linear on the tokens, so what questions ask a
 colour, where) is linearly readable from each token, and stays readable after the Pyramid
 Memory Bank's average pooling. It is frozen afterwards; the QA answerer reads its tokens.
 
-Saved as ``config.json`` + ``model.safetensors`` (huggingface_hub ``PyTorchModelHubMixin``).
+Saved as ``config.json`` + ``model.safetensors`` (``streammem.models.hub.SafeHubMixin``).
 
 Example:
     >>> import numpy as np, torch
@@ -27,7 +27,7 @@ import cv2
 import numpy as np
 import torch
 import torch.nn.functional as F
-from huggingface_hub import PyTorchModelHubMixin
+from streammem.models.hub import SafeHubMixin
 from torch import nn
 
 from streammem.types import Frame, Tokens
@@ -48,7 +48,7 @@ def _cbr(cin: int, cout: int, stride: int = 1) -> nn.Sequential:
     return nn.Sequential(nn.Conv2d(cin, cout, 3, stride, 1, bias=False), nn.BatchNorm2d(cout), nn.ReLU(inplace=True))
 
 
-class GridEncoder(nn.Module, PyTorchModelHubMixin):
+class GridEncoder(nn.Module, SafeHubMixin):
     """Frame -> ``(grid, grid, dim)`` tokens.
 
     Args:
