@@ -19,8 +19,9 @@ Training (``streammem.train.detector``) follows MAMBA: no bank; the keys of a fr
 fc6 features of the top-75 proposals of reference frames of the same clip (and the pixel keys
 are features inside the reference frames' ground-truth boxes).
 
-Saved as ``config.json`` + ``model.safetensors`` through huggingface_hub's
-``SafeHubMixin`` (huggingface_hub's ``PyTorchModelHubMixin``, refusing pickles and naming missing weights).
+Saved as ``config.json`` + ``model.safetensors`` through
+:class:`~streammem.models.hub.SafeHubMixin` (huggingface_hub's ``PyTorchModelHubMixin``,
+refusing pickles and naming missing weights).
 
 Example:
     >>> import torch
