@@ -304,6 +304,8 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         seed: int = typer.Option(0, help="evaluation seed (world seeds < 10,000)"),
         protocol: bool = typer.Option(False, "--protocol", help="also MAMBA's non-causal protocol"),
         key_size: Optional[int] = typer.Option(None, help="instance keys per read (default: DetectionConfig's)"),
+        recent_keys: Optional[int] = typer.Option(None, help="of them, the newest entries (default: DetectionConfig's)"),
+        oracle: bool = typer.Option(False, "--oracle", help="also the clean-frame oracle (a diagnostic bound)"),
         out: Optional[str] = typer.Option(None, "--out", "-o", help="write the results as JSON here"),
         progress: bool = typer.Option(False, help="show progress bars"),
     ) -> None:
@@ -324,11 +326,12 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
             _fail(f"no detector checkpoint at {path}; train one with `streammem train detector --out {path}`")
         det = SmallDetector.from_pretrained(str(path)).eval()
         try:
-            cfg = DetectionConfig(image_size=size, **({"key_size": key_size} if key_size is not None else {}))
+            kw = {k: v for k, v in (("key_size", key_size), ("recent_keys", recent_keys)) if v is not None}
+            cfg = DetectionConfig(image_size=size, **kw)
         except ValueError as e:
             _fail(str(e))
         res = evaluate(det, presets=names, videos=videos, frames=frames, size=size, seed=seed, protocol=protocol,
-                       config=cfg, progress=progress)
+                       config=cfg, progress=progress, oracle=oracle)
         typer.echo(format_table(res))
         if out:
             p = Path(out)

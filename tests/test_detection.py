@@ -345,9 +345,10 @@ def test_evaluation_runner_reports_every_method():
 
     det = tiny()
     det.class_names = [str(i) for i in range(3)]
-    res = evaluate(det, presets=("hard",), videos=1, frames=4, size=64, protocol=True)
+    res = evaluate(det, presets=("hard",), videos=1, frames=4, size=64, protocol=True, oracle=True)
     methods = set(res["hard"])
-    assert methods == {"single", "single+smoother", "feature_bank", "dual", "feature_bank/protocol"}
+    assert methods == {"single", "single+smoother", "feature_bank", "dual", "feature_bank/protocol",
+                       "feature_bank/oracle"}
     assert {"all", "speed:slow", "speed:medium", "speed:fast"} <= set(res["hard"]["single"])
     table = format_table(res)
     assert "| hard | dual |" in table

@@ -8,7 +8,13 @@ training uses seeds >= 10_000_000), and these methods in the same run:
   ``sv.DetectionsSmoother(length=5)`` (the usual box-level fix);
 - ``feature_bank``: causal aggregation with :class:`~streammem.memory.FeatureBank`;
 - ``dual``: causal aggregation with :class:`~streammem.memory.DualMemory`;
-- ``feature_bank/protocol`` (with ``protocol=True``): MAMBA's non-causal protocol.
+- ``feature_bank/protocol`` (with ``protocol=True``): MAMBA's non-causal protocol;
+- ``feature_bank/oracle`` (with ``oracle=True``): a diagnostic, not a method. Before each frame
+  is detected, the same frame rendered *without corruption* (the same world with
+  ``corruption="clean"``) is run through the pipeline and written to its memory; the corrupted
+  frame is then detected with that memory and writes nothing. It bounds what a memory could
+  hand this detector: if even the clean frame itself adds little, the aggregation, not the
+  memory's content, is the limit.
 
 AP50 is reported overall, per speed bucket (ground truth restricted to the bucket's objects;
 detections that match another bucket's object at IoU >= 0.5 are left out, as ImageNet VID's
@@ -82,7 +88,7 @@ def _scores(preds: list[sv.Detections], targets: list[sv.Detections], corruption
 
 def evaluate(detector: SmallDetector, presets=("clean", "medium", "hard"), videos: int = 3, frames: int = 48,
              size: int = 256, seed: int = 0, protocol: bool = False, config: DetectionConfig | None = None,
-             progress: bool = False) -> dict:
+             progress: bool = False, oracle: bool = False) -> dict:
     """AP50 tables: ``{preset: {method: {"all": ap, "speed:fast": ap, "corr:blur": ap, ...}}}``,
     plus ``"_timing"`` (seconds per frame per method)."""
     from tqdm import tqdm
@@ -123,6 +129,15 @@ def evaluate(detector: SmallDetector, presets=("clean", "medium", "hard"), video
             if protocol:
                 pipe = StreamingDetectionPipeline(detector, replace(base, memory="feature_bank", mode="protocol"))
                 preds.setdefault("feature_bank/protocol", []).extend(pipe.run_protocol(vid, seed=v))
+            if oracle:
+                clean = {f.index: f for f in World(seed=world.seed, preset=preset, size=size, fps=8, frames=frames,
+                                                   corruption="clean")}
+                pipe = StreamingDetectionPipeline(detector, replace(base, memory="feature_bank", mode="causal"))
+                out = []
+                for f in vid:
+                    pipe._process(clean[f.index])
+                    out.append(pipe._process(f, write=False))
+                preds.setdefault("feature_bank/oracle", []).extend(out)
         results[preset] = {name: _scores(p, targets, corr) for name, p in preds.items()}
     results["_timing"] = {k: float(np.mean(v)) for k, v in timing.items()}
     return results
