@@ -317,12 +317,17 @@ class TokenSlots:
 
     def get(self, slots: torch.Tensor | slice) -> Tokens:
         """Copies of the slots' contents (never views: later writes must not change a read)."""
+        if isinstance(slots, slice):  # basic indexing gives views: copy them
+            take = lambda t: t[slots].clone()  # noqa: E731
+        else:  # indexing by a tensor already copies
+            take = lambda t: t[slots]  # noqa: E731
+        feats = self.features[slots]
         return Tokens(
-            features=self.features[slots].float().clone(),
-            frame_index=self.frame_index[slots].clone(),
-            timestamp=self.timestamp[slots].clone(),
-            grid=self.grid[slots].clone(),
-            level=self.level[slots].clone(),
-            pose=None if self.pose is None else self.pose[slots].clone(),
-            score=self.score[slots].clone(),
+            features=feats.float() if feats.dtype != torch.float32 else (feats.clone() if isinstance(slots, slice) else feats),
+            frame_index=take(self.frame_index),
+            timestamp=take(self.timestamp),
+            grid=take(self.grid),
+            level=take(self.level),
+            pose=None if self.pose is None else take(self.pose),
+            score=take(self.score),
         )
