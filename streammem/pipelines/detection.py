@@ -333,7 +333,7 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
         ys_t = torch.from_numpy(np.concatenate(ys)[: c.max_pixel_tokens])
         xs_t = torch.from_numpy(np.concatenate(xs)[: c.max_pixel_tokens])
         sc_t = torch.from_numpy(np.concatenate(sc)[: c.max_pixel_tokens])
-        f = feat[0, :, ys_t, xs_t].t().contiguous()
+        f = torch.index_select(feat[0].reshape(ch, h * w), 1, ys_t * w + xs_t).t().contiguous()
         n_tok = f.shape[0]
         static = torch.zeros(n_tok) if c.memory == "dual" else sc_t  # dual: object pixels are dynamic
         self.pixel_memory.write(Tokens(features=f, frame_index=torch.full((n_tok,), frame.index),
