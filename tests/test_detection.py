@@ -354,6 +354,29 @@ def test_evaluation_runner_reports_every_method():
     assert "| hard | dual |" in table
 
 
+def test_evaluation_worlds_do_not_depend_on_which_presets_are_asked(monkeypatch):
+    """``presets=("hard",)`` must evaluate the same worlds as the hard rows of a full run."""
+    import streammem.world as world_mod
+    from streammem.eval.detection import evaluate
+
+    seen = []
+    real = world_mod.World
+
+    class Spy(real):
+        def __init__(self, *a, **kw):
+            super().__init__(*a, **kw)
+            seen.append((self.preset, self.seed))
+
+    monkeypatch.setattr(world_mod, "World", Spy)
+    det = tiny()
+    evaluate(det, presets=("hard",), videos=2, frames=2, size=64)
+    alone = [s for s in seen if s[0] == "hard"]
+    seen.clear()
+    evaluate(det, presets=("clean", "medium", "hard"), videos=2, frames=2, size=64)
+    assert alone == [s for s in seen if s[0] == "hard"] and len(alone) == 2
+    assert len({s[1] for s in seen}) == 6  # different worlds per preset
+
+
 def test_cached_key_projections_give_the_same_head_output():
     """The instance bank stores GEO-projected keys; reading them must equal projecting raw keys."""
     for mode in ("attention", "alignment"):

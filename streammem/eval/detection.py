@@ -1,7 +1,9 @@
 """Detection evaluation on StreamWorld: AP50 (``supervision.metrics.MeanAveragePrecision``).
 
-For each preset, ``videos`` seeded worlds of ``frames`` frames (world seeds ``< 10_000``;
-training uses seeds >= 10_000_000), and these methods in the same run:
+For each preset, ``videos`` seeded worlds of ``frames`` frames (world seed ``1000 * seed +
+100 * p + v`` for the preset's position ``p`` in ``PRESETS`` (clean 0, medium 1, hard 2) and
+video ``v``, so ``presets=("hard",)`` evaluates the same worlds as the full run; seeds stay
+``< 10_000``, training uses seeds >= 10_000_000), and these methods in the same run:
 
 - ``single``: the detector alone (keys from the frame itself);
 - ``single+smoother``: the same detections through a greedy IoU tracker and
@@ -93,12 +95,13 @@ def evaluate(detector: SmallDetector, presets=("clean", "medium", "hard"), video
     plus ``"_timing"`` (seconds per frame per method)."""
     from tqdm import tqdm
 
-    from streammem.world import World
+    from streammem.world import PRESETS, World
 
     base = config or DetectionConfig(image_size=size)
     results: dict = {}
     timing: dict[str, list[float]] = {}
-    for pi, preset in enumerate(presets):
+    for preset in presets:
+        pi = list(PRESETS).index(preset) if preset in PRESETS else len(PRESETS)
         preds: dict[str, list] = {}
         targets: list[sv.Detections] = []
         corr: list[list[str]] = []
