@@ -9,6 +9,8 @@ single-frame case, and what a stream sees while its bank is empty; MAMBA uses co
 images the same way). With probability ``key_corrupt`` the first frame of a triple gets one
 extra corruption (blur, defocus, noise, low light, occluder or JPEG) that its references do not
 have, so the enhancement learns to borrow from cleaner frames, as a stream's bank lets it.
+A ``geo_pos`` model's geometry prior sees each key's proposal centre and its age (the time
+between its reference frame and the key frame), as the streaming pipeline gives it bank keys'.
 
 Losses: CenterNet focal loss on the objectness heatmap, L1 on centre offset and log size at
 object centres, cross-entropy over (background + classes) for RoIs (the model's own top
