@@ -263,13 +263,24 @@ class SmallDetector(nn.Module, SafeHubMixin):
             return feat.new_zeros(0, self.fc_dim)
         return F.relu(self.fc6(self.roi_sample(feat, boxes).flatten(1)))
 
+    @staticmethod
+    def box_centres(boxes: torch.Tensor) -> torch.Tensor:
+        """``(N, 4)`` xyxy -> ``(N, 2)`` xy centres."""
+        return (boxes[:, :2] + boxes[:, 2:]) / 2
+
+    def own_key_places(self, props: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Centres and ages (0) of a frame's own instance keys, its top ``bank_proposals``
+        proposals: the ``key_xy``, ``key_age`` of :meth:`position_bias` for the single-frame case."""
+        own = props[: self.bank_proposals]
+        return self.box_centres(own), own.new_zeros(own.shape[0])
+
     def position_bias(self, boxes: torch.Tensor, key_xy: torch.Tensor, key_age: torch.Tensor) -> torch.Tensor | None:
         """The geometry prior of ``geo_pos`` (None when the model has none): proposals ``boxes
         (K, 4)`` xyxy pixels, key centres ``key_xy (Nk, 2)`` xy pixels, key ages ``key_age (Nk,)``
         seconds -> logit biases ``(2, heads, K, Nk)`` for GEO0 and GEO1."""
         if not self.geo_pos:
             return None
-        c = (boxes[:, :2] + boxes[:, 2:]) / 2
+        c = self.box_centres(boxes)
         k = key_xy.to(c)
         size = ((boxes[:, 2] - boxes[:, 0]) * (boxes[:, 3] - boxes[:, 1])).clamp(min=STRIDE * STRIDE)
         # squared centre distances by one matmul, in units of the proposal's area -> log(1 + r^2)
@@ -347,8 +358,7 @@ class SmallDetector(nn.Module, SafeHubMixin):
         props, obj = self.propose(enh)
         fc6 = self.roi_fc6(enh, props)
         if instance_keys is None:
-            keys, own = fc6[: self.bank_proposals], props[: self.bank_proposals]
-            instance_key_pos = ((own[:, :2] + own[:, 2:]) / 2, own.new_zeros(own.shape[0]))
+            keys, instance_key_pos = fc6[: self.bank_proposals], self.own_key_places(props)
         else:
             keys = instance_keys
         bias = None if instance_key_pos is None else self.position_bias(props, *instance_key_pos)

@@ -396,13 +396,12 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
         fc6 = det.roi_fc6(enh, props)
         ik = self._read(self.instance_memory if c.instance_level else None, c.key_size)
         if ik is None:  # the frame's own top proposals, age 0
-            own = props[: self.bank_proposals]
-            cache, key_xy, key_age = det.key_cache(fc6[: self.bank_proposals]), (own[:, :2] + own[:, 2:]) / 2, None
+            cache = det.key_cache(fc6[: self.bank_proposals])
+            places = det.own_key_places(props) if det.geo_pos else None
         else:  # bank keys: their box centres (stored as (row, col) cells) and ages in seconds
-            cache, key_xy, key_age = ik.features, ik.grid[:, [1, 0]] * STRIDE, float(frame.timestamp) - ik.timestamp
-        bias = None
-        if det.geo_pos:
-            bias = det.position_bias(props, key_xy, key_xy.new_zeros(len(key_xy)) if key_age is None else key_age.float())
+            cache = ik.features
+            places = (ik.grid[:, [1, 0]] * STRIDE, (float(frame.timestamp) - ik.timestamp).float()) if det.geo_pos else None
+        bias = None if places is None else det.position_bias(props, *places)
         logits, deltas = det.head_cached(fc6, cache, bias)
         out = det.postprocess(props, logits, deltas, tuple(x.shape[2:]), c.score_threshold)
         # 4. memory writes

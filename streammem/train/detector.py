@@ -279,7 +279,7 @@ def detector_losses(model: SmallDetector, triples: list, gen: torch.Generator) -
                 kb = torch.cat([props[o][: model.bank_proposals] for o in refs])
                 age = torch.cat([kb.new_full((min(len(props[o]), model.bank_proposals),),
                                              t[o].get("t", 0.0) - fr.get("t", 0.0)) for o in refs])
-                bias = model.position_bias(rois, (kb[:, :2] + kb[:, 2:]) / 2, age)
+                bias = model.position_bias(rois, model.box_centres(kb), age)
             logits, deltas = model.head(fc6, keys, bias)
             labels = torch.zeros(rois.shape[0], dtype=torch.long, device=dev)
             if len(gtb):
