@@ -274,6 +274,7 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         clip_len: int = typer.Option(12, help="frames per rendered clip (references come from the same clip)"),
         self_ref: float = typer.Option(0.2, help="share of single-frame triples (one frame three times)"),
         key_corrupt: float = typer.Option(0.0, help="share of triples whose key frame gets an extra corruption"),
+        history: int = typer.Option(0, help="most consecutive frames before a key frame that its temporal fusion state is built from (a fusion_radius model)"),
     ) -> None:
         """Train the small detector on StreamWorld clips (MAMBA-style triples); saves
         config.json + model.safetensors to OUT as it goes."""
@@ -288,7 +289,8 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
                 raise ValueError("--resume is not supported by this version of streammem.train.detector")
             cfg = TrainConfig(out=out, minutes=minutes, batch=batch, lr=lr, size=size, seed=seed, workers=workers,
                               threads=threads, save_every_min=save_every_min, max_steps=max_steps, log=log,
-                              model=model_kw, clip_len=clip_len, self_ref=self_ref, key_corrupt=key_corrupt, **kw)
+                              model=model_kw, clip_len=clip_len, self_ref=self_ref, key_corrupt=key_corrupt,
+                              history=history, **kw)
         except (ValueError, json.JSONDecodeError) as exc:
             _fail(str(exc))
         train(cfg)
@@ -306,6 +308,8 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         key_size: Optional[int] = typer.Option(None, help="instance keys per read (default: DetectionConfig's)"),
         recent_keys: Optional[int] = typer.Option(None, help="of them, the newest entries (default: DetectionConfig's)"),
         oracle: bool = typer.Option(False, "--oracle", help="also the clean-frame oracle (a diagnostic bound)"),
+        temporal_state: bool = typer.Option(True, "--temporal-state/--no-temporal-state",
+                                            help="keep the temporal fusion state (a fusion_radius detector)"),
         out: Optional[str] = typer.Option(None, "--out", "-o", help="write the results as JSON here"),
         progress: bool = typer.Option(False, help="show progress bars"),
     ) -> None:
@@ -327,7 +331,7 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         det = SmallDetector.from_pretrained(str(path)).eval()
         try:
             kw = {k: v for k, v in (("key_size", key_size), ("recent_keys", recent_keys)) if v is not None}
-            cfg = DetectionConfig(image_size=size, **kw)
+            cfg = DetectionConfig(image_size=size, temporal_state=temporal_state, **kw)
         except ValueError as e:
             _fail(str(e))
         res = evaluate(det, presets=names, videos=videos, frames=frames, size=size, seed=seed, protocol=protocol,

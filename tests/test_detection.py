@@ -473,3 +473,105 @@ def test_shipped_detector_with_memory_beats_single_frame_on_a_seeded_hard_clip()
     single, bank = res["hard"]["single"]["all"], res["hard"]["feature_bank"]["all"]
     assert bank > single + 1.5, (bank, single)
     assert bank > res["hard"]["single+smoother"]["all"]
+
+
+# ---------------------------------------------------------------------- temporal fusion
+def test_local_fusion_matches_the_window_rule_masks_the_border_and_follows_motion():
+    """``LocalFusion.attend`` equals the literal rule (softmax over a (2r+1)^2 window of the state,
+    offsets outside the map excluded); with sharp matching it reads the state where the same
+    content moved; the gate starts nearly closed and no state is the identity."""
+    import math
+
+    import torch.nn.functional as F
+
+    from streammem.models.fusion import LocalFusion
+
+    torch.manual_seed(0)
+    fuse = LocalFusion(dim=8, radius=2, qk_dim=4)
+    with torch.no_grad():
+        fuse.offset_bias.normal_()
+    feat, state = torch.randn(1, 8, 6, 7), torch.randn(1, 8, 6, 7)
+    q = fuse.q(feat)[0] / math.sqrt(4)
+    k = F.pad(fuse.k(state)[0], (2, 2, 2, 2))
+    sp = F.pad(state[0], (2, 2, 2, 2))
+    ref = torch.zeros(8, 6, 7)
+    for y in range(6):
+        for x in range(7):
+            offs = [(dy, dx) for dy in range(5) for dx in range(5) if 0 <= y + dy - 2 < 6 and 0 <= x + dx - 2 < 7]
+            lg = torch.stack([(q[:, y, x] * k[:, y + dy, x + dx]).sum() + fuse.offset_bias[dy * 5 + dx]
+                              for dy, dx in offs])
+            a = torch.softmax(lg, 0)
+            ref[:, y, x] = sum(a[i] * sp[:, y + dy, x + dx] for i, (dy, dx) in enumerate(offs))
+    assert torch.allclose(fuse.attend(feat, state)[0], ref, atol=1e-5)
+    # motion: the state is this frame's content one cell down and two cells left
+    sharp = LocalFusion(dim=8, radius=2, qk_dim=8)
+    with torch.no_grad():
+        for conv in (sharp.q, sharp.k):
+            conv.weight.copy_(4.0 * torch.eye(8)[:, :, None, None])
+            conv.bias.zero_()
+        sharp.offset_bias.zero_()
+    f = torch.nn.functional.normalize(torch.randn(1, 8, 10, 10), dim=1) * 3
+    moved = torch.roll(f, shifts=(1, -2), dims=(2, 3))
+    got = sharp.attend(f, moved)
+    assert torch.allclose(got[:, :, 2:8, 2:8], f[:, :, 2:8, 2:8], atol=1e-2)
+    assert torch.equal(sharp(f, None), f)
+    out = fuse(feat, state)  # gate ~ sigmoid(-2): mostly the current frame
+    gate = (out - feat) / (fuse.attend(feat, state) - feat)
+    assert torch.allclose(gate, torch.full_like(gate, 1 / (1 + math.exp(2.0))), atol=1e-3)
+    with pytest.raises(ValueError, match="does not match"):
+        fuse(feat, torch.randn(1, 8, 5, 7))
+
+
+def test_fusion_detector_is_unchanged_without_state_and_the_pipeline_keeps_one_bounded_state():
+    plain = tiny()
+    det = tiny(fusion_radius=2)
+    det.load_state_dict(plain.state_dict(), strict=False)
+    x = torch.rand(1, 3, 64, 64)
+    a, b = plain.detect(x), det.detect(x)
+    assert torch.equal(a["scores"], b["scores"]) and torch.equal(b["fused"], b["pixels"])
+    c = det.detect(x, state=torch.rand_like(b["pixels"]))
+    assert c["fused"].shape == b["pixels"].shape and not torch.equal(c["fused"], c["pixels"])
+    with torch.no_grad():
+        det.fusion.gate.bias.fill_(3.0)  # an open gate: the state matters
+    vid = frames(6)
+    pipe = StreamingDetectionPipeline(det, DetectionConfig(image_size=64))
+    outs = list(pipe.run(vid))
+    assert pipe.state is not None and pipe.state.shape == (1, det.width, 8, 8)
+    assert pipe.stats()["temporal_state"]["nbytes"] == det.width * 64 * 4
+    no_state = StreamingDetectionPipeline(det, DetectionConfig(image_size=64, temporal_state=False))
+    other = list(no_state.run(vid))
+    assert no_state.state is None and _same(outs[0], other[0]) and not _same(outs[-1], other[-1])
+    for cfg in (DetectionConfig(image_size=64, memory="none"), DetectionConfig(image_size=64, mode="protocol")):
+        p = StreamingDetectionPipeline(det, cfg)
+        list(p.run(vid)) if cfg.mode == "causal" else p.run_protocol(vid)
+        assert p.state is None
+    pipe.step(Frame(index=6, timestamp=0.75, image=np.zeros((48, 64, 3), np.uint8)))  # resize: state restarts
+    assert pipe.state.shape == (1, det.width, 6, 8) and pipe.counters["resets_on_resize"] == 1
+
+
+def test_fusion_training_runs_history_first_and_trains_the_fusion():
+    """``history``: a non-self triple's key frame carries 1..history consecutive frames just before
+    it (times increasing, the last one frame before the key); the loss reaches the fusion."""
+    from streammem.train.detector import TrainConfig, TripleStream, detector_losses
+
+    cfg = TrainConfig(minutes=1, size=64, clip_len=6, triples_per_clip=6, pool_clips=1, self_ref=0.0, history=3)
+    seen = 0
+    for t, _ in zip(TripleStream(cfg), range(6)):
+        hist = t[0]["history"]
+        times = [h["t"] for h in hist] + [t[0]["t"]]
+        assert 1 <= len(hist) <= 3 and np.allclose(np.diff(times), 1 / 8)
+        seen += 1
+    assert seen == 6
+    selfs = next(iter(TripleStream(TrainConfig(minutes=1, size=64, clip_len=6, pool_clips=1, self_ref=1.0,
+                                               history=3))))
+    assert "history" not in selfs[0]
+    torch.manual_seed(0)
+    det = SmallDetector(num_classes=11, width=16, fc_dim=32, heads=4, pixel_keys=32, num_proposals=20,
+                        bank_proposals=10, fusion_radius=2).train()
+    losses = detector_losses(det, [t], torch.Generator().manual_seed(0))
+    losses["total"].backward()
+    for name in ("fusion.gate.weight", "fusion.q.weight", "fusion.offset_bias"):
+        g = dict(det.named_parameters())[name].grad
+        assert g is not None and g.abs().sum() > 0, name
+    with pytest.raises(ValueError, match="history"):
+        TrainConfig(history=12, clip_len=12)

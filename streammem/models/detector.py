@@ -4,7 +4,9 @@ Stages (each a method, so the streaming pipeline can put memory reads and writes
 
 1. :meth:`SmallDetector.features`: a compact CNN, stride 8: ``(B, 3, H, W)`` in [0, 1] ->
    ``(B, C, H/8, W/8)``.
-2. :meth:`SmallDetector.enhance_pixels`: pixel-level GEO over all ``H/8 * W/8`` positions of
+2. :meth:`SmallDetector.fuse` (a ``fusion_radius > 0`` model only): aligned temporal fusion
+   with the previous frame's fused map (:class:`~streammem.models.fusion.LocalFusion`, a
+   one-map recurrent memory); then :meth:`SmallDetector.enhance_pixels`: pixel-level GEO over all ``H/8 * W/8`` positions of
    one frame, keys from the pixel bank (``(Nk, C)``; empty -> the frame's own pixels).
 3. :meth:`SmallDetector.propose`: a dense, class-agnostic proposal stage (CenterNet-style
    objectness heatmap with a 3x3 peak filter, per-cell centre offset and log size): top-K
@@ -29,7 +31,7 @@ Example:
     <torch._C.Generator object at ...>
     >>> det = SmallDetector(width=16, fc_dim=32, heads=4).eval()
     >>> out = det.detect(torch.rand(1, 3, 64, 64))
-    >>> sorted(out) == ["boxes", "class_id", "fc6", "objectness", "pixels", "proposals", "scores"]
+    >>> sorted(out) == ["boxes", "class_id", "fc6", "fused", "objectness", "pixels", "proposals", "scores"]
     True
 """
 
@@ -43,6 +45,7 @@ import torch.nn.functional as F
 from streammem.models.hub import SafeHubMixin
 from torch import nn
 
+from streammem.models.fusion import LocalFusion
 from streammem.models.geo import GEO
 
 __all__ = ["SmallDetector", "nms", "box_iou", "encode_deltas", "decode_deltas"]
@@ -139,6 +142,11 @@ class SmallDetector(nn.Module, SafeHubMixin):
             to the key's, in units of the proposal's size, and ``dt`` the key's age in seconds.
             It lets a proposal attend to the same object in recent frames; zero-initialised,
             so a model trained without it is unchanged when it is switched on.
+        fusion_radius: > 0 adds :class:`~streammem.models.fusion.LocalFusion` with this window
+            radius (cells) after the backbone (not in MAMBA): each position attends to the
+            previous frame's fused map around the same place, and a learned gate mixes it in.
+            0 (default): no fusion. Without a state (first frame, single-frame use) it is the
+            identity.
     """
 
     def __init__(
@@ -156,6 +164,7 @@ class SmallDetector(nn.Module, SafeHubMixin):
         pixel_heads: int = 4,
         pixel_keys: int = 256,
         geo_pos: bool = False,
+        fusion_radius: int = 0,
     ) -> None:
         super().__init__()
         for name, v in (("num_classes", num_classes), ("width", width), ("fc_dim", fc_dim), ("roi", roi),
@@ -168,6 +177,9 @@ class SmallDetector(nn.Module, SafeHubMixin):
         self.width, self.fc_dim, self.roi = width, fc_dim, roi
         self.num_proposals, self.bank_proposals, self.use_pixel_geo = num_proposals, bank_proposals, pixel_geo
         self.pixel_keys, self.geo_pos, self.heads = pixel_keys, bool(geo_pos), heads
+        if not isinstance(fusion_radius, int) or fusion_radius < 0:
+            raise ValueError(f"SmallDetector.fusion_radius must be an int >= 0, got {fusion_radius!r}")
+        self.fusion_radius = fusion_radius
         c1, c2 = max(width // 3, 8), max(2 * width // 3, 8)
         self.backbone = nn.Sequential(
             _cbr(3, c1, 2), _cbr(c1, c2, 2), _cbr(c2, width, 2), _Res(width), _cbr(width, width, dilation=2)
@@ -192,6 +204,8 @@ class SmallDetector(nn.Module, SafeHubMixin):
             self.pos_bias = nn.Linear(3, 2 * heads)  # -> GEO0 and GEO1 logit biases per head
             nn.init.zeros_(self.pos_bias.weight)
             nn.init.zeros_(self.pos_bias.bias)
+        if fusion_radius:
+            self.fusion = LocalFusion(width, radius=fusion_radius)
 
     # ------------------------------------------------------------------ stages
     def features(self, images: torch.Tensor) -> torch.Tensor:
@@ -202,6 +216,14 @@ class SmallDetector(nn.Module, SafeHubMixin):
             raise ValueError(f"image height and width must be multiples of {STRIDE}, got {tuple(images.shape[2:])}")
         x = (images - 0.45) / 0.25
         return self.backbone(x)
+
+    def fuse(self, feat: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
+        """Temporal fusion of backbone features ``(B, C, h, w)`` with ``state`` (the previous
+        frame's fused map, or None); returns this frame's fused map, the next frame's state. The
+        identity for a model without fusion or without a state."""
+        if not self.fusion_radius or state is None:
+            return feat
+        return self.fusion(feat, state)
 
     def enhance_pixels(self, feat: torch.Tensor, keys: torch.Tensor) -> torch.Tensor:
         """Pixel-level GEO of one frame: ``feat (1, C, h, w)``, ``keys (Nk, C)`` -> ``(1, C, h, w)``."""
@@ -343,18 +365,21 @@ class SmallDetector(nn.Module, SafeHubMixin):
     @torch.no_grad()
     def detect(self, image: torch.Tensor, pixel_keys: torch.Tensor | None = None,
                instance_keys: torch.Tensor | None = None, score_threshold: float = 0.01,
-               instance_key_pos: tuple[torch.Tensor, torch.Tensor] | None = None) -> dict:
+               instance_key_pos: tuple[torch.Tensor, torch.Tensor] | None = None,
+               state: torch.Tensor | None = None) -> dict:
         """One frame ``(1, 3, H, W)``; keys default to the frame itself (the single-frame model).
         ``instance_key_pos``: ``(centres (Nk, 2) xy pixels, ages (Nk,) seconds)`` of given
-        instance keys, for a ``geo_pos`` model (without it the prior is left out).
+        instance keys, for a ``geo_pos`` model (without it the prior is left out). ``state``: the
+        previous frame's ``fused`` map, for a ``fusion_radius`` model.
 
         Returns ``boxes (N, 4)``, ``scores (N,)``, ``class_id (N,)`` and, for bank writes,
         ``pixels`` (pre-enhancement ``(1, C, h, w)``), ``proposals (K, 4)``, ``objectness (K,)``,
-        ``fc6 (K, D)`` (pre-enhancement, best proposal first).
+        ``fc6 (K, D)`` (pre-enhancement, best proposal first), ``fused`` (the next frame's state).
         """
         feat = self.features(image)
+        fused = self.fuse(feat, state)
         pk = pixel_keys if pixel_keys is not None else feat.new_zeros(0, self.width)
-        enh = self.enhance_pixels(feat, pk)
+        enh = self.enhance_pixels(fused, pk)
         props, obj = self.propose(enh)
         fc6 = self.roi_fc6(enh, props)
         if instance_keys is None:
@@ -364,5 +389,5 @@ class SmallDetector(nn.Module, SafeHubMixin):
         bias = None if instance_key_pos is None else self.position_bias(props, *instance_key_pos)
         logits, deltas = self.head(fc6, keys, bias)
         out = self.postprocess(props, logits, deltas, tuple(image.shape[2:]), score_threshold)
-        out.update(pixels=feat, proposals=props, objectness=obj, fc6=fc6)
+        out.update(pixels=feat, proposals=props, objectness=obj, fc6=fc6, fused=fused)
         return out

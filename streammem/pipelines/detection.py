@@ -5,7 +5,9 @@ Per frame (MAMBA's ``test_frame``, causal by default):
 1. check the frame (an empty image gives no detections; a resolution change resets the
    memories or raises, per ``on_resize``), resize its long side to ``image_size``, pad to a
    multiple of 8;
-2. backbone features ``F``; read a pixel key set from the pixel memory and enhance ``F`` with
+2. backbone features ``F``; with a ``fusion_radius`` detector in causal mode, fuse ``F`` with
+   the previous frame's fused map (the *temporal state*, one ``C x h/8 x w/8`` map; not in
+   MAMBA, see :class:`~streammem.models.fusion.LocalFusion`); read a pixel key set from the pixel memory and enhance ``F`` with
    the pixel-level GEO (an empty memory: the frame's own pixels);
 3. proposals (top-K peaks) -> fc6 RoI features; read an instance key set from the instance
    memory (empty: the frame's own top proposals) -> GEO -> fc7 -> GEO -> class + box;
@@ -86,6 +88,9 @@ class DetectionConfig:
     memory: ``"feature_bank"`` (default), ``"dual"`` or ``"none"`` (single-frame).
     mode: ``"causal"`` (default) or ``"protocol"`` (MAMBA's non-causal test protocol).
     pixel_level / instance_level: which levels use memory.
+    temporal_state: keep the previous frame's fused feature map for a detector with temporal
+        fusion (``SmallDetector(fusion_radius > 0)``), in causal mode with a memory. Off in
+        protocol mode (shuffled frames have no previous frame) and for ``memory="none"``.
     max_size: bank size per level (MAMBA ``MAX_NUM=20000``).
     key_size: instance key set per read. MAMBA's ``KEY_NUM`` is 2000; ours defaults to 150
         (a departure): the shipped detector was trained with 150 instance keys (two reference
@@ -114,6 +119,7 @@ class DetectionConfig:
     mode: str = "causal"
     pixel_level: bool = True
     instance_level: bool = True
+    temporal_state: bool = True
     max_size: int = 20000
     key_size: int = 150
     recent_keys: int = 0
@@ -283,6 +289,7 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
         self.gen.manual_seed(self.config.seed + 2)
         self.rng = np.random.default_rng(self.config.seed + 2)  # pixel sampling inside boxes
         self.size_hw: tuple[int, int] | None = None
+        self.state: torch.Tensor | None = None  # the previous frame's fused map (temporal fusion)
         self.counters = {"frames": 0, "pixel_writes": 0, "instance_writes": 0, "resets_on_resize": 0}
 
     def stats(self) -> dict:
@@ -290,6 +297,8 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
         for name, m in (("pixel_memory", self.pixel_memory), ("instance_memory", self.instance_memory)):
             if m is not None:
                 out[name] = {"num_tokens": m.num_tokens, "capacity": m.capacity, "nbytes": m.nbytes}
+        if self.state is not None:
+            out["temporal_state"] = {"shape": list(self.state.shape), "nbytes": self.state.numel() * self.state.element_size()}
         out["mode"] = self.config.mode
         out["memory"] = self.config.memory
         return out
@@ -389,8 +398,9 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
         x, scale = self._prepare(frame)
         # 2. features, pixel-level enhancement
         feat = det.features(x)
+        fused = det.fuse(feat, self.state) if self._uses_state() else feat
         pk = self._read(self.pixel_memory if c.pixel_level else None, self.pixel_key_size)
-        enh = det.enhance_pixels(feat, feat.new_zeros(0, det.width) if pk is None else pk.features)
+        enh = det.enhance_pixels(fused, feat.new_zeros(0, det.width) if pk is None else pk.features)
         # 3. proposals, fc6, instance-level enhancement, head
         props, obj = det.propose(enh)
         fc6 = det.roi_fc6(enh, props)
@@ -408,6 +418,8 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
         if write:
             self._write_pixels(feat, out["boxes"] / scale, out["scores"], scale, frame)
             self._write_instances(fc6, props, obj, frame)
+            if self._uses_state():
+                self.state = fused
         self.counters["frames"] += 1
         # 5. detections in frame pixels
         boxes = (out["boxes"] / scale).numpy().astype(np.float32)
@@ -419,7 +431,12 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
                              class_id=cls, data={"class_name": names},
                              metadata={"frame_index": frame.index, "mode": self._mode_label()})
 
+    def _uses_state(self) -> bool:
+        c = self.config
+        return bool(self.detector.fusion_radius) and c.temporal_state and c.mode == "causal" and c.memory != "none"
+
     def reset_memories(self) -> None:
         for m in (self.pixel_memory, self.instance_memory):
             if m is not None:
                 m.reset()
+        self.state = None

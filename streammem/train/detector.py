@@ -9,7 +9,12 @@ single-frame case, and what a stream sees while its bank is empty; MAMBA uses co
 images the same way). With probability ``key_corrupt`` the first frame of a triple gets one
 extra corruption (blur, defocus, noise, low light, occluder or JPEG) that its references do not
 have, so the enhancement learns to borrow from cleaner frames, as a stream's bank lets it.
-A ``geo_pos`` model's geometry prior sees each key's proposal centre and its age (the time
+A ``fusion_radius`` model (temporal fusion, :class:`~streammem.models.fusion.LocalFusion`)
+trains it on the key frame of each non-self triple: with ``history`` > 0 the 1..``history``
+frames just before the key frame in the clip are run first (without gradients), each fused
+with the one before, and the key frame is fused with the last of them, as a stream's frame is
+with the previous frame's fused map. (The key frame's extra corruption, below, is then a burst
+that its history does not have.) A ``geo_pos`` model's geometry prior sees each key's proposal centre and its age (the time
 between its reference frame and the key frame), as the streaming pipeline gives it bank keys'.
 
 Losses: CenterNet focal loss on the objectness heatmap, L1 on centre offset and log size at
@@ -73,6 +78,9 @@ class TrainConfig:
     resume: a checkpoint folder to start from (its weights and model config; the schedule
         starts afresh over ``minutes``).
     model: SmallDetector keyword arguments.
+    history: most frames of consecutive history before a non-self triple's key frame (1 to
+        ``history``, uniformly), whose fused state the key frame is fused with (a
+        ``fusion_radius`` model; 0: none).
     """
 
     out: str = "streammem/checkpoints/detector"
@@ -94,6 +102,7 @@ class TrainConfig:
     log: str | None = None
     resume: str | None = None
     model: dict = field(default_factory=dict)
+    history: int = 0
 
     def __post_init__(self) -> None:
         if not self.minutes > 0:
@@ -102,6 +111,8 @@ class TrainConfig:
             raise ValueError(f"TrainConfig.batch must be >= 1 and clip_len >= 3, got {self.batch}, {self.clip_len}")
         if not 0 <= self.self_ref <= 1:
             raise ValueError(f"TrainConfig.self_ref must be in [0, 1], got {self.self_ref}")
+        if self.history < 0 or self.history >= self.clip_len:
+            raise ValueError(f"TrainConfig.history must be in [0, clip_len), got {self.history}")
         if not 0 <= self.key_corrupt <= 1:
             raise ValueError(f"TrainConfig.key_corrupt must be in [0, 1], got {self.key_corrupt}")
 
@@ -146,15 +157,25 @@ class TripleStream(IterableDataset):
                 pool.pop(0)
             for _ in range(c.triples_per_clip):
                 clip = pool[int(rng.integers(len(pool)))]
+                hist: list[dict] = []
                 if rng.random() < c.self_ref:
                     i = int(rng.integers(len(clip)))
                     triple = [clip[i]] * 3
                 else:
-                    idx = rng.choice(len(clip), 3, replace=False)
+                    if c.history:  # the key frame has at least one frame before it
+                        i = int(rng.integers(1, len(clip)))
+                        refs = rng.choice([j for j in range(len(clip)) if j != i], 2, replace=False)
+                        idx = [i, *refs]
+                        m = int(rng.integers(1, c.history + 1))
+                        hist = clip[max(0, i - m):i]
+                    else:
+                        idx = rng.choice(len(clip), 3, replace=False)
                     triple = [clip[int(i)] for i in idx]
                 if rng.random() < c.key_corrupt:
                     key = _corrupted(triple[0], rng)
                     triple = [key] * 3 if triple[0] is triple[1] else [key] + triple[1:]
+                if hist:
+                    triple = [dict(triple[0], history=hist)] + triple[1:]
                 yield triple
 
 
@@ -227,6 +248,7 @@ def detector_losses(model: SmallDetector, triples: list, gen: torch.Generator) -
     dev = next(model.parameters()).device
     imgs = torch.stack([f["image"] for t in triples for f in t]).to(dev)
     feat = model.features(imgs)  # 3B, C, h, w
+    fused_key = _fused_keys(model, triples, feat, dev)
     b3, c, h, w = feat.shape
     size_hw = (imgs.shape[2], imgs.shape[3])
     losses = {"heat": 0.0, "reg": 0.0, "cls": 0.0, "box": 0.0}
@@ -242,7 +264,8 @@ def detector_losses(model: SmallDetector, triples: list, gen: torch.Generator) -
                 pk = pk[torch.randperm(pk.shape[0], generator=gen)[: model.pixel_keys]]
             if t[0] is t[1]:  # self triple: the single-frame case, keys from the frame itself
                 pk = pk[:0]
-            enh.append(model.enhance_pixels(feat[base + j: base + j + 1], pk))
+            f = fused_key[ti] if j == 0 and ti in fused_key else feat[base + j: base + j + 1]
+            enh.append(model.enhance_pixels(f, pk))
         enh_t = torch.cat(enh)
         obj, boxmap = model.proposal_maps(enh_t)
         # proposals and fc6 of every frame
@@ -297,6 +320,28 @@ def detector_losses(model: SmallDetector, triples: list, gen: torch.Generator) -
     return out
 
 
+def _fused_keys(model: SmallDetector, triples: list, feat: torch.Tensor, dev) -> dict:
+    """Key frames with a ``history``: ``{triple index: fused features (1, C, h, w)}``. The
+    history frames' features and states are computed without gradients (one backbone pass for
+    the batch); the key frame's fusion step has them."""
+    if not model.fusion_radius:
+        return {}
+    hist = [(ti, t[0]["history"]) for ti, t in enumerate(triples) if t[0].get("history")]
+    if not hist:
+        return {}
+    with torch.no_grad():
+        hf = model.features(torch.stack([f["image"] for _, h in hist for f in h]).to(dev))
+    out, at = {}, 0
+    for ti, h in hist:
+        state = None
+        with torch.no_grad():
+            for j in range(len(h)):
+                state = model.fuse(hf[at + j: at + j + 1], state)
+        at += len(h)
+        out[ti] = model.fuse(feat[3 * ti: 3 * ti + 1], state)
+    return out
+
+
 # ---------------------------------------------------------------------- loop
 def train(cfg: TrainConfig) -> SmallDetector:
     """Train for ``cfg.minutes`` of wall clock; saves to ``cfg.out`` as it goes. Returns the model."""
@@ -311,10 +356,15 @@ def train(cfg: TrainConfig) -> SmallDetector:
         model = SmallDetector.from_pretrained(cfg.resume, **cfg.model)
     else:
         model = SmallDetector(num_classes=len(CLASSES), class_names=list(CLASSES), **cfg.model)
-    # the geometry prior (geo_pos) is a few logit-scale weights: it learns at 10x the rate
-    prior = [p for n, p in model.named_parameters() if n.startswith("pos_bias.")]
-    rest = [p for n, p in model.named_parameters() if not n.startswith("pos_bias.")]
-    groups = [{"params": rest, "lr_scale": 1.0}] + ([{"params": prior, "lr_scale": 10.0}] if prior else [])
+    # the geometry prior (geo_pos) is a few logit-scale weights: it learns at 10x the rate;
+    # the temporal fusion (fusion_radius) at 5x
+    scale = {"pos_bias.": 10.0, "fusion.": 5.0}
+    named = list(model.named_parameters())
+    groups = [{"params": [p for n, p in named if not any(n.startswith(k) for k in scale)], "lr_scale": 1.0}]
+    for k, v in scale.items():
+        ps = [p for n, p in named if n.startswith(k)]
+        if ps:
+            groups.append({"params": ps, "lr_scale": v})
     opt = torch.optim.AdamW(groups, lr=cfg.lr, weight_decay=1e-4)
     loader = DataLoader(TripleStream(cfg), batch_size=cfg.batch, collate_fn=_collate, num_workers=cfg.workers,
                         prefetch_factor=4 if cfg.workers else None, persistent_workers=bool(cfg.workers))
