@@ -69,8 +69,10 @@ def fmt_bytes(n: float) -> str:
 
 
 def mem_state(pipe: StreamingDetectionPipeline) -> tuple[int, int]:
+    """Tokens and bytes held: both banks plus the temporal fusion state (one feature map)."""
     ms = [m for m in (pipe.pixel_memory, pipe.instance_memory) if m is not None]
-    return sum(m.num_tokens for m in ms), sum(m.nbytes for m in ms)
+    state = 0 if pipe.state is None else pipe.state.numel() * pipe.state.element_size()
+    return sum(m.num_tokens for m in ms), sum(m.nbytes for m in ms) + state
 
 
 # ---------------------------------------------------------------------- 1. per-frame time

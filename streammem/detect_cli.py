@@ -308,6 +308,7 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         key_size: Optional[int] = typer.Option(None, help="instance keys per read (default: DetectionConfig's)"),
         recent_keys: Optional[int] = typer.Option(None, help="of them, the newest entries (default: DetectionConfig's)"),
         oracle: bool = typer.Option(False, "--oracle", help="also the clean-frame oracle (a diagnostic bound)"),
+        corruption: Optional[str] = typer.Option(None, help="override the presets' corruption level (clean, medium or hard; e.g. 'clean': the same worlds without corruptions)"),
         temporal_state: bool = typer.Option(True, "--temporal-state/--no-temporal-state",
                                             help="keep the temporal fusion state (a fusion_radius detector)"),
         out: Optional[str] = typer.Option(None, "--out", "-o", help="write the results as JSON here"),
@@ -325,6 +326,10 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
             _fail(f"--presets must be a comma-separated list of {', '.join(PRESETS)}; got {presets!r}")
         if videos < 1 or frames < 1:
             _fail(f"--videos and --frames must be >= 1, got {videos} and {frames}")
+        from streammem.world.corruptions import LEVELS
+
+        if corruption is not None and corruption not in LEVELS:
+            _fail(f"--corruption must be one of {', '.join(LEVELS)}; got {corruption!r}")
         path = Path(checkpoint)
         if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():
             _fail(f"no detector checkpoint at {path}; train one with `streammem train detector --out {path}`")
@@ -335,7 +340,7 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         except ValueError as e:
             _fail(str(e))
         res = evaluate(det, presets=names, videos=videos, frames=frames, size=size, seed=seed, protocol=protocol,
-                       config=cfg, progress=progress, oracle=oracle)
+                       config=cfg, progress=progress, oracle=oracle, corruption=corruption)
         typer.echo(format_table(res))
         if out:
             p = Path(out)

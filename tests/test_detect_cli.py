@@ -120,6 +120,8 @@ def test_eval_detection_writes_results(ckpt, tmp_path):
     assert set(r["clean"]) == {"single", "single+smoother", "feature_bank", "dual"} and "_timing" in r
     res = invoke("eval", "detection", "--checkpoint", ckpt, "--presets", "clean,foggy")
     assert res.exit_code == 2 and "--presets" in res.output
+    res = invoke("eval", "detection", "--checkpoint", ckpt, "--presets", "hard", "--corruption", "foggy")
+    assert res.exit_code == 2 and "--corruption" in res.output
 
 
 def test_train_detector_wraps_train_config(monkeypatch, tmp_path):

@@ -352,6 +352,11 @@ def test_evaluation_runner_reports_every_method():
     assert {"all", "speed:slow", "speed:medium", "speed:fast"} <= set(res["hard"]["single"])
     table = format_table(res)
     assert "| hard | dual |" in table
+    # corruption="clean": the same worlds without corruptions (only the "none" corruption column)
+    hard = evaluate(det, presets=("hard",), videos=1, frames=16, size=64)["hard"]["single"]
+    clean = evaluate(det, presets=("hard",), videos=1, frames=16, size=64, corruption="clean")["hard"]["single"]
+    assert any(k.startswith("corr:") and k != "corr:none" for k in hard)
+    assert [k for k in clean if k.startswith("corr:")] == ["corr:none"]
 
 
 def test_evaluation_worlds_do_not_depend_on_which_presets_are_asked(monkeypatch):

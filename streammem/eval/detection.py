@@ -90,9 +90,11 @@ def _scores(preds: list[sv.Detections], targets: list[sv.Detections], corruption
 
 def evaluate(detector: SmallDetector, presets=("clean", "medium", "hard"), videos: int = 3, frames: int = 48,
              size: int = 256, seed: int = 0, protocol: bool = False, config: DetectionConfig | None = None,
-             progress: bool = False, oracle: bool = False) -> dict:
+             progress: bool = False, oracle: bool = False, corruption: str | None = None) -> dict:
     """AP50 tables: ``{preset: {method: {"all": ap, "speed:fast": ap, "corr:blur": ap, ...}}}``,
-    plus ``"_timing"`` (seconds per frame per method)."""
+    plus ``"_timing"`` (seconds per frame per method). ``corruption`` overrides the presets'
+    corruption level (``"clean"``: the same worlds without corruptions, a diagnostic of how
+    much of a preset's difficulty is the scene itself)."""
     from tqdm import tqdm
 
     from streammem.world import PRESETS, World
@@ -106,7 +108,8 @@ def evaluate(detector: SmallDetector, presets=("clean", "medium", "hard"), video
         targets: list[sv.Detections] = []
         corr: list[list[str]] = []
         for v in range(videos):
-            world = World(seed=seed * 1000 + pi * 100 + v, preset=preset, size=size, fps=8, frames=frames)
+            world = World(seed=seed * 1000 + pi * 100 + v, preset=preset, size=size, fps=8, frames=frames,
+                          corruption=corruption)
             vid = list(world)
             targets += [gt_detections(f) for f in vid]
             corr += [list(f.info["gt"]["corruptions"]) for f in vid]
