@@ -69,6 +69,7 @@ class LocalFusion(nn.Module):
         self.gate = nn.Conv2d(2 * dim, dim, 1)
         nn.init.zeros_(self.gate.weight)
         nn.init.constant_(self.gate.bias, gate_bias)
+        self._masks: dict = {}  # padding masks per map size (a plain dict: not saved; reads are thread-safe)
 
     def attend(self, feat: torch.Tensor, state: torch.Tensor) -> torch.Tensor:
         """``A``: the state gathered at each position of ``feat`` (both ``(B, C, h, w)``).
@@ -93,13 +94,17 @@ class LocalFusion(nn.Module):
     def _bias(self, h: int, w: int, like: torch.Tensor) -> torch.Tensor:
         """Offset bias plus the padding mask (-inf where the offset leaves the map): ``(1, side^2, h, w)``."""
         key = (h, w, like.device, like.dtype)
-        if getattr(self, "_mask_key", None) != key:
+        masks = self._masks
+        mask = masks.get(key)
+        if mask is None:
             r, side = self.radius, 2 * self.radius + 1
             valid = F.pad(like.new_ones(1, 1, h, w), (r, r, r, r))
             win = torch.cat([valid[:, :, dy:dy + h, dx:dx + w] for dy in range(side) for dx in range(side)], 1)
-            self._mask = torch.zeros_like(win).masked_fill_(win == 0, float("-inf"))
-            self._mask_key = key
-        return self._mask + self.offset_bias.to(like.dtype)[None, :, None, None]
+            mask = torch.zeros_like(win).masked_fill_(win == 0, float("-inf"))
+            if len(masks) >= 8:
+                masks.clear()
+            masks[key] = mask
+        return mask + self.offset_bias.to(like.dtype)[None, :, None, None]
 
     def forward(self, feat: torch.Tensor, state: torch.Tensor | None) -> torch.Tensor:
         """``feat (B, C, h, w)``, ``state`` (the previous fused map, same shape, or None) ->
