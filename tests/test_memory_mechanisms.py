@@ -345,3 +345,41 @@ def test_presses_compose():
     both = ComposedPress([SinkWindowPress(n_sink=2, window=10), SinkWindowPress(n_sink=1, window=3)])
     assert ids(both(t)) == [0, 27, 28, 29]
     assert both.max_kept() == 4
+
+
+@pytest.mark.parametrize("compress", ["merge", "prune"])
+def test_dual_read_rows_and_the_slot_cache_match_the_plain_rules(compress, tmp_path):
+    """``read_rows(rows)`` is ``read().index(rows)``; the unit-norm slot cache a write compares
+    against stays equal to the normalised slots through fills, merges, prunes, reset and load."""
+    import torch.nn.functional as F
+    from dataclasses import fields
+
+    g = torch.Generator().manual_seed(0)
+    mem = DualMemory(dim=8, slots=16, fifo_frames=3, max_tokens_per_frame=10, compress=compress, seed=0)
+
+    def frame(i: int) -> Tokens:
+        return Tokens(features=torch.rand(10, 8, generator=g), frame_index=torch.full((10,), i),
+                      timestamp=torch.full((10,), i / 8), grid=torch.rand(10, 2, generator=g),
+                      level=torch.zeros(10, dtype=torch.int64), score=torch.rand(10, generator=g))
+
+    for i in range(12):
+        mem.write(frame(i))
+        assert torch.allclose(mem._units(), F.normalize(mem.static.features, dim=1))
+        full = mem.read()
+        rows = torch.randperm(len(full), generator=g)[: 1 + i]
+        part = mem.read_rows(rows)
+        for f in fields(Tokens):
+            a, b = getattr(full.index(rows), f.name), getattr(part, f.name)
+            assert (a is None and b is None) or torch.equal(a, b), f.name
+    assert mem.counters["merges" if compress == "merge" else "prunes"] > 0
+    with pytest.raises(IndexError, match="rows"):
+        mem.read_rows(torch.tensor([mem.num_tokens]))
+    mem.save(tmp_path / "dual")
+    back = DualMemory.load(tmp_path / "dual")
+    nxt = frame(12)
+    mem.write(nxt)
+    back.write(nxt)
+    assert torch.equal(mem.static.features, back.static.features)
+    mem.reset()
+    mem.write(frame(0))
+    assert torch.allclose(mem._units(), F.normalize(mem.static.features, dim=1))

@@ -120,6 +120,19 @@ class DualMemory(Memory):
     def _unpack(self) -> None:
         self._n, self._frames = int(self._meta[0]), int(self._meta[1])
         self._fifo_len = self.fifo_len.tolist()
+        self._unit: torch.Tensor | None = None  # unit-norm slot features, rebuilt on first use
+
+    def _units(self) -> torch.Tensor:
+        """The persistent slots' features normalised to unit length ``(slots, D)``: a cache,
+        updated row by row as slots change (a write compares its tokens with every slot)."""
+        if self._unit is None:
+            self._unit = F.normalize(self.static.features.float(), dim=1)
+        return self._unit
+
+    def _touch(self, rows: torch.Tensor | slice) -> None:
+        """Refresh the unit-norm cache for slots whose features changed."""
+        if self._unit is not None:
+            self._unit[rows] = F.normalize(self.static.features[rows].float(), dim=1)
 
     @property
     def num_tokens(self) -> int:
@@ -168,13 +181,15 @@ class DualMemory(Memory):
             return
         self.counters["routed_static"] += len(idx)
         feats = tokens.features[idx].float()
+        unit_new = F.normalize(feats, dim=1)
+        sim = None  # cosines of the tokens to the first _n slots, shared by the skip test and a merge
         if self._n > 0 and c.skip_cos < 1:
-            unit = F.normalize(self.static.features[: self._n], dim=1)
-            keep = (F.normalize(feats, dim=1) @ unit.t()).amax(1) <= c.skip_cos
+            sim = unit_new @ self._units()[: self._n].t()
+            keep = sim.amax(1) <= c.skip_cos
             n_keep = int(keep.sum())
             if n_keep < len(idx):
                 self.counters["skipped"] += len(idx) - n_keep
-                idx, feats = idx[keep], feats[keep]
+                idx, feats, unit_new, sim = idx[keep], feats[keep], unit_new[keep], sim[keep]
         free = min(c.slots - self._n, len(idx))
         if free > 0:
             s = slice(self._n, self._n + free)
@@ -183,17 +198,23 @@ class DualMemory(Memory):
             self.static.level[s] = STATIC
             self.mass[s], self.usage[s], self.birth[s] = 1.0, 0.0, self.counters["writes"]
             self._n += free
+            self._touch(s)
+            sim = None  # the slots changed
         if free == len(idx):
             return
-        idx, feats = idx[free:], feats[free:]
+        idx, feats, unit_new = idx[free:], feats[free:], unit_new[free:]
         if c.compress == "merge":
-            self._merge(tokens, score, idx, feats)
+            if sim is None:  # the store is full now: compare with every slot
+                sim = unit_new @ self._units().t()
+            self._merge(tokens, score, idx, feats, sim)
         else:
             self._prune(tokens, score, idx)
 
-    def _merge(self, tokens: Tokens, score: torch.Tensor, idx: torch.Tensor, feats: torch.Tensor) -> None:
-        """Running mean of each token into its nearest slot (cosine), Point3R-style."""
-        near = (F.normalize(feats, dim=1) @ F.normalize(self.static.features, dim=1).t()).argmax(1)
+    def _merge(self, tokens: Tokens, score: torch.Tensor, idx: torch.Tensor, feats: torch.Tensor,
+               sim: torch.Tensor) -> None:
+        """Running mean of each token into its nearest slot (cosine ``sim`` to every slot),
+        Point3R-style."""
+        near = sim.argmax(1)
         slots, inverse, added = torch.unique(near, return_inverse=True, return_counts=True)
         m = self.mass[slots]
         total = m + added
@@ -210,6 +231,7 @@ class DualMemory(Memory):
         self.static.frame_index[slots] = tokens.frame_index[idx[0]]
         self.static.timestamp[slots] = tokens.timestamp[idx[0]]
         self.mass[slots] = total.float()
+        self._touch(slots)
         self.counters["merges"] += len(idx)
 
     def _prune(self, tokens: Tokens, score: torch.Tensor, idx: torch.Tensor) -> None:
@@ -220,6 +242,7 @@ class DualMemory(Memory):
         age = (self.counters["writes"] - self.birth + 1).float()
         victims = torch.topk(self.usage / age, len(idx), largest=False).indices
         self.static.put(victims, tokens, idx)
+        self._touch(victims)
         self.static.score[victims] = score[idx]
         self.static.level[victims] = STATIC
         self.mass[victims], self.usage[victims], self.birth[victims] = 1.0, 0.0, self.counters["writes"]
@@ -240,6 +263,22 @@ class DualMemory(Memory):
         if query is not None:
             return self.query(query, self.config.query_k)
         return Tokens.cat([self.static.get(slice(0, self._n)), self.fifo.get(self._fifo_index())])
+
+    def read_rows(self, rows: torch.Tensor) -> Tokens:
+        """``read().index(rows)`` without building the whole read: only the chosen rows are
+        gathered (``rows``: int64 positions in :meth:`read`'s order, persistent slots first).
+        A random key set of k tokens then costs O(k), not O(slots + FIFO)."""
+        rows = torch.as_tensor(rows, dtype=torch.int64).reshape(-1)
+        total = self.num_tokens
+        if rows.numel() and (int(rows.min()) < 0 or int(rows.max()) >= total):
+            raise IndexError(f"DualMemory.read_rows: rows must be in [0, {total}), got {rows.min()}..{rows.max()}")
+        fifo = self._fifo_index()
+        in_static = rows < self._n
+        s_at, f_at = in_static.nonzero().flatten(), (~in_static).nonzero().flatten()
+        parts = [self.static.get(rows[s_at]), self.fifo.get(fifo[rows[f_at] - self._n])]
+        both = Tokens.cat(parts)
+        # back to the order of ``rows``: part rows sit at s_at then f_at
+        return both.index(torch.argsort(torch.cat([s_at, f_at])))
 
     def query(self, q: torch.Tensor | Tokens, k: int) -> Tokens:
         """The ``k`` stored tokens most similar (max cosine over the rows of ``q (M, D)``) to the

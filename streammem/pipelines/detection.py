@@ -308,10 +308,11 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
         """A key set of at most ``key_size`` tokens, or None when the memory is off or empty."""
         if memory is None or memory.num_tokens == 0:
             return None
-        keys = memory.read()
-        if len(keys) > key_size:  # DualMemory returns everything: draw a random key set
-            keys = keys.index(torch.randperm(len(keys), generator=self.gen)[:key_size])
-        return keys
+        if hasattr(memory, "read_rows"):  # DualMemory holds more than a key set: draw one
+            n = memory.num_tokens
+            rows = torch.randperm(n, generator=self.gen)[:key_size] if n > key_size else torch.arange(n)
+            return memory.read_rows(rows)
+        return memory.read()
 
     def _write_pixels(self, feat: torch.Tensor, boxes: torch.Tensor, scores: torch.Tensor, scale: float,
                       frame: Frame) -> None:
