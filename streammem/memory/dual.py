@@ -274,11 +274,19 @@ class DualMemory(Memory):
             raise IndexError(f"DualMemory.read_rows: rows must be in [0, {total}), got {rows.min()}..{rows.max()}")
         fifo = self._fifo_index()
         in_static = rows < self._n
-        s_at, f_at = in_static.nonzero().flatten(), (~in_static).nonzero().flatten()
-        parts = [self.static.get(rows[s_at]), self.fifo.get(fifo[rows[f_at] - self._n])]
-        both = Tokens.cat(parts)
-        # back to the order of ``rows``: part rows sit at s_at then f_at
-        return both.index(torch.argsort(torch.cat([s_at, f_at])))
+        # one gather per store and field (rows of the other store read a dummy slot 0), then pick
+        at_static = torch.where(in_static, rows, 0)
+        at_fifo = fifo[torch.where(in_static, 0, rows - self._n)] if fifo.numel() else torch.zeros_like(rows)
+        pick = in_static.unsqueeze(1)
+
+        def gather(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+            x, y = torch.index_select(a, 0, at_static), torch.index_select(b, 0, at_fifo)
+            return torch.where(pick if x.ndim == 2 else in_static, x, y)
+
+        st, ff = self.static, self.fifo
+        return Tokens(features=gather(st.features, ff.features).float(), frame_index=gather(st.frame_index, ff.frame_index),
+                      timestamp=gather(st.timestamp, ff.timestamp), grid=gather(st.grid, ff.grid),
+                      level=gather(st.level, ff.level), score=gather(st.score, ff.score))
 
     def query(self, q: torch.Tensor | Tokens, k: int) -> Tokens:
         """The ``k`` stored tokens most similar (max cosine over the rows of ``q (M, D)``) to the
