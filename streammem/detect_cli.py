@@ -293,7 +293,10 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
                               history=history, **kw)
         except (ValueError, json.JSONDecodeError) as exc:
             _fail(str(exc))
-        train(cfg)
+        try:
+            train(cfg)
+        except ValueError as exc:  # e.g. history without a temporal-fusion model
+            _fail(str(exc))
         typer.echo(f"streammem train detector: saved to {out}")
 
     @eval_app.command("detection")

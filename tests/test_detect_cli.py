@@ -122,6 +122,9 @@ def test_eval_detection_writes_results(ckpt, tmp_path):
     assert res.exit_code == 2 and "--presets" in res.output
     res = invoke("eval", "detection", "--checkpoint", ckpt, "--presets", "hard", "--corruption", "foggy")
     assert res.exit_code == 2 and "--corruption" in res.output
+    res = invoke("eval", "detection", "--checkpoint", ckpt, "--presets", "clean", "--videos", "1", "--frames", "2",
+                 "--size", "64", "--no-temporal-state", "--corruption", "clean")
+    assert res.exit_code == 0 and "| clean | dual |" in res.output, res.output
 
 
 def test_train_detector_wraps_train_config(monkeypatch, tmp_path):
@@ -138,3 +141,8 @@ def test_train_detector_wraps_train_config(monkeypatch, tmp_path):
     assert cfg.out == str(tmp_path / "d") and cfg.model == {"width": 16, "fc_dim": 32}
     res = invoke("train", "detector", "--minutes", "0")
     assert res.exit_code == 2 and "TrainConfig.minutes" in res.output
+    seen.clear()
+    res = invoke("train", "detector", "--minutes", "0.5", "--out", tmp_path / "f", "--history", "4",
+                 "--model", '{"fusion_radius": 2}')
+    assert res.exit_code == 0, res.output
+    assert seen["cfg"].history == 4 and seen["cfg"].model == {"fusion_radius": 2}

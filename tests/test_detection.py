@@ -550,6 +550,9 @@ def test_fusion_detector_is_unchanged_without_state_and_the_pipeline_keeps_one_b
         p = StreamingDetectionPipeline(det, cfg)
         list(p.run(vid)) if cfg.mode == "causal" else p.run_protocol(vid)
         assert p.state is None
+    kept = pipe.state.clone()
+    pipe._process(vid[0], write=False)  # a read-only pass (the oracle's) uses the state, keeps it
+    assert torch.equal(pipe.state, kept)
     pipe.step(Frame(index=6, timestamp=0.75, image=np.zeros((48, 64, 3), np.uint8)))  # resize: state restarts
     assert pipe.state.shape == (1, det.width, 6, 8) and pipe.counters["resets_on_resize"] == 1
 
@@ -580,3 +583,8 @@ def test_fusion_training_runs_history_first_and_trains_the_fusion():
         assert g is not None and g.abs().sum() > 0, name
     with pytest.raises(ValueError, match="history"):
         TrainConfig(history=12, clip_len=12)
+    from streammem.train.detector import train
+
+    for model, history in (({"fusion_radius": 2}, 0), ({}, 3)):  # an untrainable pairing is refused
+        with pytest.raises(ValueError, match="fusion_radius"):
+            train(TrainConfig(minutes=0.1, size=64, history=history, model=model, workers=0, max_steps=1))

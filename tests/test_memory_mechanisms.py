@@ -380,6 +380,13 @@ def test_dual_read_rows_and_the_slot_cache_match_the_plain_rules(compress, tmp_p
     mem.write(nxt)
     back.write(nxt)
     assert torch.equal(mem.static.features, back.static.features)
+    other = DualMemory(dim=8, slots=16, fifo_frames=3, max_tokens_per_frame=10, compress=compress, seed=0)
+    for i in range(5):
+        other.write(frame(100 + i))
+    mem.load_state_dict(other.state_dict())  # into a memory whose cache is in use
+    assert torch.allclose(mem._units(), F.normalize(other.static.features, dim=1))
     mem.reset()
     mem.write(frame(0))
     assert torch.allclose(mem._units(), F.normalize(mem.static.features, dim=1))
+    # the cache is preallocated and counted: slots x dim float32 on top of the buffers
+    assert mem.nbytes == sum(t.numel() * t.element_size() for t in mem._buffers.values()) + 16 * 8 * 4

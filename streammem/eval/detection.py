@@ -16,7 +16,8 @@ video ``v``, so ``presets=("hard",)`` evaluates the same worlds as the full run;
   ``corruption="clean"``) is run through the pipeline and written to its memory; the corrupted
   frame is then detected with that memory and writes nothing. It bounds what a memory could
   hand this detector: if even the clean frame itself adds little, the aggregation, not the
-  memory's content, is the limit.
+  memory's content, is the limit. (For a temporal-fusion detector the state the corrupted frame
+  is fused with is then the clean frame's own fused map, a bound of the same kind.)
 
 AP50 is reported overall, per speed bucket (ground truth restricted to the bucket's objects;
 detections that match another bucket's object at IoU >= 0.5 are left out, as ImageNet VID's

@@ -112,6 +112,8 @@ class DualMemory(Memory):
         self.fifo = TokenSlots(self, "fifo", c.fifo_frames * c.max_tokens_per_frame, c.dim)
         self.fifo_len = self.buffer("fifo.len", torch.zeros(c.fifo_frames, dtype=torch.int64))
         self._meta = self.buffer("meta.sizes", torch.zeros(2, dtype=torch.int64))  # static count, frames
+        # derived, not saved: the slots' unit-norm features (a write compares its tokens with all)
+        self._unit_cache = torch.zeros(c.slots, c.dim)
 
     def _pack(self) -> None:
         self._meta[0], self._meta[1] = self._n, self._frames
@@ -120,19 +122,25 @@ class DualMemory(Memory):
     def _unpack(self) -> None:
         self._n, self._frames = int(self._meta[0]), int(self._meta[1])
         self._fifo_len = self.fifo_len.tolist()
-        self._unit: torch.Tensor | None = None  # unit-norm slot features, rebuilt on first use
+        self._unit_valid = False  # after a load or reset the cache is rebuilt on first use
+
+    @property
+    def nbytes(self) -> int:
+        """Bytes of every state tensor plus the preallocated unit-norm slot cache."""
+        return super().nbytes + self._unit_cache.numel() * self._unit_cache.element_size()
 
     def _units(self) -> torch.Tensor:
-        """The persistent slots' features normalised to unit length ``(slots, D)``: a cache,
-        updated row by row as slots change (a write compares its tokens with every slot)."""
-        if self._unit is None:
-            self._unit = F.normalize(self.static.features.float(), dim=1)
-        return self._unit
+        """The persistent slots' features normalised to unit length ``(slots, D)``: a derived
+        cache (preallocated, not in snapshots), updated row by row as slots change."""
+        if not self._unit_valid:
+            self._unit_cache.copy_(F.normalize(self.static.features.float(), dim=1))
+            self._unit_valid = True
+        return self._unit_cache
 
     def _touch(self, rows: torch.Tensor | slice) -> None:
         """Refresh the unit-norm cache for slots whose features changed."""
-        if self._unit is not None:
-            self._unit[rows] = F.normalize(self.static.features[rows].float(), dim=1)
+        if self._unit_valid:
+            self._unit_cache[rows] = F.normalize(self.static.features[rows].float(), dim=1)
 
     @property
     def num_tokens(self) -> int:

@@ -246,7 +246,8 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
     """Detector + memories + GEO -> ``sv.Detections`` per frame (see the module docstring).
 
     State (explicit, reset by :meth:`reset`): ``pixel_memory``, ``instance_memory`` (None for
-    ``memory="none"``), ``size_hw`` (the stream's resolution), counters in :meth:`stats`.
+    ``memory="none"``), ``state`` (the previous frame's fused map for a temporal-fusion
+    detector, else None), ``size_hw`` (the stream's resolution), counters in :meth:`stats`.
     """
 
     def __init__(self, detector: SmallDetector, config: DetectionConfig | None = None, tracker=None) -> None:

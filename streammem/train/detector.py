@@ -79,8 +79,11 @@ class TrainConfig:
         starts afresh over ``minutes``).
     model: SmallDetector keyword arguments.
     history: most frames of consecutive history before a non-self triple's key frame (1 to
-        ``history``, uniformly), whose fused state the key frame is fused with (a
-        ``fusion_radius`` model; 0: none).
+        ``history``, uniformly; fewer when the key frame is near the clip's start), whose fused
+        state the key frame is fused with. Needed by a ``fusion_radius`` model (else its fusion
+        never trains) and refused without one. The history pass runs without gradients and
+        with the backbone's BatchNorm in eval mode (running statistics, not updated), as at
+        inference.
     """
 
     out: str = "streammem/checkpoints/detector"
@@ -329,8 +332,11 @@ def _fused_keys(model: SmallDetector, triples: list, feat: torch.Tensor, dev) ->
     hist = [(ti, t[0]["history"]) for ti, t in enumerate(triples) if t[0].get("history")]
     if not hist:
         return {}
+    was = model.backbone.training
+    model.backbone.eval()  # BatchNorm: running statistics, not updated by the history frames
     with torch.no_grad():
         hf = model.features(torch.stack([f["image"] for _, h in hist for f in h]).to(dev))
+    model.backbone.train(was)
     out, at = {}, 0
     for ti, h in hist:
         state = None
@@ -356,6 +362,11 @@ def train(cfg: TrainConfig) -> SmallDetector:
         model = SmallDetector.from_pretrained(cfg.resume, **cfg.model)
     else:
         model = SmallDetector(num_classes=len(CLASSES), class_names=list(CLASSES), **cfg.model)
+    if bool(model.fusion_radius) != bool(cfg.history):
+        raise ValueError(
+            f"TrainConfig.history={cfg.history} with a detector of fusion_radius={model.fusion_radius}: "
+            "a temporal-fusion model needs history frames to train its fusion (e.g. history=4), and "
+            "history needs a fusion model (e.g. model={'fusion_radius': 2})")
     # the geometry prior (geo_pos) is a few logit-scale weights: it learns at 10x the rate;
     # the temporal fusion (fusion_radius) at 5x
     scale = {"pos_bias.": 10.0, "fusion.": 5.0}
