@@ -71,7 +71,7 @@ def fmt_bytes(n: float) -> str:
 def mem_state(pipe: StreamingDetectionPipeline) -> tuple[int, int]:
     """Tokens and bytes held: both banks plus the temporal fusion state (one feature map)."""
     ms = [m for m in (pipe.pixel_memory, pipe.instance_memory) if m is not None]
-    state = 0 if pipe.state is None else pipe.state.numel() * pipe.state.element_size()
+    state = pipe.stats().get("temporal_state", {}).get("nbytes", 0)
     return sum(m.num_tokens for m in ms), sum(m.nbytes for m in ms) + state
 
 

@@ -95,7 +95,7 @@ class LocalFusion(nn.Module):
         """Offset bias plus the padding mask (-inf where the offset leaves the map): ``(1, side^2, h, w)``."""
         key = (h, w, like.device, like.dtype)
         masks = self._masks
-        mask = masks.get(key)
+        mask = masks.get(key)  # read once: another thread may clear the dict meanwhile
         if mask is None:
             r, side = self.radius, 2 * self.radius + 1
             valid = F.pad(like.new_ones(1, 1, h, w), (r, r, r, r))

@@ -260,6 +260,9 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
         self.pixel_memory = self._make_memory(detector.width, self.pixel_key_size, c.max_pixel_tokens, seed=c.seed)
         # the instance bank stores each key's GEO projections (detector.key_cache), 4 x fc_dim wide
         self.instance_dim = 4 * detector.fc_dim
+        # the temporal fusion state is kept only for a fusion detector in causal mode with a memory
+        self.stateful = (bool(detector.fusion_radius) and c.temporal_state and c.mode == "causal"
+                         and c.memory != "none")
         self.instance_memory = self._make_memory(self.instance_dim, c.key_size, self.bank_proposals, seed=c.seed + 1,
                                                  recent=c.recent_keys)
         self.gen = torch.Generator()
@@ -363,7 +366,7 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
         n = f.shape[0]
         if n == 0:
             return
-        centre = torch.stack([(p[:, 1] + p[:, 3]) / 2, (p[:, 0] + p[:, 2]) / 2], 1) / STRIDE
+        centre = self.detector.box_centres(p)[:, [1, 0]] / STRIDE  # (row, col) cells
         score = (1.0 - o) if c.memory == "dual" else o
         self.instance_memory.write(Tokens(features=self.detector.key_cache(f).contiguous(),
                                           frame_index=torch.full((n,), frame.index),
@@ -400,7 +403,7 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
         x, scale = self._prepare(frame)
         # 2. features, pixel-level enhancement
         feat = det.features(x)
-        fused = det.fuse(feat, self.state) if self._uses_state() else feat
+        fused = det.fuse(feat, self.state) if self.stateful else feat
         pk = self._read(self.pixel_memory if c.pixel_level else None, self.pixel_key_size)
         enh = det.enhance_pixels(fused, feat.new_zeros(0, det.width) if pk is None else pk.features)
         # 3. proposals, fc6, instance-level enhancement, head
@@ -420,7 +423,7 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
         if write:
             self._write_pixels(feat, out["boxes"] / scale, out["scores"], scale, frame)
             self._write_instances(fc6, props, obj, frame)
-            if self._uses_state():
+            if self.stateful:
                 self.state = fused
         self.counters["frames"] += 1
         # 5. detections in frame pixels
@@ -432,10 +435,6 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
         return sv.Detections(xyxy=boxes.reshape(-1, 4), confidence=out["scores"].numpy().astype(np.float32),
                              class_id=cls, data={"class_name": names},
                              metadata={"frame_index": frame.index, "mode": self._mode_label()})
-
-    def _uses_state(self) -> bool:
-        c = self.config
-        return bool(self.detector.fusion_radius) and c.temporal_state and c.mode == "causal" and c.memory != "none"
 
     def reset_memories(self) -> None:
         for m in (self.pixel_memory, self.instance_memory):

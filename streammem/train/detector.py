@@ -334,18 +334,16 @@ def _fused_keys(model: SmallDetector, triples: list, feat: torch.Tensor, dev) ->
         return {}
     was = model.backbone.training
     model.backbone.eval()  # BatchNorm: running statistics, not updated by the history frames
+    states, at = {}, 0
     with torch.no_grad():
         hf = model.features(torch.stack([f["image"] for _, h in hist for f in h]).to(dev))
-    model.backbone.train(was)
-    out, at = {}, 0
-    for ti, h in hist:
-        state = None
-        with torch.no_grad():
+        for ti, h in hist:
+            state = None
             for j in range(len(h)):
                 state = model.fuse(hf[at + j: at + j + 1], state)
-        at += len(h)
-        out[ti] = model.fuse(feat[3 * ti: 3 * ti + 1], state)
-    return out
+            states[ti], at = state, at + len(h)
+    model.backbone.train(was)
+    return {ti: model.fuse(feat[3 * ti: 3 * ti + 1], state) for ti, state in states.items()}
 
 
 # ---------------------------------------------------------------------- loop
