@@ -42,6 +42,11 @@ def _print_answer(q: str, at: float, a) -> None:
     typer.echo(f"[{at:7.2f}s] {q}\n           -> ({a.letter}) {a.text}  confidence {a.confidence:.2f}; evidence: {ev}")
 
 
+def _check_pool(pool: str) -> None:
+    if pool not in ("mean", "salient"):
+        raise typer.BadParameter(f"{pool!r}: choose mean (the reference) or salient", param_hint="--pool")
+
+
 def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) -> None:
     @app.command("ask")
     def ask(
@@ -169,17 +174,20 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         heads: int = typer.Option(4, help="attention heads (a fresh model)"),
         log: Optional[str] = typer.Option(None, help="JSONL training log"),
         signed_time: bool = typer.Option(False, help="add the signed-time grounded read-out (before / after a time)"),
+        pool: str = typer.Option("mean", help="the pyramids' pooling: mean (the reference) or salient"),
     ) -> None:
         """Train the QA answerer on StreamWorld questions over Pyramid Memory Bank snapshots."""
         from streammem.train.answerer import AnswererTrainConfig, train
 
+        _check_pool(pool)
         model = {"d": d, "heads": heads, "layers": layers, **({"signed_time": True} if signed_time else {})}
         if data is not None and not (data / "train").is_dir():
             raise typer.BadParameter(f"{data} has no train/ folder of snapshot shards", param_hint="--data")
         train(AnswererTrainConfig(minutes=minutes, worlds=worlds, seconds=seconds, out=out, encoder=encoder, log=log,
                                   data=str(data) if data else None, threads=threads, lr=lr,
                                   snapshots_per_step=snapshots_per_step, model=model,
-                                  only_budgets=tuple(only_budget) or None, init=str(init) if init else None))
+                                  only_budgets=tuple(only_budget) or None, init=str(init) if init else None,
+                                  pool=pool))
 
     @train_app.command("qa-snapshots")
     def qa_snapshots_cmd(
@@ -189,12 +197,14 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         every: float = typer.Option(1.0, help="seconds between question times"),
         encoder: str = typer.Option("streammem/checkpoints/grid_encoder", help="frozen encoder checkpoint"),
         threads: int = typer.Option(1, help="torch threads"),
+        pool: str = typer.Option("mean", help="the pyramids' pooling: mean (the reference) or salient"),
     ) -> None:
         """Render StreamWorld worlds through the encoder into PyramidMemory snapshots with their
         questions, one safetensors shard per world (resumable; a trainer may follow the folder)."""
         from streammem.train.answerer import produce
 
-        produce(out_dir, encoder, worlds=worlds, seconds=seconds, every_s=every, threads=threads)
+        _check_pool(pool)
+        produce(out_dir, encoder, worlds=worlds, seconds=seconds, every_s=every, threads=threads, pool=pool)
 
     @eval_app.command("qa")
     def eval_qa(

@@ -9,7 +9,7 @@ Example:
     (4, 6)
     >>> t = Tokens.from_grid(torch.zeros(2, 3, 8), frame_index=5, timestamp=0.5)
     >>> t.features.shape, t.grid.tolist()[:2]
-    (torch.Size([6, 8]), [[0, 0], [0, 1]])
+    (torch.Size([6, 8]), [[0.0, 0.0], [0.0, 1.0]])
 """
 
 from __future__ import annotations
@@ -79,6 +79,9 @@ class Tokens:
         level: ``(N,)`` int64 level or scale (pyramid level, pooling factor, memory part).
         pose: optional ``(N, 4, 4)`` float32 camera pose of each token's frame.
         score: optional ``(N,)`` float32 per-token score (static/dynamic, confidence).
+        salience: optional ``(N,)`` float32 in [0, 1]: how much a token matters when its frame
+            is pooled (e.g. a frame encoder's objectness); ``PyramidMemory(pool="salient")``
+            pools by it instead of averaging.
     """
 
     features: torch.Tensor
@@ -88,6 +91,7 @@ class Tokens:
     level: torch.Tensor
     pose: torch.Tensor | None = None
     score: torch.Tensor | None = None
+    salience: torch.Tensor | None = None
 
     def __post_init__(self) -> None:
         if not isinstance(self.features, torch.Tensor) or self.features.ndim != 2:
@@ -104,6 +108,8 @@ class Tokens:
             self.pose = torch.as_tensor(self.pose, dtype=torch.float32)
         if self.score is not None:
             self.score = torch.as_tensor(self.score, dtype=torch.float32)
+        if self.salience is not None:
+            self.salience = torch.as_tensor(self.salience, dtype=torch.float32)
         expect = {
             "frame_index": (n,),
             "timestamp": (n,),
@@ -111,6 +117,7 @@ class Tokens:
             "level": (n,),
             "pose": (n, 4, 4),
             "score": (n,),
+            "salience": (n,),
         }
         for name, shape in expect.items():
             value = getattr(self, name)
@@ -130,6 +137,7 @@ class Tokens:
         pose: np.ndarray | torch.Tensor | None = None,
         score: torch.Tensor | None = None,
         cell: float = 1.0,
+        salience: torch.Tensor | None = None,
     ) -> "Tokens":
         """Tokens of one frame from an ``(h, w, D)`` grid, row-major.
 
@@ -148,6 +156,8 @@ class Tokens:
             pose_t = torch.as_tensor(np.asarray(pose), dtype=torch.float32).expand(n, 4, 4).clone()
         if score is not None:
             score = torch.as_tensor(score, dtype=torch.float32).reshape(n)
+        if salience is not None:
+            salience = torch.as_tensor(salience, dtype=torch.float32).reshape(n)
         return cls(
             features=grid_features.reshape(n, d),
             frame_index=torch.full((n,), int(frame_index), dtype=torch.int64),
@@ -156,6 +166,7 @@ class Tokens:
             level=torch.full((n,), int(level), dtype=torch.int64),
             pose=pose_t,
             score=score,
+            salience=salience,
         )
 
     @classmethod

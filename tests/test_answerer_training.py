@@ -89,4 +89,42 @@ def test_training_follows_a_shard_folder_and_saves_a_loadable_answerer(tmp_path)
     assert info["steps"] >= 1 and info["validation_accuracy"]["ovbench"]["all"] in (0.0, 100.0)
     assert "1 shards" in info["data"]
     m = SmallAnswerer.from_pretrained(str(tmp_path / "ck"))
-    assert m.token_dim == 8
+    assert m.token_dim == 8 and m.memory_pool == "mean"
+    # shards of one pooling train an answerer of that pooling only
+    (tmp_path / "data" / "pool.txt").write_text("salient\n")
+    with pytest.raises(ValueError, match="pooled with 'salient'"):
+        train(cfg)
+    cfg.pool, cfg.out, cfg.init = "salient", str(tmp_path / "ck2"), str(tmp_path / "ck")
+    train(cfg)
+    m = SmallAnswerer.from_pretrained(str(tmp_path / "ck2"))
+    assert m.memory_pool == "salient"
+    from streammem.memory import PyramidMemory
+    from streammem.pipelines.qa import StreamingQAPipeline
+
+    pipe = StreamingQAPipeline(enc.eval(), m, memory="ovbench")
+    assert isinstance(pipe.memory, PyramidMemory) and pipe.memory.config.pool == "salient"
+
+
+def test_salient_snapshots_and_a_folder_of_one_pooling(tmp_path):
+    from streammem.train.answerer import produce
+
+    enc = GridEncoder(dim=8, width=4).eval()
+    (_, snaps), = list(iter_world_snapshots(enc, [5], ("clean",), 8.0, ("ovbench",), every_s=2.0, progress=False,
+                                            pool="salient"))
+    assert snaps and all(s.memory.features.shape[1] == 8 for s in snaps)
+    enc.save_pretrained(tmp_path / "enc")
+    produce(tmp_path / "d", str(tmp_path / "enc"), worlds=1, val_worlds=0, seconds=2.0, every_s=1.0,
+            budgets=("ovbench",), progress=False, pool="salient")
+    assert (tmp_path / "d" / "pool.txt").read_text().strip() == "salient" and list((tmp_path / "d" / "train").iterdir())
+    with pytest.raises(ValueError, match="pooled with 'salient', not 'mean'"):
+        produce(tmp_path / "d", str(tmp_path / "enc"), worlds=1, val_worlds=0, seconds=2.0, progress=False)
+
+
+def test_the_cli_names_an_unknown_pool(tmp_path):
+    from typer.testing import CliRunner
+
+    from streammem.cli import app
+
+    for cmd in (["train", "qa-snapshots", str(tmp_path / "d")], ["train", "answerer", "--data", str(tmp_path)]):
+        res = CliRunner().invoke(app, cmd + ["--pool", "max"])
+        assert res.exit_code == 2 and "--pool" in res.output and not (tmp_path / "d").exists()

@@ -17,12 +17,13 @@ def _pose(i):
     return p
 
 
-def _grid(side, with_score=False, with_pose=False):
+def _grid(side, with_score=False, with_pose=False, with_salience=False):
     def make(g, i):
         n = side * side
         return (Tokens.from_grid(torch.randn(side, side, D, generator=g), i, i / 8,
                                  score=torch.rand(n, generator=g) if with_score else None,
-                                 pose=_pose(i) if with_pose else None),)
+                                 pose=_pose(i) if with_pose else None,
+                                 salience=torch.rand(n, generator=g) if with_salience else None),)
     return make
 
 
@@ -41,6 +42,8 @@ def _row(n):
 CASES = {
     "pyramid": ("pyramid", dict(dim=D, capacities=(2, 2, 6), sides=(4, 2, 1)), _grid(4)),
     "pyramid_time": ("pyramid", dict(dim=D, capacities=(2, 3, 5), sides=(4, 2, 1), order="time"), _grid(4)),
+    "pyramid_salient": ("pyramid", dict(dim=D, capacities=(2, 2, 6), sides=(4, 2, 1), pool="salient"),
+                        _grid(4, with_salience=True)),
     "dual_merge": ("dual", dict(dim=D, slots=8, fifo_frames=3, max_tokens_per_frame=4), _grid(2, with_score=True)),
     "dual_prune": ("dual", dict(dim=D, slots=8, fifo_frames=3, max_tokens_per_frame=4, compress="prune"),
                    _grid(2, with_score=True)),
@@ -57,7 +60,8 @@ CASES = {
 
 # a bad value per field, per kind
 BAD = {
-    "pyramid": [("capacities", (2, -1, 3)), ("order", "random"), ("ratios", (8, 4, 2))],
+    "pyramid": [("capacities", (2, -1, 3)), ("order", "random"), ("ratios", (8, 4, 2)), ("pool", "max"),
+                ("temperature", 0.0)],
     "dual": [("slots", 0), ("compress", "pool"), ("skip_cos", 2.0)],
     "posekv": [("history_frames", 5), ("window", 0), ("fov_deg", (200.0, 75.0))],
     "feature_bank": [("key_size", 17), ("update", "lru")],

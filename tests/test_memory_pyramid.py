@@ -125,3 +125,79 @@ def test_write_rejects_non_square_frames():
     mem = PyramidMemory(dim=4)
     with pytest.raises(ValueError, match="square grid"):
         mem.write(Tokens.from_grid(torch.randn(3, 5, 4), frame_index=0, timestamp=0.0))
+
+
+# ---------------------------------------------------------------- salient pooling
+def test_pool_grid_salient_limits_and_object_survival():
+    from streammem.memory.base import pool_grid, pool_grid_salient
+
+    g = torch.Generator().manual_seed(0)
+    x = torch.randn(8, 8, 5, generator=g)
+    sal = torch.rand(8, 8, generator=g)
+    # equal salience is plain average pooling; a huge temperature nearly so
+    same, s_same = pool_grid_salient(x, torch.full((8, 8), 0.3), 2, 2)
+    assert torch.allclose(same, pool_grid(x, 2, 2), atol=1e-6) and torch.allclose(s_same, torch.full((2, 2), 0.3))
+    assert torch.allclose(pool_grid_salient(x, sal, 2, 2, temperature=1e6)[0], pool_grid(x, 2, 2), atol=1e-4)
+    # a tiny temperature keeps each block's most salient token, and its salience
+    tiny, s_tiny = pool_grid_salient(x, sal, 2, 2, temperature=1e-4)
+    for a in range(2):
+        for b in range(2):
+            blk = sal[4 * a:4 * a + 4, 4 * b:4 * b + 4]
+            i, j = divmod(int(blk.argmax()), 4)
+            assert torch.allclose(tiny[a, b], x[4 * a + i, 4 * b + j], atol=1e-5)
+            assert abs(float(s_tiny[a, b]) - float(blk.max())) < 1e-4
+    # one object token in a background block: averaging dilutes it 16x, salient pooling keeps it
+    bg = torch.zeros(4, 4, 5)
+    bg[1, 2] = torch.tensor([1.0, 0, 0, 0, 0])
+    obj_sal = torch.zeros(4, 4)
+    obj_sal[1, 2] = 1.0
+    pooled, ps = pool_grid_salient(bg, obj_sal, 1, 1)
+    assert float(pool_grid(bg, 1, 1)[0, 0, 0]) == pytest.approx(1 / 16)
+    assert float(pooled[0, 0, 0]) > 0.99 and float(ps[0, 0]) > 0.99
+    with pytest.raises(ValueError, match="salience must be"):
+        pool_grid_salient(x, sal[:4], 2, 2)
+    with pytest.raises(ValueError, match="divide"):
+        pool_grid_salient(x, sal, 3, 3)
+
+
+def _salient_stream(n, seed):
+    return [(x, fi, ts, torch.rand(4, 4, generator=torch.Generator().manual_seed(seed + fi)))
+            for x, fi, ts in random_stream(n, 4, 6, seed)]
+
+
+def test_salient_pyramid_with_uniform_salience_is_the_reference():
+    cfg = dict(dim=6, capacities=(2, 2, 5), sides=(4, 2, 1))
+    ref, sal = PyramidMemory(**cfg), PyramidMemory(**cfg, pool="salient")
+    for x, fi, ts in random_stream(60, 4, 6, seed=3):
+        ref.write(Tokens.from_grid(x, fi, ts))
+        sal.write(Tokens.from_grid(x, fi, ts, salience=torch.full((16,), 0.5)))
+    a, b = ref.read(), sal.read()
+    assert ref.frames() == sal.frames()
+    assert torch.allclose(a.features, b.features, atol=1e-5) and torch.equal(a.level, b.level)
+    assert a.salience is None and torch.allclose(b.salience, torch.full((len(b),), 0.5))
+
+
+def test_salient_pyramid_keeps_small_objects_through_promotions():
+    cfg = dict(dim=6, capacities=(1, 1, 0), sides=(4, 2, 1), ratios=(1, 1, 1))
+    mean, sal = PyramidMemory(**cfg), PyramidMemory(**cfg, pool="salient")
+    for t, (x, fi, ts, s) in enumerate(_salient_stream(12, seed=1)):
+        x = 0.1 * x
+        s = torch.zeros(4, 4)
+        if t == 0:  # frame 0 holds one object token; it ends at the 1 x 1 level after two promotions
+            x[2, 1] = torch.tensor([5.0, 0, 0, 0, 0, 0])
+            s[2, 1] = 1.0
+        for m in (mean, sal):
+            m.write(Tokens.from_grid(x, fi, ts, salience=s.reshape(-1)))
+    first = lambda m: m.read().index(m.read().frame_index == 0)  # noqa: E731
+    assert int(first(sal).level[0]) == 2 and len(first(sal)) == 1
+    assert float(first(sal).features[0, 0]) > 4.5  # the object, intact
+    assert float(first(mean).features[0, 0]) < 0.5  # averaged into the background
+    assert float(first(sal).salience[0]) > 0.9
+
+
+def test_salient_pyramid_needs_salience():
+    m = PyramidMemory(dim=6, capacities=(2, 2, 5), sides=(4, 2, 1), pool="salient")
+    with pytest.raises(ValueError, match="Tokens.salience"):
+        m.write(Tokens.from_grid(torch.randn(4, 4, 6), 0, 0.0))
+    with pytest.raises(ValueError, match="divide"):
+        PyramidMemory(dim=6, sides=(6, 4, 1), pool="salient")

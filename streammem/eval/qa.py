@@ -16,7 +16,9 @@ Memories compared in one run, every one fed the same encoded frames, at one toke
   beside persistent static slots, the rest of the budget), routed by camera-compensated motion;
 - ``full``: every frame, pooled to 4 x 4 (16 tokens): unbounded, the reference ceiling (it
   has no budget; it is run once and reported beside each budget);
-- ``none``: an empty memory: what the answerer gets from the question alone (its priors).
+- ``none``: an empty memory: what the answerer gets from the question alone (its priors);
+- on request, ``pyramid-salient`` and ``full-salient``: the same with salience-weighted
+  pooling (``PyramidConfig.pool="salient"``: the encoder's objectness weights each block).
 
 Questions come from StreamWorld streams (``seconds`` long, at 8 fps) or, for real videos, from
 OVBench JSON files (:func:`load_ovbench`).
@@ -44,7 +46,7 @@ import numpy as np
 import torch
 
 from streammem.memory import DualMemory, PyramidMemory
-from streammem.memory.base import pool_grid
+from streammem.memory.base import pool_grid, pool_grid_salient
 from streammem.types import Tokens
 
 __all__ = ["mcq_letter", "score", "load_ovbench", "WindowMemory", "UniformMemory", "FullMemory", "EmptyMemory", "make_memories",
@@ -52,6 +54,8 @@ __all__ = ["mcq_letter", "score", "load_ovbench", "WindowMemory", "UniformMemory
 
 BUDGETS = {"ovbench": 832, "offline": 9984}
 MEMORIES = ("none", "window", "uniform", "pyramid", "dual", "full")
+_ORDER = ("none", "window", "uniform", "pyramid", "pyramid-salient", "dual", "full", "full-salient")  # table rows
+_BUDGET_FREE = ("full", "full-salient", "none")  # run once, reported beside every budget
 TYPES = ("PM", "SP", "TP", "STP", "HD", "FP")
 _LETTER_RE = re.compile(r"(?:^|[^A-Za-z])\(?([A-E])(?:[).:,]|\s|$)")
 
@@ -147,8 +151,10 @@ def _from_stream_layout(q: dict, video, rec: dict, where: str) -> dict:
 class _FrameMemory:
     """Frames of ``side x side`` tokens kept whole (baselines; not snapshot-able)."""
 
-    def __init__(self, dim: int, side: int) -> None:
-        self.dim, self.side = dim, side
+    def __init__(self, dim: int, side: int, pool: str = "mean", temperature: float = 0.1) -> None:
+        if pool not in ("mean", "salient"):
+            raise ValueError(f"pool must be 'mean' or 'salient', got {pool!r}")
+        self.dim, self.side, self.pool, self.temperature = dim, side, pool, temperature
         self.reset()
 
     def reset(self) -> None:
@@ -158,7 +164,13 @@ class _FrameMemory:
     def _pool(self, tokens: Tokens) -> tuple[torch.Tensor, int, float]:
         s = math.isqrt(len(tokens))
         x = tokens.features.float().reshape(s, s, -1)
-        x = pool_grid(x, self.side, self.side).reshape(self.side * self.side, -1)
+        if self.pool == "salient" and s != self.side:
+            if tokens.salience is None:
+                raise ValueError(f"{type(self).__name__}(pool='salient') needs Tokens.salience")
+            x = pool_grid_salient(x, tokens.salience.reshape(s, s), self.side, self.side, self.temperature)[0]
+        else:
+            x = pool_grid(x, self.side, self.side)
+        x = x.reshape(self.side * self.side, -1)
         return x, int(tokens.frame_index[0]), float(tokens.timestamp[0])
 
     @property
@@ -229,10 +241,11 @@ class EmptyMemory(_FrameMemory):
 
 
 class FullMemory(_FrameMemory):
-    """Every frame at ``side x side`` (unbounded: the reference ceiling)."""
+    """Every frame at ``side x side`` (unbounded: the reference ceiling); ``pool="salient"``
+    pools as ``PyramidMemory(pool="salient")`` does."""
 
-    def __init__(self, dim: int, side: int = 4) -> None:
-        super().__init__(dim, side)
+    def __init__(self, dim: int, side: int = 4, pool: str = "mean") -> None:
+        super().__init__(dim, side, pool)
 
     def reset(self) -> None:
         super().reset()
@@ -262,6 +275,8 @@ def make_memories(budget: str, dim: int, names: tuple[str, ...] = MEMORIES) -> d
         "pyramid": lambda: PyramidMemory.from_preset(budget, dim=dim),
         "dual": lambda: DualMemory(dim=dim, slots=n - fifo * 256, fifo_frames=fifo, max_tokens_per_frame=256),
         "full": lambda: FullMemory(dim),
+        "pyramid-salient": lambda: PyramidMemory.from_preset(budget, dim=dim, pool="salient"),
+        "full-salient": lambda: FullMemory(dim, pool="salient"),
         "none": lambda: EmptyMemory(dim),
     }
     unknown = [k for k in names if k not in table]
@@ -333,7 +348,7 @@ def run_stream(frames, questions: list[dict], answerer, encoder, budgets, memori
     mems = {}
     for i, b in enumerate(budgets):  # budget-free memories (full, none) run once, under the first budget
         for m, f in make_memories(b, encoder.dim, memories).items():
-            if i == 0 or m not in ("full", "none"):
+            if i == 0 or m not in _BUDGET_FREE:
                 mems[(b, m)] = f()
     scorer = MotionScorer(grid=encoder.grid) if "dual" in memories else None
     ti, buf = 0, []
@@ -344,7 +359,7 @@ def run_stream(frames, questions: list[dict], answerer, encoder, budgets, memori
         with torch.no_grad():
             grids = encoder.encode_images([f.image for f, _ in buf])
         for (f, motion), g in zip(buf, grids):
-            tok = Tokens.from_grid(g, frame_index=f.index, timestamp=f.timestamp)
+            tok = encoder.tokens(g, f.index, f.timestamp)
             for (b, name), m in mems.items():
                 if name == "dual":
                     m.write(Tokens(features=tok.features, frame_index=tok.frame_index, timestamp=tok.timestamp,
@@ -390,8 +405,8 @@ def _answer_all(answerer, mems, questions, at, records, latency, tags) -> None:
 def _broadcast(records: list[dict]) -> list[dict]:
     """Budget-free baselines (full, none) are run once; show them beside every budget."""
     budgets = sorted({r["budget"] for r in records})
-    shared = [r for r in records if r["memory"] in ("full", "none")]
-    out = [r for r in records if r["memory"] not in ("full", "none")]
+    shared = [r for r in records if r["memory"] in _BUDGET_FREE]
+    out = [r for r in records if r["memory"] not in _BUDGET_FREE]
     for b in budgets:
         out += [dict(r, budget=b) for r in shared]
     return out
@@ -403,7 +418,8 @@ def summarise(records: list[dict], min_horizon: float = 60.0) -> dict:
     budgets = sorted({r["budget"] for r in records})
     out: dict = {}
     for budget in budgets:
-        for mem in [m for m in MEMORIES if any(r["memory"] == m and r["budget"] == budget for r in records)]:
+        names = _ORDER + tuple(sorted({r["memory"] for r in records} - set(_ORDER)))
+        for mem in [m for m in names if any(r["memory"] == m and r["budget"] == budget for r in records)]:
             rs = [r for r in records if r["budget"] == budget and r["memory"] == mem]
             s = score(rs)
             row = {"micro": s["micro"], "macro": s["macro"], "n": s["n"],

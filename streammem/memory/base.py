@@ -41,7 +41,7 @@ from safetensors.torch import save_file
 
 from streammem.types import Tokens
 
-__all__ = ["Memory", "MemoryConfig", "TokenSlots", "check_field", "pool_grid", "MEMORY_KINDS"]
+__all__ = ["Memory", "MemoryConfig", "TokenSlots", "check_field", "pool_grid", "pool_grid_salient", "MEMORY_KINDS"]
 
 #: kind name -> memory class; filled by ``Memory.__init_subclass__``.
 MEMORY_KINDS: dict[str, type["Memory"]] = {}
@@ -106,6 +106,35 @@ def pool_grid(x: torch.Tensor, oh: int, ow: int) -> torch.Tensor:
                 acc += v[:, i, :, j]
     return acc.div_(kh * kw)
 
+
+
+def pool_grid_salient(x: torch.Tensor, sal: torch.Tensor, oh: int, ow: int,
+                      temperature: float = 0.1) -> tuple[torch.Tensor, torch.Tensor]:
+    """Salience-weighted pooling of an ``(h, w, D)`` grid with per-token salience ``(h, w)``.
+
+    Each output cell is the mean of its block's tokens weighted by ``softmax(salience /
+    temperature)`` over the block, so an object that covers one token of a 4 x 4 block keeps
+    its features instead of being averaged into the background. The pooled salience is the
+    same weighted mean of the block's salience (close to its maximum), so a cell that holds an
+    object stays salient when pooled again. ``temperature -> inf`` is average pooling,
+    ``-> 0`` keeps the most salient token of each block. Sides must divide.
+
+    Returns ``(oh, ow, D)`` features and ``(oh, ow)`` salience.
+    """
+    h, w, d = x.shape
+    if sal.shape != (h, w):
+        raise ValueError(f"salience must be ({h}, {w}) for a {h} x {w} grid, got {tuple(sal.shape)}")
+    if (h, w) == (oh, ow):
+        return x, sal
+    if h % oh or w % ow:
+        raise ValueError(f"salient pooling needs sides that divide: {h} x {w} -> {oh} x {ow}")
+    if not temperature > 0:
+        raise ValueError(f"temperature must be > 0, got {temperature}")
+    kh, kw = h // oh, w // ow
+    v = x.reshape(oh, kh, ow, kw, d).permute(0, 2, 1, 3, 4).reshape(oh, ow, kh * kw, d)
+    s = sal.float().reshape(oh, kh, ow, kw).permute(0, 2, 1, 3).reshape(oh, ow, kh * kw)
+    wgt = torch.softmax(s / temperature, -1)
+    return torch.einsum("abk,abkd->abd", wgt, v), (wgt * s).sum(-1)
 
 class Memory:
     """Base class: buffers, counters, generator, snapshots. Subclasses set ``kind`` and

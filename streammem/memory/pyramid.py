@@ -31,6 +31,9 @@ Departures from the reference:
   enumeration of sampled frames), not ``Tokens.frame_index``;
 - promotion uses adaptive average pooling to the next level's side (identical to 2x2 average
   pooling when the side halves);
+- optional salient pooling (``pool="salient"``, off by default): blocks are pooled weighted
+  by a per-token salience (an encoder's objectness) instead of averaged, so a small object
+  is not washed out at the 4 x 4 level;
 - token positions in reads are pooled-cell centres in the input grid's units;
 - levels preallocate their buffers; an unbounded level (capacity 0) doubles its buffers when
   full, so only then does ``nbytes`` grow.
@@ -61,7 +64,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from streammem.memory.base import Memory, MemoryConfig, check_field, pool_grid
+from streammem.memory.base import Memory, MemoryConfig, check_field, pool_grid, pool_grid_salient
 from streammem.types import Tokens
 
 __all__ = ["PyramidMemory", "PyramidConfig", "PYRAMID_PRESETS"]
@@ -79,6 +82,11 @@ class PyramidConfig(MemoryConfig):
     ratios: entry rule; frame t enters the first level L with ``t % ratios[L] == 0``
         (reference [8, 4, 1]; the last ratio must be 1).
     order: ``"list"`` (reference quirk: promoted frames appended at the end) or ``"time"``.
+    pool: ``"mean"`` (the reference: average pooling) or ``"salient"``: pool each block
+        weighted by ``softmax(salience / temperature)`` (:func:`pool_grid_salient`), so small
+        objects survive in the coarse levels; writes then need ``Tokens.salience`` (the shipped
+        ``GridEncoder`` gives its objectness), kept per stored token. Not in the reference.
+    temperature: of the salient pooling (``pool="salient"`` only).
     """
 
     dim: int = 4096
@@ -86,6 +94,8 @@ class PyramidConfig(MemoryConfig):
     sides: tuple = (16, 8, 4)
     ratios: tuple = (8, 4, 1)
     order: str = "list"
+    pool: str = "mean"
+    temperature: float = 0.1
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -99,6 +109,12 @@ class PyramidConfig(MemoryConfig):
         check_field(len(self.ratios) == n and all(isinstance(r, int) and r >= 1 for r in self.ratios)
                     and self.ratios[-1] == 1, name, "ratios", f"{n} ints >= 1 ending in 1", self.ratios)
         check_field(self.order in ("list", "time"), name, "order", "'list' or 'time'", self.order)
+        check_field(self.pool in ("mean", "salient"), name, "pool", "'mean' or 'salient'", self.pool)
+        check_field(isinstance(self.temperature, (int, float)) and self.temperature > 0, name, "temperature",
+                    "a number > 0", self.temperature)
+        if self.pool == "salient":
+            check_field(all(a % b == 0 for a, b in zip(self.sides[:-1], self.sides[1:])), name, "sides",
+                        "sides that each divide the previous one (salient pooling)", self.sides)
 
 
 class PyramidMemory(Memory):
@@ -129,6 +145,8 @@ class PyramidMemory(Memory):
         self.buffer(f"L{lvl}.frame_index", torch.zeros(n, dtype=torch.int64))
         self.buffer(f"L{lvl}.timestamp", torch.zeros(n, dtype=torch.float64))
         self.buffer(f"L{lvl}.order", torch.full((n,), -1, dtype=torch.int64))
+        if self.config.pool == "salient":
+            self.buffer(f"L{lvl}.salience", torch.zeros(n, side2))
 
     def _grow(self, lvl: int) -> None:
         """Double an unbounded level's buffers (capacity 0 only)."""
@@ -211,13 +229,23 @@ class PyramidMemory(Memory):
         s = math.isqrt(n)
         if n == 0 or s * s != n:
             raise ValueError(f"PyramidMemory.write takes one frame on a square grid, got {n} tokens")
+        salient = self.config.pool == "salient"
+        if salient and tokens.salience is None:
+            raise ValueError("PyramidMemory(pool='salient') needs Tokens.salience on every write "
+                             "(GridEncoder tokens carry their objectness); got tokens without it")
         t = self.counters["writes"]
         lvl = self.entry_level(t)
         side = self.config.sides[lvl]
         frame = tokens.features.float()
+        sal = tokens.salience.reshape(s, s) if salient else None
         if s != side:
-            frame = pool_grid(frame.reshape(s, s, -1), side, side).reshape(side * side, -1)
-        self._put(lvl, frame, int(tokens.frame_index[0]), float(tokens.timestamp[0]))
+            if salient:
+                frame, sal = pool_grid_salient(frame.reshape(s, s, -1), sal, side, side, self.config.temperature)
+                frame = frame.reshape(side * side, -1)
+            else:
+                frame = pool_grid(frame.reshape(s, s, -1), side, side).reshape(side * side, -1)
+        self._put(lvl, frame, int(tokens.frame_index[0]), float(tokens.timestamp[0]),
+                  sal.reshape(-1) if salient else None)
         self.counters["writes"] = t + 1
 
     def _remove(self, lvl: int, j: int) -> int:
@@ -245,7 +273,8 @@ class PyramidMemory(Memory):
         order.insert(pos, slot)
         self._keys[lvl].insert(pos, (self._ts[lvl][slot], self._fi[lvl][slot]))
 
-    def _put(self, lvl: int, frame: torch.Tensor, frame_index: int, timestamp: float) -> None:
+    def _put(self, lvl: int, frame: torch.Tensor, frame_index: int, timestamp: float,
+             sal: torch.Tensor | None = None) -> None:
         cap = self.config.capacities[lvl]
         if cap > 0 and len(self._order[lvl]) >= cap:
             sims = self._sims[lvl]
@@ -256,9 +285,16 @@ class PyramidMemory(Memory):
             if lvl + 1 < len(self.config.sides):
                 old = self._buffers[f"L{lvl}.features"][slot]
                 side, nxt = self.config.sides[lvl], self.config.sides[lvl + 1]
-                pooled = pool_grid(old.reshape(side, side, -1), nxt, nxt).reshape(nxt * nxt, -1)
+                psal = None
+                if self.config.pool == "salient":
+                    pooled, psal = pool_grid_salient(old.reshape(side, side, -1),
+                                                     self._buffers[f"L{lvl}.salience"][slot].reshape(side, side),
+                                                     nxt, nxt, self.config.temperature)
+                    pooled, psal = pooled.reshape(nxt * nxt, -1), psal.reshape(-1)
+                else:
+                    pooled = pool_grid(old.reshape(side, side, -1), nxt, nxt).reshape(nxt * nxt, -1)
                 self.counters["promotions"] += 1
-                self._put(lvl + 1, pooled, self._fi[lvl][slot], self._ts[lvl][slot])
+                self._put(lvl + 1, pooled, self._fi[lvl][slot], self._ts[lvl][slot], psal)
             else:
                 self.counters["drops"] += 1
         else:
@@ -266,6 +302,8 @@ class PyramidMemory(Memory):
                 self._grow(lvl)
             slot = self._free[lvl].pop()
         self._buffers[f"L{lvl}.features"][slot] = frame
+        if sal is not None:
+            self._buffers[f"L{lvl}.salience"][slot] = sal
         desc = self._buffers[f"L{lvl}.descriptor"][slot]
         torch.mean(frame, 0, out=desc)
         self._norms[lvl][slot] = float(desc.norm())
@@ -285,7 +323,8 @@ class PyramidMemory(Memory):
         """All kept frames' tokens sorted by time (``query`` is ignored: PMB has no retrieval).
 
         Returns ``Tokens`` with ``features (N, D)``, ``level`` (pyramid level), ``frame_index``,
-        ``timestamp`` and ``grid`` at pooled-cell centres in units of the level-0 grid.
+        ``timestamp`` and ``grid`` at pooled-cell centres in units of the level-0 grid (and
+        ``salience`` with ``pool="salient"``).
         Frames are ordered by ``(timestamp, frame_index)`` first and their features gathered in
         one copy (a read costs one pass over the kept tokens).
         """
@@ -297,6 +336,9 @@ class PyramidMemory(Memory):
         top = sides[0]
         bufs = [self._buffers[f"L{lvl}.features"] for lvl in range(len(sides))]
         feats = torch.cat([bufs[lvl][s] for _, _, lvl, s in items])
+        sal = None
+        if self.config.pool == "salient":
+            sal = torch.cat([self._buffers[f"L{lvl}.salience"][s] for _, _, lvl, s in items])
         counts = torch.tensor([sides[lvl] ** 2 for _, _, lvl, _ in items])
         cells = []
         for side in sides:
@@ -309,6 +351,7 @@ class PyramidMemory(Memory):
             timestamp=torch.tensor([r[0] for r in items], dtype=torch.float64).repeat_interleave(counts),
             grid=torch.cat([cells[lvl] for _, _, lvl, _ in items]),
             level=torch.tensor([r[2] for r in items], dtype=torch.int64).repeat_interleave(counts),
+            salience=sal,
         )
 
     def stats(self) -> dict:

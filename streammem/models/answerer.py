@@ -256,13 +256,19 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
             (informational; the pipeline loads it).
         labels / num_classes: the encoder's label space (see "Grounding").
         signed_time: add the signed-time grounded read-out (see :meth:`grounded_readout`).
+        memory_pool: the ``PyramidMemory`` pooling it was trained on (``"mean"`` or
+            ``"salient"``); :class:`~streammem.pipelines.qa.StreamingQAPipeline` builds its
+            pyramid with it.
     """
 
     def __init__(self, vocab: list[str], token_dim: int = 64, d: int = 128, heads: int = 4, layers: int = 2,
                  grid: int = 16, levels: int = 3, max_len: int = 96, max_cand: int = 5,
                  encoder: str | None = None, labels: list[str] | None = None, num_classes: int = 0,
-                 signed_time: bool = False) -> None:
+                 signed_time: bool = False, memory_pool: str = "mean") -> None:
         super().__init__()
+        if memory_pool not in ("mean", "salient"):
+            raise ValueError(f"SmallAnswerer.memory_pool must be 'mean' or 'salient', got {memory_pool!r}")
+        self.memory_pool = memory_pool
         if d % heads:
             raise ValueError(f"SmallAnswerer.d={d} must be divisible by heads={heads}")
         for name, val in (("token_dim", token_dim), ("d", d), ("heads", heads), ("layers", layers), ("grid", grid)):

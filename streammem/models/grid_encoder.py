@@ -17,8 +17,8 @@ Example:
     <torch._C.Generator object at ...>
     >>> enc = GridEncoder(dim=16, width=8).eval()
     >>> tok = enc(Frame(index=2, timestamp=0.25, image=np.zeros((90, 160, 3), np.uint8)))
-    >>> tok.features.shape, int(tok.frame_index[0])
-    (torch.Size([256, 16]), 2)
+    >>> tok.features.shape, int(tok.frame_index[0]), tok.salience.shape
+    (torch.Size([256, 16]), 2, torch.Size([256]))
 """
 
 from __future__ import annotations
@@ -93,6 +93,17 @@ class GridEncoder(nn.Module, SafeHubMixin):
         return self.cls_head(tokens), self.colour_head(tokens), self.obj_head(tokens)[..., 0]
 
     @torch.no_grad()
+    def objectness(self, tokens: torch.Tensor) -> torch.Tensor:
+        """``(..., dim)`` tokens -> ``(...)``: 1 - P(background) from the class head, the
+        salience ``PyramidMemory(pool="salient")`` pools by."""
+        return 1.0 - torch.softmax(self.cls_head(tokens), -1)[..., 0]
+
+    def tokens(self, grid: torch.Tensor, frame_index: int, timestamp: float, pose=None) -> Tokens:
+        """One frame's ``(grid, grid, dim)`` tokens -> :class:`Tokens` with ``salience``."""
+        return Tokens.from_grid(grid, frame_index=frame_index, timestamp=timestamp, pose=pose,
+                                salience=self.objectness(grid))
+
+    @torch.no_grad()
     def encode_images(self, images: list[np.ndarray]) -> torch.Tensor:
         """RGB uint8 images -> ``(B, grid, grid, dim)`` float tokens (eval mode)."""
         return self(images_to_tensor(images, self.side))
@@ -100,5 +111,5 @@ class GridEncoder(nn.Module, SafeHubMixin):
     def __call__(self, x):  # Frame -> Tokens, tensor -> tensor
         if isinstance(x, Frame):
             g = self.encode_images([x.image])[0]
-            return Tokens.from_grid(g, frame_index=x.index, timestamp=x.timestamp, pose=x.pose)
+            return self.tokens(g, x.index, x.timestamp, x.pose)
         return super().__call__(x)

@@ -79,7 +79,8 @@ class StreamingQAPipeline:
         answerer: has ``answer_many(memory, questions, candidates, query_time)`` or
             ``answer(memory, question, candidates, query_time)`` returning :class:`Answer`.
         memory: a :class:`~streammem.memory.base.Memory` or a ``PyramidMemory`` preset name
-            (``"ovbench"``: 832 tokens, ``"offline"``: 9,984).
+            (``"ovbench"``: 832 tokens, ``"offline"``: 9,984), built with the pooling the
+            answerer was trained on (its ``memory_pool``, if it has one).
         dual: optional :class:`DualMemory` fed beside the pyramid; its tokens are routed by
             :class:`~streammem.eval.motion.MotionScorer` (static score = 1 - motion), and the
             answerer reads both memories' tokens.
@@ -94,7 +95,7 @@ class StreamingQAPipeline:
         if isinstance(memory, str):
             if dim is None:
                 raise ValueError("memory given as a preset name needs an encoder with a .dim")
-            memory = PyramidMemory.from_preset(memory, dim=dim)
+            memory = PyramidMemory.from_preset(memory, dim=dim, pool=getattr(answerer, "memory_pool", "mean"))
         self.memory = memory
         self.dual = dual
         self._scorer = None

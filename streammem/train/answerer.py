@@ -88,6 +88,8 @@ class AnswererTrainConfig:
     only_budgets: train on snapshots of these budgets only (a first, cheap phase on the small
         ``ovbench`` memories: an offline snapshot costs about 12 ovbench ones).
     init: start from this answerer checkpoint instead of a fresh model (a second phase).
+    pool: the pyramids' pooling the answerer is trained on and expects (``PyramidConfig.pool``;
+        saved as ``SmallAnswerer.memory_pool``). With ``data`` it must match the shards'.
     model: SmallAnswerer keyword arguments (besides vocab and token_dim).
     """
 
@@ -113,6 +115,7 @@ class AnswererTrainConfig:
     grounding: bool = True
     only_budgets: tuple[str, ...] | None = None
     init: str | None = None
+    pool: str = "mean"
     model: dict = field(default_factory=lambda: {"d": 128, "heads": 4, "layers": 2})
 
     def __post_init__(self) -> None:
@@ -128,17 +131,17 @@ class AnswererTrainConfig:
 def build_snapshots(encoder, seeds: list[int], presets: tuple[str, ...], seconds: float, budgets: tuple[str, ...],
                     every_s: float = 10.0, size: int = 256, fps: float = 8.0, batch: int = 32,
                     progress: bool = True, memories: dict | None = None,
-                    strides: dict[str, int] | None = None) -> list[Snapshot]:
+                    strides: dict[str, int] | None = None, pool: str = "mean") -> list[Snapshot]:
     """Stream each world through ``encoder`` into one memory per budget; snapshot at question times.
 
     ``memories`` maps a name to a zero-argument factory of a memory, replacing the
     ``PyramidMemory`` budgets (the evaluation uses this for its baselines). ``strides`` maps a
     budget to k: snapshot it only at every k-th question time (big memories cost more to keep
-    and to train on).
+    and to train on). ``pool`` is the pyramids' pooling (``PyramidConfig.pool``).
     """
     out: list[Snapshot] = []
     for _, snaps in iter_world_snapshots(encoder, seeds, presets, seconds, budgets, every_s, size, fps, batch,
-                                         progress, memories, strides):
+                                         progress, memories, strides, pool):
         out += snaps
     return out
 
@@ -146,11 +149,12 @@ def build_snapshots(encoder, seeds: list[int], presets: tuple[str, ...], seconds
 def iter_world_snapshots(encoder, seeds: list[int], presets: tuple[str, ...], seconds: float,
                          budgets: tuple[str, ...], every_s: float = 10.0, size: int = 256, fps: float = 8.0,
                          batch: int = 32, progress: bool = True, memories: dict | None = None,
-                         strides: dict[str, int] | None = None):
+                         strides: dict[str, int] | None = None, pool: str = "mean"):
     """Like :func:`build_snapshots`, one world at a time: yields ``(seed, snapshots)``."""
     from streammem.world import World
 
-    factories = memories or {b: (lambda b=b: PyramidMemory.from_preset(b, dim=encoder.dim)) for b in budgets}
+    factories = memories or {b: (lambda b=b: PyramidMemory.from_preset(b, dim=encoder.dim, pool=pool))
+                             for b in budgets}
     strides = strides or {}
     for wi, seed in enumerate(seeds):
         out: list[Snapshot] = []
@@ -171,7 +175,7 @@ def iter_world_snapshots(encoder, seeds: list[int], presets: tuple[str, ...], se
             with torch.no_grad():
                 grids = encoder.encode_images([f.image for f in buf])
             for f, g in zip(buf, grids):
-                tok = Tokens.from_grid(g, frame_index=f.index, timestamp=f.timestamp)
+                tok = encoder.tokens(g, f.index, f.timestamp)
                 for m in mems.values():
                     m.write(tok)
             buf.clear()
@@ -248,12 +252,14 @@ def produce(out_dir: str | Path, encoder: str = "streammem/checkpoints/grid_enco
             val_worlds: int = 2, seconds: float = 360.0, every_s: float = 1.0, val_every_s: float = 10.0,
             presets: tuple[str, ...] = ("clean", "medium", "hard"), budgets: tuple[str, ...] = ("ovbench", "offline"),
             strides: dict[str, int] | None = None, seed: int = 0, threads: int = 1,
-            progress: bool = True) -> None:
+            progress: bool = True, pool: str = "mean") -> None:
     """Write snapshot shards, one per world, to ``out_dir/val`` (first) and ``out_dir/train``.
 
     Worlds already written are skipped, so a stopped run resumes. A trainer can follow the
     folder while this runs (``AnswererTrainConfig.data``): rendering and encoding on one core,
-    training on the other, and every world the trainer sees is a new one.
+    training on the other, and every world the trainer sees is a new one. ``pool``: the
+    pyramids' pooling (``"mean"``, the reference, or ``"salient"``); a folder holds one kind
+    (recorded in ``out_dir/pool.txt``, and a second run with another pool is refused).
     """
     from streammem.models.grid_encoder import GridEncoder
 
@@ -261,6 +267,11 @@ def produce(out_dir: str | Path, encoder: str = "streammem/checkpoints/grid_enco
     enc = GridEncoder.from_pretrained(encoder).eval()
     strides = {"offline": 5} if strides is None else strides
     root = Path(out_dir)
+    root.mkdir(parents=True, exist_ok=True)
+    mark = root / "pool.txt"
+    if mark.exists() and mark.read_text().strip() != pool:
+        raise ValueError(f"{root} holds snapshots pooled with {mark.read_text().strip()!r}, not {pool!r}")
+    mark.write_text(pool + "\n")
     jobs = [("val", VAL_SEED0 + seed * 1000 + i, val_every_s, {}) for i in range(val_worlds)] + \
            [("train", TRAIN_SEED0 + seed * 1000 + i, every_s, strides) for i in range(worlds)]
     for wi, (split, s, ev, st) in enumerate(jobs):
@@ -271,7 +282,7 @@ def produce(out_dir: str | Path, encoder: str = "streammem/checkpoints/grid_enco
         preset = presets[wi % len(presets)]
         t0 = time.time()
         for _, snaps in iter_world_snapshots(enc, [s], (preset,), seconds, budgets, ev, progress=progress,
-                                             strides=st):
+                                             strides=st, pool=pool):
             save_shard(path, snaps)
         print(f"[produce] {split} world {s} ({preset}): {len(snaps)} snapshots, "
               f"{sum(len(x.questions) for x in snaps)} questions, {time.time() - t0:.0f}s", flush=True)
@@ -393,6 +404,12 @@ def train(cfg: AnswererTrainConfig, snapshots: list[Snapshot] | None = None,
     rng = random.Random(cfg.seed)
     encoder = GridEncoder.from_pretrained(cfg.encoder).eval()
     t_data = time.time()
+    if cfg.data:
+        mark = Path(cfg.data) / "pool.txt"
+        kind = mark.read_text().strip() if mark.exists() else "mean"
+        if kind != cfg.pool:
+            raise ValueError(f"{cfg.data} holds snapshots pooled with {kind!r}; train with pool={kind!r} "
+                             f"(--pool {kind}) or produce {cfg.pool!r} shards")
     pool = _ShardPool(Path(cfg.data), cfg.buffer_mb, rng, cfg.only_budgets) if cfg.data else None
     if pool is not None:
         snapshots = pool.snapshots
@@ -400,19 +417,21 @@ def train(cfg: AnswererTrainConfig, snapshots: list[Snapshot] | None = None,
             time.sleep(10)  # wait for the producer's first shard
     elif snapshots is None:
         seeds = [TRAIN_SEED0 + cfg.seed * 1000 + i for i in range(cfg.worlds)]
-        snapshots = build_snapshots(encoder, seeds, cfg.presets, cfg.seconds, cfg.budgets, cfg.every_s)
+        snapshots = build_snapshots(encoder, seeds, cfg.presets, cfg.seconds, cfg.budgets, cfg.every_s,
+                                    pool=cfg.pool)
     if val_snapshots is None and pool is None:
         vseeds = [VAL_SEED0 + cfg.seed * 1000 + i for i in range(cfg.val_worlds)]
-        val_snapshots = build_snapshots(encoder, vseeds, cfg.presets, cfg.seconds, cfg.budgets, cfg.every_s)
+        val_snapshots = build_snapshots(encoder, vseeds, cfg.presets, cfg.seconds, cfg.budgets, cfg.every_s,
+                                        pool=cfg.pool)
     n_q = sum(len(s.questions) for s in snapshots)
     print(f"[answerer] {len(snapshots)} snapshots, {n_q} questions, ready in {time.time() - t_data:.0f}s", flush=True)
     vocab = fit_vocab()
     if cfg.init:
         extra = {"signed_time": True} if cfg.model.get("signed_time") else {}
-        model = SmallAnswerer.from_pretrained(cfg.init, **extra)
+        model = SmallAnswerer.from_pretrained(cfg.init, memory_pool=cfg.pool, **extra)
     else:
         model = SmallAnswerer(vocab=vocab.words, token_dim=encoder.dim, grid=encoder.grid, encoder=cfg.encoder,
-                              **label_space(encoder, cfg.grounding), **cfg.model)
+                              memory_pool=cfg.pool, **label_space(encoder, cfg.grounding), **cfg.model)
         if cfg.grounding:
             model.set_label_heads(encoder)
     acc = Accelerator(cpu=not torch.cuda.is_available())
