@@ -230,6 +230,7 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
                 raise typer.BadParameter(f"no checkpoint (config.json) in {p}", param_hint=name)
         enc = GridEncoder.from_pretrained(str(encoder or root / "grid_encoder")).eval()
         ans = SmallAnswerer.from_pretrained(str(answerer or root / "answerer")).eval()
+        typer.echo(f"answerer trained on PyramidMemory(pool={ans.memory_pool!r}) reads", err=True)
         out.mkdir(parents=True, exist_ok=True)
         if ovbench is not None:
             res = E.evaluate_ovbench(ans, enc, E.load_ovbench(ovbench), video_root or ovbench.parent,

@@ -10,8 +10,8 @@ import torch
 from safetensors.torch import save_file
 
 from streammem.models.grid_encoder import GridEncoder
-from streammem.train.answerer import (AnswererTrainConfig, Snapshot, _ShardPool, iter_world_snapshots, load_shard,
-                                      save_shard, train)
+from streammem.train.answerer import (AnswererTrainConfig, PoolMismatch, Snapshot, _ShardPool, iter_world_snapshots,
+                                      load_shard, save_shard, shard_pool, train)
 from streammem.types import Tokens
 
 
@@ -91,8 +91,10 @@ def test_training_follows_a_shard_folder_and_saves_a_loadable_answerer(tmp_path)
     m = SmallAnswerer.from_pretrained(str(tmp_path / "ck"))
     assert m.token_dim == 8 and m.memory_pool == "mean"
     # shards of one pooling train an answerer of that pooling only
-    (tmp_path / "data" / "pool.txt").write_text("salient\n")
-    with pytest.raises(ValueError, match="pooled with 'salient'"):
+    for split, name, i in (("train", "w0", 0), ("val", "v0", 9)):
+        save_shard(tmp_path / "data" / split / f"{name}.safetensors", [_snap(i + k) for k in range(4 if i == 0 else 1)],
+                   pool="salient")
+    with pytest.raises(PoolMismatch, match="pooled with 'salient', not 'mean'"):
         train(cfg)
     cfg.pool, cfg.out, cfg.init = "salient", str(tmp_path / "ck2"), str(tmp_path / "ck")
     train(cfg)
@@ -103,21 +105,40 @@ def test_training_follows_a_shard_folder_and_saves_a_loadable_answerer(tmp_path)
 
     pipe = StreamingQAPipeline(enc.eval(), m, memory="ovbench")
     assert isinstance(pipe.memory, PyramidMemory) and pipe.memory.config.pool == "salient"
+    with pytest.warns(UserWarning, match="trained on PyramidMemory"):
+        StreamingQAPipeline(enc, m, memory=PyramidMemory.from_preset("ovbench", dim=8))
 
 
 def test_salient_snapshots_and_a_folder_of_one_pooling(tmp_path):
     from streammem.train.answerer import produce
 
+    torch.manual_seed(0)
     enc = GridEncoder(dim=8, width=4).eval()
-    (_, snaps), = list(iter_world_snapshots(enc, [5], ("clean",), 8.0, ("ovbench",), every_s=2.0, progress=False,
-                                            pool="salient"))
-    assert snaps and all(s.memory.features.shape[1] == 8 for s in snaps)
+    g = torch.Generator().manual_seed(0)  # a random encoder's objectness is nearly flat: make salience vary
+    enc.objectness = lambda tokens: torch.rand(tokens.shape[:-1], generator=g)
+    snaps = {}
+    for pool in ("mean", "salient"):
+        (_, snaps[pool]), = list(iter_world_snapshots(enc, [5], ("clean",), 8.0, ("ovbench",), every_s=2.0,
+                                                      progress=False, pool=pool))
+    a, b = snaps["mean"][-1].memory, snaps["salient"][-1].memory
+
+    def frame(m, level):  # {frame index: its tokens} at one level (retention may differ: descriptors do)
+        return {int(f): m.features[(m.frame_index == f) & (m.level == level)] for f in m.frame_index[m.level == level]}
+
+    for level, same in ((0, True), (2, False)):  # unpooled 16 x 16 frames equal; 4 x 4 pooled ones not
+        fa, fb = frame(a, level), frame(b, level)
+        common = sorted(set(fa) & set(fb))
+        assert common
+        assert all(torch.equal(fa[f], fb[f]) == same for f in common)
     enc.save_pretrained(tmp_path / "enc")
     produce(tmp_path / "d", str(tmp_path / "enc"), worlds=1, val_worlds=0, seconds=2.0, every_s=1.0,
             budgets=("ovbench",), progress=False, pool="salient")
-    assert (tmp_path / "d" / "pool.txt").read_text().strip() == "salient" and list((tmp_path / "d" / "train").iterdir())
-    with pytest.raises(ValueError, match="pooled with 'salient', not 'mean'"):
-        produce(tmp_path / "d", str(tmp_path / "enc"), worlds=1, val_worlds=0, seconds=2.0, progress=False)
+    shard, = (tmp_path / "d" / "train").iterdir()
+    assert shard_pool(shard) == "salient" and isinstance(load_shard(shard, "salient"), list)
+    with pytest.raises(PoolMismatch, match="pooled with 'salient', not 'mean'"):
+        produce(tmp_path / "d", str(tmp_path / "enc"), worlds=2, val_worlds=0, seconds=2.0, progress=False)
+    with pytest.raises(PoolMismatch):
+        load_shard(shard, "mean")
 
 
 def test_the_cli_names_an_unknown_pool(tmp_path):
@@ -127,4 +148,4 @@ def test_the_cli_names_an_unknown_pool(tmp_path):
 
     for cmd in (["train", "qa-snapshots", str(tmp_path / "d")], ["train", "answerer", "--data", str(tmp_path)]):
         res = CliRunner().invoke(app, cmd + ["--pool", "max"])
-        assert res.exit_code == 2 and "--pool" in res.output and not (tmp_path / "d").exists()
+        assert res.exit_code == 2 and "choose mean" in res.output and not (tmp_path / "d").exists()

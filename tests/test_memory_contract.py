@@ -83,7 +83,7 @@ def stream(step, n, seed=0, start=0):
 
 def assert_tokens_equal(a: Tokens, b: Tokens):
     assert len(a) == len(b)
-    for f in ("features", "frame_index", "timestamp", "grid", "level", "pose", "score"):
+    for f in ("features", "frame_index", "timestamp", "grid", "level", "pose", "score", "salience"):
         x, y = getattr(a, f), getattr(b, f)
         assert (x is None) == (y is None), f
         if x is not None:

@@ -160,11 +160,6 @@ def test_pool_grid_salient_limits_and_object_survival():
         pool_grid_salient(x, sal, 3, 3)
 
 
-def _salient_stream(n, seed):
-    return [(x, fi, ts, torch.rand(4, 4, generator=torch.Generator().manual_seed(seed + fi)))
-            for x, fi, ts in random_stream(n, 4, 6, seed)]
-
-
 def test_salient_pyramid_with_uniform_salience_is_the_reference():
     cfg = dict(dim=6, capacities=(2, 2, 5), sides=(4, 2, 1))
     ref, sal = PyramidMemory(**cfg), PyramidMemory(**cfg, pool="salient")
@@ -180,7 +175,7 @@ def test_salient_pyramid_with_uniform_salience_is_the_reference():
 def test_salient_pyramid_keeps_small_objects_through_promotions():
     cfg = dict(dim=6, capacities=(1, 1, 0), sides=(4, 2, 1), ratios=(1, 1, 1))
     mean, sal = PyramidMemory(**cfg), PyramidMemory(**cfg, pool="salient")
-    for t, (x, fi, ts, s) in enumerate(_salient_stream(12, seed=1)):
+    for t, (x, fi, ts) in enumerate(random_stream(40, 4, 6, seed=1)):  # 40 frames: the unbounded level grows
         x = 0.1 * x
         s = torch.zeros(4, 4)
         if t == 0:  # frame 0 holds one object token; it ends at the 1 x 1 level after two promotions
@@ -193,6 +188,7 @@ def test_salient_pyramid_keeps_small_objects_through_promotions():
     assert float(first(sal).features[0, 0]) > 4.5  # the object, intact
     assert float(first(mean).features[0, 0]) < 0.5  # averaged into the background
     assert float(first(sal).salience[0]) > 0.9
+    assert sal.stats()["frames_per_level"][2] > 16  # past the first allocation: _grow kept salience in step
 
 
 def test_salient_pyramid_needs_salience():
@@ -201,3 +197,20 @@ def test_salient_pyramid_needs_salience():
         m.write(Tokens.from_grid(torch.randn(4, 4, 6), 0, 0.0))
     with pytest.raises(ValueError, match="divide"):
         PyramidMemory(dim=6, sides=(6, 4, 1), pool="salient")
+
+
+def test_snapshots_saved_before_a_config_field_existed_still_load():
+    import json
+
+    m = PyramidMemory(dim=6, capacities=(2, 2, 5), sides=(4, 2, 1))
+    for x, fi, ts in random_stream(20, 4, 6, seed=2):
+        m.write(Tokens.from_grid(x, fi, ts))
+    state = m.state_dict()
+    cfg = json.loads(bytes(state["meta.config"].tolist()).decode())
+    del cfg["pool"], cfg["temperature"]  # as written before salient pooling was added
+    state["meta.config"] = torch.tensor(list(json.dumps(cfg).encode()), dtype=torch.uint8)
+    fresh = PyramidMemory(dim=6, capacities=(2, 2, 5), sides=(4, 2, 1))
+    fresh.load_state_dict(state)
+    assert fresh.frames() == m.frames() and torch.equal(fresh.read().features, m.read().features)
+    with pytest.raises(ValueError, match="pool: snapshot 'mean' vs this 'salient'"):
+        PyramidMemory(dim=6, capacities=(2, 2, 5), sides=(4, 2, 1), pool="salient").load_state_dict(state)

@@ -340,13 +340,14 @@ def run_stream(frames, questions: list[dict], answerer, encoder, budgets, memori
     from tqdm import tqdm
 
     from streammem.eval.motion import MotionScorer
+    from streammem.models.grid_encoder import grid_tokens
 
     by_time: dict[float, list[dict]] = {}
     for q in questions:
         by_time.setdefault(float(q["middle_frame_timestamp"]), []).append(q)
     times = sorted(by_time)
     mems = {}
-    for i, b in enumerate(budgets):  # budget-free memories (full, none) run once, under the first budget
+    for i, b in enumerate(budgets):  # budget-free memories (_BUDGET_FREE) run once, under the first budget
         for m, f in make_memories(b, encoder.dim, memories).items():
             if i == 0 or m not in _BUDGET_FREE:
                 mems[(b, m)] = f()
@@ -359,7 +360,7 @@ def run_stream(frames, questions: list[dict], answerer, encoder, budgets, memori
         with torch.no_grad():
             grids = encoder.encode_images([f.image for f, _ in buf])
         for (f, motion), g in zip(buf, grids):
-            tok = encoder.tokens(g, f.index, f.timestamp)
+            tok = grid_tokens(encoder, g, f.index, f.timestamp)
             for (b, name), m in mems.items():
                 if name == "dual":
                     m.write(Tokens(features=tok.features, frame_index=tok.frame_index, timestamp=tok.timestamp,
@@ -403,7 +404,7 @@ def _answer_all(answerer, mems, questions, at, records, latency, tags) -> None:
 
 
 def _broadcast(records: list[dict]) -> list[dict]:
-    """Budget-free baselines (full, none) are run once; show them beside every budget."""
+    """Budget-free baselines (_BUDGET_FREE) are run once; show them beside every budget."""
     budgets = sorted({r["budget"] for r in records})
     shared = [r for r in records if r["memory"] in _BUDGET_FREE]
     out = [r for r in records if r["memory"] not in _BUDGET_FREE]

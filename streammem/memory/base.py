@@ -134,7 +134,7 @@ def pool_grid_salient(x: torch.Tensor, sal: torch.Tensor, oh: int, ow: int,
     v = x.reshape(oh, kh, ow, kw, d).permute(0, 2, 1, 3, 4).reshape(oh, ow, kh * kw, d)
     s = sal.float().reshape(oh, kh, ow, kw).permute(0, 2, 1, 3).reshape(oh, ow, kh * kw)
     wgt = torch.softmax(s / temperature, -1)
-    return torch.einsum("abk,abkd->abd", wgt, v), (wgt * s).sum(-1)
+    return torch.einsum("abk,abkd->abd", wgt.to(x.dtype), v), (wgt * s).sum(-1)
 
 class Memory:
     """Base class: buffers, counters, generator, snapshots. Subclasses set ``kind`` and
@@ -257,6 +257,10 @@ class Memory:
         if kind != self.kind:
             raise ValueError(f"{me}.load_state_dict: snapshot is of kind '{kind}', this memory is '{self.kind}'")
         theirs = json.loads(_tensor_text(state["meta.config"]))
+        # a field added after the snapshot was saved reads as its default (older files still load)
+        for f in dataclasses.fields(self.Config):
+            if f.name not in theirs and f.default is not dataclasses.MISSING:
+                theirs[f.name] = json.loads(json.dumps(f.default))
         mine = json.loads(self.config.to_json())
         diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
         if diff:

@@ -32,7 +32,7 @@ from torch import nn
 
 from streammem.types import Frame, Tokens
 
-__all__ = ["GridEncoder", "images_to_tensor"]
+__all__ = ["GridEncoder", "images_to_tensor", "grid_tokens"]
 
 
 def images_to_tensor(images: list[np.ndarray], side: int) -> torch.Tensor:
@@ -95,7 +95,9 @@ class GridEncoder(nn.Module, SafeHubMixin):
     @torch.no_grad()
     def objectness(self, tokens: torch.Tensor) -> torch.Tensor:
         """``(..., dim)`` tokens -> ``(...)``: 1 - P(background) from the class head, the
-        salience ``PyramidMemory(pool="salient")`` pools by."""
+        salience ``PyramidMemory(pool="salient")`` pools by. (Not ``obj_head``, which regresses
+        the share of a cell that objects cover: a small object is a small share of its cell
+        but still the cell's class.)"""
         return 1.0 - torch.softmax(self.cls_head(tokens), -1)[..., 0]
 
     def tokens(self, grid: torch.Tensor, frame_index: int, timestamp: float, pose=None) -> Tokens:
@@ -113,3 +115,12 @@ class GridEncoder(nn.Module, SafeHubMixin):
             g = self.encode_images([x.image])[0]
             return self.tokens(g, x.index, x.timestamp, x.pose)
         return super().__call__(x)
+
+
+def grid_tokens(encoder, grid: torch.Tensor, frame_index: int, timestamp: float) -> Tokens:
+    """One frame's ``(g, g, D)`` token grid from ``encoder`` as :class:`Tokens`, with
+    ``salience`` when the encoder gives one (:meth:`GridEncoder.tokens`); other encoders' grids
+    go in as they are."""
+    if hasattr(encoder, "tokens"):
+        return encoder.tokens(grid, frame_index, timestamp)
+    return Tokens.from_grid(grid, frame_index=frame_index, timestamp=timestamp)

@@ -45,6 +45,7 @@ from __future__ import annotations
 import heapq
 import itertools
 import threading
+import warnings
 from concurrent.futures import Future
 from dataclasses import dataclass
 from typing import Any, Iterable, Iterator
@@ -96,6 +97,10 @@ class StreamingQAPipeline:
             if dim is None:
                 raise ValueError("memory given as a preset name needs an encoder with a .dim")
             memory = PyramidMemory.from_preset(memory, dim=dim, pool=getattr(answerer, "memory_pool", "mean"))
+        trained = getattr(answerer, "memory_pool", None)
+        if isinstance(memory, PyramidMemory) and trained is not None and memory.config.pool != trained:
+            warnings.warn(f"the answerer was trained on PyramidMemory(pool={trained!r}) reads; this pipeline's "
+                          f"pyramid pools with {memory.config.pool!r}, so expect lower accuracy", stacklevel=2)
         self.memory = memory
         self.dual = dual
         self._scorer = None
@@ -142,7 +147,8 @@ class StreamingQAPipeline:
         return self.write(frame, tokens)
 
     def write(self, frame: Frame, tokens: Tokens) -> list[tuple[Question, Answer]]:
-        """:meth:`step` with the frame already encoded (for batched encoding)."""
+        """:meth:`step` with the frame already encoded (for batched encoding; build ``tokens``
+        with ``GridEncoder.tokens`` so a salient pyramid gets the tokens' salience)."""
         with self._cv:
             if self.time is not None and frame.timestamp < self.time:
                 raise ValueError(f"frame {frame.index} at {frame.timestamp:.3f}s is older than the stream's "

@@ -47,10 +47,11 @@ from tqdm import tqdm
 
 from streammem.memory import PyramidMemory
 from streammem.models.answerer import SmallAnswerer, Vocab, encode_questions
+from streammem.models.grid_encoder import grid_tokens
 from streammem.types import Tokens
 
 __all__ = ["AnswererTrainConfig", "Snapshot", "build_snapshots", "iter_world_snapshots", "save_shard", "load_shard",
-           "produce", "train", "evaluate_snapshots", "fit_vocab"]
+           "produce", "train", "evaluate_snapshots", "fit_vocab", "shard_pool", "PoolMismatch"]
 
 TRAIN_SEED0 = 20_000_000
 VAL_SEED0 = 30_000_000
@@ -123,6 +124,8 @@ class AnswererTrainConfig:
             raise ValueError(f"AnswererTrainConfig.minutes must be > 0, got {self.minutes}")
         if self.worlds < 1 or self.seconds <= 0:
             raise ValueError("AnswererTrainConfig.worlds must be >= 1 and seconds > 0")
+        if self.pool not in ("mean", "salient"):
+            raise ValueError(f"AnswererTrainConfig.pool must be 'mean' or 'salient', got {self.pool!r}")
         for b in self.budgets:
             if b not in ("ovbench", "offline"):
                 raise ValueError(f"AnswererTrainConfig.budgets: unknown PyramidMemory preset {b!r}")
@@ -175,7 +178,7 @@ def iter_world_snapshots(encoder, seeds: list[int], presets: tuple[str, ...], se
             with torch.no_grad():
                 grids = encoder.encode_images([f.image for f in buf])
             for f, g in zip(buf, grids):
-                tok = encoder.tokens(g, f.index, f.timestamp)
+                tok = grid_tokens(encoder, g, f.index, f.timestamp)
                 for m in mems.values():
                     m.write(tok)
             buf.clear()
@@ -202,8 +205,21 @@ def iter_world_snapshots(encoder, seeds: list[int], presets: tuple[str, ...], se
 
 
 # ------------------------------------------------------------------ snapshot shards on disk
-def save_shard(path: str | Path, snaps: list[Snapshot]) -> Path:
-    """Write snapshots as one safetensors file (tensors) with the questions in its JSON metadata.
+class PoolMismatch(ValueError):
+    """A snapshot shard was pooled differently from what the reader expects."""
+
+
+def shard_pool(path: str | Path) -> str:
+    """The pyramid pooling a shard's snapshots were made with (``"mean"`` for older shards)."""
+    from safetensors import safe_open
+
+    with safe_open(str(path), framework="pt") as f:
+        return (f.metadata() or {}).get("pool", "mean")
+
+
+def save_shard(path: str | Path, snaps: list[Snapshot], pool: str = "mean") -> Path:
+    """Write snapshots as one safetensors file (tensors) with the questions in its JSON metadata
+    (and ``pool``, the pyramids' pooling they were made with).
 
     The file appears atomically (written under a temporary name, then renamed), so a trainer
     following a folder never reads half a shard.
@@ -225,19 +241,23 @@ def save_shard(path: str | Path, snaps: list[Snapshot]) -> Path:
         meta.append({"query_time": s.query_time, "budget": s.budget, "video": s.video, "questions": s.questions})
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "streammem.answerer_snapshots/1",
-                                           "snapshots": json.dumps(meta)})
+                                           "snapshots": json.dumps(meta), "pool": pool})
     os.replace(tmp, path)
     return path
 
 
-def load_shard(path: str | Path) -> list[Snapshot]:
-    """Read a :func:`save_shard` file (tensors and JSON only; nothing is unpickled)."""
+def load_shard(path: str | Path, pool: str | None = None) -> list[Snapshot]:
+    """Read a :func:`save_shard` file (tensors and JSON only; nothing is unpickled). With
+    ``pool``, a shard made with another pooling raises :class:`PoolMismatch`."""
     from safetensors import safe_open
 
     with safe_open(str(path), framework="pt") as f:
         md = f.metadata() or {}
         if md.get("format") != "streammem.answerer_snapshots/1":
             raise ValueError(f"{path} is not a streammem answerer snapshot shard (format {md.get('format')!r})")
+        if pool is not None and md.get("pool", "mean") != pool:
+            raise PoolMismatch(f"{path} holds snapshots pooled with {md.get('pool', 'mean')!r}, not {pool!r}; "
+                               f"train with --pool {md.get('pool', 'mean')} or make {pool!r} shards")
         meta = json.loads(md["snapshots"])
         out = []
         for i, m in enumerate(meta):
@@ -258,8 +278,8 @@ def produce(out_dir: str | Path, encoder: str = "streammem/checkpoints/grid_enco
     Worlds already written are skipped, so a stopped run resumes. A trainer can follow the
     folder while this runs (``AnswererTrainConfig.data``): rendering and encoding on one core,
     training on the other, and every world the trainer sees is a new one. ``pool``: the
-    pyramids' pooling (``"mean"``, the reference, or ``"salient"``); a folder holds one kind
-    (recorded in ``out_dir/pool.txt``, and a second run with another pool is refused).
+    pyramids' pooling (``"mean"``, the reference, or ``"salient"``), recorded in each shard; a
+    folder holds one kind (adding another to it is refused).
     """
     from streammem.models.grid_encoder import GridEncoder
 
@@ -267,11 +287,11 @@ def produce(out_dir: str | Path, encoder: str = "streammem/checkpoints/grid_enco
     enc = GridEncoder.from_pretrained(encoder).eval()
     strides = {"offline": 5} if strides is None else strides
     root = Path(out_dir)
-    root.mkdir(parents=True, exist_ok=True)
-    mark = root / "pool.txt"
-    if mark.exists() and mark.read_text().strip() != pool:
-        raise ValueError(f"{root} holds snapshots pooled with {mark.read_text().strip()!r}, not {pool!r}")
-    mark.write_text(pool + "\n")
+    if pool not in ("mean", "salient"):
+        raise ValueError(f"pool must be 'mean' or 'salient', got {pool!r}")
+    for old in sorted(root.glob("*/*.safetensors"))[:1]:
+        if shard_pool(old) != pool:
+            raise PoolMismatch(f"{root} holds snapshots pooled with {shard_pool(old)!r}, not {pool!r}")
     jobs = [("val", VAL_SEED0 + seed * 1000 + i, val_every_s, {}) for i in range(val_worlds)] + \
            [("train", TRAIN_SEED0 + seed * 1000 + i, every_s, strides) for i in range(worlds)]
     for wi, (split, s, ev, st) in enumerate(jobs):
@@ -283,7 +303,7 @@ def produce(out_dir: str | Path, encoder: str = "streammem/checkpoints/grid_enco
         t0 = time.time()
         for _, snaps in iter_world_snapshots(enc, [s], (preset,), seconds, budgets, ev, progress=progress,
                                              strides=st, pool=pool):
-            save_shard(path, snaps)
+            save_shard(path, snaps, pool)
         print(f"[produce] {split} world {s} ({preset}): {len(snaps)} snapshots, "
               f"{sum(len(x.questions) for x in snaps)} questions, {time.time() - t0:.0f}s", flush=True)
 
@@ -354,8 +374,9 @@ def evaluate_snapshots(model: SmallAnswerer, snaps: list[Snapshot]) -> dict:
 class _ShardPool:
     """Snapshots from the shards in ``root/train``, loaded as they appear, at most ``cap_mb``."""
 
-    def __init__(self, root: Path, cap_mb: float, rng: random.Random, budgets: tuple[str, ...] | None = None) -> None:
-        self.root, self.cap, self.rng, self.budgets = root, cap_mb * 2 ** 20, rng, budgets
+    def __init__(self, root: Path, cap_mb: float, rng: random.Random, budgets: tuple[str, ...] | None = None,
+                 pool: str | None = None) -> None:
+        self.root, self.cap, self.rng, self.budgets, self.pool = root, cap_mb * 2 ** 20, rng, budgets, pool
         self.snapshots: list[Snapshot] = []
         self.seen: set[str] = set()
         self.bytes = 0
@@ -370,7 +391,9 @@ class _ShardPool:
                 continue
             self.seen.add(p.name)
             try:
-                loaded = load_shard(p)
+                loaded = load_shard(p, self.pool)
+            except PoolMismatch:
+                raise
             except Exception as e:  # a broken shard must not end a training run: skip it, say so
                 self.broken.append(p.name)
                 print(f"[answerer] skipping unreadable shard {p}: {e}", flush=True)
@@ -404,13 +427,7 @@ def train(cfg: AnswererTrainConfig, snapshots: list[Snapshot] | None = None,
     rng = random.Random(cfg.seed)
     encoder = GridEncoder.from_pretrained(cfg.encoder).eval()
     t_data = time.time()
-    if cfg.data:
-        mark = Path(cfg.data) / "pool.txt"
-        kind = mark.read_text().strip() if mark.exists() else "mean"
-        if kind != cfg.pool:
-            raise ValueError(f"{cfg.data} holds snapshots pooled with {kind!r}; train with pool={kind!r} "
-                             f"(--pool {kind}) or produce {cfg.pool!r} shards")
-    pool = _ShardPool(Path(cfg.data), cfg.buffer_mb, rng, cfg.only_budgets) if cfg.data else None
+    pool = _ShardPool(Path(cfg.data), cfg.buffer_mb, rng, cfg.only_budgets, cfg.pool) if cfg.data else None
     if pool is not None:
         snapshots = pool.snapshots
         while not pool.refresh():
@@ -491,7 +508,8 @@ def train(cfg: AnswererTrainConfig, snapshots: list[Snapshot] | None = None,
     bar.close()
     m = acc.unwrap_model(model)
     if pool is not None:
-        val_snapshots = [x for p in sorted((Path(cfg.data) / "val").glob("*.safetensors")) for x in load_shard(p)]
+        val_snapshots = [x for p in sorted((Path(cfg.data) / "val").glob("*.safetensors"))
+                         for x in load_shard(p, cfg.pool)]
         print(f"[answerer] trained on {pool.summary()}", flush=True)
     val = evaluate_snapshots(m, val_snapshots) if val_snapshots else None
     print("[answerer] validation accuracy:", json.dumps(val), flush=True)
