@@ -174,13 +174,15 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         heads: int = typer.Option(4, help="attention heads (a fresh model)"),
         log: Optional[str] = typer.Option(None, help="JSONL training log"),
         signed_time: bool = typer.Option(False, help="add the signed-time grounded read-out (before / after a time)"),
+        event_head: bool = typer.Option(False, help="with --signed-time: add the signed evidence to candidate logits"),
         pool: str = typer.Option("mean", help="the pyramids' pooling: mean (the reference) or salient"),
     ) -> None:
         """Train the QA answerer on StreamWorld questions over Pyramid Memory Bank snapshots."""
         from streammem.train.answerer import AnswererTrainConfig, train
 
         _check_pool(pool)
-        model = {"d": d, "heads": heads, "layers": layers, **({"signed_time": True} if signed_time else {})}
+        model = {"d": d, "heads": heads, "layers": layers, **({"signed_time": True} if signed_time else {}),
+                 **({"event_head": True} if event_head else {})}
         if data is not None and not (data / "train").is_dir():
             raise typer.BadParameter(f"{data} has no train/ folder of snapshot shards", param_hint="--data")
         train(AnswererTrainConfig(minutes=minutes, worlds=worlds, seconds=seconds, out=out, encoder=encoder, log=log,

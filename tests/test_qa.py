@@ -289,6 +289,40 @@ def test_signed_readout_tells_before_from_after_the_stated_time():
     assert f[:2].tolist() == [1.0, 0.0] and abs(float(f[3]) + 4.0) < 1e-5
 
 
+
+def test_event_head_adds_each_candidates_signed_evidence_to_its_logit():
+    torch.manual_seed(0)
+    enc = GridEncoder(dim=8, width=4, num_classes=2, num_colours=2).eval()
+    labels = ["<background>", "cat", "star", "red", "blue"]
+    vocab = Vocab.fit(["which object appeared at about 3.5s ?", "the red star", "the blue cat"])
+    kw = dict(vocab=vocab.words, token_dim=8, d=16, heads=2, layers=1, grid=4, labels=labels, num_classes=3,
+              signed_time=True)
+    plain = SmallAnswerer(**kw).set_label_heads(enc).eval()
+    m = SmallAnswerer(**kw, event_head=True).eval()
+    missing = m.load_state_dict(plain.state_dict(), strict=False).missing_keys
+    assert sorted(missing) == ["event_gate.bias", "event_gate.weight"]
+    w = torch.cat([enc.cls_head.weight, enc.colour_head.weight]).detach()
+    u = w / w.norm(dim=1, keepdim=True)
+    red_star, blue_cat, bg = 40 * (u[2] + u[3]), 40 * (u[1] + u[4]), 40 * u[0]
+
+    def memory(before, after):
+        parts = [Tokens.from_grid(torch.stack([before, bg, bg, bg]).reshape(2, 2, 8), i, i * 0.5) for i in range(6)]
+        parts += [Tokens.from_grid(torch.stack([after, bg, bg, bg]).reshape(2, 2, 8), i, i * 0.5) for i in range(8, 14)]
+        return Tokens.cat(parts)
+
+    q, cands = "which object appeared at about 3.5s ?", ["the red star", "the blue cat"]
+    batch = encode_questions(m.vocab, [q], [cands], [7.0])
+    mem = memory(blue_cat, red_star)  # the red star appeared, the blue cat vanished
+    with torch.no_grad():
+        assert torch.allclose(m(mem, batch), plain(mem, batch))  # a closed gate changes nothing
+        m.event_gate.bias[7] = 5.0  # favour evidence that rose (local scale: after - before)
+        up = m(mem, batch)[0, :2] - plain(mem, batch)[0, :2]
+        down = m(memory(red_star, blue_cat), batch)[0, :2] - plain(memory(red_star, blue_cat), batch)[0, :2]
+    assert float(up[0]) > 1.0 and float(up[1]) < -1.0  # red star rose, blue cat fell
+    assert float(down[0]) < -1.0 and float(down[1]) > 1.0
+    with pytest.raises(ValueError, match="event_head"):
+        SmallAnswerer(**{**kw, "signed_time": False}, event_head=True)
+
 # ---------------------------------------------------------------------- OVBench files and scoring
 def test_ovbench_loader_reads_both_layouts_and_scorer_matches_mcq_acc(tmp_path):
     lmms = [{"video": "v1.mp4", "question": "What is the man holding?", "candidates": ["a cup", "a phone", "a bag", "a pen"],

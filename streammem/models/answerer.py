@@ -200,6 +200,7 @@ def _log_dt(memory: Tokens, batch: "EncodedBatch") -> torch.Tensor:
 _GROUND_V = 16 + 18 + 3  # read-out value: grid-cell Fourier, age features, level one-hot (+ label probs)
 _SIDE_GAP = 0.25  # seconds: tokens this close to the stated time are neither before nor after it
 _EMPTY_LSE = -20.0  # the signed read-out's value for a side with no tokens (below any real score)
+_SIGNED_F = 2 + 2 * 3  # signed read-out features per label word: has before / after, per scale lse before, after, diff
 
 
 class _Block(nn.Module):
@@ -256,6 +257,10 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
             (informational; the pipeline loads it).
         labels / num_classes: the encoder's label space (see "Grounding").
         signed_time: add the signed-time grounded read-out (see :meth:`grounded_readout`).
+        event_head: (with ``signed_time``) also add each candidate's signed-time evidence to its
+            logit directly, weighted by a gate read from the question's ``[CLS]`` state (see
+            :meth:`forward`), so "vanished" can learn to favour evidence that fell and
+            "appeared" evidence that rose without routing it through the blocks.
         memory_pool: the ``PyramidMemory`` pooling it was trained on (``"mean"`` or
             ``"salient"``); :class:`~streammem.pipelines.qa.StreamingQAPipeline` builds its
             pyramid with it.
@@ -264,7 +269,7 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
     def __init__(self, vocab: list[str], token_dim: int = 64, d: int = 128, heads: int = 4, layers: int = 2,
                  grid: int = 16, levels: int = 3, max_len: int = 96, max_cand: int = 5,
                  encoder: str | None = None, labels: list[str] | None = None, num_classes: int = 0,
-                 signed_time: bool = False, memory_pool: str = "mean") -> None:
+                 signed_time: bool = False, memory_pool: str = "mean", event_head: bool = False) -> None:
         super().__init__()
         if memory_pool not in ("mean", "salient"):
             raise ValueError(f"SmallAnswerer.memory_pool must be 'mean' or 'salient', got {memory_pool!r}")
@@ -313,6 +318,13 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
                 self.ground_signed = nn.Linear(2 + 2 * 3, d)
                 nn.init.zeros_(self.ground_signed.weight)
                 nn.init.zeros_(self.ground_signed.bias)
+        if event_head and not self.signed_time:
+            raise ValueError("SmallAnswerer(event_head=True) needs signed_time=True and a label space")
+        self.event_head = bool(event_head)
+        if self.event_head:
+            self.event_gate = nn.Linear(d, _SIGNED_F)  # [CLS] -> weights of the 8 signed features
+            nn.init.zeros_(self.event_gate.weight)
+            nn.init.zeros_(self.event_gate.bias)
 
     # ------------------------------------------------------------------ pieces
     def set_label_heads(self, encoder) -> "SmallAnswerer":
@@ -352,7 +364,7 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         return _MemoryView(feats, level, self._cell_features(memory), _age_features(age), probs)
 
     def grounded_readout(self, memory: Tokens, batch: "EncodedBatch", view: _MemoryView | None = None,
-                         log_dt: torch.Tensor | None = None) -> torch.Tensor:
+                         log_dt: torch.Tensor | None = None, signed_out: list | None = None) -> torch.Tensor:
         """``(B, L, d)``: at each word naming a label, what memory holds of that label (zero at
         other words).
 
@@ -371,7 +383,9 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         that is a bare colour word ("green") targets the conjunction with the class the
         question names ("the purple triangle changed colour").
 
-        ``view`` / ``log_dt`` (``(B, M)``) are what :meth:`forward` already computed.
+        ``view`` / ``log_dt`` (``(B, M)``) are what :meth:`forward` already computed. With
+        ``signed_out`` (a list) and ``signed_time``, the raw signed features ``(B, L, 8)``
+        (zero at other words) are appended to it.
         """
         n, c = len(self.labels), self.num_classes
         b, L = batch.ids.shape
@@ -379,6 +393,8 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         lab = self.word_label[batch.ids]  # B, L
         bi, li = torch.nonzero(lab < n, as_tuple=True)
         if len(bi) == 0:
+            if signed_out is not None and self.signed_time:
+                signed_out.append(torch.zeros(b, L, _SIGNED_F))
             return out
         view = view or self._view(memory, float(batch.query_time[0]))
         if log_dt is None:
@@ -414,7 +430,12 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
                 signed.append(torch.stack([lb, la, la - lb], -1) / 5.0)
         res = self.ground_out(torch.cat(outs, -1))
         if self.signed_time:
-            res = res + self.ground_signed(torch.cat(signed, -1))
+            sig = torch.cat(signed, -1)
+            res = res + self.ground_signed(sig)
+            if signed_out is not None:
+                full = torch.zeros(b, L, _SIGNED_F)
+                full[bi, li] = sig
+                signed_out.append(full)
         out[bi, li] = res
         return out
 
@@ -442,6 +463,7 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         if is_time.any():
             age = (batch.query_time[:, None] - torch.nan_to_num(batch.times.double(), nan=0.0)).float()
             x = x + self.time_word(_age_features(age)) * is_time[..., None]
+        signed: list = []
         if len(memory) == 0:
             mem = torch.zeros(1, self.d)
             log_dt = torch.zeros(b, 1)
@@ -449,7 +471,7 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
             view = self._view(memory, qt)
             log_dt = _log_dt(memory, batch)
             if view.probs is not None:
-                x = x + self.grounded_readout(memory, batch, view, log_dt)
+                x = x + self.grounded_readout(memory, batch, view, log_dt, signed if self.event_head else None)
             mem = self.encode_memory(memory, qt, view)
         weights = None
         for i, blk in enumerate(self.blocks):
@@ -459,9 +481,21 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         cm = batch.cand_mask.float()  # B, C, L
         pooled = torch.einsum("bcl,bld->bcd", cm, x) / cm.sum(-1, keepdim=True).clamp(min=1)
         logits = self.score(pooled)[..., 0]
+        if self.event_head and signed:
+            logits = logits + self._event_bonus(x[:, 0], signed[0], batch)
         valid = torch.arange(self.max_cand)[None] < batch.n_cand[:, None]
         logits = logits.masked_fill(~valid, float("-inf"))
         return (logits, weights) if want_weights else logits
+
+    def _event_bonus(self, cls: torch.Tensor, signed: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:
+        """``(B, C)``: each candidate's signed-time evidence, at its last label word (its class
+        word, or a bare colour), dotted with the gate the question's ``[CLS]`` state sets."""
+        is_label = self.word_label[batch.ids] < len(self.labels)  # B, L
+        pos = torch.arange(batch.ids.shape[1])
+        at = torch.where(batch.cand_mask & is_label[:, None, :], pos, -1).max(-1).values  # B, C
+        feats = signed.gather(1, at.clamp(min=0)[..., None].expand(-1, -1, signed.shape[-1]))  # B, C, F
+        feats = feats * (at >= 0)[..., None]
+        return (feats * self.event_gate(cls)[:, None, :]).sum(-1)
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

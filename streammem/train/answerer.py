@@ -444,7 +444,7 @@ def train(cfg: AnswererTrainConfig, snapshots: list[Snapshot] | None = None,
     print(f"[answerer] {len(snapshots)} snapshots, {n_q} questions, ready in {time.time() - t_data:.0f}s", flush=True)
     vocab = fit_vocab()
     if cfg.init:
-        extra = {"signed_time": True} if cfg.model.get("signed_time") else {}
+        extra = {k: True for k in ("signed_time", "event_head") if cfg.model.get(k)}
         model = SmallAnswerer.from_pretrained(cfg.init, memory_pool=cfg.pool, **extra)
     else:
         model = SmallAnswerer(vocab=vocab.words, token_dim=encoder.dim, grid=encoder.grid, encoder=cfg.encoder,
