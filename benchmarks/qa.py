@@ -27,7 +27,6 @@ from pathlib import Path
 import torch
 
 from streammem.memory import PyramidMemory
-from streammem.types import Tokens
 
 ROOT = Path(__file__).resolve().parents[1] / "streammem" / "checkpoints"
 
@@ -61,13 +60,15 @@ def main() -> None:
     from streammem.world import World
 
     enc, ans, what = load_models(args.answerer)
+    mem_pool = getattr(ans, "memory_pool", "mean")  # the pyramid pooling the answerer was trained on
     world = World(seed=5, preset="medium", size=256, seconds=60, drop_frames=False)
     frames = list(World(seed=5, preset="medium", size=256, frames=64, drop_frames=False))
     with torch.no_grad():
         pool = enc.encode_images([f.image for f in frames])
     qs = [q for q in world.questions(every_s=5)][: args.questions]
     questions, cands = [q["question"] for q in qs], [q["candidates"] for q in qs]
-    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; answerer: {what}; "
+    print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; answerer: {what} "
+          f"(pyramid pool={mem_pool!r}); "
           f"{len(qs)} questions per batch, median of {args.repeats}\n")
     print("| preset | frames streamed | memory tokens | one question ms | incremental ms/question (batch) "
           "| rebuild ms/question | rebuild / incremental |")
@@ -75,8 +76,8 @@ def main() -> None:
     for preset in args.presets:
         flat = []
         for T in args.lengths:
-            mem = PyramidMemory.from_preset(preset, dim=enc.dim)
-            toks = [Tokens.from_grid(pool[i % len(pool)], i, i / 8) for i in range(len(pool))]
+            mem = PyramidMemory.from_preset(preset, dim=enc.dim, pool=mem_pool)
+            toks = [enc.tokens(pool[i % len(pool)], i, i / 8) for i in range(len(pool))]
 
             def feed(m, n):
                 for i in range(n):
@@ -101,7 +102,7 @@ def main() -> None:
             for _ in range(max(1, args.repeats // 2)):
                 # the reference evaluation rebuilds the memory for every question
                 t0 = time.perf_counter()
-                fresh = PyramidMemory.from_preset(preset, dim=enc.dim)
+                fresh = PyramidMemory.from_preset(preset, dim=enc.dim, pool=mem_pool)
                 feed(fresh, T)
                 t1 = time.perf_counter()
                 ans.answer_many(fresh.read(), questions, cands, at)
