@@ -237,16 +237,21 @@ class PyramidMemory(Memory):
         lvl = self.entry_level(t)
         side = self.config.sides[lvl]
         frame = tokens.features.float()
-        sal = tokens.salience.reshape(s, s) if salient else None
+        sal = tokens.salience if salient else None
         if s != side:
-            if salient:
-                frame, sal = pool_grid_salient(frame.reshape(s, s, -1), sal, side, side, self.config.temperature)
-                frame = frame.reshape(side * side, -1)
-            else:
-                frame = pool_grid(frame.reshape(s, s, -1), side, side).reshape(side * side, -1)
-        self._put(lvl, frame, int(tokens.frame_index[0]), float(tokens.timestamp[0]),
-                  sal.reshape(-1) if salient else None)
+            frame, sal = self._pool(frame, sal, s, side)
+        self._put(lvl, frame, int(tokens.frame_index[0]), float(tokens.timestamp[0]), sal)
         self.counters["writes"] = t + 1
+
+    def _pool(self, frame: torch.Tensor, sal: torch.Tensor | None, side: int,
+              out: int) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """One frame's ``(side*side, D)`` tokens (and ``(side*side,)`` salience, or None for
+        average pooling) pooled to ``out x out``, flattened the same way."""
+        if sal is None:
+            return pool_grid(frame.reshape(side, side, -1), out, out).reshape(out * out, -1), None
+        x, sal = pool_grid_salient(frame.reshape(side, side, -1), sal.reshape(side, side), out, out,
+                                   self.config.temperature)
+        return x.reshape(out * out, -1), sal.reshape(-1)
 
     def _remove(self, lvl: int, j: int) -> int:
         """Pop list position j; keep the adjacent-pair similarities in step."""
@@ -285,14 +290,8 @@ class PyramidMemory(Memory):
             if lvl + 1 < len(self.config.sides):
                 old = self._buffers[f"L{lvl}.features"][slot]
                 side, nxt = self.config.sides[lvl], self.config.sides[lvl + 1]
-                psal = None
-                if self.config.pool == "salient":
-                    pooled, psal = pool_grid_salient(old.reshape(side, side, -1),
-                                                     self._buffers[f"L{lvl}.salience"][slot].reshape(side, side),
-                                                     nxt, nxt, self.config.temperature)
-                    pooled, psal = pooled.reshape(nxt * nxt, -1), psal.reshape(-1)
-                else:
-                    pooled = pool_grid(old.reshape(side, side, -1), nxt, nxt).reshape(nxt * nxt, -1)
+                old_sal = self._buffers[f"L{lvl}.salience"][slot] if self.config.pool == "salient" else None
+                pooled, psal = self._pool(old, old_sal, side, nxt)
                 self.counters["promotions"] += 1
                 self._put(lvl + 1, pooled, self._fi[lvl][slot], self._ts[lvl][slot], psal)
             else:

@@ -290,8 +290,8 @@ def produce(out_dir: str | Path, encoder: str = "streammem/checkpoints/grid_enco
     if pool not in ("mean", "salient"):
         raise ValueError(f"pool must be 'mean' or 'salient', got {pool!r}")
     for old in sorted(root.glob("*/*.safetensors"))[:1]:
-        if shard_pool(old) != pool:
-            raise PoolMismatch(f"{root} holds snapshots pooled with {shard_pool(old)!r}, not {pool!r}")
+        if (kind := shard_pool(old)) != pool:
+            raise PoolMismatch(f"{root} holds snapshots pooled with {kind!r}, not {pool!r}")
     jobs = [("val", VAL_SEED0 + seed * 1000 + i, val_every_s, {}) for i in range(val_worlds)] + \
            [("train", TRAIN_SEED0 + seed * 1000 + i, every_s, strides) for i in range(worlds)]
     for wi, (split, s, ev, st) in enumerate(jobs):
