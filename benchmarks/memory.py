@@ -26,7 +26,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from streammem.memory import Memory, PyramidMemory, build_memory
+from streammem.memory import PYRAMID_SPREAD, Memory, PyramidMemory, build_memory
 from streammem.types import Tokens
 
 
@@ -35,6 +35,7 @@ def configs(d: int) -> dict[str, tuple[str, dict, int, int]]:
     return {
         "pyramid ovbench": ("pyramid", dict(preset="ovbench", dim=d), 16, 64),
         "pyramid offline": ("pyramid", dict(preset="offline", dim=d), 16, 400),
+        "pyramid offline spread": ("pyramid", dict(preset="offline", dim=d, **PYRAMID_SPREAD), 16, 400),
         "dual": ("dual", dict(dim=d, slots=1024, fifo_frames=8, max_tokens_per_frame=64), 8, 80),
         "posekv 16x16": ("posekv", dict(dim=d, height=16, width=16), 16, 90),
         "feature_bank": ("feature_bank", dict(dim=d), -75, 300),

@@ -27,6 +27,7 @@ from pathlib import Path
 import torch
 
 from streammem.memory import PyramidMemory
+from streammem.pipelines.qa import RETENTIONS
 
 ROOT = Path(__file__).resolve().parents[1] / "streammem" / "checkpoints"
 
@@ -54,6 +55,8 @@ def main() -> None:
     ap.add_argument("--questions", type=int, default=8, help="questions per timed batch")
     ap.add_argument("--quick", action="store_true")
     ap.add_argument("--answerer", default=None, help="answerer checkpoint folder (default: the shipped one)")
+    ap.add_argument("--retention", default="spread", choices=sorted(RETENTIONS),
+                    help="pyramid retention (default: spread, as StreamingQAPipeline)")
     args = ap.parse_args()
     if args.quick:
         args.lengths, args.repeats = [1_000, 5_000], 3
@@ -68,7 +71,7 @@ def main() -> None:
     qs = [q for q in world.questions(every_s=5)][: args.questions]
     questions, cands = [q["question"] for q in qs], [q["candidates"] for q in qs]
     print(f"torch {torch.__version__}, {torch.get_num_threads()} threads; answerer: {what} "
-          f"(pyramid pool={mem_pool!r}); "
+          f"(pyramid pool={mem_pool!r}, retention={args.retention!r}); "
           f"{len(qs)} questions per batch, median of {args.repeats}\n")
     print("| preset | frames streamed | memory tokens | one question ms | incremental ms/question (batch) "
           "| rebuild ms/question | rebuild / incremental |")
@@ -76,7 +79,7 @@ def main() -> None:
     for preset in args.presets:
         flat = []
         for T in args.lengths:
-            mem = PyramidMemory.from_preset(preset, dim=enc.dim, pool=mem_pool)
+            mem = PyramidMemory.from_preset(preset, dim=enc.dim, pool=mem_pool, **RETENTIONS[args.retention])
             toks = [enc.tokens(pool[i % len(pool)], i, i / 8) for i in range(len(pool))]
 
             def feed(m, n):
@@ -102,7 +105,7 @@ def main() -> None:
             for _ in range(max(1, args.repeats // 2)):
                 # the reference evaluation rebuilds the memory for every question
                 t0 = time.perf_counter()
-                fresh = PyramidMemory.from_preset(preset, dim=enc.dim, pool=mem_pool)
+                fresh = PyramidMemory.from_preset(preset, dim=enc.dim, pool=mem_pool, **RETENTIONS[args.retention])
                 feed(fresh, T)
                 t1 = time.perf_counter()
                 ans.answer_many(fresh.read(), questions, cands, at)

@@ -83,6 +83,8 @@ def run(
     backend: str = typer.Option("auto", help="video reader: auto, decord or opencv"),
     progress: bool = typer.Option(True, help="show a progress bar"),
     memory: str = typer.Option("ovbench", help="Pyramid Memory Bank preset: ovbench (832 tokens) or offline (9,984)"),
+    retention: str = typer.Option("spread", help="pyramid retention: reference (VideoChat-Online) or spread "
+                                  "(kept frames spread over the whole stream)"),
     detection: bool = typer.Option(True, help="run the detection head"),
     qa: bool = typer.Option(True, help="run the QA head (a few questions during the stream)"),
 ) -> None:
@@ -94,6 +96,7 @@ def run(
     try:
         result = run_main_job(
             source, out, realtime=realtime, max_frames=max_frames, progress=progress, memory=memory,
+            retention=retention,
             heads=tuple(h for h, on in (("detection", detection), ("qa", qa)) if on),
             **_source_options(stride, start, end, fps, max_side, backend),
         )

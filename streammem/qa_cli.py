@@ -57,6 +57,8 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         interactive: bool = typer.Option(False, "--interactive", "-i",
                                          help="stream the source and answer questions typed on stdin"),
         memory: str = typer.Option("ovbench", help="PyramidMemory preset: ovbench (832 tokens) or offline (9,984)"),
+        retention: str = typer.Option("spread", help="pyramid retention: reference (VideoChat-Online) or spread "
+                                      "(kept frames spread over the whole stream)"),
         out: Optional[Path] = typer.Option(None, "--out", "-o", help="write answers.jsonl here"),
         max_frames: Optional[int] = typer.Option(None, help="stop after this many frames"),
         fps: Optional[float] = typer.Option(8.0, help="resample the source to this frame rate (8 as VideoChat-Online)"),
@@ -69,7 +71,7 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         if not interactive and (question is None or not at):
             raise typer.BadParameter("give a QUESTION and at least one --at, or use --interactive")
         try:
-            pipe = load_default_qa(memory=memory, keep_thumbnails=False)
+            pipe = load_default_qa(memory=memory, keep_thumbnails=False, retention=retention)
         except (FileNotFoundError, ValueError) as exc:
             typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
             raise typer.Exit(2)
@@ -200,13 +202,15 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         encoder: str = typer.Option("streammem/checkpoints/grid_encoder", help="frozen encoder checkpoint"),
         threads: int = typer.Option(1, help="torch threads"),
         pool: str = typer.Option("mean", help="the pyramids' pooling: mean (the reference) or salient"),
+        retention: str = typer.Option("reference", help="the pyramids' retention: reference or spread"),
     ) -> None:
         """Render StreamWorld worlds through the encoder into PyramidMemory snapshots with their
         questions, one safetensors shard per world (resumable; a trainer may follow the folder)."""
         from streammem.train.answerer import produce
 
         _check_pool(pool)
-        produce(out_dir, encoder, worlds=worlds, seconds=seconds, every_s=every, threads=threads, pool=pool)
+        produce(out_dir, encoder, worlds=worlds, seconds=seconds, every_s=every, threads=threads, pool=pool,
+                retention=retention)
 
     @eval_app.command("qa")
     def eval_qa(

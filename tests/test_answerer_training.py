@@ -107,6 +107,14 @@ def test_training_follows_a_shard_folder_and_saves_a_loadable_answerer(tmp_path)
     assert isinstance(pipe.memory, PyramidMemory) and pipe.memory.config.pool == "salient"
     with pytest.warns(UserWarning, match="trained on PyramidMemory"):
         StreamingQAPipeline(enc, m, memory=PyramidMemory.from_preset("ovbench", dim=8))
+    # the spread retention, by name; the pooling still follows the answerer
+    from streammem.memory import PYRAMID_SPREAD
+
+    cfg = StreamingQAPipeline(enc.eval(), m, memory="offline", retention="spread").memory.config
+    assert cfg.pool == "salient" and cfg.capacities == (24, 24, 144)
+    assert {k: getattr(cfg, k) for k in PYRAMID_SPREAD} == PYRAMID_SPREAD and PYRAMID_SPREAD["time_penalty"] > 0
+    with pytest.raises(ValueError, match="retention must be one of"):
+        StreamingQAPipeline(enc, m, memory="ovbench", retention="uniform")
 
 
 def test_salient_snapshots_and_a_folder_of_one_pooling(tmp_path):

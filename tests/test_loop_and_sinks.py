@@ -156,6 +156,9 @@ def test_cli_run_main_job(videos, tmp_path):
     assert len(answers) == 4 and all(a["answer"] in ("yes", "no") and a["evidence"] for a in answers)
     assert all(e["timestamp"] <= a["at"] for a in answers for e in a["evidence"])
     assert "answers ->" in res.output and "detect:" in res.output
+    res = CliRunner().invoke(app, ["run", str(videos["h264_mp4"]), "--out", str(tmp_path / "o2"), "--no-progress",
+                                   "--retention", "newest"])
+    assert res.exit_code != 0 and "retention must be one of ['reference', 'spread'], got 'newest'" in res.output
 
 
 def test_cli_run_keeps_work_done_before_a_truncation(videos, tmp_path):

@@ -44,6 +44,8 @@ CASES = {
     "pyramid_time": ("pyramid", dict(dim=D, capacities=(2, 3, 5), sides=(4, 2, 1), order="time"), _grid(4)),
     "pyramid_salient": ("pyramid", dict(dim=D, capacities=(2, 2, 6), sides=(4, 2, 1), pool="salient"),
                         _grid(4, with_salience=True)),
+    "pyramid_spread": ("pyramid", dict(dim=D, capacities=(2, 3, 5), sides=(4, 2, 1), order="time", time_penalty=0.2,
+                                       evict="shorter_gap"), _grid(4)),
     "dual_merge": ("dual", dict(dim=D, slots=8, fifo_frames=3, max_tokens_per_frame=4), _grid(2, with_score=True)),
     "dual_prune": ("dual", dict(dim=D, slots=8, fifo_frames=3, max_tokens_per_frame=4, compress="prune"),
                    _grid(2, with_score=True)),

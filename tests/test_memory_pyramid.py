@@ -8,8 +8,9 @@ from streammem.memory import PyramidMemory
 from streammem.types import Tokens
 
 
-def naive_pmb(frames, capacities, sides, ratios, order):
-    """The rule as written in the paper/reference, with nothing cached.
+def naive_pmb(frames, capacities, sides, ratios, order, time_penalty=0.0, evict="earlier"):
+    """The rule as written in the paper/reference, with nothing cached (plus our spread
+    retention: a merge penalty per second between frames, the shorter-gap frame evicted).
 
     levels[L] is a list of (grid (side, side, D), frame_index, timestamp) in list order.
     """
@@ -23,8 +24,14 @@ def naive_pmb(frames, capacities, sides, ratios, order):
         if capacities[lvl] > 0 and len(items) >= capacities[lvl]:
             desc = torch.stack([it[0].mean(dim=(0, 1)) for it in items])
             if len(items) >= 2:
-                cos = F.cosine_similarity(desc[1:], desc[:-1], dim=-1)
-                j = int(torch.argmax(cos))
+                cos = F.cosine_similarity(desc[1:], desc[:-1], dim=-1).double()
+                times = torch.tensor([it[2] for it in items], dtype=torch.float64)
+                j = int(torch.argmax(cos - time_penalty * (times[1:] - times[:-1]).abs()))
+                if evict == "shorter_gap" and j + 1 < len(items):
+                    n = len(items)
+                    drop_j = times[j + 1] - times[j - 1] if j > 0 else float("inf")  # gap left by removing j
+                    drop_next = times[min(j + 2, n - 1)] - times[j]  # ... or j + 1
+                    j = j + 1 if drop_next < drop_j else j
             else:
                 j = 0
             v = items.pop(j)
@@ -87,6 +94,67 @@ def test_pyramid_matches_naive_rule(order, caps, sides, ratios):
             torch.testing.assert_close(out.features, feats, atol=1e-5, rtol=0)
             assert out.level.tolist() == sum(([r[2]] * r[3].shape[0] for r in flat), [])
             assert out.timestamp.tolist() == sum(([r[0]] * r[3].shape[0] for r in flat), [])
+
+
+@pytest.mark.parametrize("penalty,evict", [(0.05, "earlier"), (0.05, "shorter_gap"), (1.0, "shorter_gap")])
+def test_spread_pyramid_matches_naive_rule(penalty, evict):
+    caps, sides, ratios, dim = (2, 3, 6), (4, 2, 1), (8, 4, 1), 6
+    frames = random_stream(300, 4, dim, seed=7)
+    mem = PyramidMemory(dim=dim, capacities=caps, sides=sides, ratios=ratios, order="time", time_penalty=penalty,
+                        evict=evict)
+    for i, (x, fi, ts) in enumerate(frames):
+        mem.write(Tokens.from_grid(x, frame_index=fi, timestamp=ts))
+        if i % 29 == 0 or i == len(frames) - 1:
+            ref = naive_pmb(frames[: i + 1], caps, sides, ratios, "time", penalty, evict)
+            assert mem.frames() == [(lvl, it[1], it[2]) for lvl, items in enumerate(ref) for it in items]
+    # the same state after a snapshot round trip, and the same retention afterwards
+    twin = PyramidMemory(dim=dim, capacities=caps, sides=sides, ratios=ratios, order="time", time_penalty=penalty,
+                         evict=evict)
+    twin.load_state_dict(mem.state_dict())
+    for x, fi, ts in random_stream(40, 4, dim, seed=8):
+        for m in (mem, twin):
+            m.write(Tokens.from_grid(x, frame_index=fi + 300, timestamp=ts + 300 / 8))
+    assert twin.frames() == mem.frames()
+
+
+def test_spread_retention_covers_a_long_uneventful_stream():
+    """Frames that all look alike: the reference rule keeps only the newest ones (a window);
+    spread retention keeps frames over the whole stream, evenly."""
+    from streammem.memory import PYRAMID_SPREAD
+
+    x = torch.ones(2, 2, 4)
+    kept = {}
+    for name, extra in (("reference", {}), ("spread", PYRAMID_SPREAD)):
+        mem = PyramidMemory(dim=4, capacities=(20,), sides=(2,), ratios=(1,), **extra)
+        for t in range(800):
+            mem.write(Tokens.from_grid(x, frame_index=t, timestamp=t / 8))
+        kept[name] = sorted(ts for _, _, ts in mem.frames())
+    assert kept["reference"] == [t / 8 for t in range(780, 800)]
+    spread = kept["spread"]
+    assert len(spread) == 20 and spread[0] < 10.0 and spread[-1] == 799 / 8
+    gaps = [b - a for a, b in zip(spread[:-1], spread[1:])]
+    assert max(gaps) < 2.5 * (100 / 20)  # 100 s over 20 frames: no gap much over the even spacing
+
+
+def test_spread_retention_still_keeps_the_odd_frame_out():
+    """Among look-alikes, a frame unlike its neighbours survives: similarity still counts."""
+    g = torch.Generator().manual_seed(0)
+    base = torch.randn(2, 2, 4, generator=g)
+    mem = PyramidMemory(dim=4, capacities=(12,), sides=(2,), ratios=(1,), order="time", time_penalty=0.001,
+                        evict="shorter_gap")
+    for t in range(400):
+        x = -base if t == 123 else base + 0.01 * torch.randn(2, 2, 4, generator=g)
+        mem.write(Tokens.from_grid(x, frame_index=t, timestamp=t / 8))
+    assert 123 in [fi for _, fi, _ in mem.frames()]
+
+
+def test_spread_options_are_checked():
+    with pytest.raises(ValueError, match="time_penalty"):
+        PyramidMemory(dim=4, time_penalty=-1.0)
+    with pytest.raises(ValueError, match="evict"):
+        PyramidMemory(dim=4, evict="random")
+    with pytest.raises(ValueError, match="order"):
+        PyramidMemory(dim=4, evict="shorter_gap")  # compares time gaps: needs order="time"
 
 
 def test_list_order_quirk_differs_from_time_order():

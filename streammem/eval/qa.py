@@ -19,6 +19,9 @@ Memories compared in one run, every one fed the same encoded frames, at one toke
 - ``none``: an empty memory: what the answerer gets from the question alone (its priors);
 - on request, ``pyramid-salient`` and ``full-salient``: the same with salience-weighted
   pooling (``PyramidConfig.pool="salient"``: the encoder's objectness weights each block).
+- on request, ``pyramid-spread`` and ``pyramid-salient-spread``: the pyramid with the spread
+  retention (:data:`~streammem.memory.PYRAMID_SPREAD`: time order, a merge penalty per second
+  between frames, the frame leaving the shorter gap evicted), so old events keep frames.
 
 Questions come from StreamWorld streams (``seconds`` long, at 8 fps) or, for real videos, from
 OVBench JSON files (:func:`load_ovbench`).
@@ -45,7 +48,7 @@ from typing import Callable
 import numpy as np
 import torch
 
-from streammem.memory import DualMemory, PyramidMemory
+from streammem.memory import PYRAMID_SPREAD, DualMemory, PyramidMemory
 from streammem.memory.base import pool_grid, pool_grid_salient
 from streammem.types import Tokens
 
@@ -54,7 +57,8 @@ __all__ = ["mcq_letter", "score", "load_ovbench", "WindowMemory", "UniformMemory
 
 BUDGETS = {"ovbench": 832, "offline": 9984}
 MEMORIES = ("none", "window", "uniform", "pyramid", "dual", "full")
-_ORDER = ("none", "window", "uniform", "pyramid", "pyramid-salient", "dual", "full", "full-salient")  # table rows
+_ORDER = ("none", "window", "uniform", "pyramid", "pyramid-salient", "pyramid-spread", "pyramid-salient-spread", "dual",
+          "full", "full-salient")  # table rows
 _BUDGET_FREE = ("full", "full-salient", "none")  # run once, reported beside every budget
 TYPES = ("PM", "SP", "TP", "STP", "HD", "FP")
 _LETTER_RE = re.compile(r"(?:^|[^A-Za-z])\(?([A-E])(?:[).:,]|\s|$)")
@@ -276,6 +280,8 @@ def make_memories(budget: str, dim: int, names: tuple[str, ...] = MEMORIES) -> d
         "dual": lambda: DualMemory(dim=dim, slots=n - fifo * 256, fifo_frames=fifo, max_tokens_per_frame=256),
         "full": lambda: FullMemory(dim),
         "pyramid-salient": lambda: PyramidMemory.from_preset(budget, dim=dim, pool="salient"),
+        "pyramid-spread": lambda: PyramidMemory.from_preset(budget, dim=dim, **PYRAMID_SPREAD),
+        "pyramid-salient-spread": lambda: PyramidMemory.from_preset(budget, dim=dim, pool="salient", **PYRAMID_SPREAD),
         "full-salient": lambda: FullMemory(dim, pool="salient"),
         "none": lambda: EmptyMemory(dim),
     }

@@ -29,7 +29,7 @@ from streammem.memory.posekv import RELIC_SCHEDULE, PoseKVConfig, PoseKVMemory
 from streammem.memory.presses import (
     PRESSES, ComposedPress, H2OPress, KVMergerPress, MiKVPress, Press, SinkWindowPress, build_press,
 )
-from streammem.memory.pyramid import PYRAMID_PRESETS, PyramidConfig, PyramidMemory
+from streammem.memory.pyramid import PYRAMID_PRESETS, PYRAMID_SPREAD, PyramidConfig, PyramidMemory
 
 
 def build_memory(name: str, **cfg: Any) -> Memory:
@@ -43,7 +43,7 @@ def build_memory(name: str, **cfg: Any) -> Memory:
 
 __all__ = [
     "Memory", "MemoryConfig", "MEMORY_KINDS", "build_memory",
-    "PyramidMemory", "PyramidConfig", "PYRAMID_PRESETS",
+    "PyramidMemory", "PyramidConfig", "PYRAMID_PRESETS", "PYRAMID_SPREAD",
     "DualMemory", "DualConfig",
     "PoseKVMemory", "PoseKVConfig", "RELIC_SCHEDULE",
     "FeatureBank", "FeatureBankConfig",

@@ -34,6 +34,13 @@ Departures from the reference:
 - optional salient pooling (``pool="salient"``, off by default): blocks are pooled weighted
   by a per-token salience (an encoder's objectness) instead of averaged, so a small object
   is not washed out at the 4 x 4 level;
+- optional spread retention (``time_penalty > 0``, ``evict="shorter_gap"``, ``order="time"``;
+  :data:`PYRAMID_SPREAD`, off by default): an adjacent pair's merge score is its cosine
+  similarity less a penalty per second between the two frames, and the frame of the pair
+  whose removal leaves the shorter time gap goes. The reference's rule thins whatever looks
+  alike, so long calm stretches lose every frame and an event minutes back (a small object
+  appearing barely moves a whole-frame mean) may keep no frame on one side of it; spread
+  retention keeps the stream covered while still merging look-alikes first;
 - token positions in reads are pooled-cell centres in the input grid's units;
 - levels preallocate their buffers; an unbounded level (capacity 0) doubles its buffers when
   full, so only then does ``nbytes`` grow.
@@ -67,9 +74,11 @@ import torch.nn.functional as F
 from streammem.memory.base import Memory, MemoryConfig, check_field, pool_grid, pool_grid_salient
 from streammem.types import Tokens
 
-__all__ = ["PyramidMemory", "PyramidConfig", "PYRAMID_PRESETS"]
+__all__ = ["PyramidMemory", "PyramidConfig", "PYRAMID_PRESETS", "PYRAMID_SPREAD"]
 
 PYRAMID_PRESETS = {"ovbench": (2, 2, 12), "offline": (24, 24, 144)}
+#: config overrides of the spread retention (not in the reference; see the module docstring).
+PYRAMID_SPREAD = {"order": "time", "time_penalty": 0.03, "evict": "shorter_gap"}
 
 
 @dataclass
@@ -87,6 +96,13 @@ class PyramidConfig(MemoryConfig):
         objects survive in the coarse levels; writes then need ``Tokens.salience`` (the shipped
         ``GridEncoder`` gives its objectness), kept per stored token. Not in the reference.
     temperature: of the salient pooling (``pool="salient"`` only).
+    time_penalty: per second of time between an adjacent pair, subtracted from its cosine
+        similarity (``cos - time_penalty * |dt|``), so frames far apart in time are merged
+        last and the kept frames spread over the whole stream (0 = the reference). Not in the
+        reference; use it with ``order="time"``.
+    evict: which frame of the chosen pair leaves: ``"earlier"`` (the reference) or
+        ``"shorter_gap"``: the one whose removal leaves the shorter time gap between the
+        frames around it (needs ``order="time"``). Not in the reference.
     """
 
     dim: int = 4096
@@ -96,6 +112,8 @@ class PyramidConfig(MemoryConfig):
     order: str = "list"
     pool: str = "mean"
     temperature: float = 0.1
+    time_penalty: float = 0.0
+    evict: str = "earlier"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,6 +130,12 @@ class PyramidConfig(MemoryConfig):
         check_field(self.pool in ("mean", "salient"), name, "pool", "'mean' or 'salient'", self.pool)
         check_field(isinstance(self.temperature, (int, float)) and self.temperature > 0, name, "temperature",
                     "a number > 0", self.temperature)
+        check_field(isinstance(self.time_penalty, (int, float)) and self.time_penalty >= 0, name, "time_penalty",
+                    "a number >= 0 (per second)", self.time_penalty)
+        check_field(self.evict in ("earlier", "shorter_gap"), name, "evict", "'earlier' or 'shorter_gap'", self.evict)
+        if self.evict == "shorter_gap":
+            check_field(self.order == "time", name, "order", "'time' (evict='shorter_gap' compares time gaps)",
+                        self.order)
         if self.pool == "salient":
             check_field(all(a % b == 0 for a, b in zip(self.sides[:-1], self.sides[1:])), name, "sides",
                         "sides that each divide the previous one (salient pooling)", self.sides)
@@ -189,12 +213,15 @@ class PyramidMemory(Memory):
             self._fi.append(fi)
             self._ts.append(ts)
             self._keys.append([(ts[s], fi[s]) for s in order])
-            self._sims.append([self._cos(lvl, a, b) for a, b in zip(order[:-1], order[1:])])
+            self._sims.append([self._score(lvl, a, b) for a, b in zip(order[:-1], order[1:])])
 
-    def _cos(self, lvl: int, a: int, b: int) -> float:
-        """Cosine similarity of two slots' cached descriptors (as ``F.cosine_similarity``)."""
+    def _score(self, lvl: int, a: int, b: int) -> float:
+        """Merge score of two slots: the cosine similarity of their cached descriptors (as
+        ``F.cosine_similarity``), less ``time_penalty`` per second between them."""
         d, norms = self._buffers[f"L{lvl}.descriptor"], self._norms[lvl]
-        return float(torch.dot(d[a], d[b])) / max(norms[a] * norms[b], 1e-8)
+        cos = float(torch.dot(d[a], d[b])) / max(norms[a] * norms[b], 1e-8)
+        lam = self.config.time_penalty
+        return cos - lam * abs(self._ts[lvl][a] - self._ts[lvl][b]) if lam else cos
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         for lvl, cap in enumerate(self.config.capacities):
@@ -258,7 +285,7 @@ class PyramidMemory(Memory):
         order, sims = self._order[lvl], self._sims[lvl]
         n = len(order)
         if 0 < j < n - 1:
-            sims[j - 1] = self._cos(lvl, order[j - 1], order[j + 1])
+            sims[j - 1] = self._score(lvl, order[j - 1], order[j + 1])
             del sims[j]
         elif sims:
             del sims[0 if j == 0 else j - 1]
@@ -269,12 +296,12 @@ class PyramidMemory(Memory):
         order, sims = self._order[lvl], self._sims[lvl]
         n = len(order)
         if 0 < pos < n:
-            sims[pos - 1] = self._cos(lvl, order[pos - 1], slot)
-            sims.insert(pos, self._cos(lvl, slot, order[pos]))
+            sims[pos - 1] = self._score(lvl, order[pos - 1], slot)
+            sims.insert(pos, self._score(lvl, slot, order[pos]))
         elif pos == n and n > 0:
-            sims.append(self._cos(lvl, order[n - 1], slot))
+            sims.append(self._score(lvl, order[n - 1], slot))
         elif pos == 0 and n > 0:
-            sims.insert(0, self._cos(lvl, slot, order[0]))
+            sims.insert(0, self._score(lvl, slot, order[0]))
         order.insert(pos, slot)
         self._keys[lvl].insert(pos, (self._ts[lvl][slot], self._fi[lvl][slot]))
 
@@ -282,10 +309,7 @@ class PyramidMemory(Memory):
              sal: torch.Tensor | None = None) -> None:
         cap = self.config.capacities[lvl]
         if cap > 0 and len(self._order[lvl]) >= cap:
-            sims = self._sims[lvl]
-            # earlier frame of the most similar adjacent pair (first maximum, as argmax)
-            j = max(range(len(sims)), key=sims.__getitem__) if sims else 0
-            slot = self._remove(lvl, j)
+            slot = self._remove(lvl, self._victim(lvl))
             self.counters["evictions"] += 1
             if lvl + 1 < len(self.config.sides):
                 old = self._buffers[f"L{lvl}.features"][slot]
@@ -304,7 +328,7 @@ class PyramidMemory(Memory):
         if sal is not None:
             self._buffers[f"L{lvl}.salience"][slot] = sal
         desc = self._buffers[f"L{lvl}.descriptor"][slot]
-        torch.mean(frame, 0, out=desc)
+        self._describe(frame, sal, desc)
         self._norms[lvl][slot] = float(desc.norm())
         self._fi[lvl][slot] = frame_index
         self._ts[lvl][slot] = timestamp
@@ -313,6 +337,26 @@ class PyramidMemory(Memory):
         else:
             pos = bisect.bisect_right(self._keys[lvl], (timestamp, frame_index))
         self._insert(lvl, pos, slot)
+
+    def _victim(self, lvl: int) -> int:
+        """List position to evict from a full level: a frame of the adjacent pair with the highest
+        merge score (the first maximum, as argmax); the earlier one unless
+        ``evict="shorter_gap"``."""
+        sims = self._sims[lvl]
+        j = max(range(len(sims)), key=sims.__getitem__) if sims else 0
+        keys = self._keys[lvl]
+        n = len(keys)
+        if self.config.evict == "earlier" or j + 1 >= n:
+            return j
+        # shorter_gap: drop j (leaves keys[j-1]..keys[j+1]) or j+1 (leaves keys[j]..keys[j+2]);
+        # the level's oldest frame is kept (dropping it would shorten the span the level covers)
+        gap_j = keys[j + 1][0] - keys[j - 1][0] if j > 0 else math.inf
+        gap_k = keys[min(j + 2, n - 1)][0] - keys[j][0]
+        return j + 1 if gap_k < gap_j else j
+
+    def _describe(self, frame: torch.Tensor, sal: torch.Tensor | None, out: torch.Tensor) -> None:
+        """Write one frame's retention descriptor into ``out`` (the spatial mean)."""
+        torch.mean(frame, 0, out=out)
 
     def frames(self) -> list[tuple[int, int, float]]:
         """``(level, frame_index, timestamp)`` of each kept frame, per level in list order."""

@@ -67,7 +67,11 @@ class MainPipeline:
     """
 
     def __init__(self, memory: str = "ovbench", detection: bool = True, qa: bool = True,
-                 questions: list[dict] | None = None) -> None:
+                 questions: list[dict] | None = None, retention: str = "spread") -> None:
+        from streammem.pipelines.qa import RETENTIONS
+
+        if retention not in RETENTIONS:
+            raise ValueError(f"retention must be one of {sorted(RETENTIONS)}, got {retention!r}")
         self.stats = StatsPipeline()
         self.notes: list[str] = []
         self.detector = None
@@ -84,7 +88,7 @@ class MainPipeline:
             try:
                 from streammem.pipelines.qa import load_default_qa
 
-                self.qa = load_default_qa(memory=memory)
+                self.qa = load_default_qa(memory=memory, retention=retention)
             except (OSError, ValueError) as exc:
                 self.notes.append(f"QA head skipped: {exc}")
         if self.qa is not None:
@@ -93,7 +97,7 @@ class MainPipeline:
                 self.qa.schedule(q["question"], q["candidates"], float(q["middle_frame_timestamp"]), id=q)
         else:
             self.encoder = PatchEncoder()
-            self.memory = PyramidMemory.from_preset(memory, dim=self.encoder.dim)
+            self.memory = PyramidMemory.from_preset(memory, dim=self.encoder.dim, **RETENTIONS[retention])
 
     def step(self, frame: Frame) -> StatsOutput:
         out = self.stats.step(frame)
@@ -178,6 +182,7 @@ def run_main_job(
     progress: bool = True,
     memory: str = "ovbench",
     heads: tuple[str, ...] = ("detection", "qa"),
+    retention: str = "spread",
     **source_options,
 ) -> MainJobResult:
     """Run the main job. A source that fails mid-stream keeps everything processed before the
@@ -195,7 +200,8 @@ def run_main_job(
     det_jsonl = JsonlWriter(out / "detections.jsonl", flush_every=16) if "detection" in heads else None
     ans_jsonl = JsonlWriter(out / "answers.jsonl") if "qa" in heads else None
     questions = default_questions(source, info.duration) if "qa" in heads else []
-    pipeline = MainPipeline(memory, detection="detection" in heads, qa="qa" in heads, questions=questions)
+    pipeline = MainPipeline(memory, detection="detection" in heads, qa="qa" in heads, questions=questions,
+                            retention=retention)
     answers: list[dict] = []
     last_answer: list[str] = []
     box_annotator = label_annotator = None

@@ -54,11 +54,14 @@ import cv2
 import numpy as np
 import torch
 
-from streammem.memory import DualMemory, PyramidMemory
+from streammem.memory import PYRAMID_SPREAD, DualMemory, PyramidMemory
 from streammem.memory.base import Memory
 from streammem.types import Answer, Frame, Tokens
 
-__all__ = ["StreamingQAPipeline", "Question", "load_default_qa"]
+__all__ = ["StreamingQAPipeline", "Question", "load_default_qa", "RETENTIONS"]
+
+#: pyramid retention rules by name: PyramidConfig overrides.
+RETENTIONS = {"reference": {}, "spread": PYRAMID_SPREAD}
 
 
 @dataclass
@@ -82,6 +85,11 @@ class StreamingQAPipeline:
         memory: a :class:`~streammem.memory.base.Memory` or a ``PyramidMemory`` preset name
             (``"ovbench"``: 832 tokens, ``"offline"``: 9,984), built with the pooling the
             answerer was trained on (its ``memory_pool``, if it has one).
+        retention: for a preset name, ``"spread"`` (the default: :data:`~streammem.memory.PYRAMID_SPREAD`;
+            look-alike frames are still merged first, but the kept frames stay spread over the
+            whole stream, so events minutes back keep frames around them; measured better at
+            the offline budget and on par at ovbench) or ``"reference"`` (VideoChat-Online's
+            rule, ``PyramidMemory``'s own default).
         dual: optional :class:`DualMemory` fed beside the pyramid; its tokens are routed by
             :class:`~streammem.eval.motion.MotionScorer` (static score = 1 - motion), and the
             answerer reads both memories' tokens.
@@ -90,13 +98,16 @@ class StreamingQAPipeline:
     """
 
     def __init__(self, encoder, answerer, memory: Memory | str = "ovbench", dual: DualMemory | None = None,
-                 keep_thumbnails: bool = False, thumb_side: int = 96) -> None:
+                 keep_thumbnails: bool = False, thumb_side: int = 96, retention: str = "spread") -> None:
         self.encoder, self.answerer = encoder, answerer
         dim = getattr(encoder, "dim", None)
         if isinstance(memory, str):
             if dim is None:
                 raise ValueError("memory given as a preset name needs an encoder with a .dim")
-            memory = PyramidMemory.from_preset(memory, dim=dim, pool=getattr(answerer, "memory_pool", "mean"))
+            if retention not in RETENTIONS:
+                raise ValueError(f"retention must be one of {sorted(RETENTIONS)}, got {retention!r}")
+            memory = PyramidMemory.from_preset(memory, dim=dim, pool=getattr(answerer, "memory_pool", "mean"),
+                                               **RETENTIONS[retention])
         trained = getattr(answerer, "memory_pool", None)
         if isinstance(memory, PyramidMemory) and trained is not None and memory.config.pool != trained:
             warnings.warn(f"the answerer was trained on PyramidMemory(pool={trained!r}) reads; this pipeline's "

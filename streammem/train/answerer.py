@@ -152,11 +152,16 @@ def build_snapshots(encoder, seeds: list[int], presets: tuple[str, ...], seconds
 def iter_world_snapshots(encoder, seeds: list[int], presets: tuple[str, ...], seconds: float,
                          budgets: tuple[str, ...], every_s: float = 10.0, size: int = 256, fps: float = 8.0,
                          batch: int = 32, progress: bool = True, memories: dict | None = None,
-                         strides: dict[str, int] | None = None, pool: str = "mean"):
-    """Like :func:`build_snapshots`, one world at a time: yields ``(seed, snapshots)``."""
+                         strides: dict[str, int] | None = None, pool: str = "mean", retention: str = "reference"):
+    """Like :func:`build_snapshots`, one world at a time: yields ``(seed, snapshots)``.
+    ``retention``: the pyramids' retention rule (a name of :data:`~streammem.pipelines.qa.RETENTIONS`)."""
+    from streammem.pipelines.qa import RETENTIONS
     from streammem.world import World
 
-    factories = memories or {b: (lambda b=b: PyramidMemory.from_preset(b, dim=encoder.dim, pool=pool))
+    if retention not in RETENTIONS:
+        raise ValueError(f"retention must be one of {sorted(RETENTIONS)}, got {retention!r}")
+    factories = memories or {b: (lambda b=b: PyramidMemory.from_preset(b, dim=encoder.dim, pool=pool,
+                                                                       **RETENTIONS[retention]))
                              for b in budgets}
     strides = strides or {}
     for wi, seed in enumerate(seeds):
@@ -217,9 +222,9 @@ def shard_pool(path: str | Path) -> str:
         return (f.metadata() or {}).get("pool", "mean")
 
 
-def save_shard(path: str | Path, snaps: list[Snapshot], pool: str = "mean") -> Path:
+def save_shard(path: str | Path, snaps: list[Snapshot], pool: str = "mean", retention: str = "reference") -> Path:
     """Write snapshots as one safetensors file (tensors) with the questions in its JSON metadata
-    (and ``pool``, the pyramids' pooling they were made with).
+    (and ``pool`` / ``retention``, the pyramids' pooling and retention rule they were made with).
 
     The file appears atomically (written under a temporary name, then renamed), so a trainer
     following a folder never reads half a shard.
@@ -241,7 +246,7 @@ def save_shard(path: str | Path, snaps: list[Snapshot], pool: str = "mean") -> P
         meta.append({"query_time": s.query_time, "budget": s.budget, "video": s.video, "questions": s.questions})
     tmp = path.with_name(path.name + ".tmp")
     save_file(tensors, str(tmp), metadata={"format": "streammem.answerer_snapshots/1",
-                                           "snapshots": json.dumps(meta), "pool": pool})
+                                           "snapshots": json.dumps(meta), "pool": pool, "retention": retention})
     os.replace(tmp, path)
     return path
 
@@ -272,14 +277,16 @@ def produce(out_dir: str | Path, encoder: str = "streammem/checkpoints/grid_enco
             val_worlds: int = 2, seconds: float = 360.0, every_s: float = 1.0, val_every_s: float = 10.0,
             presets: tuple[str, ...] = ("clean", "medium", "hard"), budgets: tuple[str, ...] = ("ovbench", "offline"),
             strides: dict[str, int] | None = None, seed: int = 0, threads: int = 1,
-            progress: bool = True, pool: str = "mean") -> None:
+            progress: bool = True, pool: str = "mean", retention: str = "reference") -> None:
     """Write snapshot shards, one per world, to ``out_dir/val`` (first) and ``out_dir/train``.
 
     Worlds already written are skipped, so a stopped run resumes. A trainer can follow the
     folder while this runs (``AnswererTrainConfig.data``): rendering and encoding on one core,
     training on the other, and every world the trainer sees is a new one. ``pool``: the
     pyramids' pooling (``"mean"``, the reference, or ``"salient"``), recorded in each shard; a
-    folder holds one kind (adding another to it is refused).
+    folder holds one kind (adding another to it is refused). ``retention``: the pyramids'
+    retention rule (``"reference"`` or ``"spread"``), also recorded in each shard; a trainer may
+    mix shards of both rules (they differ in which frames are kept, not in what a token means).
     """
     from streammem.models.grid_encoder import GridEncoder
 
@@ -302,8 +309,8 @@ def produce(out_dir: str | Path, encoder: str = "streammem/checkpoints/grid_enco
         preset = presets[wi % len(presets)]
         t0 = time.time()
         for _, snaps in iter_world_snapshots(enc, [s], (preset,), seconds, budgets, ev, progress=progress,
-                                             strides=st, pool=pool):
-            save_shard(path, snaps, pool)
+                                             strides=st, pool=pool, retention=retention):
+            save_shard(path, snaps, pool, retention)
         print(f"[produce] {split} world {s} ({preset}): {len(snaps)} snapshots, "
               f"{sum(len(x.questions) for x in snaps)} questions, {time.time() - t0:.0f}s", flush=True)
 
