@@ -209,6 +209,10 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         from streammem.train.answerer import produce
 
         _check_pool(pool)
+        from streammem.pipelines.qa import RETENTIONS
+
+        if retention not in RETENTIONS:
+            raise typer.BadParameter(f"{retention!r}: choose {' or '.join(sorted(RETENTIONS))}", param_hint="--retention")
         produce(out_dir, encoder, worlds=worlds, seconds=seconds, every_s=every, threads=threads, pool=pool,
                 retention=retention)
 

@@ -157,3 +157,8 @@ def test_the_cli_names_an_unknown_pool(tmp_path):
     for cmd in (["train", "qa-snapshots", str(tmp_path / "d")], ["train", "answerer", "--data", str(tmp_path)]):
         res = CliRunner().invoke(app, cmd + ["--pool", "max"])
         assert res.exit_code == 2 and "choose mean" in res.output and not (tmp_path / "d").exists()
+    res = CliRunner().invoke(app, ["train", "qa-snapshots", str(tmp_path / "d"), "--retention", "newest"])
+    assert res.exit_code == 2 and "choose reference or spread" in res.output and not (tmp_path / "d").exists()
+    res = CliRunner().invoke(app, ["ask", "world:seed=1,seconds=2", "--at", "1", "q", "-c", "a", "-c", "b",
+                                   "--retention", "newest"])
+    assert res.exit_code == 2 and "retention must be one of ['reference', 'spread'], got 'newest'" in res.output

@@ -296,6 +296,10 @@ def produce(out_dir: str | Path, encoder: str = "streammem/checkpoints/grid_enco
     root = Path(out_dir)
     if pool not in ("mean", "salient"):
         raise ValueError(f"pool must be 'mean' or 'salient', got {pool!r}")
+    from streammem.pipelines.qa import RETENTIONS
+
+    if retention not in RETENTIONS:
+        raise ValueError(f"retention must be one of {sorted(RETENTIONS)}, got {retention!r}")
     for old in sorted(root.glob("*/*.safetensors"))[:1]:
         if (kind := shard_pool(old)) != pool:
             raise PoolMismatch(f"{root} holds snapshots pooled with {kind!r}, not {pool!r}")
