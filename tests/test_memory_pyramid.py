@@ -27,11 +27,8 @@ def naive_pmb(frames, capacities, sides, ratios, order, time_penalty=0.0, evict=
                 cos = F.cosine_similarity(desc[1:], desc[:-1], dim=-1).double()
                 times = torch.tensor([it[2] for it in items], dtype=torch.float64)
                 j = int(torch.argmax(cos - time_penalty * (times[1:] - times[:-1]).abs()))
-                if evict == "shorter_gap" and j + 1 < len(items):
-                    n = len(items)
-                    drop_j = times[j + 1] - times[j - 1] if j > 0 else float("inf")  # gap left by removing j
-                    drop_next = times[min(j + 2, n - 1)] - times[j]  # ... or j + 1
-                    j = j + 1 if drop_next < drop_j else j
+                if evict == "shorter_gap":
+                    j = min((j, j + 1), key=lambda r: (gap_left(times.tolist(), r, lvl == len(sides) - 1), r))
             else:
                 j = 0
             v = items.pop(j)
@@ -50,6 +47,17 @@ def naive_pmb(frames, capacities, sides, ratios, order, time_penalty=0.0, evict=
         lvl = next(i for i, r in enumerate(ratios) if t % r == 0)
         put(lvl, pool(x, sides[lvl]), fi, ts)
     return levels
+
+
+def gap_left(times, r, last_level):
+    """Seconds between the frames around position r once it is taken out of ``times`` (at an end:
+    the distance to its one neighbour); the last level's oldest frame is never chosen."""
+    if r == 0 and last_level:
+        return float("inf")
+    rest = times[:r] + times[r + 1:]
+    if 0 < r < len(times) - 1:
+        return rest[r] - rest[r - 1]  # r's two former neighbours, now adjacent
+    return abs(times[r] - times[r - 1 if r else 1])  # at an end: the distance to its one neighbour
 
 
 def random_stream(n, side, dim, seed, drift=0.9):
@@ -96,10 +104,17 @@ def test_pyramid_matches_naive_rule(order, caps, sides, ratios):
             assert out.timestamp.tolist() == sum(([r[0]] * r[3].shape[0] for r in flat), [])
 
 
-@pytest.mark.parametrize("penalty,evict", [(0.05, "earlier"), (0.05, "shorter_gap"), (1.0, "shorter_gap")])
-def test_spread_pyramid_matches_naive_rule(penalty, evict):
-    caps, sides, ratios, dim = (2, 3, 6), (4, 2, 1), (8, 4, 1), 6
-    frames = random_stream(300, 4, dim, seed=7)
+@pytest.mark.parametrize("penalty,evict,caps,sides,ratios", [
+    (0.05, "earlier", (2, 3, 6), (4, 2, 1), (8, 4, 1)),
+    (0.05, "shorter_gap", (2, 3, 6), (4, 2, 1), (8, 4, 1)),
+    (1.0, "shorter_gap", (2, 3, 6), (4, 2, 1), (8, 4, 1)),
+    (0.03, "shorter_gap", (2, 2, 12), (8, 4, 2), (8, 4, 1)),
+    (0.03, "shorter_gap", (5, 0, 3), (4, 2, 1), (3, 2, 1)),  # an unbounded level grows
+    (0.2, "shorter_gap", (1, 1, 2), (4, 2, 1), (2, 1, 1)),
+])
+def test_spread_pyramid_matches_naive_rule(penalty, evict, caps, sides, ratios):
+    dim = 6
+    frames = random_stream(300, sides[0], dim, seed=7)
     mem = PyramidMemory(dim=dim, capacities=caps, sides=sides, ratios=ratios, order="time", time_penalty=penalty,
                         evict=evict)
     for i, (x, fi, ts) in enumerate(frames):
@@ -111,7 +126,7 @@ def test_spread_pyramid_matches_naive_rule(penalty, evict):
     twin = PyramidMemory(dim=dim, capacities=caps, sides=sides, ratios=ratios, order="time", time_penalty=penalty,
                          evict=evict)
     twin.load_state_dict(mem.state_dict())
-    for x, fi, ts in random_stream(40, 4, dim, seed=8):
+    for x, fi, ts in random_stream(40, sides[0], dim, seed=8):
         for m in (mem, twin):
             m.write(Tokens.from_grid(x, frame_index=fi + 300, timestamp=ts + 300 / 8))
     assert twin.frames() == mem.frames()
@@ -134,6 +149,19 @@ def test_spread_retention_covers_a_long_uneventful_stream():
     assert len(spread) == 20 and spread[0] < 10.0 and spread[-1] == 799 / 8
     gaps = [b - a for a, b in zip(spread[:-1], spread[1:])]
     assert max(gaps) < 2.5 * (100 / 20)  # 100 s over 20 frames: no gap much over the even spacing
+
+
+def test_spread_retention_lets_lower_levels_move_on_and_keeps_the_stream_start():
+    """Only the last level holds on to its oldest frame; the full-resolution levels keep recent
+    frames (their evicted frames move one level down, so nothing is lost by letting them go)."""
+    from streammem.memory import PYRAMID_SPREAD
+
+    mem = PyramidMemory.from_preset("ovbench", dim=4, **PYRAMID_SPREAD)
+    for x, fi, ts in random_stream(800, 16, 4, seed=4):
+        mem.write(Tokens.from_grid(x, frame_index=fi, timestamp=ts))
+    levels = [[fi for lvl, fi, _ in mem.frames() if lvl == k] for k in range(3)]
+    assert levels[0] == [784, 792] and levels[1] == [788, 796]  # the newest frames entering each
+    assert levels[2][0] == 0 and levels[2][-1] == 799  # frame 0 came down from level 0; the newest frame
 
 
 def test_spread_retention_still_keeps_the_odd_frame_out():

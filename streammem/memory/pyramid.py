@@ -102,7 +102,8 @@ class PyramidConfig(MemoryConfig):
         reference; use it with ``order="time"``.
     evict: which frame of the chosen pair leaves: ``"earlier"`` (the reference) or
         ``"shorter_gap"``: the one whose removal leaves the shorter time gap between the
-        frames around it (needs ``order="time"``). Not in the reference.
+        frames around it (needs ``order="time"``; the last level never drops its oldest frame
+        this way). Not in the reference.
     """
 
     dim: int = 4096
@@ -130,8 +131,9 @@ class PyramidConfig(MemoryConfig):
         check_field(self.pool in ("mean", "salient"), name, "pool", "'mean' or 'salient'", self.pool)
         check_field(isinstance(self.temperature, (int, float)) and self.temperature > 0, name, "temperature",
                     "a number > 0", self.temperature)
-        check_field(isinstance(self.time_penalty, (int, float)) and self.time_penalty >= 0, name, "time_penalty",
-                    "a number >= 0 (per second)", self.time_penalty)
+        check_field(isinstance(self.time_penalty, (int, float)) and not isinstance(self.time_penalty, bool)
+                    and math.isfinite(self.time_penalty) and self.time_penalty >= 0, name, "time_penalty",
+                    "a finite number >= 0 (per second)", self.time_penalty)
         check_field(self.evict in ("earlier", "shorter_gap"), name, "evict", "'earlier' or 'shorter_gap'", self.evict)
         if self.evict == "shorter_gap":
             check_field(self.order == "time", name, "order", "'time' (evict='shorter_gap' compares time gaps)",
@@ -199,7 +201,7 @@ class PyramidMemory(Memory):
     def _unpack(self) -> None:
         # Python-side bookkeeping, per level: slots in list order, free slots (lowest last),
         # per-slot frame index and timestamp, (timestamp, frame_index) per list position, and
-        # the cosine similarity of each adjacent pair in list order (sims[i]: order[i], order[i+1]).
+        # the merge score (_score) of each adjacent pair in list order (sims[i]: order[i], order[i+1]).
         self._order, self._free, self._fi, self._ts, self._keys, self._sims = [], [], [], [], [], []
         self._norms = [self._buffers[f"L{lvl}.descriptor"].norm(dim=1).tolist() for lvl in range(len(self.config.sides))]
         for lvl in range(len(self.config.sides)):
@@ -281,7 +283,7 @@ class PyramidMemory(Memory):
         return x.reshape(out * out, -1), sal.reshape(-1)
 
     def _remove(self, lvl: int, j: int) -> int:
-        """Pop list position j; keep the adjacent-pair similarities in step."""
+        """Pop list position j; keep the adjacent-pair merge scores in step."""
         order, sims = self._order[lvl], self._sims[lvl]
         n = len(order)
         if 0 < j < n - 1:
@@ -341,18 +343,28 @@ class PyramidMemory(Memory):
     def _victim(self, lvl: int) -> int:
         """List position to evict from a full level: a frame of the adjacent pair with the highest
         merge score (the first maximum, as argmax); the earlier one unless
-        ``evict="shorter_gap"``."""
+        ``evict="shorter_gap"``, which drops the one whose removal leaves the shorter time gap."""
         sims = self._sims[lvl]
         j = max(range(len(sims)), key=sims.__getitem__) if sims else 0
         keys = self._keys[lvl]
         n = len(keys)
         if self.config.evict == "earlier" or j + 1 >= n:
             return j
-        # shorter_gap: drop j (leaves keys[j-1]..keys[j+1]) or j+1 (leaves keys[j]..keys[j+2]);
-        # the level's oldest frame is kept (dropping it would shorten the span the level covers)
-        gap_j = keys[j + 1][0] - keys[j - 1][0] if j > 0 else math.inf
-        gap_k = keys[min(j + 2, n - 1)][0] - keys[j][0]
-        return j + 1 if gap_k < gap_j else j
+        last = lvl == len(self.config.sides) - 1
+        return j + 1 if self._gap_left(keys, j + 1, last) < self._gap_left(keys, j, last) else j
+
+    @staticmethod
+    def _gap_left(keys: list, r: int, last_level: bool) -> float:
+        """Seconds between the frames around list position ``r`` once it is removed (time order):
+        its two neighbours', or at an end the one neighbour's distance to it. The last level
+        never drops its oldest frame this way (it would be lost, shortening the span the memory
+        covers); a lower level's oldest frame may go, since it moves one level down."""
+        n = len(keys)
+        if 0 < r < n - 1:
+            return keys[r + 1][0] - keys[r - 1][0]
+        if r == 0:
+            return math.inf if last_level else keys[1][0] - keys[0][0]
+        return keys[r][0] - keys[r - 1][0]
 
     def _describe(self, frame: torch.Tensor, sal: torch.Tensor | None, out: torch.Tensor) -> None:
         """Write one frame's retention descriptor into ``out`` (the spatial mean)."""

@@ -188,6 +188,10 @@ def run_main_job(
     """Run the main job. A source that fails mid-stream keeps everything processed before the
     failure: the video and JSONL are finished, the summary records the error, and the error is
     returned in ``result.error``."""
+    from streammem.pipelines.qa import RETENTIONS
+
+    if retention not in RETENTIONS:  # before anything is opened or written
+        raise ValueError(f"retention must be one of {sorted(RETENTIONS)}, got {retention!r}")
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     src = open_source(source, **source_options)

@@ -61,7 +61,7 @@ from streammem.types import Answer, Frame, Tokens
 __all__ = ["StreamingQAPipeline", "Question", "load_default_qa", "RETENTIONS"]
 
 #: pyramid retention rules by name: PyramidConfig overrides.
-RETENTIONS = {"reference": {}, "spread": PYRAMID_SPREAD}
+RETENTIONS = {"reference": {}, "spread": dict(PYRAMID_SPREAD)}
 
 
 @dataclass
@@ -89,7 +89,7 @@ class StreamingQAPipeline:
             look-alike frames are still merged first, but the kept frames stay spread over the
             whole stream, so events minutes back keep frames around them; measured better at
             the offline budget and on par at ovbench) or ``"reference"`` (VideoChat-Online's
-            rule, ``PyramidMemory``'s own default).
+            rule, ``PyramidMemory``'s own default). A memory given as an object is used as it is.
         dual: optional :class:`DualMemory` fed beside the pyramid; its tokens are routed by
             :class:`~streammem.eval.motion.MotionScorer` (static score = 1 - motion), and the
             answerer reads both memories' tokens.
@@ -101,11 +101,11 @@ class StreamingQAPipeline:
                  keep_thumbnails: bool = False, thumb_side: int = 96, retention: str = "spread") -> None:
         self.encoder, self.answerer = encoder, answerer
         dim = getattr(encoder, "dim", None)
+        if retention not in RETENTIONS:
+            raise ValueError(f"retention must be one of {sorted(RETENTIONS)}, got {retention!r}")
         if isinstance(memory, str):
             if dim is None:
                 raise ValueError("memory given as a preset name needs an encoder with a .dim")
-            if retention not in RETENTIONS:
-                raise ValueError(f"retention must be one of {sorted(RETENTIONS)}, got {retention!r}")
             memory = PyramidMemory.from_preset(memory, dim=dim, pool=getattr(answerer, "memory_pool", "mean"),
                                                **RETENTIONS[retention])
         trained = getattr(answerer, "memory_pool", None)
