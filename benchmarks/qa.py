@@ -27,7 +27,7 @@ from pathlib import Path
 import torch
 
 from streammem.memory import PyramidMemory
-from streammem.pipelines.qa import RETENTIONS
+from streammem.pipelines.qa import RETENTIONS, retention_overrides
 
 ROOT = Path(__file__).resolve().parents[1] / "streammem" / "checkpoints"
 
@@ -79,7 +79,7 @@ def main() -> None:
     for preset in args.presets:
         flat = []
         for T in args.lengths:
-            mem = PyramidMemory.from_preset(preset, dim=enc.dim, pool=mem_pool, **RETENTIONS[args.retention])
+            mem = PyramidMemory.from_preset(preset, dim=enc.dim, pool=mem_pool, **retention_overrides(args.retention))
             toks = [enc.tokens(pool[i % len(pool)], i, i / 8) for i in range(len(pool))]
 
             def feed(m, n):
@@ -105,7 +105,8 @@ def main() -> None:
             for _ in range(max(1, args.repeats // 2)):
                 # the reference evaluation rebuilds the memory for every question
                 t0 = time.perf_counter()
-                fresh = PyramidMemory.from_preset(preset, dim=enc.dim, pool=mem_pool, **RETENTIONS[args.retention])
+                fresh = PyramidMemory.from_preset(preset, dim=enc.dim, pool=mem_pool,
+                                                  **retention_overrides(args.retention))
                 feed(fresh, T)
                 t1 = time.perf_counter()
                 ans.answer_many(fresh.read(), questions, cands, at)

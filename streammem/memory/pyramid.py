@@ -330,7 +330,7 @@ class PyramidMemory(Memory):
         if sal is not None:
             self._buffers[f"L{lvl}.salience"][slot] = sal
         desc = self._buffers[f"L{lvl}.descriptor"][slot]
-        self._describe(frame, sal, desc)
+        torch.mean(frame, 0, out=desc)  # the spatial-mean descriptor
         self._norms[lvl][slot] = float(desc.norm())
         self._fi[lvl][slot] = frame_index
         self._ts[lvl][slot] = timestamp
@@ -365,10 +365,6 @@ class PyramidMemory(Memory):
         if r == 0:
             return math.inf if last_level else keys[1][0] - keys[0][0]
         return keys[r][0] - keys[r - 1][0]
-
-    def _describe(self, frame: torch.Tensor, sal: torch.Tensor | None, out: torch.Tensor) -> None:
-        """Write one frame's retention descriptor into ``out`` (the spatial mean)."""
-        torch.mean(frame, 0, out=out)
 
     def frames(self) -> list[tuple[int, int, float]]:
         """``(level, frame_index, timestamp)`` of each kept frame, per level in list order."""

@@ -68,10 +68,9 @@ class MainPipeline:
 
     def __init__(self, memory: str = "ovbench", detection: bool = True, qa: bool = True,
                  questions: list[dict] | None = None, retention: str = "spread") -> None:
-        from streammem.pipelines.qa import RETENTIONS
+        from streammem.pipelines.qa import retention_overrides
 
-        if retention not in RETENTIONS:
-            raise ValueError(f"retention must be one of {sorted(RETENTIONS)}, got {retention!r}")
+        overrides = retention_overrides(retention)
         self.stats = StatsPipeline()
         self.notes: list[str] = []
         self.detector = None
@@ -97,7 +96,7 @@ class MainPipeline:
                 self.qa.schedule(q["question"], q["candidates"], float(q["middle_frame_timestamp"]), id=q)
         else:
             self.encoder = PatchEncoder()
-            self.memory = PyramidMemory.from_preset(memory, dim=self.encoder.dim, **RETENTIONS[retention])
+            self.memory = PyramidMemory.from_preset(memory, dim=self.encoder.dim, **overrides)
 
     def step(self, frame: Frame) -> StatsOutput:
         out = self.stats.step(frame)
@@ -188,10 +187,9 @@ def run_main_job(
     """Run the main job. A source that fails mid-stream keeps everything processed before the
     failure: the video and JSONL are finished, the summary records the error, and the error is
     returned in ``result.error``."""
-    from streammem.pipelines.qa import RETENTIONS
+    from streammem.pipelines.qa import retention_overrides
 
-    if retention not in RETENTIONS:  # before anything is opened or written
-        raise ValueError(f"retention must be one of {sorted(RETENTIONS)}, got {retention!r}")
+    retention_overrides(retention)  # an unknown name fails before anything is opened or written
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     src = open_source(source, **source_options)

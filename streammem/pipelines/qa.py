@@ -58,10 +58,18 @@ from streammem.memory import PYRAMID_SPREAD, DualMemory, PyramidMemory
 from streammem.memory.base import Memory
 from streammem.types import Answer, Frame, Tokens
 
-__all__ = ["StreamingQAPipeline", "Question", "load_default_qa", "RETENTIONS"]
+__all__ = ["StreamingQAPipeline", "Question", "load_default_qa", "RETENTIONS", "retention_overrides"]
 
 #: pyramid retention rules by name: PyramidConfig overrides.
 RETENTIONS = {"reference": {}, "spread": dict(PYRAMID_SPREAD)}
+
+
+def retention_overrides(name: str) -> dict:
+    """The ``PyramidConfig`` overrides of a retention rule named in :data:`RETENTIONS` (a copy);
+    an unknown name raises ``ValueError`` naming the choices."""
+    if name not in RETENTIONS:
+        raise ValueError(f"retention must be one of {sorted(RETENTIONS)}, got {name!r}")
+    return dict(RETENTIONS[name])
 
 
 @dataclass
@@ -101,13 +109,12 @@ class StreamingQAPipeline:
                  keep_thumbnails: bool = False, thumb_side: int = 96, retention: str = "spread") -> None:
         self.encoder, self.answerer = encoder, answerer
         dim = getattr(encoder, "dim", None)
-        if retention not in RETENTIONS:
-            raise ValueError(f"retention must be one of {sorted(RETENTIONS)}, got {retention!r}")
+        overrides = retention_overrides(retention)
         if isinstance(memory, str):
             if dim is None:
                 raise ValueError("memory given as a preset name needs an encoder with a .dim")
             memory = PyramidMemory.from_preset(memory, dim=dim, pool=getattr(answerer, "memory_pool", "mean"),
-                                               **RETENTIONS[retention])
+                                               **overrides)
         trained = getattr(answerer, "memory_pool", None)
         if isinstance(memory, PyramidMemory) and trained is not None and memory.config.pool != trained:
             warnings.warn(f"the answerer was trained on PyramidMemory(pool={trained!r}) reads; this pipeline's "

@@ -155,13 +155,12 @@ def iter_world_snapshots(encoder, seeds: list[int], presets: tuple[str, ...], se
                          strides: dict[str, int] | None = None, pool: str = "mean", retention: str = "reference"):
     """Like :func:`build_snapshots`, one world at a time: yields ``(seed, snapshots)``.
     ``retention``: the pyramids' retention rule (a name of :data:`~streammem.pipelines.qa.RETENTIONS`)."""
-    from streammem.pipelines.qa import RETENTIONS
+    from streammem.pipelines.qa import retention_overrides
     from streammem.world import World
 
-    if retention not in RETENTIONS:
-        raise ValueError(f"retention must be one of {sorted(RETENTIONS)}, got {retention!r}")
+    overrides = retention_overrides(retention)
     factories = memories or {b: (lambda b=b: PyramidMemory.from_preset(b, dim=encoder.dim, pool=pool,
-                                                                       **RETENTIONS[retention]))
+                                                                       **overrides))
                              for b in budgets}
     strides = strides or {}
     for wi, seed in enumerate(seeds):
@@ -296,10 +295,9 @@ def produce(out_dir: str | Path, encoder: str = "streammem/checkpoints/grid_enco
     root = Path(out_dir)
     if pool not in ("mean", "salient"):
         raise ValueError(f"pool must be 'mean' or 'salient', got {pool!r}")
-    from streammem.pipelines.qa import RETENTIONS
+    from streammem.pipelines.qa import retention_overrides
 
-    if retention not in RETENTIONS:
-        raise ValueError(f"retention must be one of {sorted(RETENTIONS)}, got {retention!r}")
+    retention_overrides(retention)  # an unknown name fails before any world is rendered
     for old in sorted(root.glob("*/*.safetensors"))[:1]:
         if (kind := shard_pool(old)) != pool:
             raise PoolMismatch(f"{root} holds snapshots pooled with {kind!r}, not {pool!r}")
