@@ -323,6 +323,112 @@ def test_event_head_adds_each_candidates_signed_evidence_to_its_logit():
     with pytest.raises(ValueError, match="event_head"):
         SmallAnswerer(**{**kw, "signed_time": False}, event_head=True)
 
+# ---------------------------------------------------------------------- the answerer's memory cache
+def cached_answerer(seed: int = 0) -> SmallAnswerer:
+    """Two blocks, a label space, signed time and an open event gate: every part the cache feeds."""
+    torch.manual_seed(seed)
+    enc = GridEncoder(dim=8, width=4, num_classes=2, num_colours=2).eval()
+    vocab = Vocab.fit(["which object appeared at about 3.5s ?", "the red star", "the blue cat", "is there a cat ?"])
+    m = SmallAnswerer(vocab=vocab.words, token_dim=8, d=16, heads=2, layers=2, grid=4,
+                      labels=["<background>", "cat", "star", "red", "blue"], num_classes=3, signed_time=True,
+                      event_head=True).set_label_heads(enc).eval()
+    with torch.no_grad():  # the zero-initialised read-outs and gate would hide a wrong input
+        for p in (m.ground_out.weight, m.ground_signed.weight, m.event_gate.weight, m.event_gate.bias):
+            p.normal_(0, 0.3)
+    return m
+
+
+QS = ["which object appeared at about 3.5s ?", "is there a cat ?"]
+CANDS = [["the red star", "the blue cat"], ["the red star", "the blue cat"]]
+
+
+def assert_same_answers(m: SmallAnswerer, mem: Tokens, at: float, cache) -> None:
+    batch = encode_questions(m.vocab, QS, CANDS, [at] * len(QS))
+    with torch.no_grad():
+        ref, w_ref = m.forward(mem, batch, want_weights=True)
+        got, w_got = m.forward(mem, batch, want_weights=True, cache=cache)
+    fin = torch.isfinite(ref)
+    assert torch.equal(fin, torch.isfinite(got))
+    assert torch.allclose(ref[fin], got[fin], atol=1e-4), float((ref[fin] - got[fin]).abs().max())
+    assert torch.allclose(w_ref, w_got, atol=1e-5)  # weights come back in the read's token order
+    plain, fast = m.answer_many(mem, QS, CANDS, at), m.answer_many(mem, QS, CANDS, at, cache=cache)
+    for a, b in zip(plain, fast):
+        assert a.index == b.index and a.probs == pytest.approx(b.probs, abs=1e-4)
+        assert [e["frame_index"] for e in a.evidence] == [e["frame_index"] for e in b.evidence]
+
+
+def test_memory_cache_gives_the_uncached_answers_and_stays_bounded():
+    m = cached_answerer()
+    mem = PyramidMemory(dim=8, sides=(4, 2, 1), capacities=(3, 3, 6), pool="salient")
+    cache = m.new_cache(min_tokens=0)
+    g = torch.Generator().manual_seed(1)
+    sizes = []
+    for i in range(120):
+        mem.write(Tokens.from_grid(torch.randn(4, 4, 8, generator=g) * 3, i, i / 8,
+                                   salience=torch.rand(16, generator=g)))
+        if i % 7 == 3 or i > 110:  # questions between writes: some runs new, most cached
+            r = mem.read()
+            assert_same_answers(m, r, i / 8, cache)
+            assert cache._top == len(r)  # the slot table holds exactly what the read holds
+            sizes.append(cache.nbytes())
+    assert cache.hits > cache.misses > 0  # it was used, and did not recompute everything each time
+    assert max(sizes[-8:]) == sizes[-1]  # flat once the memory is full
+
+
+def test_memory_cache_recomputes_a_frame_whose_content_changed():
+    """A restored snapshot or another stream can reuse (level, frame, time): the checksum catches it."""
+    m = cached_answerer()
+    cache = m.new_cache(min_tokens=0)
+    g = torch.Generator().manual_seed(2)
+
+    def stream() -> Tokens:
+        return Tokens.cat([Tokens.from_grid(torch.randn(4, 4, 8, generator=g) * 3, i, i / 8) for i in range(6)])
+
+    a, b = stream(), stream()  # same frame numbers and times, other features
+    assert_same_answers(m, a, 1.0, cache)
+    misses = cache.misses
+    assert_same_answers(m, b, 1.0, cache)
+    assert cache.misses > misses
+
+
+def test_memory_cache_handles_runs_that_change_length_and_order():
+    """DualMemory-style reads: runs of varying length appear and vanish, leaving holes the cache
+    must close, and a frame can appear in two runs."""
+    m = cached_answerer()
+    cache = m.new_cache(min_tokens=0)
+    g = torch.Generator().manual_seed(3)
+    for step in range(12):
+        parts = []
+        for i in range(step, step + 2 + step % 4):  # the read grows and shrinks
+            n = 1 + (i * 7 + step) % 5  # this frame's run length changes with the step
+            f = torch.randn(n, 8, generator=g)
+            parts.append(Tokens(features=f, frame_index=torch.full((n,), i), timestamp=torch.full((n,), i / 4),
+                                grid=torch.rand(n, 2, generator=g) * 4, level=torch.full((n,), 3 + i % 2)))
+        parts.append(Tokens.from_grid(torch.randn(2, 2, 8, generator=g), step + 2, (step + 2) / 4))  # same frame, level 0
+        mem = Tokens.cat(parts)
+        assert_same_answers(m, mem, (step + 6) / 4, cache)
+        assert cache._top == len(mem)
+
+
+def test_pipeline_answers_with_a_cache_that_reset_clears():
+    m = cached_answerer()
+    pipe = StreamingQAPipeline(GridSpy(), m, memory=PyramidMemory(dim=8, sides=(4, 2, 1), capacities=(2, 2, 4)))
+    pipe._cache.min_tokens = 0
+    for f in frames(30):
+        pipe.step(f)
+    got = pipe.ask(QS[0], CANDS[0])
+    ref = m.answer_many(pipe.read_memory(), QS[:1], CANDS[:1], pipe.time)[0]
+    assert got.probs == pytest.approx(ref.probs, abs=1e-4) and len(pipe._cache) > 0
+    pipe.reset()
+    assert len(pipe._cache) == 0
+    # under min_tokens (the default 2,048) a read is encoded from scratch and the cache stays empty
+    pipe._cache.min_tokens = 2048
+    for f in frames(30):
+        pipe.step(f)
+    pipe.ask(QS[0], CANDS[0])
+    assert len(pipe._cache) == 0
+
+
 # ---------------------------------------------------------------------- OVBench files and scoring
 def test_ovbench_loader_reads_both_layouts_and_scorer_matches_mcq_acc(tmp_path):
     lmms = [{"video": "v1.mp4", "question": "What is the man holding?", "candidates": ["a cup", "a phone", "a bag", "a pen"],

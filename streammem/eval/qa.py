@@ -357,6 +357,8 @@ def run_stream(frames, questions: list[dict], answerer, encoder, budgets, memori
         for m, f in make_memories(b, encoder.dim, memories).items():
             if i == 0 or m not in _BUDGET_FREE:
                 mems[(b, m)] = f()
+    # each memory's answerer cache, as StreamingQAPipeline keeps one per stream
+    caches = {k: answerer.new_cache() for k in mems} if hasattr(answerer, "new_cache") else {}
     scorer = MotionScorer(grid=encoder.grid) if "dual" in memories else None
     ti, buf = 0, []
 
@@ -378,7 +380,7 @@ def run_stream(frames, questions: list[dict], answerer, encoder, budgets, memori
     for frame in tqdm(frames, total=total, desc=desc, disable=not progress):
         while ti < len(times) and times[ti] < frame.timestamp:
             flush()
-            _answer_all(answerer, mems, by_time[times[ti]], times[ti], records, latency, tags)
+            _answer_all(answerer, mems, caches, by_time[times[ti]], times[ti], records, latency, tags)
             ti += 1
         motion = np.asarray(scorer(frame.image), np.float32).reshape(-1) if scorer is not None else None
         buf.append((frame, motion))
@@ -386,15 +388,19 @@ def run_stream(frames, questions: list[dict], answerer, encoder, budgets, memori
             flush()
     flush()
     while ti < len(times):
-        _answer_all(answerer, mems, by_time[times[ti]], times[ti], records, latency, tags)
+        _answer_all(answerer, mems, caches, by_time[times[ti]], times[ti], records, latency, tags)
         ti += 1
 
 
-def _answer_all(answerer, mems, questions, at, records, latency, tags) -> None:
+def _answer_all(answerer, mems, caches, questions, at, records, latency, tags) -> None:
     for (budget, name), m in mems.items():
         t0 = time.perf_counter()
         memory = m.read()
-        if hasattr(answerer, "answer_many"):
+        if (budget, name) in caches:
+            answers = answerer.answer_many(memory, [q["question"] for q in questions],
+                                           [q["candidates"] for q in questions], at, evidence_k=0,
+                                           cache=caches[(budget, name)])
+        elif hasattr(answerer, "answer_many"):
             answers = answerer.answer_many(memory, [q["question"] for q in questions],
                                            [q["candidates"] for q in questions], at, evidence_k=0)
         else:

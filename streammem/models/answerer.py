@@ -58,7 +58,7 @@ from torch import nn
 
 from streammem.types import Answer, Tokens
 
-__all__ = ["Vocab", "SmallAnswerer", "EncodedBatch", "encode_questions", "LETTERS"]
+__all__ = ["Vocab", "SmallAnswerer", "EncodedBatch", "encode_questions", "LETTERS", "MemoryCache"]
 
 LETTERS = "ABCDEFGH"
 WORD_RE = re.compile(r"\d+\.\d+|\d+|[a-z]+|[?,']")
@@ -203,6 +203,125 @@ _EMPTY_LSE = -20.0  # the signed read-out's value for a side with no tokens (bel
 _SIGNED_F = 2 + 2 * 3  # signed read-out features per label word: has before / after, per scale lse before, after, diff
 
 
+class MemoryCache:
+    """What :class:`SmallAnswerer` computes of a memory that does not depend on the question
+    time, kept per stored frame between questions (one per stream: it holds that stream's data).
+
+    A memory token's encoding is ``LayerNorm(static + age)``: ``static`` (features, level,
+    grid cell, labels) never changes once a frame is stored, ``age`` is one vector per frame
+    and query time. The LayerNorm is per token, so the key / value projections expand exactly:
+    centring both parts and with ``W' = W diag(gamma)``,
+    ``kv = (W' static_c + W' age_c) / sigma + W beta + b``. ``W' static_c`` is cached per
+    frame; per question only the frame ages, ``sigma`` and a few passes over the tokens are
+    computed (the logits match the uncached path to float rounding; the tests check it).
+
+    Storage is a slot table: each run of a read's tokens sharing ``(level, frame_index,
+    timestamp)`` owns a range of rows, a run the memory no longer holds frees its range, and a
+    new run takes a free range of its length (or the end of the table), so a question copies
+    only the frames stored since the last one. Attention does not depend on token order, so the
+    answerer reads the table in slot order. A run is checked against a checksum of its features
+    and grid (a restored snapshot reusing a frame number is recomputed), and the table holds
+    only what the last read held (compacted when ranges of another length are left free), so it
+    is bounded by the memory it serves. It belongs to one answerer: used with another, or after
+    the weights change, call :meth:`clear` (another model clears it automatically).
+
+    Reads under ``min_tokens`` tokens (default 2,048) are encoded from scratch: at the
+    ``ovbench`` budget (832 tokens) that is as fast as the bookkeeping (``benchmarks/qa.py``).
+    """
+
+    def __init__(self, min_tokens: int = 2048) -> None:
+        self.min_tokens = min_tokens  # smaller reads skip the cache: re-encoding them is as cheap
+        self.clear()
+        self.hits = self.misses = 0
+
+    def clear(self) -> None:
+        self._slots: dict[tuple, tuple[int, int, float]] = {}  # key -> (first row, rows, checksum)
+        self._free: dict[int, list[int]] = {}  # run length -> first rows of free ranges
+        self._top = 0  # rows in use (live or free)
+        self._tables: list[torch.Tensor] = []  # per part (SmallAnswerer._static_rows), (capacity, width)
+        self._ts = torch.zeros(0, dtype=torch.float64)
+        self._fi = torch.zeros(0, dtype=torch.int64)
+        self._level = torch.zeros(0, dtype=torch.int64)
+        self._bufs: dict[str, torch.Tensor] = {}
+        self._model: int | None = None
+
+    def __len__(self) -> int:
+        """Cached runs of tokens (frames, per level)."""
+        return len(self._slots)
+
+    def nbytes(self) -> int:
+        """Bytes held: the slot table plus work buffers."""
+        held = [*self._tables, *self._bufs.values(), self._ts, self._fi, self._level]
+        return sum(t.numel() * t.element_size() for t in held)
+
+    def _work(self, name: str, shape: tuple[int, int]) -> torch.Tensor:
+        """A reused float buffer of ``shape`` (fresh large tensors cost page faults on every
+        question); it only grows to the largest read."""
+        buf = self._bufs.get(name)
+        if buf is None or buf.shape[0] < shape[0] or buf.shape[1] != shape[1]:
+            buf = self._bufs[name] = torch.empty(max(shape[0], 0 if buf is None else buf.shape[0]), shape[1])
+        return buf[: shape[0]]
+
+    def _place(self, keys: list[tuple], lengths: list[int], sums: list[float]) -> tuple[list[int], list[int]]:
+        """First row of each run, and which runs must be (re)computed."""
+        live = set(keys)
+        for k in [k for k in self._slots if k not in live]:
+            first, n, _ = self._slots.pop(k)
+            self._free.setdefault(n, []).append(first)
+        firsts, missing = [], []
+        for i, (k, n, h) in enumerate(zip(keys, lengths, sums)):
+            got = self._slots.get(k)
+            if got is not None and got[2] == h:
+                firsts.append(got[0])
+                continue
+            if got is not None:  # same run key, other content: recompute in place
+                first = got[0]
+            elif self._free.get(n):
+                first = self._free[n].pop()
+            else:
+                first = self._top
+                self._top += n
+            self._slots[k] = (first, n, h)
+            firsts.append(first)
+            missing.append(i)
+        self.hits += len(keys) - len(missing)
+        self.misses += len(missing)
+        if any(self._free.values()):  # free ranges of a length no run took: close the holes
+            firsts = self._compact(keys, firsts, lengths)
+        return firsts, missing
+
+    def _compact(self, keys: list[tuple], firsts: list[int], lengths: list[int]) -> list[int]:
+        """Move the read's runs to the front of the table, keeping their order; new first rows."""
+        order = sorted(range(len(keys)), key=firsts.__getitem__)
+        rows = torch.cat([torch.arange(firsts[i], firsts[i] + lengths[i]) for i in order]
+                         or [torch.zeros(0, dtype=torch.int64)])
+        rows = rows[rows < len(self._ts)]  # rows past the table are new runs' (last in order), not written yet
+        self._tables = [t.index_select(0, rows) for t in self._tables]
+        self._ts, self._fi, self._level = (v.index_select(0, rows) for v in (self._ts, self._fi, self._level))
+        new, at = list(firsts), 0
+        for i in order:
+            new[i] = at
+            self._slots[keys[i]] = (at, lengths[i], self._slots[keys[i]][2])
+            at += lengths[i]
+        self._free.clear()
+        self._top = at
+        return new
+
+    def _ensure(self, widths: list[int]) -> None:
+        """Grow the table (doubling) to hold ``self._top`` rows."""
+        cap = len(self._ts)
+        if self._top <= cap and len(self._tables) == len(widths):
+            return
+        new = max(self._top, 2 * cap, 64)
+        grow = lambda t, shape, dtype: torch.cat([t, torch.zeros(shape, dtype=dtype)])  # noqa: E731
+        if len(self._tables) != len(widths):
+            self._tables = [torch.zeros(0, w) for w in widths]
+        self._tables = [grow(t, (new - len(t), t.shape[1]), t.dtype) for t in self._tables]
+        self._ts = grow(self._ts, (new - cap,), torch.float64)
+        self._fi = grow(self._fi, (new - cap,), torch.int64)
+        self._level = grow(self._level, (new - cap,), torch.int64)
+
+
 class _Block(nn.Module):
     def __init__(self, d: int, heads: int) -> None:
         super().__init__()
@@ -225,22 +344,58 @@ class _Block(nn.Module):
             self.kv.weight[:d].copy_(torch.eye(d))
             self.kv.bias[:d].zero_()
 
-    def forward(self, x: torch.Tensor, pad: torch.Tensor, mem: torch.Tensor, log_dt: torch.Tensor,
-                want_weights: bool = False):
+    def forward(self, x: torch.Tensor, pad: torch.Tensor, mem: torch.Tensor | None, log_dt: torch.Tensor,
+                keep: bool = False, kv: torch.Tensor | None = None):
+        """``kv`` (``(M, 2d)``): ``self.kv(mem)`` already computed (see :class:`MemoryCache`).
+        With ``keep``, also returns the cross-attention's ``(q, k, bias)`` (``(B, H, L, d_h)``,
+        ``(H, M, d_h)``, ``(B, H, 1, M)``: the weights are ``softmax(q k^T / sqrt(d_h) + bias)``),
+        else ``None``."""
         b, L, d = x.shape
         h = self.n1(x)
         x = x + self.self_attn(h, h, h, key_padding_mask=pad, need_weights=False)[0]
         h = self.n2(x)
         q = self.q(h).view(b, L, self.heads, self.dh).transpose(1, 2)  # B, H, L, dh
-        k, v = self.kv(mem).view(mem.shape[0], 2, self.heads, self.dh).permute(1, 2, 0, 3)  # H, M, dh each
-        logits = torch.einsum("bhld,hmd->bhlm", q, k) / math.sqrt(self.dh)
-        slope = F.softplus(self.time_slope).view(1, self.heads, 1, 1)
-        logits = logits - slope * log_dt[:, None, None, :]
-        w = torch.softmax(logits, -1)
-        att = torch.einsum("bhlm,hmd->bhld", w, v).transpose(1, 2).reshape(b, L, d)
-        x = x + self.o(att)
+        kv = self.kv(mem) if kv is None else kv
+        k, v = kv.view(kv.shape[0], 2, self.heads, self.dh).permute(1, 2, 0, 3)  # H, M, dh each
+        bias = -F.softplus(self.time_slope).view(1, self.heads, 1, 1) * log_dt[:, None, None, :]  # B, H, 1, M
+        # fused attention (PyTorch's CPU flash kernel): no (B, H, L, M) logits in memory
+        att = F.scaled_dot_product_attention(q, k[None].expand(b, -1, -1, -1), v[None].expand(b, -1, -1, -1),
+                                             attn_mask=bias)
+        x = x + self.o(att.transpose(1, 2).reshape(b, L, d))
         x = x + self.mlp(self.n3(x))
-        return (x, w) if want_weights else (x, None)
+        return x, ((q, k, bias) if keep else None)
+
+
+def _runs(t: Tokens) -> tuple[list[tuple], torch.Tensor, torch.Tensor]:
+    """Runs of consecutive tokens sharing (level, frame, time), as :class:`MemoryCache` keys
+    them: ``(level, frame_index, timestamp, length, occurrence)`` (a run repeated in one read is
+    told apart by its occurrence), with each run's first token and length."""
+    m, fi, ts = len(t), t.frame_index, t.timestamp
+    level = t.level.long()
+    edge = torch.ones(m, dtype=torch.bool)
+    edge[1:] = (fi[1:] != fi[:-1]) | (level[1:] != level[:-1]) | (ts[1:] != ts[:-1])
+    starts = torch.nonzero(edge)[:, 0]
+    counts = torch.diff(starts, append=torch.tensor([m]))
+    seen: dict[tuple, int] = {}
+    keys = []
+    for k in zip(level[starts].tolist(), fi[starts].tolist(), ts[starts].tolist(), counts.tolist()):
+        seen[k] = seen.get(k, -1) + 1
+        keys.append((*k, seen[k]))
+    return keys, starts, counts
+
+
+def _slot_to_read(read: Tokens, slots: Tokens) -> torch.Tensor:
+    """Index into ``slots`` of each of ``read``'s tokens (the same runs in another order)."""
+    keys, starts, counts = _runs(read)
+    skeys, sstarts, _ = _runs(slots)
+    at = dict(zip(skeys, sstarts.tolist()))
+    first = torch.tensor([at[k] for k in keys])
+    return torch.repeat_interleave(first - starts, counts) + torch.arange(len(read))
+
+
+def _attention_weights(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
+    """``softmax(q k^T / sqrt(d_h) + bias)`` for the rows in ``q`` (see :meth:`_Block.forward`)."""
+    return torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + bias, -1)
 
 
 class SmallAnswerer(nn.Module, SafeHubMixin):
@@ -349,8 +504,8 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         pk = torch.softmax(z[:, c:], -1) * (1 - pc[:, :1])
         return torch.cat([pc, pk], -1)
 
-    def _cell_features(self, memory: Tokens) -> torch.Tensor:
-        cell = memory.grid.float() / self.grid * 2 * math.pi  # (M, 2) in one period over the grid
+    def _cell_features(self, grid: torch.Tensor) -> torch.Tensor:
+        cell = grid.float() / self.grid * 2 * math.pi  # (M, 2) in one period over the grid
         return torch.cat([torch.sin(cell * k) for k in (1, 2, 4, 8)] + [torch.cos(cell * k) for k in (1, 2, 4, 8)], -1)
 
     def _view(self, memory: Tokens, query_time: float) -> _MemoryView:
@@ -361,7 +516,82 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         level = memory.level.long() if memory.level is not None else torch.zeros(len(memory), dtype=torch.long)
         age = (query_time - memory.timestamp.double()).float()
         probs = self.label_probs(feats) if self.labels is not None else None
-        return _MemoryView(feats, level, self._cell_features(memory), _age_features(age), probs)
+        return _MemoryView(feats, level, self._cell_features(memory.grid), _age_features(age), probs)
+
+    def new_cache(self, min_tokens: int = 2048) -> MemoryCache:
+        """An empty :class:`MemoryCache` for one stream (pass it to :meth:`answer_many`)."""
+        return MemoryCache(min_tokens)
+
+    def _static_rows(self, feats: torch.Tensor, level: torch.Tensor, grid: torch.Tensor) -> list[torch.Tensor]:
+        """Per token, what :class:`MemoryCache` keeps: ``[features | grid | cell features |
+        label probs | static encoding - its mean]``, then ``W' (static - mean)`` per block."""
+        cell_f = self._cell_features(grid)
+        xs = self.mem_in(feats) + self.mem_level(level.clamp(0, self.levels - 1)) + self.mem_cell(cell_f)
+        if self.labels is not None:
+            probs = self.label_probs(feats)
+            xs = xs + probs @ self.label_emb.weight[:-1]
+        else:
+            probs = feats.new_zeros(len(feats), 0)
+        xs = xs - xs.mean(-1, keepdim=True)
+        proj = [xs @ (blk.kv.weight * self.mem_norm.weight).t() for blk in self.blocks]
+        return [torch.cat([feats, grid.float(), cell_f, probs, xs], 1), *proj]
+
+    @torch.no_grad()
+    def _cached_read(self, memory: Tokens, query_time: float,
+                     cache: MemoryCache) -> tuple[Tokens, _MemoryView, list[torch.Tensor]]:
+        """``memory`` in the cache's slot order, its view and each block's
+        ``kv(encode_memory(...))``, from ``cache`` plus the frames it lacks (see
+        :class:`MemoryCache`). The returned tensors are views of the cache, valid until its next read."""
+        feats = memory.features.float()
+        if feats.shape[1] != self.token_dim:
+            raise ValueError(f"memory tokens are {feats.shape[1]} wide; this answerer reads {self.token_dim}")
+        level, ts, grid = memory.level.long(), memory.timestamp.double(), memory.grid.float()
+        keys, starts, counts = _runs(memory)  # one slot range per run
+        lengths = counts.tolist()
+        g = torch.Generator().manual_seed(0)  # a fixed projection: the checksum of each run
+        u = torch.randn(self.token_dim + 2, generator=g)
+        run = torch.repeat_interleave(torch.arange(len(keys)), counts)
+        sums = torch.zeros(len(keys), dtype=torch.float64).index_add_(
+            0, run, (feats @ u[:-2] + grid @ u[-2:]).double()).tolist()
+        if cache._model != id(self):
+            cache.clear()
+            cache._model = id(self)
+        firsts, missing = cache._place(keys, lengths, sums)
+        if missing:
+            sel = torch.cat([torch.arange(int(starts[i]), int(starts[i]) + lengths[i]) for i in missing])
+            parts = self._static_rows(feats[sel], level[sel], grid[sel])
+            cache._ensure([p.shape[1] for p in parts])
+            at = 0
+            for i in missing:
+                a, n = firsts[i], lengths[i]
+                for table, p in zip(cache._tables, parts):
+                    table[a:a + n] = p[at:at + n]
+                cache._level[a:a + n], cache._fi[a:a + n], cache._ts[a:a + n] = keys[i][:3]
+                at += n
+        top = cache._top
+        tables = [t[:top] for t in cache._tables]
+        meta, d0 = tables[0], self.token_dim
+        slot_mem = Tokens(features=meta[:, :d0], frame_index=cache._fi[:top], timestamp=cache._ts[:top],
+                          grid=meta[:, d0:d0 + 2], level=cache._level[:top])
+        # per question: one age vector per run, the LayerNorm statistics, the expansion
+        order = sorted(range(len(keys)), key=firsts.__getitem__)
+        inv = torch.repeat_interleave(torch.tensor(order), counts[order])  # slot row -> run
+        age_f = _age_features((query_time - ts[starts]).float())
+        age = self.mem_age(age_f)
+        age = age - age.mean(-1, keepdim=True)  # static and age are centred apart: their sum is centred
+        o = d0 + 2
+        n = len(self.labels) if self.labels is not None else 0
+        cell_f, probs = meta[:, o:o + 16], (meta[:, o + 16:o + 16 + n] if self.labels is not None else None)
+        y = torch.index_select(age, 0, inv, out=cache._work("y", (top, self.d)))
+        y.add_(meta[:, o + 16 + n:])
+        rs = torch.rsqrt(y.square_().mean(-1, keepdim=True) + self.mem_norm.eps)
+        kvs = []
+        for blk, proj in zip(self.blocks, tables[1:]):
+            w = blk.kv.weight * self.mem_norm.weight
+            kv = torch.index_select(age @ w.t(), 0, inv, out=cache._work(f"kv{len(kvs)}", (top, 2 * self.d)))
+            kvs.append(kv.add_(proj).mul_(rs).add_(blk.kv.weight @ self.mem_norm.bias + blk.kv.bias))
+        view = _MemoryView(meta[:, :d0], cache._level[:top], cell_f, age_f.index_select(0, inv), probs)
+        return slot_mem, view, kvs
 
     def grounded_readout(self, memory: Tokens, batch: "EncodedBatch", view: _MemoryView | None = None,
                          log_dt: torch.Tensor | None = None, signed_out: list | None = None) -> torch.Tensor:
@@ -375,7 +605,7 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         and label probabilities, plus the log-sum-exp of the scores (how much evidence there
         is), through a linear layer that starts at zero. Only label words are computed.
 
-        Signed time (``signed_time=True``; the shipped answerer is built without it): the
+        Signed time (``signed_time=True``, as the shipped answerer is built): the
         same log-sum-exp is also taken over the tokens before ``t_ref`` and over those after
         it, with their difference. "What colour did it become", "which object
         vanished / appeared at about 62.4s" ask whether a target is more present after the
@@ -448,10 +678,9 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
             x = x + view.probs @ self.label_emb.weight[:-1]
         return self.mem_norm(x)
 
-    def forward(self, memory: Tokens, batch: EncodedBatch, want_weights: bool = False):
-        """Candidate logits ``(B, max_cand)`` (``-inf`` past each question's candidates) for B
-        questions asked at one query time over ``memory``; with ``want_weights`` also the last
-        block's cross-attention ``(B, H, L, M)``."""
+    def _forward(self, memory: Tokens, batch: EncodedBatch, cache: MemoryCache | None = None, keep: bool = False):
+        """:meth:`forward`'s logits, and with ``keep`` the last block's ``(q, k, bias)`` plus the
+        memory in the order ``k`` has it (the cache's slot order), else ``None``."""
         b, L = batch.ids.shape
         if L > self.max_len:
             raise ValueError(f"sequence of {L} words is over max_len={self.max_len}")
@@ -464,19 +693,26 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
             age = (batch.query_time[:, None] - torch.nan_to_num(batch.times.double(), nan=0.0)).float()
             x = x + self.time_word(_age_features(age)) * is_time[..., None]
         signed: list = []
+        kvs: list | None = None
+        mem = None
         if len(memory) == 0:
             mem = torch.zeros(1, self.d)
             log_dt = torch.zeros(b, 1)
         else:
-            view = self._view(memory, qt)
+            if cache is not None and len(memory) >= cache.min_tokens:
+                memory, view, kvs = self._cached_read(memory, qt, cache)
+            else:
+                view = self._view(memory, qt)
             log_dt = _log_dt(memory, batch)
             if view.probs is not None:
                 x = x + self.grounded_readout(memory, batch, view, log_dt, signed if self.event_head else None)
-            mem = self.encode_memory(memory, qt, view)
-        weights = None
+            if kvs is None:
+                mem = self.encode_memory(memory, qt, view)
+        kept = None
         for i, blk in enumerate(self.blocks):
-            x, w = blk(x, batch.pad_mask, mem, log_dt, want_weights and i == len(self.blocks) - 1)
-            weights = w if w is not None else weights
+            x, k = blk(x, batch.pad_mask, mem, log_dt, keep and i == len(self.blocks) - 1,
+                       kv=None if kvs is None else kvs[i])
+            kept = (*k, memory) if k is not None else kept
         x = self.out_norm(x)
         cm = batch.cand_mask.float()  # B, C, L
         pooled = torch.einsum("bcl,bld->bcd", cm, x) / cm.sum(-1, keepdim=True).clamp(min=1)
@@ -485,7 +721,23 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
             logits = logits + self._event_bonus(x[:, 0], signed[0], batch)
         valid = torch.arange(self.max_cand)[None] < batch.n_cand[:, None]
         logits = logits.masked_fill(~valid, float("-inf"))
-        return (logits, weights) if want_weights else logits
+        return logits, kept
+
+    def forward(self, memory: Tokens, batch: EncodedBatch, want_weights: bool = False,
+                cache: MemoryCache | None = None):
+        """Candidate logits ``(B, max_cand)`` (``-inf`` past each question's candidates) for B
+        questions asked at one query time over ``memory``; with ``want_weights`` also the last
+        block's cross-attention ``(B, H, L, M)``. With ``cache`` (inference only: it holds
+        no gradients), what does not depend on the query time is reused from earlier reads of
+        the same stream (:class:`MemoryCache`)."""
+        logits, kept = self._forward(memory, batch, cache, keep=want_weights)
+        if not want_weights:
+            return logits
+        q, k, bias, mem = kept
+        w = _attention_weights(q, k, bias)
+        if mem is not memory and len(memory):  # slot order -> the read's order
+            w = w[..., _slot_to_read(memory, mem)]
+        return logits, w
 
     def _event_bonus(self, cls: torch.Tensor, signed: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:
         """``(B, C)``: each candidate's signed-time evidence, at its last label word (its class
@@ -500,30 +752,34 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
     # ------------------------------------------------------------------ inference
     @torch.no_grad()
     def answer_many(self, memory: Tokens, questions: list[str], candidates: list[list[str]], query_time: float,
-                    evidence_k: int = 5) -> list[Answer]:
-        """Answer several questions asked at the same ``query_time`` over ``memory``."""
-        # chunk the questions so one attention map stays under ~32M entries
+                    evidence_k: int = 5, cache: MemoryCache | None = None) -> list[Answer]:
+        """Answer several questions asked at the same ``query_time`` over ``memory``.
+
+        ``cache``: this stream's :class:`MemoryCache` (:meth:`new_cache`), so a question only
+        encodes the frames stored since the last one (``StreamingQAPipeline`` keeps one)."""
+        # chunk the questions so a batch's attention work stays bounded (~32M query-token pairs)
         per_q = self.max_len * len(self.blocks[0].time_slope) * max(len(memory), 1)
         chunk = max(1, 32_000_000 // per_q)
         if len(questions) > chunk:
             out: list[Answer] = []
             for i in range(0, len(questions), chunk):
-                out += self.answer_many(memory, questions[i:i + chunk], candidates[i:i + chunk], query_time, evidence_k)
+                out += self.answer_many(memory, questions[i:i + chunk], candidates[i:i + chunk], query_time,
+                                        evidence_k, cache)
             return out
         batch = encode_questions(self.vocab, questions, candidates, [query_time] * len(questions),
                                  self.max_len, self.max_cand)
-        res = self.forward(memory, batch, want_weights=evidence_k > 0)
-        logits, w = res if evidence_k > 0 else (res, None)
+        logits, kept = self._forward(memory, batch, cache, keep=evidence_k > 0)
         probs = torch.softmax(logits, -1)
         out = []
         for i, cands in enumerate(candidates):
             p = probs[i, : len(cands)]
             j = int(p.argmax())
             ev = []
-            if len(memory) and w is not None:
+            if len(memory) and kept is not None:
                 pos = batch.cand_mask[i, j].clone()
                 pos[0] = True  # [CLS]
-                tok_w = w[i][:, pos].mean((0, 1))  # (M,)
+                q, k, bias, memory = kept  # the memory in k's order
+                tok_w = _attention_weights(q[i][:, pos], k, bias[i]).mean((0, 1))  # (M,)
                 fids, inv = torch.unique(memory.frame_index, return_inverse=True)
                 per = torch.zeros(len(fids)).index_add_(0, inv, tok_w)
                 top = torch.argsort(per, descending=True)[:evidence_k]
@@ -537,6 +793,7 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
                               probs=[float(v) for v in p], evidence=ev, query_time=float(query_time)))
         return out
 
-    def answer(self, memory: Tokens, question: str, candidates: list[str], query_time: float) -> Answer:
+    def answer(self, memory: Tokens, question: str, candidates: list[str], query_time: float,
+               cache: MemoryCache | None = None) -> Answer:
         """One question (see :meth:`answer_many`)."""
-        return self.answer_many(memory, [question], [list(candidates)], query_time)[0]
+        return self.answer_many(memory, [question], [list(candidates)], query_time, cache=cache)[0]

@@ -89,7 +89,10 @@ class StreamingQAPipeline:
         encoder: callable ``Frame -> Tokens`` (one square grid per frame), e.g.
             :class:`~streammem.models.grid_encoder.GridEncoder`.
         answerer: has ``answer_many(memory, questions, candidates, query_time)`` or
-            ``answer(memory, question, candidates, query_time)`` returning :class:`Answer`.
+            ``answer(memory, question, candidates, query_time)`` returning :class:`Answer`. One
+            with ``new_cache()`` (:class:`~streammem.models.answerer.SmallAnswerer`) gets this
+            stream's cache passed as ``answer_many(..., cache=)``, so a question costs the frames
+            stored since the last one plus a pass over the memory, not a re-encoding of it.
         memory: a :class:`~streammem.memory.base.Memory` or a ``PyramidMemory`` preset name
             (``"ovbench"``: 832 tokens, ``"offline"``: 9,984), built with the pooling the
             answerer was trained on (its ``memory_pool``, if it has one).
@@ -131,12 +134,17 @@ class StreamingQAPipeline:
         self._cv = threading.Condition(self._lock)
         self._pending: list[tuple[float, int, Question, Future]] = []
         self._seq = itertools.count()
+        # what the answerer keeps of this stream's memory between questions (SmallAnswerer's
+        # MemoryCache: a question then only encodes the frames stored since the last one)
+        self._cache = answerer.new_cache() if hasattr(answerer, "new_cache") else None
         self.reset()
 
     # ------------------------------------------------------------------ state
     def reset(self) -> None:
         with self._lock:
             self.memory.reset()
+            if self._cache is not None:
+                self._cache.clear()
             if self.dual is not None:
                 self.dual.reset()
                 self._scorer.reset() if hasattr(self._scorer, "reset") else None
@@ -277,7 +285,10 @@ class StreamingQAPipeline:
     def _answer(self, qs: list[Question], at: float) -> list[Answer]:
         mem = self.read_memory()
         self.questions += len(qs)
-        if hasattr(self.answerer, "answer_many"):
+        if self._cache is not None:
+            answers = self.answerer.answer_many(mem, [q.question for q in qs], [q.candidates for q in qs], at,
+                                                cache=self._cache)
+        elif hasattr(self.answerer, "answer_many"):
             answers = self.answerer.answer_many(mem, [q.question for q in qs], [q.candidates for q in qs], at)
         else:
             answers = [self.answerer.answer(mem, q.question, q.candidates, at) for q in qs]
