@@ -332,9 +332,11 @@ def cached_answerer(seed: int = 0) -> SmallAnswerer:
     m = SmallAnswerer(vocab=vocab.words, token_dim=8, d=16, heads=2, layers=2, grid=4,
                       labels=["<background>", "cat", "star", "red", "blue"], num_classes=3, signed_time=True,
                       event_head=True).set_label_heads(enc).eval()
-    with torch.no_grad():  # the zero-initialised read-outs and gate would hide a wrong input
+    with torch.no_grad():  # zero-initialised read-outs and gate, a unit LayerNorm would hide a wrong input
         for p in (m.ground_out.weight, m.ground_signed.weight, m.event_gate.weight, m.event_gate.bias):
             p.normal_(0, 0.3)
+        m.mem_norm.weight.uniform_(0.5, 1.5)
+        m.mem_norm.bias.normal_(0, 0.5)
     return m
 
 
@@ -354,7 +356,7 @@ def assert_same_answers(m: SmallAnswerer, mem: Tokens, at: float, cache) -> None
     plain, fast = m.answer_many(mem, QS, CANDS, at), m.answer_many(mem, QS, CANDS, at, cache=cache)
     for a, b in zip(plain, fast):
         assert a.index == b.index and a.probs == pytest.approx(b.probs, abs=1e-4)
-        assert [e["frame_index"] for e in a.evidence] == [e["frame_index"] for e in b.evidence]
+        assert [(e["frame_index"], e["level"]) for e in a.evidence] == [(e["frame_index"], e["level"]) for e in b.evidence]
 
 
 def test_memory_cache_gives_the_uncached_answers_and_stays_bounded():
@@ -362,7 +364,7 @@ def test_memory_cache_gives_the_uncached_answers_and_stays_bounded():
     mem = PyramidMemory(dim=8, sides=(4, 2, 1), capacities=(3, 3, 6), pool="salient")
     cache = m.new_cache(min_tokens=0)
     g = torch.Generator().manual_seed(1)
-    sizes = []
+    sizes, largest = [], 0
     for i in range(120):
         mem.write(Tokens.from_grid(torch.randn(4, 4, 8, generator=g) * 3, i, i / 8,
                                    salience=torch.rand(16, generator=g)))
@@ -370,6 +372,8 @@ def test_memory_cache_gives_the_uncached_answers_and_stays_bounded():
             r = mem.read()
             assert_same_answers(m, r, i / 8, cache)
             assert cache._top == len(r)  # the slot table holds exactly what the read holds
+            largest = max(largest, len(r))
+            assert len(cache._ts) <= max(64, 1.25 * largest)  # capacity: a quarter over the largest read
             sizes.append(cache.nbytes())
     assert cache.hits > cache.misses > 0  # it was used, and did not recompute everything each time
     assert max(sizes[-8:]) == sizes[-1]  # flat once the memory is full
@@ -388,7 +392,39 @@ def test_memory_cache_recomputes_a_frame_whose_content_changed():
     assert_same_answers(m, a, 1.0, cache)
     misses = cache.misses
     assert_same_answers(m, b, 1.0, cache)
-    assert cache.misses > misses
+    assert cache.misses == misses + 6
+    # the same features at other grid cells, or in another order within each frame
+    moved = Tokens(features=b.features, frame_index=b.frame_index, timestamp=b.timestamp, grid=b.grid.flip(1),
+                   level=b.level)
+    assert_same_answers(m, moved, 1.0, cache)
+    assert cache.misses == misses + 12
+    perm = torch.cat([torch.arange(16).flip(0) + 16 * i for i in range(6)])
+    shuffled = Tokens(features=moved.features[perm], frame_index=moved.frame_index, timestamp=moved.timestamp,
+                      grid=moved.grid, level=moved.level)
+    assert_same_answers(m, shuffled, 1.0, cache)
+    assert cache.misses == misses + 18
+    # another answerer with the same cache: nothing of the first one's encoding is reused
+    other = cached_answerer(seed=5)
+    assert_same_answers(other, shuffled, 1.0, cache)
+
+
+def test_memory_cache_is_cleared_by_a_read_that_fails_halfway(monkeypatch):
+    m = cached_answerer()
+    cache = m.new_cache(min_tokens=0)
+    g = torch.Generator().manual_seed(4)
+    first = Tokens.cat([Tokens.from_grid(torch.randn(4, 4, 8, generator=g), i, i / 8) for i in range(4)])
+    assert_same_answers(m, first, 1.0, cache)
+    later = Tokens.cat([Tokens.from_grid(torch.randn(4, 4, 8, generator=g), i, i / 8) for i in range(2, 7)])
+
+    def boom(*a, **k):
+        raise MemoryError("no room")
+
+    with monkeypatch.context() as mp:
+        mp.setattr(m, "_static_rows", boom)
+        with pytest.raises(MemoryError):
+            m.answer_many(later, QS, CANDS, 1.0, cache=cache)
+    assert len(cache) == 0  # its slots were booked but never written: all forgotten
+    assert_same_answers(m, later, 1.0, cache)
 
 
 def test_memory_cache_handles_runs_that_change_length_and_order():
@@ -408,6 +444,13 @@ def test_memory_cache_handles_runs_that_change_length_and_order():
         mem = Tokens.cat(parts)
         assert_same_answers(m, mem, (step + 6) / 4, cache)
         assert cache._top == len(mem)
+    # two runs of one (level, frame, time) whose slots end up side by side, then swapped
+    run = {name: Tokens(features=torch.randn(3, 8, generator=g), frame_index=torch.full((3,), f),
+                        timestamp=torch.full((3,), f / 4), grid=torch.rand(3, 2, generator=g) * 4,
+                        level=torch.full((3,), 3)) for name, f in (("a", 5), ("x", 6), ("y", 7), ("b", 5))}
+    for names in ("axy", "ayb", "bya", "ba", "yab"):
+        assert_same_answers(m, Tokens.cat([run[n] for n in names]), 3.0, cache)
+        assert cache._top == 3 * len(names)
 
 
 def test_pipeline_answers_with_a_cache_that_reset_clears():
@@ -427,6 +470,43 @@ def test_pipeline_answers_with_a_cache_that_reset_clears():
         pipe.step(f)
     pipe.ask(QS[0], CANDS[0])
     assert len(pipe._cache) == 0
+
+
+def test_eval_keeps_one_cache_per_memory_and_answers_as_without_it():
+    from streammem.eval.qa import evaluate_qa
+
+    class Recorder:
+        """The tiny answerer, recording its answers; with ``cached`` it offers caches that are
+        used at any size (the eval's memories here are small)."""
+
+        def __init__(self, model, cached: bool) -> None:
+            self.model, self.answers, self.caches = model, [], []
+            if cached:
+                self.new_cache = self._new_cache
+
+        def _new_cache(self):
+            self.caches.append(self.model.new_cache(min_tokens=0))
+            return self.caches[-1]
+
+        def answer_many(self, *a, **k):
+            out = self.model.answer_many(*a, **k)
+            self.answers += [x.probs for x in out]
+            return out
+
+    torch.manual_seed(0)
+    enc = GridEncoder(dim=8, width=4).eval()
+    ans = tiny_answerer()
+    runs = {}
+    for cached in (False, True):
+        rec = Recorder(ans, cached)
+        evaluate_qa(rec, enc, seeds=(3,), seconds=20, budgets=("ovbench",), memories=("pyramid", "window"),
+                    every_s=4.0, size=64, progress=False)
+        runs[cached] = rec
+    caches = runs[True].caches  # one per memory, each used; the pyramid keeps runs between questions
+    assert len(caches) == 2 and all(c.misses > 0 for c in caches) and sum(c.hits for c in caches) > 0
+    assert len(runs[True].answers) == len(runs[False].answers) > 0
+    for a, b in zip(runs[True].answers, runs[False].answers):
+        assert a == pytest.approx(b, abs=1e-4)
 
 
 # ---------------------------------------------------------------------- OVBench files and scoring

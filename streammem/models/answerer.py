@@ -219,11 +219,12 @@ class MemoryCache:
     timestamp)`` owns a range of rows, a run the memory no longer holds frees its range, and a
     new run takes a free range of its length (or the end of the table), so a question copies
     only the frames stored since the last one. Attention does not depend on token order, so the
-    answerer reads the table in slot order. A run is checked against a checksum of its features
-    and grid (a restored snapshot reusing a frame number is recomputed), and the table holds
-    only what the last read held (compacted when ranges of another length are left free), so it
-    is bounded by the memory it serves. It belongs to one answerer: used with another, or after
-    the weights change, call :meth:`clear` (another model clears it automatically).
+    answerer reads the table in slot order. A run is checked against checksums of its features
+    and grid cells (a restored snapshot reusing a frame number is recomputed). The table's live
+    rows are exactly the last read's (compacted when ranges of another length are left free) and
+    its capacity is at most 1.25 times the largest read, so it is bounded by the memory it
+    serves. A read that fails halfway clears it. It belongs to one answerer: used with another,
+    or after the weights change, call :meth:`clear` (another model clears it automatically).
 
     Reads under ``min_tokens`` tokens (default 2,048) are encoded from scratch: at the
     ``ovbench`` budget (832 tokens) that is as fast as the bookkeeping (``benchmarks/qa.py``).
@@ -235,7 +236,7 @@ class MemoryCache:
         self.hits = self.misses = 0
 
     def clear(self) -> None:
-        self._slots: dict[tuple, tuple[int, int, float]] = {}  # key -> (first row, rows, checksum)
+        self._slots: dict[tuple, tuple[int, int, tuple]] = {}  # key -> (first row, rows, checksums)
         self._free: dict[int, list[int]] = {}  # run length -> first rows of free ranges
         self._top = 0  # rows in use (live or free)
         self._tables: list[torch.Tensor] = []  # per part (SmallAnswerer._static_rows), (capacity, width)
@@ -262,7 +263,7 @@ class MemoryCache:
             buf = self._bufs[name] = torch.empty(max(shape[0], 0 if buf is None else buf.shape[0]), shape[1])
         return buf[: shape[0]]
 
-    def _place(self, keys: list[tuple], lengths: list[int], sums: list[float]) -> tuple[list[int], list[int]]:
+    def _place(self, keys: list[tuple], lengths: list[int], sums: list[tuple]) -> tuple[list[int], list[int]]:
         """First row of each run, and which runs must be (re)computed."""
         live = set(keys)
         for k in [k for k in self._slots if k not in live]:
@@ -308,11 +309,11 @@ class MemoryCache:
         return new
 
     def _ensure(self, widths: list[int]) -> None:
-        """Grow the table (doubling) to hold ``self._top`` rows."""
+        """Grow the table to hold ``self._top`` rows (at most 1.25 times the largest read)."""
         cap = len(self._ts)
         if self._top <= cap and len(self._tables) == len(widths):
             return
-        new = max(self._top, 2 * cap, 64)
+        new = max(self._top + self._top // 4, 64)  # a quarter spare: few copies while a memory fills
         grow = lambda t, shape, dtype: torch.cat([t, torch.zeros(shape, dtype=dtype)])  # noqa: E731
         if len(self._tables) != len(widths):
             self._tables = [torch.zeros(0, w) for w in widths]
@@ -384,13 +385,17 @@ def _runs(t: Tokens) -> tuple[list[tuple], torch.Tensor, torch.Tensor]:
     return keys, starts, counts
 
 
-def _slot_to_read(read: Tokens, slots: Tokens) -> torch.Tensor:
-    """Index into ``slots`` of each of ``read``'s tokens (the same runs in another order)."""
-    keys, starts, counts = _runs(read)
-    skeys, sstarts, _ = _runs(slots)
-    at = dict(zip(skeys, sstarts.tolist()))
-    first = torch.tensor([at[k] for k in keys])
-    return torch.repeat_interleave(first - starts, counts) + torch.arange(len(read))
+def _checksums(feats: torch.Tensor, grid: torch.Tensor, starts: torch.Tensor,
+               counts: torch.Tensor) -> list[tuple[float, float]]:
+    """Per run: two sums of a fixed random projection of each token's features and grid cell,
+    plain and weighted by the token's place in the run (so reordered tokens change it too)."""
+    u = torch.randn(feats.shape[1] + 2, generator=torch.Generator().manual_seed(0))
+    dot = (feats @ u[:-2] + grid @ u[-2:]).double()
+    run = torch.repeat_interleave(torch.arange(len(starts)), counts)
+    place = (torch.arange(len(feats)) - starts[run]).double()
+    sums = torch.zeros(len(starts), 2, dtype=torch.float64)
+    sums.index_add_(0, run, torch.stack([dot, dot * torch.cos(1.7 * place + 0.3)], 1))
+    return [tuple(r) for r in sums.tolist()]
 
 
 def _attention_weights(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
@@ -538,36 +543,37 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
 
     @torch.no_grad()
     def _cached_read(self, memory: Tokens, query_time: float,
-                     cache: MemoryCache) -> tuple[Tokens, _MemoryView, list[torch.Tensor]]:
-        """``memory`` in the cache's slot order, its view and each block's
-        ``kv(encode_memory(...))``, from ``cache`` plus the frames it lacks (see
-        :class:`MemoryCache`). The returned tensors are views of the cache, valid until its next read."""
+                     cache: MemoryCache) -> tuple[Tokens, torch.Tensor, _MemoryView, list[torch.Tensor]]:
+        """``memory`` in the cache's slot order, the slot row of each of ``memory``'s tokens,
+        the view and each block's ``kv(encode_memory(...))``, from ``cache`` plus the frames it
+        lacks (see :class:`MemoryCache`). The returned tensors are views of the cache, valid
+        until its next read."""
         feats = memory.features.float()
         if feats.shape[1] != self.token_dim:
             raise ValueError(f"memory tokens are {feats.shape[1]} wide; this answerer reads {self.token_dim}")
         level, ts, grid = memory.level.long(), memory.timestamp.double(), memory.grid.float()
         keys, starts, counts = _runs(memory)  # one slot range per run
         lengths = counts.tolist()
-        g = torch.Generator().manual_seed(0)  # a fixed projection: the checksum of each run
-        u = torch.randn(self.token_dim + 2, generator=g)
-        run = torch.repeat_interleave(torch.arange(len(keys)), counts)
-        sums = torch.zeros(len(keys), dtype=torch.float64).index_add_(
-            0, run, (feats @ u[:-2] + grid @ u[-2:]).double()).tolist()
+        sums = _checksums(feats, grid, starts, counts)
         if cache._model != id(self):
             cache.clear()
             cache._model = id(self)
         firsts, missing = cache._place(keys, lengths, sums)
         if missing:
-            sel = torch.cat([torch.arange(int(starts[i]), int(starts[i]) + lengths[i]) for i in missing])
-            parts = self._static_rows(feats[sel], level[sel], grid[sel])
-            cache._ensure([p.shape[1] for p in parts])
-            at = 0
-            for i in missing:
-                a, n = firsts[i], lengths[i]
-                for table, p in zip(cache._tables, parts):
-                    table[a:a + n] = p[at:at + n]
-                cache._level[a:a + n], cache._fi[a:a + n], cache._ts[a:a + n] = keys[i][:3]
-                at += n
+            try:
+                sel = torch.cat([torch.arange(int(starts[i]), int(starts[i]) + lengths[i]) for i in missing])
+                parts = self._static_rows(feats[sel], level[sel], grid[sel])
+                cache._ensure([p.shape[1] for p in parts])
+                at = 0
+                for i in missing:
+                    a, n = firsts[i], lengths[i]
+                    for table, p in zip(cache._tables, parts):
+                        table[a:a + n] = p[at:at + n]
+                    cache._level[a:a + n], cache._fi[a:a + n], cache._ts[a:a + n] = keys[i][:3]
+                    at += n
+            except BaseException:  # the slots are booked but not written: forget everything
+                cache.clear()
+                raise
         top = cache._top
         tables = [t[:top] for t in cache._tables]
         meta, d0 = tables[0], self.token_dim
@@ -591,7 +597,8 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
             kv = torch.index_select(age @ w.t(), 0, inv, out=cache._work(f"kv{len(kvs)}", (top, 2 * self.d)))
             kvs.append(kv.add_(proj).mul_(rs).add_(blk.kv.weight @ self.mem_norm.bias + blk.kv.bias))
         view = _MemoryView(meta[:, :d0], cache._level[:top], cell_f, age_f.index_select(0, inv), probs)
-        return slot_mem, view, kvs
+        to_slot = torch.repeat_interleave(torch.tensor(firsts) - starts, counts) + torch.arange(len(memory))
+        return slot_mem, to_slot, view, kvs
 
     def grounded_readout(self, memory: Tokens, batch: "EncodedBatch", view: _MemoryView | None = None,
                          log_dt: torch.Tensor | None = None, signed_out: list | None = None) -> torch.Tensor:
@@ -680,7 +687,8 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
 
     def _forward(self, memory: Tokens, batch: EncodedBatch, cache: MemoryCache | None = None, keep: bool = False):
         """:meth:`forward`'s logits, and with ``keep`` the last block's ``(q, k, bias)`` plus the
-        memory in the order ``k`` has it (the cache's slot order), else ``None``."""
+        memory in the order ``k`` has it and, if that is the cache's slot order, the slot row of
+        each of the read's tokens (else ``None``)."""
         b, L = batch.ids.shape
         if L > self.max_len:
             raise ValueError(f"sequence of {L} words is over max_len={self.max_len}")
@@ -694,13 +702,13 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
             x = x + self.time_word(_age_features(age)) * is_time[..., None]
         signed: list = []
         kvs: list | None = None
-        mem = None
+        mem = to_slot = None
         if len(memory) == 0:
             mem = torch.zeros(1, self.d)
             log_dt = torch.zeros(b, 1)
         else:
             if cache is not None and len(memory) >= cache.min_tokens:
-                memory, view, kvs = self._cached_read(memory, qt, cache)
+                memory, to_slot, view, kvs = self._cached_read(memory, qt, cache)
             else:
                 view = self._view(memory, qt)
             log_dt = _log_dt(memory, batch)
@@ -712,7 +720,7 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         for i, blk in enumerate(self.blocks):
             x, k = blk(x, batch.pad_mask, mem, log_dt, keep and i == len(self.blocks) - 1,
                        kv=None if kvs is None else kvs[i])
-            kept = (*k, memory) if k is not None else kept
+            kept = (*k, memory, to_slot) if k is not None else kept
         x = self.out_norm(x)
         cm = batch.cand_mask.float()  # B, C, L
         pooled = torch.einsum("bcl,bld->bcd", cm, x) / cm.sum(-1, keepdim=True).clamp(min=1)
@@ -733,11 +741,9 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         logits, kept = self._forward(memory, batch, cache, keep=want_weights)
         if not want_weights:
             return logits
-        q, k, bias, mem = kept
+        q, k, bias, _, to_slot = kept
         w = _attention_weights(q, k, bias)
-        if mem is not memory and len(memory):  # slot order -> the read's order
-            w = w[..., _slot_to_read(memory, mem)]
-        return logits, w
+        return logits, (w if to_slot is None else w[..., to_slot])  # in the read's token order
 
     def _event_bonus(self, cls: torch.Tensor, signed: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:
         """``(B, C)``: each candidate's signed-time evidence, at its last label word (its class
@@ -778,7 +784,7 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
             if len(memory) and kept is not None:
                 pos = batch.cand_mask[i, j].clone()
                 pos[0] = True  # [CLS]
-                q, k, bias, memory = kept  # the memory in k's order
+                q, k, bias, memory, _ = kept  # the memory in k's order
                 tok_w = _attention_weights(q[i][:, pos], k, bias[i]).mean((0, 1))  # (M,)
                 fids, inv = torch.unique(memory.frame_index, return_inverse=True)
                 per = torch.zeros(len(fids)).index_add_(0, inv, tok_w)
@@ -788,7 +794,7 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
                     first = int(torch.nonzero(sel)[0])
                     ev.append({"frame_index": int(fids[t]), "timestamp": float(memory.timestamp[first]),
                                "weight": round(float(per[t]), 4),
-                               "level": int(memory.level[first]) if memory.level is not None else 0})
+                               "level": int(memory.level[sel].min())})  # the finest level holding it
             out.append(Answer(index=j, letter=LETTERS[j], text=cands[j], confidence=float(p[j]),
                               probs=[float(v) for v in p], evidence=ev, query_time=float(query_time)))
         return out
