@@ -362,7 +362,7 @@ def assert_same_answers(m: SmallAnswerer, mem: Tokens, at: float, cache) -> None
 def test_memory_cache_gives_the_uncached_answers_and_stays_bounded():
     m = cached_answerer()
     mem = PyramidMemory(dim=8, sides=(4, 2, 1), capacities=(3, 3, 6), pool="salient")
-    cache = m.new_cache(min_tokens=0)
+    cache = m.new_cache(min_tokens=0, min_run=1)
     g = torch.Generator().manual_seed(1)
     sizes, largest = [], 0
     for i in range(120):
@@ -382,7 +382,7 @@ def test_memory_cache_gives_the_uncached_answers_and_stays_bounded():
 def test_memory_cache_recomputes_a_frame_whose_content_changed():
     """A restored snapshot or another stream can reuse (level, frame, time): the checksum catches it."""
     m = cached_answerer()
-    cache = m.new_cache(min_tokens=0)
+    cache = m.new_cache(min_tokens=0, min_run=1)
     g = torch.Generator().manual_seed(2)
 
     def stream() -> Tokens:
@@ -410,7 +410,7 @@ def test_memory_cache_recomputes_a_frame_whose_content_changed():
 
 def test_memory_cache_is_cleared_by_a_read_that_fails_halfway(monkeypatch):
     m = cached_answerer()
-    cache = m.new_cache(min_tokens=0)
+    cache = m.new_cache(min_tokens=0, min_run=1)
     g = torch.Generator().manual_seed(4)
     first = Tokens.cat([Tokens.from_grid(torch.randn(4, 4, 8, generator=g), i, i / 8) for i in range(4)])
     assert_same_answers(m, first, 1.0, cache)
@@ -431,7 +431,7 @@ def test_memory_cache_handles_runs_that_change_length_and_order():
     """DualMemory-style reads: runs of varying length appear and vanish, leaving holes the cache
     must close, and a frame can appear in two runs."""
     m = cached_answerer()
-    cache = m.new_cache(min_tokens=0)
+    cache = m.new_cache(min_tokens=0, min_run=1)
     g = torch.Generator().manual_seed(3)
     for step in range(12):
         parts = []
@@ -456,7 +456,7 @@ def test_memory_cache_handles_runs_that_change_length_and_order():
 def test_pipeline_answers_with_a_cache_that_reset_clears():
     m = cached_answerer()
     pipe = StreamingQAPipeline(GridSpy(), m, memory=PyramidMemory(dim=8, sides=(4, 2, 1), capacities=(2, 2, 4)))
-    pipe._cache.min_tokens = 0
+    pipe._cache.min_tokens, pipe._cache.min_run = 0, 1
     for f in frames(30):
         pipe.step(f)
     got = pipe.ask(QS[0], CANDS[0])
@@ -470,6 +470,11 @@ def test_pipeline_answers_with_a_cache_that_reset_clears():
         pipe.step(f)
     pipe.ask(QS[0], CANDS[0])
     assert len(pipe._cache) == 0
+    # so is a read whose runs average under min_run tokens (here 44 tokens in 8 runs, under 16)
+    pipe._cache.min_tokens, pipe._cache.min_run = 0, 16
+    got = pipe.ask(QS[0], CANDS[0])
+    assert len(pipe._cache) == 0
+    assert got.probs == pytest.approx(m.answer_many(pipe.read_memory(), QS[:1], CANDS[:1], pipe.time)[0].probs)
 
 
 def test_eval_keeps_one_cache_per_memory_and_answers_as_without_it():
@@ -485,7 +490,7 @@ def test_eval_keeps_one_cache_per_memory_and_answers_as_without_it():
                 self.new_cache = self._new_cache
 
         def _new_cache(self):
-            self.caches.append(self.model.new_cache(min_tokens=0))
+            self.caches.append(self.model.new_cache(min_tokens=0, min_run=1))
             return self.caches[-1]
 
         def answer_many(self, *a, **k):

@@ -226,12 +226,15 @@ class MemoryCache:
     serves. A read that fails halfway clears it. It belongs to one answerer: used with another,
     or after the weights change, call :meth:`clear` (another model clears it automatically).
 
-    Reads under ``min_tokens`` tokens (default 2,048) are encoded from scratch: at the
-    ``ovbench`` budget (832 tokens) that is as fast as the bookkeeping (``benchmarks/qa.py``).
+    Reads under ``min_tokens`` tokens (default 2,048), or whose runs average under ``min_run``
+    tokens (default 16; DualMemory's persistent slots are runs of one or a few merged tokens),
+    are encoded from scratch: there the per-run bookkeeping costs about what it saves
+    (``benchmarks/qa.py``; the ``dual`` memory of ``streammem eval qa``).
     """
 
-    def __init__(self, min_tokens: int = 2048) -> None:
+    def __init__(self, min_tokens: int = 2048, min_run: int = 16) -> None:
         self.min_tokens = min_tokens  # smaller reads skip the cache: re-encoding them is as cheap
+        self.min_run = min_run  # so do reads whose runs average fewer tokens
         self.clear()
         self.hits = self.misses = 0
 
@@ -367,22 +370,25 @@ class _Block(nn.Module):
         return x, ((q, k, bias) if keep else None)
 
 
-def _runs(t: Tokens) -> tuple[list[tuple], torch.Tensor, torch.Tensor]:
-    """Runs of consecutive tokens sharing (level, frame, time), as :class:`MemoryCache` keys
-    them: ``(level, frame_index, timestamp, length, occurrence)`` (a run repeated in one read is
-    told apart by its occurrence), with each run's first token and length."""
-    m, fi, ts = len(t), t.frame_index, t.timestamp
-    level = t.level.long()
+def _run_starts(t: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
+    """First token and length of each run of consecutive tokens sharing (level, frame, time)."""
+    m, fi, ts, level = len(t), t.frame_index, t.timestamp, t.level
     edge = torch.ones(m, dtype=torch.bool)
     edge[1:] = (fi[1:] != fi[:-1]) | (level[1:] != level[:-1]) | (ts[1:] != ts[:-1])
     starts = torch.nonzero(edge)[:, 0]
-    counts = torch.diff(starts, append=torch.tensor([m]))
+    return starts, torch.diff(starts, append=torch.tensor([m]))
+
+
+def _run_keys(t: Tokens, starts: torch.Tensor, counts: torch.Tensor) -> list[tuple]:
+    """:class:`MemoryCache`'s key of each run: ``(level, frame_index, timestamp, length,
+    occurrence)`` (a run repeated in one read is told apart by its occurrence)."""
     seen: dict[tuple, int] = {}
     keys = []
-    for k in zip(level[starts].tolist(), fi[starts].tolist(), ts[starts].tolist(), counts.tolist()):
+    for k in zip(t.level[starts].tolist(), t.frame_index[starts].tolist(), t.timestamp[starts].tolist(),
+                 counts.tolist()):
         seen[k] = seen.get(k, -1) + 1
         keys.append((*k, seen[k]))
-    return keys, starts, counts
+    return keys
 
 
 def _checksums(feats: torch.Tensor, grid: torch.Tensor, starts: torch.Tensor,
@@ -523,9 +529,9 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         probs = self.label_probs(feats) if self.labels is not None else None
         return _MemoryView(feats, level, self._cell_features(memory.grid), _age_features(age), probs)
 
-    def new_cache(self, min_tokens: int = 2048) -> MemoryCache:
+    def new_cache(self, min_tokens: int = 2048, min_run: int = 16) -> MemoryCache:
         """An empty :class:`MemoryCache` for one stream (pass it to :meth:`answer_many`)."""
-        return MemoryCache(min_tokens)
+        return MemoryCache(min_tokens, min_run)
 
     def _static_rows(self, feats: torch.Tensor, level: torch.Tensor, grid: torch.Tensor) -> list[torch.Tensor]:
         """Per token, what :class:`MemoryCache` keeps: ``[features | grid | cell features |
@@ -543,17 +549,20 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
 
     @torch.no_grad()
     def _cached_read(self, memory: Tokens, query_time: float,
-                     cache: MemoryCache) -> tuple[Tokens, torch.Tensor, _MemoryView, list[torch.Tensor]]:
+                     cache: MemoryCache) -> tuple[Tokens, torch.Tensor, _MemoryView, list[torch.Tensor]] | None:
         """``memory`` in the cache's slot order, the slot row of each of ``memory``'s tokens,
         the view and each block's ``kv(encode_memory(...))``, from ``cache`` plus the frames it
-        lacks (see :class:`MemoryCache`). The returned tensors are views of the cache, valid
-        until its next read."""
+        lacks (see :class:`MemoryCache`); ``None`` for a read of runs shorter than
+        ``cache.min_run`` on average. The returned tensors are views of the cache, valid until
+        its next read."""
         feats = memory.features.float()
         if feats.shape[1] != self.token_dim:
             raise ValueError(f"memory tokens are {feats.shape[1]} wide; this answerer reads {self.token_dim}")
         level, ts, grid = memory.level.long(), memory.timestamp.double(), memory.grid.float()
-        keys, starts, counts = _runs(memory)  # one slot range per run
-        lengths = counts.tolist()
+        starts, counts = _run_starts(memory)  # one slot range per run
+        if len(starts) * cache.min_run > len(memory):
+            return None  # many short runs (DualMemory's merged slots): the bookkeeping costs more than it saves
+        keys, lengths = _run_keys(memory, starts, counts), counts.tolist()
         sums = _checksums(feats, grid, starts, counts)
         if cache._model != id(self):
             cache.clear()
@@ -561,16 +570,16 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         firsts, missing = cache._place(keys, lengths, sums)
         if missing:
             try:
-                sel = torch.cat([torch.arange(int(starts[i]), int(starts[i]) + lengths[i]) for i in missing])
+                n = counts[missing]
+                within = torch.arange(int(n.sum())) - torch.repeat_interleave(torch.cumsum(n, 0) - n, n)
+                sel = torch.repeat_interleave(starts[missing], n) + within  # the read's rows of the new runs
+                dest = torch.repeat_interleave(torch.tensor([firsts[i] for i in missing]), n) + within  # their slots
                 parts = self._static_rows(feats[sel], level[sel], grid[sel])
                 cache._ensure([p.shape[1] for p in parts])
-                at = 0
-                for i in missing:
-                    a, n = firsts[i], lengths[i]
-                    for table, p in zip(cache._tables, parts):
-                        table[a:a + n] = p[at:at + n]
-                    cache._level[a:a + n], cache._fi[a:a + n], cache._ts[a:a + n] = keys[i][:3]
-                    at += n
+                for table, p in zip(cache._tables, parts):
+                    table.index_copy_(0, dest, p)
+                for table, v in ((cache._level, level), (cache._fi, memory.frame_index), (cache._ts, ts)):
+                    table.index_copy_(0, dest, v[sel])
             except BaseException:  # the slots are booked but not written: forget everything
                 cache.clear()
                 raise
@@ -707,8 +716,9 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
             mem = torch.zeros(1, self.d)
             log_dt = torch.zeros(b, 1)
         else:
-            if cache is not None and len(memory) >= cache.min_tokens:
-                memory, to_slot, view, kvs = self._cached_read(memory, qt, cache)
+            got = self._cached_read(memory, qt, cache) if cache is not None and len(memory) >= cache.min_tokens else None
+            if got is not None:
+                memory, to_slot, view, kvs = got
             else:
                 view = self._view(memory, qt)
             log_dt = _log_dt(memory, batch)
