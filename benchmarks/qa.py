@@ -139,5 +139,6 @@ def main() -> None:
                   f"| {r_ms / i_ms:.0f}x |")
         print(f"| {preset} | late / early one-question latency | | {flat[-1] / flat[0]:.2f} | | | | |")
 
+
 if __name__ == "__main__":
     main()

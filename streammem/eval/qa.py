@@ -396,13 +396,10 @@ def _answer_all(answerer, mems, caches, questions, at, records, latency, tags) -
     for (budget, name), m in mems.items():
         t0 = time.perf_counter()
         memory = m.read()
-        if (budget, name) in caches:
+        if hasattr(answerer, "answer_many"):
+            kw = {"cache": caches[(budget, name)]} if (budget, name) in caches else {}
             answers = answerer.answer_many(memory, [q["question"] for q in questions],
-                                           [q["candidates"] for q in questions], at, evidence_k=0,
-                                           cache=caches[(budget, name)])
-        elif hasattr(answerer, "answer_many"):
-            answers = answerer.answer_many(memory, [q["question"] for q in questions],
-                                           [q["candidates"] for q in questions], at, evidence_k=0)
+                                           [q["candidates"] for q in questions], at, evidence_k=0, **kw)
         else:
             answers = [answerer.answer(memory, q["question"], q["candidates"], at) for q in questions]
         latency.setdefault(f"{budget}/{name}", []).append((time.perf_counter() - t0) / len(questions))

@@ -285,11 +285,9 @@ class StreamingQAPipeline:
     def _answer(self, qs: list[Question], at: float) -> list[Answer]:
         mem = self.read_memory()
         self.questions += len(qs)
-        if self._cache is not None:
-            answers = self.answerer.answer_many(mem, [q.question for q in qs], [q.candidates for q in qs], at,
-                                                cache=self._cache)
-        elif hasattr(self.answerer, "answer_many"):
-            answers = self.answerer.answer_many(mem, [q.question for q in qs], [q.candidates for q in qs], at)
+        if hasattr(self.answerer, "answer_many"):
+            kw = {} if self._cache is None else {"cache": self._cache}
+            answers = self.answerer.answer_many(mem, [q.question for q in qs], [q.candidates for q in qs], at, **kw)
         else:
             answers = [self.answerer.answer(mem, q.question, q.candidates, at) for q in qs]
         if self.keep_thumbnails:
