@@ -78,7 +78,7 @@ __all__ = ["PyramidMemory", "PyramidConfig", "PYRAMID_PRESETS", "PYRAMID_SPREAD"
 
 PYRAMID_PRESETS = {"ovbench": (2, 2, 12), "offline": (24, 24, 144)}
 #: config overrides of the spread retention (not in the reference; see the module docstring).
-PYRAMID_SPREAD = {"order": "time", "time_penalty": 0.1, "evict": "shorter_gap"}
+PYRAMID_SPREAD = {"order": "time", "time_penalty": 0.03, "evict": "shorter_gap"}
 
 
 @dataclass
