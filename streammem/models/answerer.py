@@ -519,11 +519,20 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         cell = grid.float() / self.grid * 2 * math.pi  # (M, 2) in one period over the grid
         return torch.cat([torch.sin(cell * k) for k in (1, 2, 4, 8)] + [torch.cos(cell * k) for k in (1, 2, 4, 8)], -1)
 
-    def _view(self, memory: Tokens, query_time: float) -> _MemoryView:
-        """What every part of a read needs of ``memory``, computed once per read."""
+    def _features(self, memory: Tokens) -> torch.Tensor:
+        """``memory``'s features as float, checked against the width this answerer reads."""
         feats = memory.features.float()
         if feats.shape[1] != self.token_dim:
             raise ValueError(f"memory tokens are {feats.shape[1]} wide; this answerer reads {self.token_dim}")
+        return feats
+
+    def _base_encoding(self, feats: torch.Tensor, level: torch.Tensor, cell_f: torch.Tensor) -> torch.Tensor:
+        """``(M, d)``: the features, level and grid-cell parts of a memory token's encoding."""
+        return self.mem_in(feats) + self.mem_level(level.clamp(0, self.levels - 1)) + self.mem_cell(cell_f)
+
+    def _view(self, memory: Tokens, query_time: float) -> _MemoryView:
+        """What every part of a read needs of ``memory``, computed once per read."""
+        feats = self._features(memory)
         level = memory.level.long() if memory.level is not None else torch.zeros(len(memory), dtype=torch.long)
         age = (query_time - memory.timestamp.double()).float()
         probs = self.label_probs(feats) if self.labels is not None else None
@@ -537,7 +546,7 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         """Per token, what :class:`MemoryCache` keeps: ``[features | grid | cell features |
         label probs | static encoding - its mean]``, then ``W' (static - mean)`` per block."""
         cell_f = self._cell_features(grid)
-        xs = self.mem_in(feats) + self.mem_level(level.clamp(0, self.levels - 1)) + self.mem_cell(cell_f)
+        xs = self._base_encoding(feats, level, cell_f)
         if self.labels is not None:
             probs = self.label_probs(feats)
             xs = xs + probs @ self.label_emb.weight[:-1]
@@ -552,12 +561,12 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
                      cache: MemoryCache) -> tuple[Tokens, torch.Tensor, _MemoryView, list[torch.Tensor]] | None:
         """``memory`` in the cache's slot order, the slot row of each of ``memory``'s tokens,
         the view and each block's ``kv(encode_memory(...))``, from ``cache`` plus the frames it
-        lacks (see :class:`MemoryCache`); ``None`` for a read of runs shorter than
-        ``cache.min_run`` on average. The returned tensors are views of the cache, valid until
-        its next read."""
-        feats = memory.features.float()
-        if feats.shape[1] != self.token_dim:
-            raise ValueError(f"memory tokens are {feats.shape[1]} wide; this answerer reads {self.token_dim}")
+        lacks (see :class:`MemoryCache`); ``None`` for a read the cache skips (under
+        ``cache.min_tokens`` tokens, or runs shorter than ``cache.min_run`` on average). The
+        returned tensors are views of the cache, valid until its next read."""
+        if len(memory) < cache.min_tokens:
+            return None  # small reads: re-encoding them costs what the bookkeeping would
+        feats = self._features(memory)
         level, ts, grid = memory.level.long(), memory.timestamp.double(), memory.grid.float()
         starts, counts = _run_starts(memory)  # one slot range per run
         if len(starts) * cache.min_run > len(memory):
@@ -688,8 +697,7 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
     def encode_memory(self, memory: Tokens, query_time: float, view: _MemoryView | None = None) -> torch.Tensor:
         """Memory tokens -> ``(M, d)`` (features + level + grid cell + age [+ labels])."""
         view = view or self._view(memory, query_time)
-        x = self.mem_in(view.feats) + self.mem_level(view.level.clamp(0, self.levels - 1)) + \
-            self.mem_cell(view.cell_f) + self.mem_age(view.age_f)
+        x = self._base_encoding(view.feats, view.level, view.cell_f) + self.mem_age(view.age_f)
         if view.probs is not None:
             x = x + view.probs @ self.label_emb.weight[:-1]
         return self.mem_norm(x)
@@ -716,7 +724,7 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
             mem = torch.zeros(1, self.d)
             log_dt = torch.zeros(b, 1)
         else:
-            got = self._cached_read(memory, qt, cache) if cache is not None and len(memory) >= cache.min_tokens else None
+            got = self._cached_read(memory, qt, cache) if cache is not None else None
             if got is not None:
                 memory, to_slot, view, kvs = got
             else:
