@@ -193,6 +193,31 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
                                   only_budgets=tuple(only_budget) or None, init=str(init) if init else None,
                                   pool=pool))
 
+    @train_app.command("event-gate")
+    def train_event_gate_cmd(
+        data: Path = typer.Argument(..., help="folder of snapshot shards (train/, optional val/) of worlds the "
+                                              "answerer was not trained on (`streammem train qa-snapshots`)"),
+        init: Path = typer.Option(..., help="answerer checkpoint with the event head"),
+        out: str = typer.Option(..., help="checkpoint folder for the result"),
+        weight_decay: float = typer.Option(1e-3, help="L2 pull towards the current gate"),
+        iters: int = typer.Option(300, help="L-BFGS iterations"),
+        threads: int = typer.Option(2, help="torch threads"),
+        calibrate: bool = typer.Option(True, help="also fit a per-question scale of the blocks' logits"),
+    ) -> None:
+        """Re-fit only the answerer's event gate and the scale of its blocks' logits (1,161
+        weights; everything else frozen) on worlds it was not trained on, so the signed before /
+        after evidence gets the weight it earns on new worlds."""
+        from streammem.train.answerer import refit_event_gate
+
+        if not (data / "train").is_dir():
+            raise typer.BadParameter(f"{data} has no train/ folder of snapshot shards", param_hint="DATA")
+        if not (init / "config.json").is_file():
+            raise typer.BadParameter(f"no checkpoint (config.json) in {init}", param_hint="--init")
+        report = refit_event_gate(init, data, out, weight_decay=weight_decay, iters=iters, threads=threads,
+                                  calibrate=calibrate)
+        for when, r in report.items():
+            print(when, "  ".join(f"{split}: loss {la[0]:.4f} accuracy {100 * la[1]:.1f}%" for split, la in r.items()))
+
     @train_app.command("qa-snapshots")
     def qa_snapshots_cmd(
         out_dir: Path = typer.Argument(..., help="folder for train/ and val/ shards"),
@@ -203,6 +228,9 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         threads: int = typer.Option(1, help="torch threads"),
         pool: str = typer.Option("mean", help="the pyramids' pooling: mean (the reference) or salient"),
         retention: str = typer.Option("reference", help="the pyramids' retention: reference or spread"),
+        val_worlds: int = typer.Option(2, help="validation worlds (written first, to val/)"),
+        seed: int = typer.Option(0, help="world seeds start at 20,000,000 + 1,000 x seed (validation: 30,000,000 + ...); "
+                                         "another seed gives worlds an answerer trained on seed 0's has not seen"),
     ) -> None:
         """Render StreamWorld worlds through the encoder into PyramidMemory snapshots with their
         questions, one safetensors shard per world (resumable; a trainer may follow the folder)."""
@@ -214,7 +242,7 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         if retention not in RETENTIONS:
             raise typer.BadParameter(f"{retention!r}: choose {' or '.join(sorted(RETENTIONS))}", param_hint="--retention")
         produce(out_dir, encoder, worlds=worlds, seconds=seconds, every_s=every, threads=threads, pool=pool,
-                retention=retention)
+                retention=retention, val_worlds=val_worlds, seed=seed)
 
     @eval_app.command("qa")
     def eval_qa(

@@ -162,3 +162,78 @@ def test_the_cli_names_an_unknown_pool(tmp_path):
     res = CliRunner().invoke(app, ["ask", "world:seed=1,seconds=2", "--at", "1", "q", "-c", "a", "-c", "b",
                                    "--retention", "newest"])
     assert res.exit_code == 2 and "retention must be one of ['reference', 'spread'], got 'newest'" in res.output
+    def said(res) -> str:  # the error box's text on one line
+        return " ".join(res.output.replace("│", " ").split())
+
+    res = CliRunner().invoke(app, ["train", "event-gate", str(tmp_path), "--init", str(tmp_path), "--out", "x"])
+    assert res.exit_code == 2 and "has no train/ folder of snapshot shards" in said(res)
+    (tmp_path / "train").mkdir()
+    res = CliRunner().invoke(app, ["train", "event-gate", str(tmp_path), "--init", str(tmp_path), "--out", "x"])
+    assert res.exit_code == 2 and "no checkpoint (config.json) in" in said(res)
+
+
+def test_qa_snapshots_takes_a_seed_for_worlds_another_answerer_has_not_seen(tmp_path):
+    from typer.testing import CliRunner
+
+    from streammem.cli import app
+
+    GridEncoder(dim=8, width=4).save_pretrained(tmp_path / "enc")
+    res = CliRunner().invoke(app, ["train", "qa-snapshots", str(tmp_path / "d"), "--encoder", str(tmp_path / "enc"),
+                                   "--worlds", "1", "--val-worlds", "0", "--seconds", "2", "--seed", "3"])
+    assert res.exit_code == 0, res.output
+    assert [p.name for p in (tmp_path / "d").rglob("*.safetensors")] == ["world_20003000.safetensors"]
+
+
+def test_refitting_the_event_gate_learns_to_read_rising_and_falling_evidence(tmp_path):
+    from streammem.models.answerer import SmallAnswerer, Vocab
+    from streammem.train.answerer import event_gate_data, refit_event_gate
+
+    torch.manual_seed(0)
+    enc = GridEncoder(dim=8, width=4, num_classes=2, num_colours=2).eval()
+    vocab = Vocab.fit(["which object appeared at about 3.5s ?", "which object vanished at about 3.5s ?",
+                       "the red star", "the blue cat"])
+    m = SmallAnswerer(vocab=vocab.words, token_dim=8, d=16, heads=2, layers=1, grid=4,
+                      labels=["<background>", "cat", "star", "red", "blue"], num_classes=3, signed_time=True,
+                      event_head=True).set_label_heads(enc).eval()
+    m.save_pretrained(tmp_path / "init")
+    w = torch.cat([enc.cls_head.weight, enc.colour_head.weight]).detach()
+    u = w / w.norm(dim=1, keepdim=True)
+    red_star, blue_cat, bg = 40 * (u[2] + u[3]), 40 * (u[1] + u[4]), 40 * u[0]
+
+    def snap(i: int) -> Snapshot:  # one object before 3.5 s, the other after; asked which appeared or vanished
+        first, then = (red_star, blue_cat) if i % 2 else (blue_cat, red_star)
+        parts = [Tokens.from_grid(torch.stack([first, bg, bg, bg]).reshape(2, 2, 8), k, k * 0.5) for k in range(6)]
+        parts += [Tokens.from_grid(torch.stack([then, bg, bg, bg]).reshape(2, 2, 8), k, k * 0.5) for k in range(8, 14)]
+        mem = Tokens.cat(parts)
+        mem = Tokens(features=mem.features, frame_index=mem.frame_index, timestamp=mem.timestamp, grid=mem.grid,
+                     level=torch.zeros(len(mem), dtype=torch.int64))
+        cands = ["the red star", "the blue cat"][:: 1 if i % 4 < 2 else -1]
+        verb = "appeared" if i % 3 else "vanished"
+        answer = ("the blue cat" if i % 2 else "the red star") if verb == "appeared" else \
+            ("the red star" if i % 2 else "the blue cat")
+        q = {"question": f"which object {verb} at about 3.5s ?", "candidates": cands, "answer": answer,
+             "answer_type": "PM", "sub_answer_type": "PM-3"}
+        return Snapshot(mem, 7.0, [q], "ovbench", f"w{i}")
+
+    for split, seeds in (("train", range(24)), ("val", range(100, 112))):
+        (tmp_path / "d" / split).mkdir(parents=True)
+        save_shard(tmp_path / "d" / split / "w.safetensors", [snap(i) for i in seeds], pool="mean")
+    before = event_gate_data(m, load_shard(tmp_path / "d" / "val" / "w.safetensors"), progress=False)
+    assert len(before) == 12 and before.feats.shape == (12, m.max_cand, 8) and before.cls.shape == (12, 16)
+    report = refit_event_gate(tmp_path / "init", tmp_path / "d", tmp_path / "out", weight_decay=0.0, threads=1)
+    assert report["before"]["val"][1] < 0.9 and report["after"]["val"][1] == 1.0  # loss, accuracy
+    assert report["after"]["train"][0] < report["before"]["train"][0]
+    fitted = SmallAnswerer.from_pretrained(str(tmp_path / "out"))
+    assert fitted.calibrated and set(fitted.state_dict()) - set(m.state_dict()) == {"base_scale.weight",
+                                                                                    "base_scale.bias"}
+    changed = {k for k, v in m.state_dict().items() if not torch.equal(v, fitted.state_dict()[k])}
+    assert changed <= {"event_gate.weight", "event_gate.bias"} and changed  # nothing else moves
+    info = json.loads((tmp_path / "out" / "training.json").read_text())["event_gate_refit"]
+    assert info["train_questions"] == 24 and info["val_questions"] == 12 and info["calibrated"]
+    # the gate alone (no scale) is refitted the same way
+    plain = refit_event_gate(tmp_path / "init", tmp_path / "d", tmp_path / "out2", weight_decay=0.0, threads=1,
+                             calibrate=False)
+    assert plain["after"]["train"][0] < plain["before"]["train"][0]
+    assert not SmallAnswerer.from_pretrained(str(tmp_path / "out2")).calibrated
+    with pytest.raises(ValueError, match="event head"):
+        event_gate_data(SmallAnswerer(vocab=vocab.words, token_dim=8, d=16, heads=2, layers=1), [snap(0)])

@@ -322,6 +322,16 @@ def test_event_head_adds_each_candidates_signed_evidence_to_its_logit():
     assert float(down[0]) < -1.0 and float(down[1]) > 1.0
     with pytest.raises(ValueError, match="event_head"):
         SmallAnswerer(**{**kw, "signed_time": False}, event_head=True)
+    # calibrated: the blocks' logits times softplus(w . [CLS] + b), exactly 1 until fitted
+    cal = SmallAnswerer(**kw, event_head=True, calibrated=True).eval()
+    cal.load_state_dict(m.state_dict(), strict=False)
+    with torch.no_grad():
+        assert torch.allclose(cal(mem, batch), m(mem, batch), atol=1e-6)
+        cal.base_scale.bias.fill_(-20.0)  # a scale of ~0 leaves the event evidence alone
+        only = cal(mem, batch)[0, :2]
+    assert torch.allclose(only, m(mem, batch)[0, :2] - plain(mem, batch)[0, :2], atol=1e-4)
+    with pytest.raises(ValueError, match="event head"):
+        SmallAnswerer(**kw, calibrated=True)
 
 # ---------------------------------------------------------------------- the answerer's memory cache
 def cached_answerer(seed: int = 0) -> SmallAnswerer:

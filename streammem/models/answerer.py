@@ -427,6 +427,11 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
             logit directly, weighted by a gate read from the question's ``[CLS]`` state (see
             :meth:`forward`), so "vanished" can learn to favour evidence that fell and
             "appeared" evidence that rose without routing it through the blocks.
+        calibrated: (with ``event_head``) also scale the blocks' candidate logits by
+            ``softplus(w . [CLS] + b)`` (1 at the start) before the event head adds its
+            evidence, so a question whose blocks are unreliable (on held-out worlds: past-memory
+            questions about old events) leans on the signed evidence instead; fitted with the
+            gate on held-out worlds by :func:`streammem.train.answerer.refit_event_gate`.
         memory_pool: the ``PyramidMemory`` pooling it was trained on (``"mean"`` or
             ``"salient"``); :class:`~streammem.pipelines.qa.StreamingQAPipeline` builds its
             pyramid with it.
@@ -435,7 +440,8 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
     def __init__(self, vocab: list[str], token_dim: int = 64, d: int = 128, heads: int = 4, layers: int = 2,
                  grid: int = 16, levels: int = 3, max_len: int = 96, max_cand: int = 5,
                  encoder: str | None = None, labels: list[str] | None = None, num_classes: int = 0,
-                 signed_time: bool = False, memory_pool: str = "mean", event_head: bool = False) -> None:
+                 signed_time: bool = False, memory_pool: str = "mean", event_head: bool = False,
+                 calibrated: bool = False) -> None:
         super().__init__()
         if memory_pool not in ("mean", "salient"):
             raise ValueError(f"SmallAnswerer.memory_pool must be 'mean' or 'salient', got {memory_pool!r}")
@@ -491,6 +497,14 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
             self.event_gate = nn.Linear(d, _SIGNED_F)  # [CLS] -> weights of the 8 signed features
             nn.init.zeros_(self.event_gate.weight)
             nn.init.zeros_(self.event_gate.bias)
+        if calibrated and not self.event_head:
+            raise ValueError("SmallAnswerer(calibrated=True) needs the event head (event_head=True)")
+        self.calibrated = bool(calibrated)
+        if self.calibrated:
+            # [CLS] -> softplus scale of the blocks' candidate logits; starts at exactly 1
+            self.base_scale = nn.Linear(d, 1)
+            nn.init.zeros_(self.base_scale.weight)
+            nn.init.constant_(self.base_scale.bias, math.log(math.expm1(1.0)))
 
     # ------------------------------------------------------------------ pieces
     def set_label_heads(self, encoder) -> "SmallAnswerer":
@@ -702,10 +716,15 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
             x = x + view.probs @ self.label_emb.weight[:-1]
         return self.mem_norm(x)
 
-    def _forward(self, memory: Tokens, batch: EncodedBatch, cache: MemoryCache | None = None, keep: bool = False):
+    def _forward(self, memory: Tokens, batch: EncodedBatch, cache: MemoryCache | None = None, keep: bool = False,
+                 event_parts: list | None = None):
         """:meth:`forward`'s logits, and with ``keep`` the last block's ``(q, k, bias)`` plus the
         memory in the order ``k`` has it and, if that is the cache's slot order, the slot row of
-        each of the read's tokens (else ``None``)."""
+        each of the read's tokens (else ``None``). With ``event_parts`` (a list) and the event
+        head, what the head's gate reads is appended to it: the blocks' logits ``(B, C)`` (before
+        the ``calibrated`` scale and the head),
+        the ``[CLS]`` states ``(B, d)`` and each candidate's signed features ``(B, C, 8)`` (see
+        :func:`streammem.train.answerer.fit_event_gate`)."""
         b, L = batch.ids.shape
         if L > self.max_len:
             raise ValueError(f"sequence of {L} words is over max_len={self.max_len}")
@@ -744,7 +763,13 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         pooled = torch.einsum("bcl,bld->bcd", cm, x) / cm.sum(-1, keepdim=True).clamp(min=1)
         logits = self.score(pooled)[..., 0]
         if self.event_head and signed:
-            logits = logits + self._event_bonus(x[:, 0], signed[0], batch)
+            feats = self._event_features(signed[0], batch)
+            if event_parts is not None:
+                event_parts.append((logits, x[:, 0], feats))
+        if self.calibrated:
+            logits = logits * F.softplus(self.base_scale(x[:, 0]))
+        if self.event_head and signed:
+            logits = logits + (feats * self.event_gate(x[:, 0])[:, None, :]).sum(-1)
         valid = torch.arange(self.max_cand)[None] < batch.n_cand[:, None]
         logits = logits.masked_fill(~valid, float("-inf"))
         return logits, kept
@@ -763,15 +788,15 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         w = _attention_weights(q, k, bias)
         return logits, (w if to_slot is None else w[..., to_slot])  # in the read's token order
 
-    def _event_bonus(self, cls: torch.Tensor, signed: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:
-        """``(B, C)``: each candidate's signed-time evidence, at its last label word (its class
-        word, or a bare colour), dotted with the gate the question's ``[CLS]`` state sets."""
+    def _event_features(self, signed: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:
+        """``(B, C, 8)``: each candidate's signed-time evidence, at its last label word (its class
+        word, or a bare colour; zero for a candidate without one). The event head adds it to the
+        candidate's logit dotted with the gate the question's ``[CLS]`` state sets."""
         is_label = self.word_label[batch.ids] < len(self.labels)  # B, L
         pos = torch.arange(batch.ids.shape[1])
         at = torch.where(batch.cand_mask & is_label[:, None, :], pos, -1).max(-1).values  # B, C
         feats = signed.gather(1, at.clamp(min=0)[..., None].expand(-1, -1, signed.shape[-1]))  # B, C, F
-        feats = feats * (at >= 0)[..., None]
-        return (feats * self.event_gate(cls)[:, None, :]).sum(-1)
+        return feats * (at >= 0)[..., None]
 
     # ------------------------------------------------------------------ inference
     @torch.no_grad()

@@ -37,6 +37,7 @@ import json
 import math
 import random
 import time
+import warnings
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 
@@ -51,7 +52,8 @@ from streammem.models.grid_encoder import grid_tokens
 from streammem.types import Tokens
 
 __all__ = ["AnswererTrainConfig", "Snapshot", "build_snapshots", "iter_world_snapshots", "save_shard", "load_shard",
-           "produce", "train", "evaluate_snapshots", "fit_vocab", "shard_pool", "PoolMismatch"]
+           "produce", "train", "evaluate_snapshots", "fit_vocab", "shard_pool", "PoolMismatch", "EventGateData",
+           "event_gate_data", "fit_event_gate", "refit_event_gate"]
 
 TRAIN_SEED0 = 20_000_000
 VAL_SEED0 = 30_000_000
@@ -526,6 +528,148 @@ def train(cfg: AnswererTrainConfig, snapshots: list[Snapshot] | None = None,
     if log:
         log.close()
     return m.eval()
+
+
+@dataclass
+class EventGateData:
+    """What :func:`fit_event_gate` fits on, one row per question (see
+    :meth:`SmallAnswerer._forward`'s ``event_parts``): the frozen model's logits before the
+    event head ``base (N, C)`` (``-inf`` past a question's candidates), ``[CLS]`` states
+    ``cls (N, d)``, signed features ``feats (N, C, 8)``, the right candidate ``target (N,)``."""
+
+    base: torch.Tensor
+    cls: torch.Tensor
+    feats: torch.Tensor
+    target: torch.Tensor
+
+    def __len__(self) -> int:
+        return len(self.target)
+
+
+def _snapshot_tokens(s: Snapshot) -> Tokens:
+    return Tokens(features=s.memory.features.float(), frame_index=s.memory.frame_index, timestamp=s.memory.timestamp,
+                  grid=s.memory.grid, level=s.memory.level)
+
+
+@torch.no_grad()
+def event_gate_data(model: SmallAnswerer, snaps, progress: bool = True) -> EventGateData:
+    """Run the frozen ``model`` over ``snaps`` (an iterable of :class:`Snapshot`) and keep what
+    its event head's gate reads, per question."""
+    if not model.event_head:
+        raise ValueError("event_gate_data needs an answerer with the event head (event_head=True)")
+    model.eval()
+    parts: list = []
+    targets = []
+    for s in tqdm(snaps, desc="event-gate data", unit="snapshot", disable=not progress):
+        qs = s.questions
+        batch = encode_questions(model.vocab, [q["question"] for q in qs], [q["candidates"] for q in qs],
+                                 [s.query_time] * len(qs), model.max_len, model.max_cand)
+        got: list = []
+        model._forward(_snapshot_tokens(s), batch, event_parts=got)
+        if not got:  # an empty memory: the head adds nothing, the question teaches the gate nothing
+            continue
+        base, cls, feats = got[0]
+        valid = torch.arange(model.max_cand)[None] < batch.n_cand[:, None]
+        parts.append((base.masked_fill(~valid, float("-inf")), cls, feats))
+        targets += [q["candidates"].index(q["answer"]) for q in qs]
+    if not parts:
+        raise ValueError("event_gate_data: no question had a memory to read")
+    base, cls, feats = (torch.cat(x) for x in zip(*parts))
+    return EventGateData(base, cls, feats, torch.tensor(targets))
+
+
+def fit_event_gate(model: SmallAnswerer, data: EventGateData, weight_decay: float = 1e-3, iters: int = 300,
+                   val: EventGateData | None = None) -> dict:
+    """Re-fit only the event head's gate (``model.event_gate``, 1,032 weights) and, for a
+    ``calibrated`` answerer, the scale of the blocks' logits (``model.base_scale``, 129), by
+    full-batch L-BFGS on the cross-entropy of ``scale(cls) * base + feats . gate(cls)``;
+    everything else stays frozen. ``weight_decay``: L2 pull of the gate towards where it started
+    and of the scale's weights towards 0 (a scale set by the question alone would be its bias).
+    Returns ``{"before" | "after": {"train" | "val": (loss, accuracy)}}``.
+
+    Why: the head joins the answerer late in training (phase D), and on worlds it never saw the
+    blocks' logits are overconfident (validation loss 2.2 against 0.7 on its training worlds),
+    most of all on past-memory questions about old events, where the head's evidence alone
+    answers far better than the whole model (README)."""
+    gate = model.event_gate
+    scale = model.base_scale if model.calibrated else None
+    w0, b0 = gate.weight.detach().clone(), gate.bias.detach().clone()
+
+    def logits_of(d: EventGateData) -> torch.Tensor:
+        base = d.base
+        if scale is not None:  # -inf marks absent candidates: keep it out of the product's gradient
+            absent = torch.isinf(base)
+            base = (base.masked_fill(absent, 0.0) * F.softplus(scale(d.cls))).masked_fill(absent, float("-inf"))
+        return base + (d.feats * gate(d.cls)[:, None, :]).sum(-1)
+
+    def loss_acc(d: EventGateData) -> tuple[float, float]:
+        with torch.no_grad():
+            logits = logits_of(d)
+            return float(F.cross_entropy(logits, d.target)), float((logits.argmax(-1) == d.target).float().mean())
+
+    report = {"before": {"train": loss_acc(data)}}
+    if val is not None:
+        report["before"]["val"] = loss_acc(val)
+    params = [*gate.parameters(), *(scale.parameters() if scale is not None else [])]
+    opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
+
+    def closure():
+        opt.zero_grad()
+        loss = F.cross_entropy(logits_of(data), data.target)
+        pull = (gate.weight - w0).square().sum() + (gate.bias - b0).square().sum()
+        if scale is not None:
+            pull = pull + scale.weight.square().sum()
+        loss = loss + weight_decay * pull
+        loss.backward()
+        return loss
+
+    with torch.enable_grad():
+        opt.step(closure)
+    report["after"] = {"train": loss_acc(data)}
+    if val is not None:
+        report["after"]["val"] = loss_acc(val)
+    return report
+
+
+def refit_event_gate(init: str | Path, data: str | Path, out: str | Path, weight_decay: float = 1e-3,
+                     iters: int = 300, threads: int = 2, calibrate: bool = True, progress: bool = True) -> dict:
+    """Load the answerer at ``init`` (made ``calibrated`` when ``calibrate``: the scale starts at
+    1), re-fit its event gate and scale (:func:`fit_event_gate`) on the snapshot shards in
+    ``data/train`` (validated on ``data/val`` when it has shards) and save the result to
+    ``out``, with ``init``'s ``training.json`` plus an ``event_gate_refit`` record. The shards
+    must be worlds ``init`` was not trained on: on its own training worlds the blocks' logits
+    are right far more often than on new ones and would teach the gate to trust them."""
+    torch.set_num_threads(threads)
+    with warnings.catch_warnings():  # a first calibration: the scale is new, starting at 1, as it should
+        warnings.filterwarnings("ignore", message=r".*left at their initial values: base_scale\.bias, base_scale\.weight$")
+        model = SmallAnswerer.from_pretrained(str(init), **({"calibrated": True} if calibrate else {}))
+    root = Path(data)
+
+    def collect(split: str) -> tuple[EventGateData | None, int]:
+        paths = sorted((root / split).glob("*.safetensors"))
+        parts = [event_gate_data(model, load_shard(p, model.memory_pool), progress=progress) for p in paths]
+        if not parts:
+            return None, 0
+        return EventGateData(*(torch.cat(x) for x in zip(*((d.base, d.cls, d.feats, d.target) for d in parts)))), len(paths)
+
+    train_data, n_train = collect("train")
+    if train_data is None:
+        raise ValueError(f"{root / 'train'} holds no snapshot shards (streammem train qa-snapshots)")
+    val_data, n_val = collect("val")
+    report = fit_event_gate(model, train_data, weight_decay=weight_decay, iters=iters, val=val_data)
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    prev = Path(init) / "training.json"
+    summary = json.loads(prev.read_text()) if prev.is_file() else {}
+    summary["event_gate_refit"] = {
+        "init": str(init), "data": str(root), "train_shards": n_train, "train_questions": len(train_data),
+        "val_shards": n_val, "val_questions": len(val_data) if val_data is not None else 0,
+        "weight_decay": weight_decay, "iters": iters, "calibrated": model.calibrated,
+        "loss_accuracy": {k: {split: [round(v, 4) for v in la] for split, la in r.items()} for k, r in report.items()},
+    }
+    (out / "training.json").write_text(json.dumps(summary, indent=2, default=list) + "\n")
+    return report
 
 
 def _save(model: SmallAnswerer, out: Path, cfg: AnswererTrainConfig, step: int, seconds: float,
