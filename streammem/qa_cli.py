@@ -202,9 +202,10 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         weight_decay: float = typer.Option(1e-3, help="L2 pull towards the current gate"),
         iters: int = typer.Option(300, help="L-BFGS iterations"),
         threads: int = typer.Option(2, help="torch threads"),
-        calibrate: bool = typer.Option(True, help="also fit a per-question scale of the blocks' logits"),
+        calibrate: bool = typer.Option(True, help="also fit a per-question scale of the blocks' logits and the "
+                                                  "gate's term for the memory's support around the stated time"),
     ) -> None:
-        """Re-fit only the answerer's event gate and the scale of its blocks' logits (1,161
+        """Re-fit only the answerer's event gate and the scale of its blocks' logits (1,179
         weights; everything else frozen) on worlds it was not trained on, so the signed before /
         after evidence gets the weight it earns on new worlds."""
         from streammem.train.answerer import refit_event_gate

@@ -224,8 +224,8 @@ def test_refitting_the_event_gate_learns_to_read_rising_and_falling_evidence(tmp
     assert report["before"]["val"][1] < 0.9 and report["after"]["val"][1] == 1.0  # loss, accuracy
     assert report["after"]["train"][0] < report["before"]["train"][0]
     fitted = SmallAnswerer.from_pretrained(str(tmp_path / "out"))
-    assert fitted.calibrated and set(fitted.state_dict()) - set(m.state_dict()) == {"base_scale.weight",
-                                                                                    "base_scale.bias"}
+    assert fitted.calibrated and set(fitted.state_dict()) - set(m.state_dict()) == {
+        "base_scale.weight", "base_scale.bias", "support_gate.weight"}
     changed = {k for k, v in m.state_dict().items() if not torch.equal(v, fitted.state_dict()[k])}
     assert changed <= {"event_gate.weight", "event_gate.bias"} and changed  # nothing else moves
     info = json.loads((tmp_path / "out" / "training.json").read_text())["event_gate_refit"]

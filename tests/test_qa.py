@@ -333,6 +333,20 @@ def test_event_head_adds_each_candidates_signed_evidence_to_its_logit():
     with pytest.raises(ValueError, match="event head"):
         SmallAnswerer(**kw, calibrated=True)
 
+def test_the_calibrations_support_is_the_distance_to_the_nearest_frames_around_the_stated_time():
+    import math
+
+    from streammem.models.answerer import _NO_FRAME_S, _support
+
+    ts = torch.tensor([1.0, 2.0, 10.0, 10.1, 30.0], dtype=torch.float64)
+    got = _support(ts, torch.tensor([10.0, 0.5, 40.0], dtype=torch.float64)) * 5  # back to log(1 + seconds)
+    want = [[math.log1p(8.0), math.log1p(20.0)],  # 10.0 and 10.1 are within the side gap: neither side
+            [math.log1p(_NO_FRAME_S), math.log1p(0.5)],  # nothing before 0.5 s
+            [math.log1p(10.0), math.log1p(_NO_FRAME_S)]]  # nothing after 40 s
+    assert torch.allclose(got, torch.tensor(want), atol=1e-5)
+    assert torch.allclose(_support(None, torch.tensor([3.0])) * 5, torch.full((1, 2), math.log1p(_NO_FRAME_S)))
+
+
 # ---------------------------------------------------------------------- the answerer's memory cache
 def cached_answerer(seed: int = 0) -> SmallAnswerer:
     """Two blocks, a label space, signed time and an open event gate: every part the cache feeds."""

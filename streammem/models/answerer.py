@@ -201,6 +201,22 @@ _GROUND_V = 16 + 18 + 3  # read-out value: grid-cell Fourier, age features, leve
 _SIDE_GAP = 0.25  # seconds: tokens this close to the stated time are neither before nor after it
 _EMPTY_LSE = -20.0  # the signed read-out's value for a side with no tokens (below any real score)
 _SIGNED_F = 2 + 2 * 3  # signed read-out features per label word: has before / after, per scale lse before, after, diff
+_SUPPORT_F = 2  # the calibration's support features: distance to the nearest frame before / after the stated time
+_NO_FRAME_S = 1e4  # seconds: the support's distance for a side without frames
+
+
+def _support(ts: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
+    """``(B, 2)``: ``log(1 + s) / 5``, ``s`` the seconds from each question's stated time
+    (``ref (B,)``) to the nearest stored frame before it and after it (at least ``_SIDE_GAP``
+    away, as the signed read-out's sides); a side without frames reads as ``_NO_FRAME_S``."""
+    if ts is None or len(ts) == 0:
+        gap = torch.full((len(ref), 2), _NO_FRAME_S, dtype=torch.float64)
+    else:
+        side = ts.double()[None, :] - ref.double()[:, None]  # B, M
+        far = torch.full_like(side, _NO_FRAME_S)
+        gap = torch.stack([torch.where(side < -_SIDE_GAP, -side, far).amin(1),
+                           torch.where(side > _SIDE_GAP, side, far).amin(1)], 1).clamp(max=_NO_FRAME_S)
+    return (torch.log1p(gap) / 5.0).float()
 
 
 class MemoryCache:
@@ -428,10 +444,13 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
             :meth:`forward`), so "vanished" can learn to favour evidence that fell and
             "appeared" evidence that rose without routing it through the blocks.
         calibrated: (with ``event_head``) also scale the blocks' candidate logits by
-            ``softplus(w . [CLS] + b)`` (1 at the start) before the event head adds its
-            evidence, so a question whose blocks are unreliable (on held-out worlds: past-memory
-            questions about old events) leans on the signed evidence instead; fitted with the
-            gate on held-out worlds by :func:`streammem.train.answerer.refit_event_gate`.
+            ``softplus(w . [CLS, support] + b)`` (1 at the start) before the event head adds its
+            evidence, and add ``U support`` to the gate, ``support`` being how far the memory's
+            nearest frames before and after the stated time are (:func:`_support`). A question
+            whose blocks are unreliable (on held-out worlds: past-memory questions about old
+            events) then leans on the signed evidence where frames near that time are kept, and
+            on the blocks where they are not; fitted with the gate on held-out worlds by
+            :func:`streammem.train.answerer.refit_event_gate`.
         memory_pool: the ``PyramidMemory`` pooling it was trained on (``"mean"`` or
             ``"salient"``); :class:`~streammem.pipelines.qa.StreamingQAPipeline` builds its
             pyramid with it.
@@ -501,10 +520,14 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
             raise ValueError("SmallAnswerer(calibrated=True) needs the event head (event_head=True)")
         self.calibrated = bool(calibrated)
         if self.calibrated:
-            # [CLS] -> softplus scale of the blocks' candidate logits; starts at exactly 1
-            self.base_scale = nn.Linear(d, 1)
+            # [CLS] + the memory's support around the stated time (see _support) -> softplus
+            # scale of the blocks' candidate logits (starts at exactly 1), and a support term of
+            # the gate (starts at 0): evidence from frames far from the stated time counts less
+            self.base_scale = nn.Linear(d + _SUPPORT_F, 1)
             nn.init.zeros_(self.base_scale.weight)
             nn.init.constant_(self.base_scale.bias, math.log(math.expm1(1.0)))
+            self.support_gate = nn.Linear(_SUPPORT_F, _SIGNED_F, bias=False)
+            nn.init.zeros_(self.support_gate.weight)
 
     # ------------------------------------------------------------------ pieces
     def set_label_heads(self, encoder) -> "SmallAnswerer":
@@ -722,8 +745,8 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         memory in the order ``k`` has it and, if that is the cache's slot order, the slot row of
         each of the read's tokens (else ``None``). With ``event_parts`` (a list) and the event
         head, what the head's gate reads is appended to it: the blocks' logits ``(B, C)`` (before
-        the ``calibrated`` scale and the head),
-        the ``[CLS]`` states ``(B, d)`` and each candidate's signed features ``(B, C, 8)`` (see
+        the ``calibrated`` scale and the head), the ``[CLS]`` states ``(B, d)``, each candidate's
+        signed features ``(B, C, 8)`` and the memory's support ``(B, 2)`` (:func:`_support`; see
         :func:`streammem.train.answerer.fit_event_gate`)."""
         b, L = batch.ids.shape
         if L > self.max_len:
@@ -762,14 +785,18 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         cm = batch.cand_mask.float()  # B, C, L
         pooled = torch.einsum("bcl,bld->bcd", cm, x) / cm.sum(-1, keepdim=True).clamp(min=1)
         logits = self.score(pooled)[..., 0]
+        cls = x[:, 0]
+        sup = _support(memory.timestamp if len(memory) else None, batch.ref_time) if self.calibrated else None
         if self.event_head and signed:
             feats = self._event_features(signed[0], batch)
             if event_parts is not None:
-                event_parts.append((logits, x[:, 0], feats))
+                event_parts.append((logits, cls, feats, sup if sup is not None else _support(memory.timestamp,
+                                                                                              batch.ref_time)))
         if self.calibrated:
-            logits = logits * F.softplus(self.base_scale(x[:, 0]))
+            logits = logits * F.softplus(self.base_scale(torch.cat([cls, sup], 1)))
         if self.event_head and signed:
-            logits = logits + (feats * self.event_gate(x[:, 0])[:, None, :]).sum(-1)
+            gate = self.event_gate(cls) + (self.support_gate(sup) if self.calibrated else 0.0)
+            logits = logits + (feats * gate[:, None, :]).sum(-1)
         valid = torch.arange(self.max_cand)[None] < batch.n_cand[:, None]
         logits = logits.masked_fill(~valid, float("-inf"))
         return logits, kept

@@ -535,12 +535,14 @@ class EventGateData:
     """What :func:`fit_event_gate` fits on, one row per question (see
     :meth:`SmallAnswerer._forward`'s ``event_parts``): the frozen model's logits before the
     event head ``base (N, C)`` (``-inf`` past a question's candidates), ``[CLS]`` states
-    ``cls (N, d)``, signed features ``feats (N, C, 8)``, the right candidate ``target (N,)``."""
+    ``cls (N, d)``, signed features ``feats (N, C, 8)``, the right candidate ``target (N,)``, the
+    memory's support around the stated time ``support (N, 2)``."""
 
     base: torch.Tensor
     cls: torch.Tensor
     feats: torch.Tensor
     target: torch.Tensor
+    support: torch.Tensor
 
     def __len__(self) -> int:
         return len(self.target)
@@ -568,23 +570,24 @@ def event_gate_data(model: SmallAnswerer, snaps, progress: bool = True) -> Event
         model._forward(_snapshot_tokens(s), batch, event_parts=got)
         if not got:  # an empty memory: the head adds nothing, the question teaches the gate nothing
             continue
-        base, cls, feats = got[0]
+        base, cls, feats, support = got[0]
         valid = torch.arange(model.max_cand)[None] < batch.n_cand[:, None]
-        parts.append((base.masked_fill(~valid, float("-inf")), cls, feats))
+        parts.append((base.masked_fill(~valid, float("-inf")), cls, feats, support))
         targets += [q["candidates"].index(q["answer"]) for q in qs]
     if not parts:
         raise ValueError("event_gate_data: no question had a memory to read")
-    base, cls, feats = (torch.cat(x) for x in zip(*parts))
-    return EventGateData(base, cls, feats, torch.tensor(targets))
+    base, cls, feats, support = (torch.cat(x) for x in zip(*parts))
+    return EventGateData(base, cls, feats, torch.tensor(targets), support)
 
 
 def fit_event_gate(model: SmallAnswerer, data: EventGateData, weight_decay: float = 1e-3, iters: int = 300,
                    val: EventGateData | None = None) -> dict:
     """Re-fit only the event head's gate (``model.event_gate``, 1,032 weights) and, for a
-    ``calibrated`` answerer, the scale of the blocks' logits (``model.base_scale``, 129), by
-    full-batch L-BFGS on the cross-entropy of ``scale(cls) * base + feats . gate(cls)``;
+    ``calibrated`` answerer, the scale of the blocks' logits and the gate's support term
+    (``model.base_scale``, ``model.support_gate``: 131 + 16), by full-batch L-BFGS on the
+    cross-entropy of ``scale(cls, support) * base + feats . (gate(cls) + U support)``;
     everything else stays frozen. ``weight_decay``: L2 pull of the gate towards where it started
-    and of the scale's weights towards 0 (a scale set by the question alone would be its bias).
+    and of the scale's and support term's weights towards 0.
     Returns ``{"before" | "after": {"train" | "val": (loss, accuracy)}}``.
 
     Why: the head joins the answerer late in training (phase D), and on worlds it never saw the
@@ -592,15 +595,17 @@ def fit_event_gate(model: SmallAnswerer, data: EventGateData, weight_decay: floa
     most of all on past-memory questions about old events, where the head's evidence alone
     answers far better than the whole model (README)."""
     gate = model.event_gate
-    scale = model.base_scale if model.calibrated else None
+    scale, sgate = (model.base_scale, model.support_gate) if model.calibrated else (None, None)
     w0, b0 = gate.weight.detach().clone(), gate.bias.detach().clone()
 
     def logits_of(d: EventGateData) -> torch.Tensor:
-        base = d.base
+        base, g = d.base, gate(d.cls)
         if scale is not None:  # -inf marks absent candidates: keep it out of the product's gradient
             absent = torch.isinf(base)
-            base = (base.masked_fill(absent, 0.0) * F.softplus(scale(d.cls))).masked_fill(absent, float("-inf"))
-        return base + (d.feats * gate(d.cls)[:, None, :]).sum(-1)
+            s = F.softplus(scale(torch.cat([d.cls, d.support], 1)))
+            base = (base.masked_fill(absent, 0.0) * s).masked_fill(absent, float("-inf"))
+            g = g + sgate(d.support)
+        return base + (d.feats * g[:, None, :]).sum(-1)
 
     def loss_acc(d: EventGateData) -> tuple[float, float]:
         with torch.no_grad():
@@ -610,7 +615,7 @@ def fit_event_gate(model: SmallAnswerer, data: EventGateData, weight_decay: floa
     report = {"before": {"train": loss_acc(data)}}
     if val is not None:
         report["before"]["val"] = loss_acc(val)
-    params = [*gate.parameters(), *(scale.parameters() if scale is not None else [])]
+    params = [*gate.parameters(), *([*scale.parameters(), *sgate.parameters()] if scale is not None else [])]
     opt = torch.optim.LBFGS(params, lr=1.0, max_iter=iters, history_size=20, line_search_fn="strong_wolfe")
 
     def closure():
@@ -618,7 +623,7 @@ def fit_event_gate(model: SmallAnswerer, data: EventGateData, weight_decay: floa
         loss = F.cross_entropy(logits_of(data), data.target)
         pull = (gate.weight - w0).square().sum() + (gate.bias - b0).square().sum()
         if scale is not None:
-            pull = pull + scale.weight.square().sum()
+            pull = pull + scale.weight.square().sum() + sgate.weight.square().sum()
         loss = loss + weight_decay * pull
         loss.backward()
         return loss
@@ -641,7 +646,8 @@ def refit_event_gate(init: str | Path, data: str | Path, out: str | Path, weight
     are right far more often than on new ones and would teach the gate to trust them."""
     torch.set_num_threads(threads)
     with warnings.catch_warnings():  # a first calibration: the scale is new, starting at 1, as it should
-        warnings.filterwarnings("ignore", message=r".*left at their initial values: base_scale\.bias, base_scale\.weight$")
+        warnings.filterwarnings("ignore", message=r".*left at their initial values: base_scale\.bias, "
+                                                  r"base_scale\.weight, support_gate\.weight$")
         model = SmallAnswerer.from_pretrained(str(init), **({"calibrated": True} if calibrate else {}))
     root = Path(data)
 
@@ -650,7 +656,8 @@ def refit_event_gate(init: str | Path, data: str | Path, out: str | Path, weight
         parts = [event_gate_data(model, load_shard(p, model.memory_pool), progress=progress) for p in paths]
         if not parts:
             return None, 0
-        return EventGateData(*(torch.cat(x) for x in zip(*((d.base, d.cls, d.feats, d.target) for d in parts)))), len(paths)
+        fields = [(d.base, d.cls, d.feats, d.target, d.support) for d in parts]
+        return EventGateData(*(torch.cat(x) for x in zip(*fields))), len(paths)
 
     train_data, n_train = collect("train")
     if train_data is None:
