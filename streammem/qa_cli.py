@@ -199,7 +199,8 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
                                               "answerer was not trained on (`streammem train qa-snapshots`)"),
         init: Path = typer.Option(..., help="answerer checkpoint with the event head"),
         out: str = typer.Option(..., help="checkpoint folder for the result"),
-        weight_decay: float = typer.Option(1e-3, help="L2 pull towards the current gate"),
+        weight_decay: float = typer.Option(0.1, help="L2 pull of every fitted weight towards where it started "
+                                                     "(0.1: chosen by cross-validation over 12 unseen worlds)"),
         iters: int = typer.Option(300, help="L-BFGS iterations"),
         threads: int = typer.Option(2, help="torch threads"),
         calibrate: bool = typer.Option(True, help="also fit a per-question scale of the blocks' logits and the "
@@ -214,8 +215,14 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
             raise typer.BadParameter(f"{data} has no train/ folder of snapshot shards", param_hint="DATA")
         if not (init / "config.json").is_file():
             raise typer.BadParameter(f"no checkpoint (config.json) in {init}", param_hint="--init")
-        report = refit_event_gate(init, data, out, weight_decay=weight_decay, iters=iters, threads=threads,
-                                  calibrate=calibrate)
+        from streammem.train.answerer import PoolMismatch
+
+        try:
+            report = refit_event_gate(init, data, out, weight_decay=weight_decay, iters=iters, threads=threads,
+                                      calibrate=calibrate)
+        except (ValueError, PoolMismatch) as exc:  # no shards, no event head, another pooling, already calibrated
+            typer.secho(f"error: {exc}", fg=typer.colors.RED, err=True)
+            raise typer.Exit(2)
         for when, r in report.items():
             print(when, "  ".join(f"{split}: loss {la[0]:.4f} accuracy {100 * la[1]:.1f}%" for split, la in r.items()))
 

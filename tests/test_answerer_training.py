@@ -162,14 +162,30 @@ def test_the_cli_names_an_unknown_pool(tmp_path):
     res = CliRunner().invoke(app, ["ask", "world:seed=1,seconds=2", "--at", "1", "q", "-c", "a", "-c", "b",
                                    "--retention", "newest"])
     assert res.exit_code == 2 and "retention must be one of ['reference', 'spread'], got 'newest'" in res.output
+
+
+def test_the_event_gate_cli_names_what_is_missing(tmp_path):
+    from typer.testing import CliRunner
+
+    from streammem.cli import app
+    from streammem.models.answerer import SmallAnswerer
+
     def said(res) -> str:  # the error box's text on one line
         return " ".join(res.output.replace("│", " ").split())
 
-    res = CliRunner().invoke(app, ["train", "event-gate", str(tmp_path), "--init", str(tmp_path), "--out", "x"])
+    cmd = ["train", "event-gate", str(tmp_path / "d"), "--init", str(tmp_path / "ck"), "--out", str(tmp_path / "o")]
+    res = CliRunner().invoke(app, cmd)
     assert res.exit_code == 2 and "has no train/ folder of snapshot shards" in said(res)
-    (tmp_path / "train").mkdir()
-    res = CliRunner().invoke(app, ["train", "event-gate", str(tmp_path), "--init", str(tmp_path), "--out", "x"])
+    (tmp_path / "d" / "train").mkdir(parents=True)
+    res = CliRunner().invoke(app, cmd)
     assert res.exit_code == 2 and "no checkpoint (config.json) in" in said(res)
+    SmallAnswerer(vocab=["<pad>", "<unk>", "<cls>", "<sep>", "<time>"], token_dim=8, d=16, heads=2,
+                  layers=1).save_pretrained(tmp_path / "ck")
+    res = CliRunner().invoke(app, cmd)  # an empty train/ folder
+    assert res.exit_code == 2 and "holds no snapshot shards" in res.output
+    save_shard(tmp_path / "d" / "train" / "w.safetensors", [_snap(0)])
+    res = CliRunner().invoke(app, cmd)  # an answerer without the event head
+    assert res.exit_code == 2 and "needs the event head" in res.output and not (tmp_path / "o").exists()
 
 
 def test_qa_snapshots_takes_a_seed_for_worlds_another_answerer_has_not_seen(tmp_path):
@@ -215,6 +231,7 @@ def test_refitting_the_event_gate_learns_to_read_rising_and_falling_evidence(tmp
              "answer_type": "PM", "sub_answer_type": "PM-3"}
         return Snapshot(mem, 7.0, [q], "ovbench", f"w{i}")
 
+    # val repeats train's 12 patterns (what is checked is the fitting, not generalisation)
     for split, seeds in (("train", range(24)), ("val", range(100, 112))):
         (tmp_path / "d" / split).mkdir(parents=True)
         save_shard(tmp_path / "d" / split / "w.safetensors", [snap(i) for i in seeds], pool="mean")
@@ -228,6 +245,11 @@ def test_refitting_the_event_gate_learns_to_read_rising_and_falling_evidence(tmp
         "base_scale.weight", "base_scale.bias", "support_gate.weight"}
     changed = {k for k, v in m.state_dict().items() if not torch.equal(v, fitted.state_dict()[k])}
     assert changed <= {"event_gate.weight", "event_gate.bias"} and changed  # nothing else moves
+    assert float(fitted.support_gate.weight.abs().sum()) > 0 and float(fitted.base_scale.weight.abs().sum()) > 0
+    val = load_shard(tmp_path / "d" / "val" / "w.safetensors")  # the saved model answers as the fit reported
+    right = [fitted.answer(s.memory, q["question"], q["candidates"], s.query_time).text == q["answer"]
+             for s in val for q in s.questions]
+    assert sum(right) / len(right) == report["after"]["val"][1]
     info = json.loads((tmp_path / "out" / "training.json").read_text())["event_gate_refit"]
     assert info["train_questions"] == 24 and info["val_questions"] == 12 and info["calibrated"]
     # the gate alone (no scale) is refitted the same way
@@ -235,5 +257,7 @@ def test_refitting_the_event_gate_learns_to_read_rising_and_falling_evidence(tmp
                              calibrate=False)
     assert plain["after"]["train"][0] < plain["before"]["train"][0]
     assert not SmallAnswerer.from_pretrained(str(tmp_path / "out2")).calibrated
+    with pytest.raises(ValueError, match="already calibrated"):  # its scale cannot be left out of a refit
+        refit_event_gate(tmp_path / "out", tmp_path / "d", tmp_path / "out3", threads=1, calibrate=False)
     with pytest.raises(ValueError, match="event head"):
         event_gate_data(SmallAnswerer(vocab=vocab.words, token_dim=8, d=16, heads=2, layers=1), [snap(0)])

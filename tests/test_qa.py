@@ -322,11 +322,12 @@ def test_event_head_adds_each_candidates_signed_evidence_to_its_logit():
     assert float(down[0]) < -1.0 and float(down[1]) > 1.0
     with pytest.raises(ValueError, match="event_head"):
         SmallAnswerer(**{**kw, "signed_time": False}, event_head=True)
-    # calibrated: the blocks' logits times softplus(w . [CLS] + b), exactly 1 until fitted
+    # calibrated: the blocks' logits times softplus(w . [CLS, support] + b) and a support term of
+    # the gate, exactly 1 and 0 until fitted
     cal = SmallAnswerer(**kw, event_head=True, calibrated=True).eval()
     cal.load_state_dict(m.state_dict(), strict=False)
     with torch.no_grad():
-        assert torch.allclose(cal(mem, batch), m(mem, batch), atol=1e-6)
+        assert torch.equal(cal(mem, batch), m(mem, batch))
         cal.base_scale.bias.fill_(-20.0)  # a scale of ~0 leaves the event evidence alone
         only = cal(mem, batch)[0, :2]
     assert torch.allclose(only, m(mem, batch)[0, :2] - plain(mem, batch)[0, :2], atol=1e-4)
@@ -344,20 +345,25 @@ def test_the_calibrations_support_is_the_distance_to_the_nearest_frames_around_t
             [math.log1p(_NO_FRAME_S), math.log1p(0.5)],  # nothing before 0.5 s
             [math.log1p(10.0), math.log1p(_NO_FRAME_S)]]  # nothing after 40 s
     assert torch.allclose(got, torch.tensor(want), atol=1e-5)
-    assert torch.allclose(_support(None, torch.tensor([3.0])) * 5, torch.full((1, 2), math.log1p(_NO_FRAME_S)))
+    none = torch.full((1, 2), math.log1p(_NO_FRAME_S))
+    assert torch.allclose(_support(None, torch.tensor([3.0])) * 5, none)
+    assert torch.allclose(_support(torch.zeros(0, dtype=torch.float64), torch.tensor([3.0])) * 5, none)
+    far = _support(torch.tensor([-2e4, 3.0 + 2e4], dtype=torch.float64), torch.tensor([3.0])) * 5
+    assert torch.allclose(far, none)  # frames further than _NO_FRAME_S read as none
 
 
 # ---------------------------------------------------------------------- the answerer's memory cache
-def cached_answerer(seed: int = 0) -> SmallAnswerer:
+def cached_answerer(seed: int = 0, calibrated: bool = False) -> SmallAnswerer:
     """Two blocks, a label space, signed time and an open event gate: every part the cache feeds."""
     torch.manual_seed(seed)
     enc = GridEncoder(dim=8, width=4, num_classes=2, num_colours=2).eval()
     vocab = Vocab.fit(["which object appeared at about 3.5s ?", "the red star", "the blue cat", "is there a cat ?"])
     m = SmallAnswerer(vocab=vocab.words, token_dim=8, d=16, heads=2, layers=2, grid=4,
                       labels=["<background>", "cat", "star", "red", "blue"], num_classes=3, signed_time=True,
-                      event_head=True).set_label_heads(enc).eval()
+                      event_head=True, calibrated=calibrated).set_label_heads(enc).eval()
     with torch.no_grad():  # zero-initialised read-outs and gate, a unit LayerNorm would hide a wrong input
-        for p in (m.ground_out.weight, m.ground_signed.weight, m.event_gate.weight, m.event_gate.bias):
+        extra = (m.base_scale.weight, m.support_gate.weight) if calibrated else ()
+        for p in (m.ground_out.weight, m.ground_signed.weight, m.event_gate.weight, m.event_gate.bias, *extra):
             p.normal_(0, 0.3)
         m.mem_norm.weight.uniform_(0.5, 1.5)
         m.mem_norm.bias.normal_(0, 0.5)
@@ -383,8 +389,9 @@ def assert_same_answers(m: SmallAnswerer, mem: Tokens, at: float, cache) -> None
         assert [(e["frame_index"], e["level"]) for e in a.evidence] == [(e["frame_index"], e["level"]) for e in b.evidence]
 
 
-def test_memory_cache_gives_the_uncached_answers_and_stays_bounded():
-    m = cached_answerer()
+@pytest.mark.parametrize("calibrated", [False, True])
+def test_memory_cache_gives_the_uncached_answers_and_stays_bounded(calibrated):
+    m = cached_answerer(calibrated=calibrated)
     mem = PyramidMemory(dim=8, sides=(4, 2, 1), capacities=(3, 3, 6), pool="salient")
     cache = m.new_cache(min_tokens=0, min_run=1)
     g = torch.Generator().manual_seed(1)

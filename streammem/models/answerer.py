@@ -207,8 +207,10 @@ _NO_FRAME_S = 1e4  # seconds: the support's distance for a side without frames
 
 def _support(ts: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
     """``(B, 2)``: ``log(1 + s) / 5``, ``s`` the seconds from each question's stated time
-    (``ref (B,)``) to the nearest stored frame before it and after it (at least ``_SIDE_GAP``
-    away, as the signed read-out's sides); a side without frames reads as ``_NO_FRAME_S``."""
+    (``ref (B,)``; the query time for a question that states none, whose "after" side is then
+    empty) to the nearest stored frame before it and after it (at least ``_SIDE_GAP`` away, as
+    the signed read-out's sides); a side without frames, or whose nearest frame is more than
+    ``_NO_FRAME_S`` away, reads as ``_NO_FRAME_S``."""
     if ts is None or len(ts) == 0:
         gap = torch.full((len(ref), 2), _NO_FRAME_S, dtype=torch.float64)
     else:
@@ -445,12 +447,12 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
             "appeared" evidence that rose without routing it through the blocks.
         calibrated: (with ``event_head``) also scale the blocks' candidate logits by
             ``softplus(w . [CLS, support] + b)`` (1 at the start) before the event head adds its
-            evidence, and add ``U support`` to the gate, ``support`` being how far the memory's
-            nearest frames before and after the stated time are (:func:`_support`). A question
-            whose blocks are unreliable (on held-out worlds: past-memory questions about old
-            events) then leans on the signed evidence where frames near that time are kept, and
-            on the blocks where they are not; fitted with the gate on held-out worlds by
-            :func:`streammem.train.answerer.refit_event_gate`.
+            evidence (with an empty memory, which gives no evidence, nothing is scaled), and add
+            ``U support`` to the gate, ``support`` being how far the memory's nearest frames
+            before and after the stated time are (:func:`_support`). A question whose blocks
+            are unreliable (on held-out worlds: past-memory questions about old events) can then
+            lean on the signed evidence, by how close to that time frames are kept; fitted with
+            the gate on held-out worlds by :func:`streammem.train.answerer.refit_event_gate`.
         memory_pool: the ``PyramidMemory`` pooling it was trained on (``"mean"`` or
             ``"salient"``); :class:`~streammem.pipelines.qa.StreamingQAPipeline` builds its
             pyramid with it.
@@ -522,7 +524,7 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         if self.calibrated:
             # [CLS] + the memory's support around the stated time (see _support) -> softplus
             # scale of the blocks' candidate logits (starts at exactly 1), and a support term of
-            # the gate (starts at 0): evidence from frames far from the stated time counts less
+            # the gate (starts at 0); how each weighs the support is learned
             self.base_scale = nn.Linear(d + _SUPPORT_F, 1)
             nn.init.zeros_(self.base_scale.weight)
             nn.init.constant_(self.base_scale.bias, math.log(math.expm1(1.0)))
@@ -744,10 +746,10 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         """:meth:`forward`'s logits, and with ``keep`` the last block's ``(q, k, bias)`` plus the
         memory in the order ``k`` has it and, if that is the cache's slot order, the slot row of
         each of the read's tokens (else ``None``). With ``event_parts`` (a list) and the event
-        head, what the head's gate reads is appended to it: the blocks' logits ``(B, C)`` (before
-        the ``calibrated`` scale and the head), the ``[CLS]`` states ``(B, d)``, each candidate's
-        signed features ``(B, C, 8)`` and the memory's support ``(B, 2)`` (:func:`_support`; see
-        :func:`streammem.train.answerer.fit_event_gate`)."""
+        head and a memory that is not empty, what the head's gate reads is appended to it: the
+        blocks' logits ``(B, C)`` (before the ``calibrated`` scale and the head), the ``[CLS]``
+        states ``(B, d)``, each candidate's signed features ``(B, C, 8)`` and the memory's
+        support ``(B, 2)`` (:func:`_support`; see :func:`streammem.train.answerer.fit_event_gate`)."""
         b, L = batch.ids.shape
         if L > self.max_len:
             raise ValueError(f"sequence of {L} words is over max_len={self.max_len}")
@@ -785,17 +787,17 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         cm = batch.cand_mask.float()  # B, C, L
         pooled = torch.einsum("bcl,bld->bcd", cm, x) / cm.sum(-1, keepdim=True).clamp(min=1)
         logits = self.score(pooled)[..., 0]
-        cls = x[:, 0]
-        sup = _support(memory.timestamp if len(memory) else None, batch.ref_time) if self.calibrated else None
-        if self.event_head and signed:
+        if self.event_head and signed:  # (signed is filled whenever the memory is not empty)
+            cls = x[:, 0]
             feats = self._event_features(signed[0], batch)
+            gate = self.event_gate(cls)
+            if self.calibrated or event_parts is not None:
+                sup = _support(memory.timestamp, batch.ref_time)
             if event_parts is not None:
-                event_parts.append((logits, cls, feats, sup if sup is not None else _support(memory.timestamp,
-                                                                                              batch.ref_time)))
-        if self.calibrated:
-            logits = logits * F.softplus(self.base_scale(torch.cat([cls, sup], 1)))
-        if self.event_head and signed:
-            gate = self.event_gate(cls) + (self.support_gate(sup) if self.calibrated else 0.0)
+                event_parts.append((logits, cls, feats, sup))
+            if self.calibrated:
+                logits = logits * F.softplus(self.base_scale(torch.cat([cls, sup], 1)))
+                gate = gate + self.support_gate(sup)
             logits = logits + (feats * gate[:, None, :]).sum(-1)
         valid = torch.arange(self.max_cand)[None] < batch.n_cand[:, None]
         logits = logits.masked_fill(~valid, float("-inf"))
@@ -818,7 +820,8 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
     def _event_features(self, signed: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:
         """``(B, C, 8)``: each candidate's signed-time evidence, at its last label word (its class
         word, or a bare colour; zero for a candidate without one). The event head adds it to the
-        candidate's logit dotted with the gate the question's ``[CLS]`` state sets."""
+        candidate's logit dotted with the gate the question's ``[CLS]`` state sets (plus, for a
+        ``calibrated`` answerer, the gate's support term)."""
         is_label = self.word_label[batch.ids] < len(self.labels)  # B, L
         pos = torch.arange(batch.ids.shape[1])
         at = torch.where(batch.cand_mask & is_label[:, None, :], pos, -1).max(-1).values  # B, C
