@@ -209,14 +209,12 @@ def register(app: typer.Typer, train_app: typer.Typer, eval_app: typer.Typer) ->
         """Re-fit only the answerer's event gate and the scale of its blocks' logits (1,179
         weights; everything else frozen) on worlds it was not trained on, so the signed before /
         after evidence gets the weight it earns on new worlds."""
-        from streammem.train.answerer import refit_event_gate
+        from streammem.train.answerer import PoolMismatch, refit_event_gate
 
         if not (data / "train").is_dir():
             raise typer.BadParameter(f"{data} has no train/ folder of snapshot shards", param_hint="DATA")
         if not (init / "config.json").is_file():
             raise typer.BadParameter(f"no checkpoint (config.json) in {init}", param_hint="--init")
-        from streammem.train.answerer import PoolMismatch
-
         try:
             report = refit_event_gate(init, data, out, weight_decay=weight_decay, iters=iters, threads=threads,
                                       calibrate=calibrate)

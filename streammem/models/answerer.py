@@ -790,15 +790,11 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         if self.event_head and signed:  # (signed is filled whenever the memory is not empty)
             cls = x[:, 0]
             feats = self._event_features(signed[0], batch)
-            gate = self.event_gate(cls)
-            if self.calibrated or event_parts is not None:
-                sup = _support(memory.timestamp, batch.ref_time)
+            need = self.calibrated or event_parts is not None
+            sup = _support(memory.timestamp, batch.ref_time) if need else None
             if event_parts is not None:
                 event_parts.append((logits, cls, feats, sup))
-            if self.calibrated:
-                logits = logits * F.softplus(self.base_scale(torch.cat([cls, sup], 1)))
-                gate = gate + self.support_gate(sup)
-            logits = logits + (feats * gate[:, None, :]).sum(-1)
+            logits = self._event_logits(logits, cls, feats, sup)
         valid = torch.arange(self.max_cand)[None] < batch.n_cand[:, None]
         logits = logits.masked_fill(~valid, float("-inf"))
         return logits, kept
@@ -816,6 +812,19 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         q, k, bias, _, to_slot = kept
         w = _attention_weights(q, k, bias)
         return logits, (w if to_slot is None else w[..., to_slot])  # in the read's token order
+
+    def _event_logits(self, base: torch.Tensor, cls: torch.Tensor, feats: torch.Tensor,
+                      sup: torch.Tensor | None) -> torch.Tensor:
+        """The event head on top of the blocks' logits ``base (B, C)`` (finite): for a
+        ``calibrated`` answerer ``base`` times ``softplus(w . [CLS, sup] + b)``, plus each
+        candidate's signed features ``feats (B, C, 8)`` dotted with the gate ``event_gate(cls)``
+        (+ ``support_gate(sup)`` when calibrated). The one place this sum is written:
+        :func:`streammem.train.answerer.fit_event_gate` fits through it."""
+        gate = self.event_gate(cls)
+        if self.calibrated:
+            base = base * F.softplus(self.base_scale(torch.cat([cls, sup], 1)))
+            gate = gate + self.support_gate(sup)
+        return base + (feats * gate[:, None, :]).sum(-1)
 
     def _event_features(self, signed: torch.Tensor, batch: EncodedBatch) -> torch.Tensor:
         """``(B, C, 8)``: each candidate's signed-time evidence, at its last label word (its class

@@ -593,19 +593,15 @@ def fit_event_gate(model: SmallAnswerer, data: EventGateData, weight_decay: floa
     blocks' logits are overconfident (validation loss 2.2 against 0.7 on its training worlds),
     most of all on past-memory questions about old events, where the head's evidence alone
     answers far better than the whole model (README)."""
-    gate = model.event_gate
-    scale, sgate = (model.base_scale, model.support_gate) if model.calibrated else (None, None)
-    params = [*gate.parameters(), *([*scale.parameters(), *sgate.parameters()] if scale is not None else [])]
+    modules = [model.event_gate, *([model.base_scale, model.support_gate] if model.calibrated else [])]
+    params = [p for m in modules for p in m.parameters()]
     start = [p.detach().clone() for p in params]
 
     def logits_of(d: EventGateData) -> torch.Tensor:
-        base, g = d.base, gate(d.cls)
-        if scale is not None:  # -inf marks absent candidates: keep it out of the product's gradient
-            absent = torch.isinf(base)
-            s = F.softplus(scale(torch.cat([d.cls, d.support], 1)))
-            base = (base.masked_fill(absent, 0.0) * s).masked_fill(absent, float("-inf"))
-            g = g + sgate(d.support)
-        return base + (d.feats * g[:, None, :]).sum(-1)
+        # the model's own event-head sum; -inf marks absent candidates: kept out of the product's gradient
+        absent = torch.isinf(d.base)
+        out = model._event_logits(d.base.masked_fill(absent, 0.0), d.cls, d.feats, d.support)
+        return out.masked_fill(absent, float("-inf"))
 
     def loss_acc(d: EventGateData) -> tuple[float, float]:
         with torch.no_grad():
