@@ -134,8 +134,8 @@ def bench_costs(dims, positions, repeats, only, rounds=5):
                 for p in positions:
                     mem.load_state_dict(states[p])
                     for _ in range(per_round):
-                        w_times[p].append(timed(lambda: mem.write(writes[next(it) % len(writes)]), 1))
-                        r_times[p].append(timed(lambda: mem.read(q), 1))
+                        w_times[p].append(timed(lambda m=mem: m.write(writes[next(it) % len(writes)]), 1))
+                        r_times[p].append(timed(lambda m=mem: m.read(q), 1))
                     states[p] = {k: v.clone() for k, v in mem.state_dict().items()}
             w_cost = [statistics.median(w_times[p]) for p in positions]
             r_cost = [statistics.median(r_times[p]) for p in positions]

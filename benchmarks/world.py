@@ -14,7 +14,6 @@ import resource
 import time
 
 import cv2
-import numpy as np
 import torch
 
 from streammem.world import World

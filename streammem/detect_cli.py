@@ -23,7 +23,6 @@ from dataclasses import asdict, dataclass, is_dataclass
 from pathlib import Path
 from typing import Optional
 
-import numpy as np
 import supervision as sv
 import typer
 

@@ -366,11 +366,13 @@ def test_dual_read_rows_and_the_slot_cache_match_the_plain_rules(compress, tmp_p
         mem.write(frame(i))
         assert torch.allclose(mem._units(), F.normalize(mem.static.features, dim=1))
         full = mem.read()
-        rows = torch.randperm(len(full), generator=g)[: 1 + i]
-        part = mem.read_rows(rows)
-        for f in fields(Tokens):
-            a, b = getattr(full.index(rows), f.name), getattr(part, f.name)
-            assert (a is None and b is None) or torch.equal(a, b), f.name
+        mixed = torch.randperm(len(full), generator=g)[: 1 + i]
+        static_only, fifo_only = mixed[mixed < mem._n], mixed[mixed >= mem._n]  # the one-store fast paths
+        for rows in (mixed, static_only, fifo_only):
+            part = mem.read_rows(rows)
+            for f in fields(Tokens):
+                a, b = getattr(full.index(rows), f.name), getattr(part, f.name)
+                assert (a is None and b is None) or torch.equal(a, b), f.name
     assert mem.counters["merges" if compress == "merge" else "prunes"] > 0
     with pytest.raises(IndexError, match="rows"):
         mem.read_rows(torch.tensor([mem.num_tokens]))
@@ -380,6 +382,7 @@ def test_dual_read_rows_and_the_slot_cache_match_the_plain_rules(compress, tmp_p
     mem.write(nxt)
     back.write(nxt)
     assert torch.equal(mem.static.features, back.static.features)
+    assert torch.equal(mem.read().features, back.read().features)  # the FIFO's cached row order too
     other = DualMemory(dim=8, slots=16, fifo_frames=3, max_tokens_per_frame=10, compress=compress, seed=0)
     for i in range(5):
         other.write(frame(100 + i))

@@ -103,7 +103,7 @@ def test_max_side_resizes_keeping_aspect(videos):
 def test_probe_reports_the_facts(videos):
     info = probe(videos["h264_mp4"])
     assert info.num_frames == N_FRAMES and info.fps == pytest.approx(FPS)
-    assert info.duration == pytest.approx(SECONDS := N_FRAMES / FPS)
+    assert info.duration == pytest.approx(N_FRAMES / FPS)
     assert info.codec == "h264" and (info.width, info.height) == (320, 240)
     assert probe(videos["vp9_webm"]).codec.lower().startswith("vp9") or probe(videos["vp9_webm"]).codec == "VP90"
 

@@ -123,6 +123,7 @@ class DualMemory(Memory):
         self._n, self._frames = int(self._meta[0]), int(self._meta[1])
         self._fifo_len = self.fifo_len.tolist()
         self._unit_valid = False  # after a load or reset the cache is rebuilt on first use
+        self._fifo_rows: torch.Tensor | None = None  # _fifo_index() until the next write
 
     @property
     def nbytes(self) -> int:
@@ -181,6 +182,7 @@ class DualMemory(Memory):
             self.fifo.level[s] = DYNAMIC
         self._fifo_len[block] = n
         self._frames += 1
+        self._fifo_rows = None
         self.counters["routed_dynamic"] += n
 
     def _write_static(self, tokens: Tokens, score: torch.Tensor, idx: torch.Tensor) -> None:
@@ -258,12 +260,14 @@ class DualMemory(Memory):
         self.counters["evictions"] += len(idx)
 
     def _fifo_index(self) -> torch.Tensor:
-        """FIFO slots of live tokens, oldest frame first."""
-        c = self.config
-        first = max(self._frames - c.fifo_frames, 0)
-        idx = [torch.arange(b * c.max_tokens_per_frame, b * c.max_tokens_per_frame + self._fifo_len[b])
-               for b in (f % c.fifo_frames for f in range(first, self._frames))]
-        return torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
+        """FIFO slots of live tokens, oldest frame first (cached until the next write)."""
+        if self._fifo_rows is None:
+            c = self.config
+            first = max(self._frames - c.fifo_frames, 0)
+            idx = [torch.arange(b * c.max_tokens_per_frame, b * c.max_tokens_per_frame + self._fifo_len[b])
+                   for b in (f % c.fifo_frames for f in range(first, self._frames))]
+            self._fifo_rows = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
+        return self._fifo_rows
 
     def read(self, query: Any = None) -> Tokens:
         """Both parts, persistent (``level`` 0) then transient (``level`` 1, oldest first); with a
@@ -282,6 +286,11 @@ class DualMemory(Memory):
             raise IndexError(f"DualMemory.read_rows: rows must be in [0, {total}), got {rows.min()}..{rows.max()}")
         fifo = self._fifo_index()
         in_static = rows < self._n
+        n_static = int(in_static.sum())
+        if n_static == rows.numel():  # one store only (e.g. a pixel memory of dynamic tokens): one gather
+            return self.static.get(rows)
+        if n_static == 0:
+            return self.fifo.get(torch.index_select(fifo, 0, rows - self._n))
         # one gather per store and field (rows of the other store read a dummy slot 0), then pick
         at_static = torch.where(in_static, rows, 0)
         at_fifo = fifo[torch.where(in_static, 0, rows - self._n)] if fifo.numel() else torch.zeros_like(rows)

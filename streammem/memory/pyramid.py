@@ -69,7 +69,6 @@ from dataclasses import dataclass
 from typing import Any
 
 import torch
-import torch.nn.functional as F
 
 from streammem.memory.base import Memory, MemoryConfig, check_field, pool_grid, pool_grid_salient
 from streammem.types import Tokens

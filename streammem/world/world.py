@@ -17,7 +17,7 @@ import numpy as np
 
 from ..types import Frame
 from .corruptions import LEVELS, Corruptor
-from .objects import CLASSES, COLOUR_NAMES, MOTIONS, SPEED_BUCKETS, ObjectSim, speed_bucket, sprite
+from .objects import CLASSES, MOTIONS, SPEED_BUCKETS, ObjectSim, speed_bucket, sprite
 from .scene import (
     POS_UNIT,
     CameraController,
