@@ -17,7 +17,8 @@ In one process, on the same StreamWorld frames:
    untimed real prefix of ``--prefill`` frames (500) of the same stream, which fills a
    FeatureBank (20,000 tokens per level) with the stream's own features.
 2. **A long stream** (``--long-frames``): the memories' size, ``nbytes`` and the per-frame
-   time over the first and the last 50 frames of a real stream.
+   time over the first and the last 50 frames of a real stream (both memories stepped on
+   every frame, in a random order).
 3. **Synthetic writes** (``--synthetic-writes``): the pipelines' own memory objects are driven
    with per-frame writes shaped like the real ones (the pixel and instance token counts per
    frame measured in part 1's steady state, random non-negative features of the detector's widths, the
@@ -151,45 +152,48 @@ def _keys(mem, key_size: int) -> int:
 
 # ---------------------------------------------------------------------- 2. a long real stream
 def long_stream(det: SmallDetector, n: int, size: int, window: int = 50) -> str:
+    """Both memories on one real stream, stepped in a random order per frame (so a machine that
+    slows down over the run slows both alike): time and memory size early and late."""
     from streammem.world import World
 
     rows = ["| method | frames | ms / frame, first 50 | ms / frame, last 50 | tokens after 50 | tokens at end | "
             "nbytes after 50 | nbytes at end |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
-    for m in ("feature_bank", "dual"):
-        pipe = StreamingDetectionPipeline(det, DetectionConfig(memory=m, image_size=size))
-        t: list[float] = []
-        early = (0, 0)
-        for i, f in enumerate(World(seed=11, preset="medium", size=size, fps=8, frames=n)):
+    names = ("feature_bank", "dual")
+    pipes = {m: StreamingDetectionPipeline(det, DetectionConfig(memory=m, image_size=size)) for m in names}
+    t: dict[str, list[float]] = {m: [] for m in names}
+    early: dict[str, tuple[int, int]] = {}
+    rng = np.random.default_rng(1)
+    world = World(seed=11, preset="medium", size=size, fps=8, frames=n)
+    for i, f in enumerate(tqdm(world, total=n, desc="long stream", unit="frame", leave=False, disable=None)):
+        for m in rng.permutation(names):
             t0 = time.perf_counter()
-            pipe.step(f)
-            t.append((time.perf_counter() - t0) * 1e3)
-            if i + 1 == window:
-                early = mem_state(pipe)
-        tok, nb = mem_state(pipe)
-        rows.append(f"| {m} | {len(t)} | {np.median(t[:window]):.1f} | {np.median(t[-window:]):.1f} | {early[0]} | "
-                    f"{tok} | {fmt_bytes(early[1])} | {fmt_bytes(nb)} |")
+            pipes[m].step(f)
+            t[m].append((time.perf_counter() - t0) * 1e3)
+        if i + 1 == window:
+            early = {m: mem_state(p) for m, p in pipes.items()}
+    for m in names:
+        tok, nb = mem_state(pipes[m])
+        e = early.get(m, (0, 0))
+        rows.append(f"| {m} | {len(t[m])} | {np.median(t[m][:window]):.1f} | {np.median(t[m][-window:]):.1f} | "
+                    f"{e[0]} | {tok} | {fmt_bytes(e[1])} | {fmt_bytes(nb)} |")
     return "\n".join(rows)
 
 
 # ---------------------------------------------------------------------- 3. synthetic writes
 def synthetic(det: SmallDetector, counts: dict, frames: list, n: int, size: int) -> str:
-    """Drive fresh pipelines' memories with n frames of realistic writes, then time real frames."""
+    """Drive fresh pipelines' memories with n frames of realistic writes, then time real frames
+    on them against a fresh pipeline (both stepped on every frame, in a random order)."""
     checkpoints = sorted({p for p in (1_000, 10_000, 100_000, n) if p <= n})
     rows = ["| method | level | tokens / frame written | " + " | ".join(f"tokens after {p:,}" for p in checkpoints)
             + " | nbytes first / last | µs per write+read, first 1,000 / last 1,000 |",
             "|---|---|---:|" + "---:|" * len(checkpoints) + "---|---|"]
-    after = ["| method | ms / frame on empty memories (median) | ms / frame after the synthetic stream (median) |",
+    after = ["| method | ms / frame, fresh pipeline (median) | ms / frame after the synthetic stream (median) |",
              "|---|---:|---:|"]
     g = torch.Generator().manual_seed(0)
+    rng = np.random.default_rng(2)
     for m in ("feature_bank", "dual"):
         per = counts[m]
         pipe = StreamingDetectionPipeline(det, DetectionConfig(memory=m, image_size=size))
-        empty = []
-        for f in frames[:8]:
-            t0 = time.perf_counter()
-            pipe.step(f)
-            empty.append((time.perf_counter() - t0) * 1e3)
-        pipe.reset()
         for level, mem, dim, key in (("pixel", pipe.pixel_memory, det.width, pipe.pixel_key_size),
                                      ("instance", pipe.instance_memory, pipe.instance_dim, pipe.config.key_size)):
             k = per[level]
@@ -218,12 +222,14 @@ def synthetic(det: SmallDetector, counts: dict, frames: list, n: int, size: int)
                         + f" | {fmt_bytes(nb0)} / {fmt_bytes(mem.nbytes)} | "
                         + f"{np.median(first):.0f} / {np.median(last or first):.0f} |")
         pipe.counters["frames"] = n
-        full = []
-        for f in frames[:8]:
-            t0 = time.perf_counter()
-            pipe.step(f)
-            full.append((time.perf_counter() - t0) * 1e3)
-        after.append(f"| {m} | {np.median(empty):.1f} | {np.median(full):.1f} |")
+        fresh = StreamingDetectionPipeline(det, DetectionConfig(memory=m, image_size=size))
+        t: dict[str, list[float]] = {"fresh": [], "full": []}
+        for f in frames[:16]:
+            for which in rng.permutation(["fresh", "full"]):
+                t0 = time.perf_counter()
+                (fresh if which == "fresh" else pipe).step(f)
+                t[which].append((time.perf_counter() - t0) * 1e3)
+        after.append(f"| {m} | {np.median(t['fresh']):.1f} | {np.median(t['full']):.1f} |")
     return "\n".join(rows) + "\n\n" + "\n".join(after)
 
 

@@ -338,7 +338,12 @@ class TokenSlots:
     def put(self, slots: torch.Tensor | slice, tokens: Tokens, src: torch.Tensor | slice | None = None) -> None:
         """Copy ``tokens`` (or the rows ``src`` of them) into ``slots``; a missing score is
         stored as 0 and a missing pose as the identity."""
-        pick = (lambda t: t) if src is None else (lambda t: t[src])
+        if src is None:
+            pick = lambda t: t  # noqa: E731
+        elif isinstance(src, slice):
+            pick = lambda t: t[src]  # noqa: E731
+        else:  # rows by index: index_select is ~3x faster than t[src] on CPU
+            pick = lambda t: torch.index_select(t, 0, src)  # noqa: E731
         self.features[slots] = pick(tokens.features)
         self.frame_index[slots] = pick(tokens.frame_index)
         self.timestamp[slots] = pick(tokens.timestamp)
