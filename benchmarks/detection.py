@@ -10,20 +10,22 @@ In one process, on the same StreamWorld frames:
 1. **Per-frame time.** ``none`` is the detector alone (``memory="none"``: the single-frame
    model, whose GEOs take their keys from the frame itself); ``feature_bank`` and ``dual`` are
    the causal aggregation pipelines. The methods are run in turn on every frame (in a random
-   order per frame, after a warm-up), so a busy machine slows them alike; medians are reported. The
-   aggregation overhead is ``median(method) - median(none)``, printed as a ratio of the
-   detector's own time (the project's target: <= 15%). Each memory is timed twice: at stream
-   start (empty before the warm-up) and in the steady state of a long stream, after an
-   untimed real prefix of ``--prefill`` frames (500) of the same stream, which fills a
-   FeatureBank (20,000 tokens per level) with the stream's own features.
+   order per frame, after a warm-up), so a busy machine slows them alike; medians are
+   reported. The aggregation overhead is ``median(method) - median(none)``, printed as a ratio
+   of the detector's own time (the project's target: <= 15%). Each memory is timed at stream
+   start (empty before the warm-up) and in the steady state of a long stream (FeatureBank at
+   each ``--key-sizes``): after an untimed real prefix of ``--prefill`` frames (500) of the
+   same stream, which fills a FeatureBank (20,000 tokens per level) with the stream's own
+   features.
 2. **A long stream** (``--long-frames``): the memories' size, ``nbytes`` and the per-frame
    time over the first and the last 50 frames of a real stream (both memories stepped on
    every frame, in a random order).
 3. **Synthetic writes** (``--synthetic-writes``): the pipelines' own memory objects are driven
    with per-frame writes shaped like the real ones (the pixel and instance token counts per
-   frame measured in part 1's steady state, random non-negative features of the detector's widths, the
-   pipeline's DualMemory routing scores) for ``--synthetic-frames`` frames (100,000), with a
-   read per frame; then real frames are timed again on those full memories. This shows in
+   frame averaged over part 1's long-running pipelines, random non-negative features of the
+   detector's widths, the pipeline's DualMemory routing scores) for ``--synthetic-frames``
+   frames (100,000), with a read per frame; then real frames are timed on those full memories
+   against a fresh pipeline (the two stepped in a random order on every frame). This shows in
    seconds what a 100,000-frame video would take hours to show on a CPU.
 
 The detector is the shipped checkpoint (``streammem/checkpoints/detector``) when present,
@@ -48,7 +50,6 @@ from streammem.pipelines.detection import DetectionConfig, StreamingDetectionPip
 from streammem.types import Tokens
 
 CKPT = Path(__file__).resolve().parents[1] / "streammem" / "checkpoints" / "detector"
-METHODS = ("none", "feature_bank", "dual")
 
 
 def load_detector(path: str | None) -> tuple[SmallDetector, str]:

@@ -117,7 +117,7 @@ def test_eval_detection_writes_results(ckpt, tmp_path):
     assert res.exit_code == 0, res.output
     assert "| preset | method |" in res.output and "| clean | feature_bank |" in res.output
     r = json.loads(out.read_text())
-    assert set(r["clean"]) == {"single", "single+smoother", "feature_bank", "dual"} and "_timing" in r
+    assert set(r["clean"]) == {"single", "single+smoother", "single+score_smoother", "feature_bank", "dual"} and "_timing" in r
     res = invoke("eval", "detection", "--checkpoint", ckpt, "--presets", "clean,foggy")
     assert res.exit_code == 2 and "--presets" in res.output
     res = invoke("eval", "detection", "--checkpoint", ckpt, "--presets", "hard", "--corruption", "foggy")

@@ -245,6 +245,19 @@ def test_dual_routes_by_threshold_and_tags_parts():
     s = mem.stats()
     assert s["routed_static"] == total_static and s["static_tokens"] == min(total_static, 32)
     assert set(mem.read().frame_index[mem.read().level == 1].tolist()) == {2, 3}
+    # all-dynamic writes (their own path): the FIFO keeps the newest frames, tagged dynamic; the
+    # persistent part and its count are untouched; the evicted frames are counted
+    before, n_static, dyn_before = mem.stats(), mem.stats()["static_tokens"], mem.stats()["routed_dynamic"]
+    evicted = mem.stats()["dynamic_tokens"]  # the two frames now in the FIFO leave it
+    for i in (4, 5):
+        t = Tokens.from_grid(torch.randn(2, 3, 4, generator=g), i, float(i), level=7, score=torch.zeros(6))
+        mem.write(t)
+    out = mem.read()
+    assert mem.stats()["static_tokens"] == n_static and mem.stats()["routed_static"] == before["routed_static"]
+    assert mem.stats()["routed_dynamic"] == dyn_before + 12
+    assert mem.stats()["evictions"] == before["evictions"] + evicted
+    assert out.frame_index[out.level == 1].tolist() == [4] * 6 + [5] * 6 and not (out.level == 7).any()
+    assert torch.equal(out.features[out.level == 1][6:], t.features)
     with pytest.raises(ValueError, match="score"):
         mem.write(Tokens.from_grid(torch.randn(1, 1, 4), 9, 9.0))
 
@@ -368,7 +381,7 @@ def test_dual_read_rows_and_the_slot_cache_match_the_plain_rules(compress, tmp_p
         full = mem.read()
         mixed = torch.randperm(len(full), generator=g)[: 1 + i]
         static_only, fifo_only = mixed[mixed < mem._n], mixed[mixed >= mem._n]  # the one-store fast paths
-        for rows in (mixed, static_only, fifo_only):
+        for rows in (mixed, static_only, fifo_only, mixed.repeat(2), mixed[:0]):  # + duplicates, empty
             part = mem.read_rows(rows)
             for f in fields(Tokens):
                 a, b = getattr(full.index(rows), f.name), getattr(part, f.name)
@@ -386,9 +399,12 @@ def test_dual_read_rows_and_the_slot_cache_match_the_plain_rules(compress, tmp_p
     other = DualMemory(dim=8, slots=16, fifo_frames=3, max_tokens_per_frame=10, compress=compress, seed=0)
     for i in range(5):
         other.write(frame(100 + i))
+    mem.read()  # the FIFO row-order cache is in use too
     mem.load_state_dict(other.state_dict())  # into a memory whose cache is in use
     assert torch.allclose(mem._units(), F.normalize(other.static.features, dim=1))
+    assert torch.equal(mem.read().features, other.read().features)  # no stale FIFO row order
     mem.reset()
+    assert len(mem.read()) == 0 and mem.read_rows(torch.zeros(0, dtype=torch.int64)).features.shape == (0, 8)
     mem.write(frame(0))
     assert torch.allclose(mem._units(), F.normalize(mem.static.features, dim=1))
     # the cache is preallocated and counted: slots x dim float32 on top of the buffers

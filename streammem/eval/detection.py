@@ -6,8 +6,12 @@ video ``v``, so ``presets=("hard",)`` evaluates the same worlds as the full run;
 ``< 10_000``, training uses seeds >= 10_000_000), and these methods in the same run:
 
 - ``single``: the detector alone (keys from the frame itself);
-- ``single+smoother``: the same detections through a greedy IoU tracker and
-  ``sv.DetectionsSmoother(length=5)`` (the usual box-level fix);
+- ``single+smoother``: the same detections through :class:`IoUTracker` and
+  ``sv.DetectionsSmoother(length=5)``, which averages each track's boxes and scores over its
+  last 5 frames (the usual box-level fix; the box average lags moving objects);
+- ``single+score_smoother``: the same tracks rescored by :class:`TrackScoreSmoother` (mean
+  confidence over a track's last 5 frames, boxes as detected), the stronger box-level
+  baseline;
 - ``feature_bank``: causal aggregation with :class:`~streammem.memory.FeatureBank`;
 - ``dual``: causal aggregation with :class:`~streammem.memory.DualMemory`;
 - ``feature_bank/protocol`` (with ``protocol=True``): MAMBA's non-causal protocol;
@@ -44,7 +48,7 @@ from supervision.detection.utils.iou_and_nms import box_iou_batch
 from supervision.metrics import MeanAveragePrecision
 
 from streammem.models.detector import SmallDetector
-from streammem.pipelines.detection import DetectionConfig, IoUTracker, StreamingDetectionPipeline
+from streammem.pipelines.detection import DetectionConfig, IoUTracker, StreamingDetectionPipeline, TrackScoreSmoother
 
 __all__ = ["evaluate", "format_table", "gt_detections", "ap50"]
 
@@ -89,6 +93,22 @@ def _scores(preds: list[sv.Detections], targets: list[sv.Detections], corruption
     return out
 
 
+def _copy(d: sv.Detections) -> sv.Detections:
+    """The fields a tracker or smoother may change, copied (the single-frame outputs stay as they are)."""
+    return sv.Detections(xyxy=d.xyxy.copy(), confidence=None if d.confidence is None else d.confidence.copy(),
+                         class_id=None if d.class_id is None else d.class_id.copy())
+
+
+def _box_smoothed(outs: list[sv.Detections]) -> list[sv.Detections]:
+    """``sv.DetectionsSmoother(length=5)`` over :class:`IoUTracker` tracks."""
+    tracker, smoother, res = IoUTracker(), sv.DetectionsSmoother(length=5), []
+    for d in outs:
+        d = tracker.update(_copy(d))
+        s = smoother.update_with_detections(d) if len(d) else d
+        res.append(s if s.confidence is not None or len(s) == 0 else d)
+    return res
+
+
 def evaluate(detector: SmallDetector, presets=("clean", "medium", "hard"), videos: int = 3, frames: int = 48,
              size: int = 256, seed: int = 0, protocol: bool = False, config: DetectionConfig | None = None,
              progress: bool = False, oracle: bool = False, corruption: str | None = None) -> dict:
@@ -126,13 +146,10 @@ def evaluate(detector: SmallDetector, presets=("clean", "medium", "hard"), video
                 timing.setdefault(name, []).append((time.perf_counter() - t0) / max(1, len(vid)))
                 preds.setdefault(name, []).extend(out)
                 if name == "single":
-                    tracker, smoother = IoUTracker(), sv.DetectionsSmoother(length=5)
-                    sm = []
-                    for d in out:
-                        d = tracker.update(d[d.confidence >= 0.05] if len(d) else d)
-                        s = smoother.update_with_detections(d) if len(d) else d
-                        sm.append(s if s.confidence is not None or len(s) == 0 else d)
-                    preds.setdefault("single+smoother", []).extend(sm)
+                    preds.setdefault("single+smoother", []).extend(_box_smoothed(out))
+                    tracker, rescore = IoUTracker(), TrackScoreSmoother(length=5)
+                    preds.setdefault("single+score_smoother", []).extend(
+                        rescore.update(tracker.update(_copy(d))) for d in out)
             if protocol:
                 pipe = StreamingDetectionPipeline(detector, replace(base, memory="feature_bank", mode="protocol"))
                 preds.setdefault("feature_bank/protocol", []).extend(pipe.run_protocol(vid, seed=v))

@@ -336,8 +336,8 @@ class TokenSlots:
         self.pose = b(f"{prefix}.pose", torch.zeros(capacity, 4, 4)) if with_pose else None
 
     def put(self, slots: torch.Tensor | slice, tokens: Tokens, src: torch.Tensor | slice | None = None) -> None:
-        """Copy ``tokens`` (or the rows ``src`` of them) into ``slots``; a missing score is
-        stored as 0 and a missing pose as the identity."""
+        """Copy ``tokens`` (or the rows ``src`` of them: a slice or int64 row indices) into
+        ``slots``; a missing score is stored as 0 and a missing pose as the identity."""
         if src is None:
             pick = lambda t: t  # noqa: E731
         elif isinstance(src, slice):

@@ -294,9 +294,9 @@ class DualMemory(Memory):
         fifo = self._fifo_index()
         in_static = rows < self._n
         n_static = int(in_static.sum())
-        if n_static == rows.numel():  # one store only (e.g. a pixel memory of dynamic tokens): one gather
+        if n_static == rows.numel():  # only persistent slots (or no rows): one gather
             return self.static.get(rows)
-        if n_static == 0:
+        if n_static == 0:  # only FIFO tokens (e.g. a pixel memory of dynamic tokens): one gather
             return self.fifo.get(torch.index_select(fifo, 0, rows - self._n))
         # one gather per store and field (rows of the other store read a dummy slot 0), then pick
         at_static = torch.where(in_static, rows, 0)

@@ -75,7 +75,8 @@ import torch.nn.functional as F
 from streammem.models.detector import STRIDE, SmallDetector
 from streammem.types import Frame, Tokens
 
-__all__ = ["DetectionConfig", "DetectionStreamMixin", "StreamingDetectionPipeline", "IoUTracker", "MODES", "MEMORIES"]
+__all__ = ["DetectionConfig", "DetectionStreamMixin", "StreamingDetectionPipeline", "IoUTracker", "TrackScoreSmoother",
+           "MODES", "MEMORIES"]
 
 MODES = ("causal", "protocol")
 MEMORIES = ("feature_bank", "dual", "none")
@@ -159,43 +160,83 @@ class DetectionConfig:
 
 
 class IoUTracker:
-    """A minimal greedy IoU tracker giving ``tracker_id`` (for ``sv.DetectionsSmoother``).
+    """A small IoU tracker giving ``tracker_id`` (for :class:`TrackScoreSmoother` or
+    ``sv.DetectionsSmoother``).
 
-    Not ByteTrack: each detection takes the unmatched live track of highest IoU >= ``iou``;
-    tracks unseen for ``max_lost`` frames are dropped. (The ``trackers`` package's ByteTrack
-    needs ``opencv-python``, which would replace our ``opencv-python-headless<5``.)
+    Not ByteTrack: each frame's detections are matched to the live tracks by the assignment of
+    highest total IoU (Hungarian, ``scipy.optimize.linear_sum_assignment``), a match needing
+    IoU >= ``iou`` and, with ``class_aware`` (default), the same ``class_id``; unmatched
+    detections start tracks; tracks unseen for ``max_lost`` frames are dropped, so the state is
+    bounded by the detections of the last ``max_lost`` frames. (The ``trackers`` package's
+    ByteTrack needs ``opencv-python``, which would replace our ``opencv-python-headless<5``.)
     """
 
-    def __init__(self, iou: float = 0.3, max_lost: int = 8) -> None:
-        self.iou, self.max_lost = iou, max_lost
+    def __init__(self, iou: float = 0.3, max_lost: int = 8, class_aware: bool = True) -> None:
+        self.iou, self.max_lost, self.class_aware = iou, max_lost, class_aware
         self.reset()
 
     def reset(self) -> None:
-        self.tracks: dict[int, tuple[np.ndarray, int]] = {}
+        self.tracks: dict[int, tuple[np.ndarray, int, int]] = {}  # id -> (last box, last frame, class)
         self.next_id, self.t = 1, 0
 
     def update(self, det: sv.Detections) -> sv.Detections:
+        from scipy.optimize import linear_sum_assignment
         from supervision.detection.utils.iou_and_nms import box_iou_batch
 
         self.t += 1
         ids = np.zeros(len(det), dtype=int)
         tids = list(self.tracks)
+        cls = det.class_id if det.class_id is not None else np.zeros(len(det), dtype=int)
         if tids and len(det):
             iou = box_iou_batch(det.xyxy, np.stack([self.tracks[i][0] for i in tids]))
-            used: set[int] = set()
-            for d in np.argsort(-(det.confidence if det.confidence is not None else np.ones(len(det)))):
-                j = int(np.argmax(np.where([t in used for t in tids], -1, iou[d])))
-                if iou[d, j] >= self.iou and tids[j] not in used:
+            if self.class_aware:
+                iou = iou * (cls[:, None] == np.array([self.tracks[i][2] for i in tids])[None])
+            for d, j in zip(*linear_sum_assignment(iou, maximize=True)):
+                if iou[d, j] >= self.iou:
                     ids[d] = tids[j]
-                    used.add(tids[j])
         for d in range(len(det)):
             if ids[d] == 0:
                 ids[d] = self.next_id
                 self.next_id += 1
-            self.tracks[int(ids[d])] = (det.xyxy[d].copy(), self.t)
+            self.tracks[int(ids[d])] = (det.xyxy[d].copy(), self.t, int(cls[d]))
         self.tracks = {k: v for k, v in self.tracks.items() if self.t - v[1] <= self.max_lost}
         det.tracker_id = ids
         return det
+
+
+class TrackScoreSmoother:
+    """Box-level temporal rescoring: each tracked detection's confidence becomes the mean of its
+    track's last ``length`` confidences; boxes are left as detected. (``sv.DetectionsSmoother``
+    also averages the boxes, which lags moving objects; this is the causal form of the track
+    rescoring of Seq-NMS / tubelet methods.) Needs ``tracker_id`` (e.g. from
+    :class:`IoUTracker`); detections without one pass unchanged. Tracks unseen for more than
+    ``max_lost`` frames (the tracker's default, 8) are forgotten, so the state stays bounded.
+    """
+
+    def __init__(self, length: int = 5, max_lost: int = 8) -> None:
+        if length < 1 or max_lost < 0:
+            raise ValueError(f"TrackScoreSmoother needs length >= 1 and max_lost >= 0, got {length}, {max_lost}")
+        self.length, self.max_lost = length, max_lost
+        self.reset()
+
+    def reset(self) -> None:
+        self.history: dict[int, tuple[list[float], int]] = {}  # id -> (last confidences, last frame)
+        self.t = 0
+
+    def update(self, det: sv.Detections) -> sv.Detections:
+        self.t += 1
+        self.history = {k: v for k, v in self.history.items() if self.t - v[1] <= self.max_lost}
+        if det.tracker_id is None or det.confidence is None or len(det) == 0:
+            return det
+        conf = det.confidence.astype(np.float32)  # a copy: the input keeps its own scores
+        for k, tid in enumerate(det.tracker_id.tolist()):
+            past = self.history.get(tid, ([], 0))[0][-(self.length - 1):] if self.length > 1 else []
+            past = past + [float(det.confidence[k])]
+            self.history[tid] = (past, self.t)
+            conf[k] = float(np.mean(past))
+        out = det[np.arange(len(det))]  # a copy with the same fields
+        out.confidence = conf
+        return out
 
 
 class DetectionStreamMixin:
