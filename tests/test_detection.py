@@ -299,7 +299,7 @@ def test_iou_tracker_assigns_by_total_iou_and_class():
     tr = IoUTracker(iou=0.3)
     tr.update(sv.Detections(xyxy=np.array([[0.0, 0, 10, 10], [6, 0, 16, 10]]), confidence=np.array([0.9, 0.9]),
                             class_id=np.array([0, 0])))
-    d = tr.update(sv.Detections(xyxy=np.array([[3.0, 0, 13, 10], [9, 0, 19, 10]]), confidence=np.array([0.9, 0.5]),
+    d = tr.update(sv.Detections(xyxy=np.array([[4.0, 0, 14, 10], [9, 0, 19, 10]]), confidence=np.array([0.9, 0.5]),
                                 class_id=np.array([0, 0])))
     assert d.tracker_id.tolist() == [1, 2]
     d = tr.update(sv.Detections(xyxy=np.array([[3.0, 0, 13, 10]]), confidence=np.array([0.9]), class_id=np.array([1])))
