@@ -109,6 +109,12 @@ def _box_smoothed(outs: list[sv.Detections]) -> list[sv.Detections]:
     return res
 
 
+def _score_smoothed(outs: list[sv.Detections]) -> list[sv.Detections]:
+    """:class:`TrackScoreSmoother` (length 5) over :class:`IoUTracker` tracks."""
+    tracker, rescore = IoUTracker(), TrackScoreSmoother(length=5)
+    return [rescore.update(tracker.update(_copy(d))) for d in outs]
+
+
 def evaluate(detector: SmallDetector, presets=("clean", "medium", "hard"), videos: int = 3, frames: int = 48,
              size: int = 256, seed: int = 0, protocol: bool = False, config: DetectionConfig | None = None,
              progress: bool = False, oracle: bool = False, corruption: str | None = None) -> dict:
@@ -147,9 +153,7 @@ def evaluate(detector: SmallDetector, presets=("clean", "medium", "hard"), video
                 preds.setdefault(name, []).extend(out)
                 if name == "single":
                     preds.setdefault("single+smoother", []).extend(_box_smoothed(out))
-                    tracker, rescore = IoUTracker(), TrackScoreSmoother(length=5)
-                    preds.setdefault("single+score_smoother", []).extend(
-                        rescore.update(tracker.update(_copy(d))) for d in out)
+                    preds.setdefault("single+score_smoother", []).extend(_score_smoothed(out))
             if protocol:
                 pipe = StreamingDetectionPipeline(detector, replace(base, memory="feature_bank", mode="protocol"))
                 preds.setdefault("feature_bank/protocol", []).extend(pipe.run_protocol(vid, seed=v))

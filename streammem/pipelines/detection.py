@@ -63,6 +63,7 @@ Example:
 
 from __future__ import annotations
 
+from collections import deque
 from dataclasses import dataclass
 from typing import Iterable, Iterator, Sequence
 
@@ -220,7 +221,7 @@ class TrackScoreSmoother:
         self.reset()
 
     def reset(self) -> None:
-        self.history: dict[int, tuple[list[float], int]] = {}  # id -> (last confidences, last frame)
+        self.history: dict[int, tuple[deque, int]] = {}  # id -> (last `length` confidences, last frame seen)
         self.t = 0
 
     def update(self, det: sv.Detections) -> sv.Detections:
@@ -230,8 +231,8 @@ class TrackScoreSmoother:
             return det
         conf = det.confidence.astype(np.float32)  # a copy: the input keeps its own scores
         for k, tid in enumerate(det.tracker_id.tolist()):
-            past = self.history.get(tid, ([], 0))[0][-(self.length - 1):] if self.length > 1 else []
-            past = past + [float(det.confidence[k])]
+            past = self.history.get(tid, (deque(maxlen=self.length), 0))[0]
+            past.append(float(det.confidence[k]))
             self.history[tid] = (past, self.t)
             conf[k] = float(np.mean(past))
         out = det[np.arange(len(det))]  # a copy with the same fields
