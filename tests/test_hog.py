@@ -16,7 +16,8 @@ import supervision as sv
 import torch
 from skimage import data
 
-from streammem.models.hog import HOGConfig, HOGDetectionPipeline, HOGPeopleDetector, support
+from streammem.models.hog import HOGPeopleDetector, support
+from streammem.pipelines.detection import HOGConfig, HOGDetectionPipeline
 from streammem.types import Frame
 
 H, W = 240, 320

@@ -3,7 +3,7 @@
 import numpy as np
 from skimage import data
 
-from streammem.eval.motion import MotionScorer
+from streammem.models.motion import MotionScorer
 from streammem.eval.routing import evaluate_routing
 
 

@@ -16,12 +16,11 @@ import supervision as sv
 import torch
 
 from streammem.models.torchvision_adapter import (
-    TorchvisionConfig,
-    TorchvisionDetectionPipeline,
     TorchvisionDetector,
     require_torchvision,
     training_free_geo,
 )
+from streammem.pipelines.detection import TorchvisionConfig, TorchvisionDetectionPipeline
 from streammem.types import Frame
 
 try:

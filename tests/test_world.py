@@ -393,7 +393,7 @@ def test_clip_dataset():
 def test_cli_export_and_gallery(tmp_path):
     from typer.testing import CliRunner
 
-    from streammem.world.cli import app
+    from streammem.cli.world import app
 
     r = CliRunner().invoke(app, ["export", "--seed", "3", "--minutes", "0.25", "--out", str(tmp_path / "e"), "--size", "64"])
     assert r.exit_code == 0, r.output

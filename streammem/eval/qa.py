@@ -345,7 +345,7 @@ def run_stream(frames, questions: list[dict], answerer, encoder, budgets, memori
     question over each memory just before the first frame past its time (or at the end)."""
     from tqdm import tqdm
 
-    from streammem.eval.motion import MotionScorer
+    from streammem.models.motion import MotionScorer
     from streammem.models.grid_encoder import grid_tokens
 
     by_time: dict[float, list[dict]] = {}

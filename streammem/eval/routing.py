@@ -2,7 +2,7 @@
 transient part and the static scene to its persistent part.
 
 Per frame: :class:`~streammem.models.encoder.PatchEncoder` tokens on a 16x16 grid, each with a
-static score ``1 - dynamic`` from :class:`~streammem.eval.motion.MotionScorer` (frame difference
+static score ``1 - dynamic`` from :class:`~streammem.models.motion.MotionScorer` (frame difference
 after camera-motion compensation, image evidence only), are written to a ``DualMemory``. The
 cells the memory put in its transient FIFO for that frame are compared with the ground-truth
 dynamic mask (a cell is dynamic when at least ``cover`` of its pixels belong to moving objects):
@@ -24,7 +24,7 @@ import cv2
 import numpy as np
 import torch
 
-from streammem.eval.motion import MotionScorer
+from streammem.models.motion import MotionScorer
 from streammem.memory import DualMemory
 from streammem.models.encoder import PatchEncoder
 from streammem.world import World

@@ -56,9 +56,10 @@ import torch
 
 from streammem.memory import PYRAMID_SPREAD, DualMemory, PyramidMemory
 from streammem.memory.base import Memory
+from streammem.pipelines.base import HeadBase, annotate_text
 from streammem.types import Answer, Frame, Tokens
 
-__all__ = ["StreamingQAPipeline", "Question", "load_default_qa", "RETENTIONS", "retention_overrides"]
+__all__ = ["StreamingQAPipeline", "QAConfig", "Question", "answer_record", "load_default_qa", "RETENTIONS", "retention_overrides"]
 
 #: pyramid retention rules by name: PyramidConfig overrides.
 RETENTIONS = {"reference": {}, "spread": dict(PYRAMID_SPREAD)}
@@ -73,6 +74,32 @@ def retention_overrides(name: str) -> dict:
 
 
 @dataclass
+class QAConfig:
+    """What a :class:`StreamingQAPipeline` was built with (checked once; recorded in snapshots).
+
+    Attributes:
+        memory: a ``PyramidMemory`` preset (``"ovbench"``: 832 tokens, ``"offline"``: 9,984),
+            or the class name of a memory passed as an object.
+        retention: ``"spread"`` or ``"reference"`` (see :data:`RETENTIONS`).
+        dual: whether a ``DualMemory`` is fed beside the pyramid.
+        keep_thumbnails: keep thumbnails of the frames in memory, for evidence display.
+        thumb_side: their longer side in pixels.
+    """
+
+    memory: str = "ovbench"
+    retention: str = "spread"
+    dual: bool = False
+    keep_thumbnails: bool = False
+    thumb_side: int = 96
+
+    def __post_init__(self) -> None:
+        if self.retention not in RETENTIONS:
+            raise ValueError(f"retention must be one of {sorted(RETENTIONS)}, got {self.retention!r}")
+        if not (isinstance(self.thumb_side, int) and self.thumb_side >= 8):
+            raise ValueError(f"QAConfig.thumb_side must be an int >= 8, got {self.thumb_side!r}")
+
+
+@dataclass
 class Question:
     """A question scheduled for stream time ``at`` (seconds)."""
 
@@ -82,7 +109,7 @@ class Question:
     id: Any = None
 
 
-class StreamingQAPipeline:
+class StreamingQAPipeline(HeadBase):
     """Encoder -> memory -> answerer, with causal scheduling and thread-safe questions.
 
     Args:
@@ -102,17 +129,29 @@ class StreamingQAPipeline:
             the offline budget and on par at ovbench) or ``"reference"`` (VideoChat-Online's
             rule, ``PyramidMemory``'s own default). A memory given as an object is used as it is.
         dual: optional :class:`DualMemory` fed beside the pyramid; its tokens are routed by
-            :class:`~streammem.eval.motion.MotionScorer` (static score = 1 - motion), and the
+            :class:`~streammem.models.motion.MotionScorer` (static score = 1 - motion), and the
             answerer reads both memories' tokens.
         keep_thumbnails: keep a small JPEG-free RGB thumbnail (``thumb_side`` px) of every
             frame still in memory, for evidence display (bounded: only frames the memory holds).
+
+    As a head (:class:`~streammem.pipelines.base.Head`): ``name = "qa"``; ``step`` returns the
+    ``(question, answer)`` pairs resolved at that frame; ``records`` gives one JSON line per
+    answer; ``annotate`` writes the latest answer on the frame. A snapshot (``state_dict``)
+    holds the memories, the stream time and the counters; questions still pending and
+    thumbnails are not part of it.
     """
+
+    name = "qa"
+    records_file = "answers.jsonl"
 
     def __init__(self, encoder, answerer, memory: Memory | str = "ovbench", dual: DualMemory | None = None,
                  keep_thumbnails: bool = False, thumb_side: int = 96, retention: str = "spread") -> None:
         self.encoder, self.answerer = encoder, answerer
         dim = getattr(encoder, "dim", None)
         overrides = retention_overrides(retention)
+        self.config = QAConfig(memory=memory if isinstance(memory, str) else type(memory).__name__,
+                               retention=retention, dual=dual is not None, keep_thumbnails=keep_thumbnails,
+                               thumb_side=thumb_side)
         if isinstance(memory, str):
             if dim is None:
                 raise ValueError("memory given as a preset name needs an encoder with a .dim")
@@ -126,7 +165,7 @@ class StreamingQAPipeline:
         self.dual = dual
         self._scorer = None
         if dual is not None:
-            from streammem.eval.motion import MotionScorer
+            from streammem.models.motion import MotionScorer
 
             self._scorer = MotionScorer(grid=getattr(encoder, "grid", 16))
         self.keep_thumbnails, self.thumb_side = keep_thumbnails, thumb_side
@@ -155,6 +194,28 @@ class StreamingQAPipeline:
             self.frames = 0
             self.questions = 0
             self.thumbs: dict[int, np.ndarray] = {}
+            self._last_lines: list[str] = []
+
+    def memories(self) -> dict:
+        return {"memory": self.memory} if self.dual is None else {"memory": self.memory, "dual": self.dual}
+
+    def _extra_state(self) -> dict:
+        return {"time": self.time, "frames": self.frames, "questions": self.questions}
+
+    def _load_extra_state(self, extra: dict) -> None:
+        with self._lock:
+            self.time, self.frames, self.questions = extra["time"], int(extra["frames"]), int(extra["questions"])
+            if self._cache is not None:
+                self._cache.clear()
+
+    def records(self, frame: Frame, output: list[tuple[Question, Answer]]) -> list[dict]:
+        return [answer_record(q, a) for q, a in output]
+
+    def annotate(self, image: np.ndarray, output: list[tuple[Question, Answer]]) -> np.ndarray:
+        if output:
+            q, a = output[-1]
+            self._last_lines = [f"Q@{q.at:.1f}s {q.question[:60]}", f"A: {a.text} ({a.confidence:.2f})"]
+        return annotate_text(image, self._last_lines) if self._last_lines else image
 
     def stats(self) -> dict:
         with self._lock:
@@ -310,6 +371,21 @@ class StreamingQAPipeline:
             held |= set(self.dual.read().frame_index.unique().tolist())
         for k in [k for k in self.thumbs if k not in held]:
             del self.thumbs[k]
+
+
+def answer_record(q: Question, a: Answer) -> dict:
+    """One JSON-able line for an answer: the question, its time, the answer, its confidence and
+    evidence (without thumbnails); with the ground truth (``truth``, ``correct``, ``type``) when
+    the question's ``id`` is a StreamWorld question dict."""
+    src = q.id if isinstance(q.id, dict) else {}
+    rec = {"at": q.at, "question": q.question, "candidates": q.candidates, "answer": a.text, "letter": a.letter,
+           "confidence": round(a.confidence, 4),
+           "evidence": [{k: v for k, v in e.items() if k != "thumbnail"} for e in a.evidence]}
+    if "answer" in src:
+        rec["truth"] = src["answer"]
+        rec["correct"] = a.text == src["answer"]
+        rec["type"] = src.get("sub_answer_type")
+    return rec
 
 
 def load_default_qa(memory: Memory | str = "ovbench", **kw) -> StreamingQAPipeline:

@@ -63,10 +63,6 @@ Example:
 
 from __future__ import annotations
 
-from collections import deque
-from dataclasses import dataclass
-from typing import Iterable, Iterator, Sequence
-
 import cv2
 import numpy as np
 import supervision as sv
@@ -74,218 +70,14 @@ import torch
 import torch.nn.functional as F
 
 from streammem.models.detector import STRIDE, SmallDetector
+from streammem.pipelines.detection.base import DetectionHead
+from streammem.pipelines.detection.config import DetectionConfig
 from streammem.types import Frame, Tokens
 
-__all__ = ["DetectionConfig", "DetectionStreamMixin", "StreamingDetectionPipeline", "IoUTracker", "TrackScoreSmoother",
-           "MODES", "MEMORIES"]
-
-MODES = ("causal", "protocol")
-MEMORIES = ("feature_bank", "dual", "none")
-PROTOCOL_LABEL = "protocol (MAMBA's published setting: shuffled frame order, 25-frame warm-up; NOT causal)"
+__all__ = ["StreamingDetectionPipeline"]
 
 
-@dataclass
-class DetectionConfig:
-    """Attributes:
-    memory: ``"feature_bank"`` (default), ``"dual"`` or ``"none"`` (single-frame).
-    mode: ``"causal"`` (default) or ``"protocol"`` (MAMBA's non-causal test protocol).
-    pixel_level / instance_level: which levels use memory.
-    temporal_state: keep the previous frame's fused feature map for a detector with temporal
-        fusion (``SmallDetector(fusion_radius > 0)``), in causal mode with a memory. Off in
-        protocol mode (shuffled frames have no previous frame) and for ``memory="none"``.
-    max_size: bank size per level (MAMBA ``MAX_NUM=20000``).
-    key_size: instance key set per read. MAMBA's ``KEY_NUM`` is 2000; ours defaults to 75 (a
-        departure), one frame's proposals (``bank_proposals``), so the instance-level attention
-        costs what the single-frame detector's over its own 75 keys does; that attention over
-        the key set was most of the aggregation's cost. The shipped detector was trained with
-        150 keys (two reference frames x 75 proposals), yet on StreamWorld (12 worlds per
-        preset, README) AP50 at 75 keys was at most 0.47 below 150 on every preset, for both memories
-        (and 200 keys measured as 150; the previous checkpoint the same at 200, 300 and 2000).
-    recent_keys: of each instance key set read from a FeatureBank, this many are the newest
-        entries (the latest frames' proposals) and the rest a random draw (0: MAMBA's fully
-        random key set; not in MAMBA). DualMemory ignores it (its FIFO is its recent part).
-    pixel_key_size: pixel key set per read (None: the detector's ``pixel_keys``).
-    pixel_write_score: detections at least this confident write pixels (MAMBA 0.8).
-    pixels_per_box: random pixels written per box (MAMBA 100).
-    max_pixel_tokens: cap on pixel tokens written per frame.
-    bank_proposals: fc6 of this many top proposals are written (None: detector's, MAMBA 75).
-    instance_min_objectness: proposals below this objectness are not written (ours).
-    score_threshold: detections below this confidence are dropped.
-    image_size: the long side frames are resized to (the detector's training size).
-    warmup: protocol mode's warm-up frames (MAMBA 25).
-    on_resize: ``"reset"`` (clear memories on a resolution change) or ``"error"``.
-    dual_slots / dual_fifo_frames: DualMemory sizes.
-    seed: seed of the memories and of pixel sampling.
-    """
-
-    memory: str = "feature_bank"
-    mode: str = "causal"
-    pixel_level: bool = True
-    instance_level: bool = True
-    temporal_state: bool = True
-    max_size: int = 20000
-    key_size: int = 75
-    recent_keys: int = 0
-    pixel_key_size: int | None = None
-    pixel_write_score: float = 0.8
-    pixels_per_box: int = 100
-    max_pixel_tokens: int = 1000
-    bank_proposals: int | None = None
-    instance_min_objectness: float = 0.05
-    score_threshold: float = 0.01
-    image_size: int = 256
-    warmup: int = 25
-    on_resize: str = "reset"
-    dual_slots: int = 1024
-    dual_fifo_frames: int = 8
-    seed: int = 0
-
-    def __post_init__(self) -> None:
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"DetectionConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
-
-        need(self.memory in MEMORIES, "memory", f"one of {MEMORIES}")
-        need(self.mode in MODES, "mode", f"one of {MODES}")
-        need(self.on_resize in ("reset", "error"), "on_resize", "'reset' or 'error'")
-        need(isinstance(self.max_size, int) and self.max_size >= 1, "max_size", "an int >= 1")
-        need(isinstance(self.key_size, int) and 1 <= self.key_size <= self.max_size, "key_size", "an int in [1, max_size]")
-        need(isinstance(self.recent_keys, int) and 0 <= self.recent_keys <= self.key_size, "recent_keys",
-             "an int in [0, key_size]")
-        need(0.0 <= self.pixel_write_score <= 1.0, "pixel_write_score", "in [0, 1]")
-        need(self.pixels_per_box >= 1, "pixels_per_box", ">= 1")
-        need(self.max_pixel_tokens >= 1, "max_pixel_tokens", ">= 1")
-        need(self.image_size >= STRIDE and self.image_size % STRIDE == 0, "image_size", f"a multiple of {STRIDE}")
-        need(self.warmup >= 0, "warmup", ">= 0")
-        need(0.0 <= self.score_threshold <= 1.0, "score_threshold", "in [0, 1]")
-
-
-class IoUTracker:
-    """A small IoU tracker giving ``tracker_id`` (for :class:`TrackScoreSmoother` or
-    ``sv.DetectionsSmoother``).
-
-    Not ByteTrack: each frame's detections are matched to the live tracks by the assignment of
-    highest total IoU (Hungarian, ``scipy.optimize.linear_sum_assignment``), a match needing
-    IoU >= ``iou`` and, with ``class_aware`` (default), the same ``class_id``; unmatched
-    detections start tracks; tracks unseen for ``max_lost`` frames are dropped, so the state is
-    bounded by the detections of the last ``max_lost`` frames. (The ``trackers`` package's
-    ByteTrack needs ``opencv-python``, which would replace our ``opencv-python-headless<5``.)
-    """
-
-    def __init__(self, iou: float = 0.3, max_lost: int = 8, class_aware: bool = True) -> None:
-        self.iou, self.max_lost, self.class_aware = iou, max_lost, class_aware
-        self.reset()
-
-    def reset(self) -> None:
-        self.tracks: dict[int, tuple[np.ndarray, int, int]] = {}  # id -> (last box, last frame, class)
-        self.next_id, self.t = 1, 0
-
-    def update(self, det: sv.Detections) -> sv.Detections:
-        from scipy.optimize import linear_sum_assignment
-        from supervision.detection.utils.iou_and_nms import box_iou_batch
-
-        self.t += 1
-        ids = np.zeros(len(det), dtype=int)
-        tids = list(self.tracks)
-        cls = det.class_id if det.class_id is not None else np.zeros(len(det), dtype=int)
-        if tids and len(det):
-            iou = box_iou_batch(det.xyxy, np.stack([self.tracks[i][0] for i in tids]))
-            if self.class_aware:
-                iou = iou * (cls[:, None] == np.array([self.tracks[i][2] for i in tids])[None])
-            for d, j in zip(*linear_sum_assignment(iou, maximize=True)):
-                if iou[d, j] >= self.iou:
-                    ids[d] = tids[j]
-        for d in range(len(det)):
-            if ids[d] == 0:
-                ids[d] = self.next_id
-                self.next_id += 1
-            self.tracks[int(ids[d])] = (det.xyxy[d].copy(), self.t, int(cls[d]))
-        self.tracks = {k: v for k, v in self.tracks.items() if self.t - v[1] <= self.max_lost}
-        det.tracker_id = ids
-        return det
-
-
-class TrackScoreSmoother:
-    """Box-level temporal rescoring: each tracked detection's confidence becomes the mean of its
-    track's last ``length`` confidences; boxes are left as detected. (``sv.DetectionsSmoother``
-    also averages the boxes, which lags moving objects; this is the causal form of the track
-    rescoring of Seq-NMS / tubelet methods.) Needs ``tracker_id`` (e.g. from
-    :class:`IoUTracker`); detections without one pass unchanged. Tracks unseen for more than
-    ``max_lost`` frames (the tracker's default, 8) are forgotten, so the state stays bounded.
-    """
-
-    def __init__(self, length: int = 5, max_lost: int = 8) -> None:
-        if length < 1 or max_lost < 0:
-            raise ValueError(f"TrackScoreSmoother needs length >= 1 and max_lost >= 0, got {length}, {max_lost}")
-        self.length, self.max_lost = length, max_lost
-        self.reset()
-
-    def reset(self) -> None:
-        self.history: dict[int, tuple[deque, int]] = {}  # id -> (last `length` confidences, last frame seen)
-        self.t = 0
-
-    def update(self, det: sv.Detections) -> sv.Detections:
-        self.t += 1
-        self.history = {k: v for k, v in self.history.items() if self.t - v[1] <= self.max_lost}
-        if det.tracker_id is None or det.confidence is None or len(det) == 0:
-            return det
-        conf = det.confidence.astype(np.float32)  # a copy: the input keeps its own scores
-        for k, tid in enumerate(det.tracker_id.tolist()):
-            past = self.history.get(tid, (deque(maxlen=self.length), 0))[0]
-            past.append(float(det.confidence[k]))
-            self.history[tid] = (past, self.t)
-            conf[k] = float(np.mean(past))
-        out = det[np.arange(len(det))]  # a copy with the same fields
-        out.confidence = conf
-        return out
-
-
-class DetectionStreamMixin:
-    """Streaming API shared by detection pipelines: causal ``step`` / ``run`` and MAMBA's
-    ``run_protocol``. A pipeline provides ``config`` (``mode``, ``warmup``, ``seed``),
-    ``tracker`` (or None), ``reset()`` and ``_process(frame) -> sv.Detections``."""
-
-    def _empty(self, frame: Frame) -> sv.Detections:
-        d = sv.Detections.empty()
-        d.metadata = {"frame_index": frame.index, "mode": self._mode_label()}
-        return d
-
-    def _mode_label(self) -> str:
-        return "causal" if self.config.mode == "causal" else PROTOCOL_LABEL
-
-    def step(self, frame: Frame) -> sv.Detections:
-        """Causal mode: detect in ``frame`` with the memories of past frames, then write it."""
-        if self.config.mode != "causal":
-            raise RuntimeError("step() is causal; in mode='protocol' call run_protocol(frames) with a whole video")
-        d = self._process(frame)
-        if self.tracker is not None:
-            d = self.tracker.update(d)
-        return d
-
-    def run(self, frames: Iterable[Frame]) -> Iterator[sv.Detections]:
-        """Causal mode over a stream: a generator of one ``sv.Detections`` per frame."""
-        for f in frames:
-            yield self.step(f)
-
-    def run_protocol(self, frames: Sequence[Frame], seed: int | None = None) -> list[sv.Detections]:
-        """MAMBA's test protocol on one whole video (**not causal**): reset; warm the memories up
-        with ``warmup`` frames of the video in shuffled order (their outputs discarded); then
-        detect every frame in a shuffled order. Returns the detections in the video's order."""
-        frames = list(frames)
-        self.reset()
-        if not frames:
-            return []
-        rng = np.random.default_rng(self.config.seed if seed is None else seed)
-        order = rng.permutation(len(frames))
-        for i in order[: self.config.warmup]:
-            self._process(frames[int(i)])
-        out: list[sv.Detections | None] = [None] * len(frames)
-        for i in order:
-            out[int(i)] = self._process(frames[int(i)])
-        return out  # type: ignore[return-value]
-
-
-class StreamingDetectionPipeline(DetectionStreamMixin):
+class StreamingDetectionPipeline(DetectionHead):
     """Detector + memories + GEO -> ``sv.Detections`` per frame (see the module docstring).
 
     State (explicit, reset by :meth:`reset`): ``pixel_memory``, ``instance_memory`` (None for
@@ -293,8 +85,10 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
     detector, else None), ``size_hw`` (the stream's resolution), counters in :meth:`stats`.
     """
 
-    def __init__(self, detector: SmallDetector, config: DetectionConfig | None = None, tracker=None) -> None:
+    def __init__(self, detector: SmallDetector, config: DetectionConfig | None = None, tracker=None,
+                 display_threshold: float = 0.3) -> None:
         self.detector = detector.eval()
+        self.display_threshold = display_threshold
         self.config = config or DetectionConfig()
         self.tracker = tracker
         c = self.config
@@ -338,6 +132,24 @@ class StreamingDetectionPipeline(DetectionStreamMixin):
         self.size_hw: tuple[int, int] | None = None
         self.state: torch.Tensor | None = None  # the previous frame's fused map (temporal fusion)
         self.counters = {"frames": 0, "pixel_writes": 0, "instance_writes": 0, "resets_on_resize": 0}
+
+    def memories(self) -> dict:
+        return {name: m for name, m in (("pixel_memory", self.pixel_memory), ("instance_memory", self.instance_memory))
+                if m is not None}
+
+    def _extra_state(self) -> dict:
+        out = super()._extra_state()
+        out["size_hw"] = None if self.size_hw is None else list(self.size_hw)
+        out["rng"] = self.rng.bit_generator.state
+        if self.state is not None:
+            out["temporal_state"] = self.state
+        return out
+
+    def _load_extra_state(self, extra: dict) -> None:
+        super()._load_extra_state(extra)
+        self.size_hw = None if extra["size_hw"] is None else tuple(extra["size_hw"])
+        self.rng.bit_generator.state = extra["rng"]
+        self.state = extra.get("temporal_state")
 
     def stats(self) -> dict:
         out = dict(self.counters)

@@ -1,10 +1,7 @@
-"""The ``streammem`` command.
+"""``streammem info`` and ``streammem run`` (the main job).
 
     streammem info VIDEO             frames, fps, duration, codec, resolution
     streammem run [SOURCE] --out D   the main job: annotated mp4 + per-frame JSONL + summary
-    streammem world ...              StreamWorld: export streams, render a gallery
-
-Heads add their own sub-commands.
 """
 
 from __future__ import annotations
@@ -14,31 +11,10 @@ from typing import Optional
 
 import typer
 
+from streammem.cli.common import app, default, fail, source_options
 from streammem.io import SourceError, probe
-from streammem.pipelines.main_job import DEFAULT_SOURCE, run_main_job
-
-app = typer.Typer(
-    help="streammem: bounded streaming video memories for QA, detection and generation.",
-    no_args_is_help=True,
-    add_completion=False,
-    pretty_exceptions_enable=False,
-)
-
-
-def _source_options(stride, start, end, fps, max_side, backend) -> dict:
-    opts = {"stride": stride, "start": start, "backend": backend}
-    if end is not None:
-        opts["end"] = end
-    if fps is not None:
-        opts["fps"] = fps
-    if max_side is not None:
-        opts["max_side"] = max_side
-    return opts
-
-
-def _fail(message: str, code: int = 2) -> None:
-    typer.secho(f"error: {message}", fg=typer.colors.RED, err=True)
-    raise typer.Exit(code)
+from streammem.pipelines.jobs import DEFAULT_SOURCE, run_main_job
+from streammem.pipelines.qa import QAConfig
 
 
 @app.command()
@@ -50,7 +26,7 @@ def info(
     try:
         meta = probe(source)
     except (SourceError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     if as_json:
         typer.echo(json.dumps(meta.to_dict(), indent=2))
         return
@@ -82,8 +58,8 @@ def run(
     max_side: Optional[int] = typer.Option(None, help="downscale so the longer side is at most this"),
     backend: str = typer.Option("auto", help="video reader: auto, decord or opencv"),
     progress: bool = typer.Option(True, help="show a progress bar"),
-    memory: str = typer.Option("ovbench", help="Pyramid Memory Bank preset: ovbench (832 tokens) or offline (9,984)"),
-    retention: str = typer.Option("spread", help="pyramid retention: reference (VideoChat-Online) or spread "
+    memory: str = typer.Option(default(QAConfig, "memory"), help="Pyramid Memory Bank preset: ovbench (832 tokens) or offline (9,984)"),
+    retention: str = typer.Option(default(QAConfig, "retention"), help="pyramid retention: reference (VideoChat-Online) or spread "
                                   "(kept frames spread over the whole stream)"),
     detection: bool = typer.Option(True, help="run the detection head"),
     qa: bool = typer.Option(True, help="run the QA head (a few questions during the stream)"),
@@ -98,10 +74,10 @@ def run(
             source, out, realtime=realtime, max_frames=max_frames, progress=progress, memory=memory,
             retention=retention,
             heads=tuple(h for h, on in (("detection", detection), ("qa", qa)) if on),
-            **_source_options(stride, start, end, fps, max_side, backend),
+            **source_options(stride, start, end, fps, max_side, backend),
         )
     except (SourceError, ValueError) as exc:
-        _fail(str(exc))
+        fail(str(exc))
     s = result.summary
     typer.echo(
         f"streammem run: {s['frames_processed']} frames in {s['wall_s']:.2f} s "
@@ -113,14 +89,14 @@ def run(
         f"  memory:  PyramidMemory {m['num_tokens']}/{m['capacity']} tokens, frames per level "
         f"{m['frames_per_level']}, {m.get('promotions', 0)} promotions -> {result.memory}"
     )
-    det = s["heads"]["detection"]
+    det = s["heads"].get("detection")
     if det is not None:
         bank = det.get("instance_memory", {})
         typer.echo(f"  detect:  {det['frames']} frames, instance bank {bank.get('num_tokens', 0)}/{bank.get('capacity', 0)} "
-                   f"tokens -> {s['outputs']['detections']}")
-    qa = s["heads"]["qa"]
+                   f"tokens -> {s['outputs']['detection']}")
+    qa = s["heads"].get("qa")
     if qa is not None:
-        typer.echo(f"  ask:     {len(qa['answers'])} answers -> {s['outputs']['answers']}")
+        typer.echo(f"  ask:     {len(qa['answers'])} answers -> {s['outputs']['qa']}")
         for a in qa["answers"]:
             ev = ", ".join(f"{e['timestamp']:.1f}s" for e in a["evidence"][:3])
             truth = {True: "  [right]", False: "  [wrong]"}.get(a.get("correct"), "")
@@ -132,40 +108,4 @@ def run(
     typer.echo(f"  stats:   {result.jsonl}")
     typer.echo(f"  summary: {result.summary_path}")
     if result.error is not None:
-        _fail(f"{result.error} (everything before it was written)", code=1)
-
-
-train_app = typer.Typer(help="Train the shipped small models on StreamWorld.", no_args_is_help=True)
-eval_app = typer.Typer(help="Evaluate heads and memories on StreamWorld (and real benchmarks where given).",
-                       no_args_is_help=True)
-app.add_typer(train_app, name="train")
-app.add_typer(eval_app, name="eval")
-
-
-def _mount_optional() -> None:
-    """Sub-commands of parts that may be missing from a partial install.
-
-    A head's CLI module exposes ``register(app, train_app, eval_app)`` and adds its commands.
-    """
-    import importlib
-
-    try:
-        from streammem.world.cli import app as world_app
-    except ImportError:
-        world_app = None
-    if world_app is not None:
-        app.add_typer(world_app, name="world", help="StreamWorld: procedural video streams with ground truth")
-    for name in ("streammem.eval.routing_cli", "streammem.detect_cli", "streammem.qa_cli"):
-        try:
-            mod = importlib.import_module(name)
-        except ModuleNotFoundError as exc:
-            if exc.name != name:
-                raise
-            continue
-        mod.register(app, train_app, eval_app)
-
-
-_mount_optional()
-
-if __name__ == "__main__":
-    app()
+        fail(f"{result.error} (everything before it was written)", code=1)

@@ -1,0 +1,25 @@
+"""The ``streammem`` command, one module per command group:
+
+=============  =======================================================================
+``run.py``     ``streammem info``, ``streammem run`` (the main job)
+``detect.py``  ``streammem detect``, ``train detector``, ``eval detection``
+``qa.py``      ``streammem ask``, ``train encoder|answerer|event-gate|qa-snapshots``,
+               ``eval qa``
+``routing.py`` ``streammem eval routing``
+``world.py``   ``streammem world export|gallery``
+=============  =======================================================================
+
+Commands are thin: they parse options and call the jobs in :mod:`streammem.pipelines.jobs`,
+the trainers in :mod:`streammem.train` and the evaluations in :mod:`streammem.eval`.
+"""
+
+from streammem.cli import detect, qa, routing, run  # noqa: F401  (each module adds its commands)
+from streammem.cli.common import app, eval_app, train_app
+from streammem.cli.world import app as world_app
+
+app.add_typer(world_app, name="world", help="StreamWorld: procedural video streams with ground truth")
+
+__all__ = ["app", "train_app", "eval_app"]
+
+if __name__ == "__main__":
+    app()

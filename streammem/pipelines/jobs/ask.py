@@ -1,0 +1,72 @@
+"""The question job (``streammem ask``): stream a source into the QA head and answer one
+question at given stream times, causally (each from the memory as it was at its time).
+
+The stream stops as soon as the last question is answered, so a camera or an endless
+StreamWorld source returns once its questions are due.
+
+Example:
+    >>> from streammem.pipelines.jobs import run_ask                                  # doctest: +SKIP
+    >>> res = run_ask("world:seed=3,seconds=20", "Is there a cat in view now?", ["yes", "no"], at=[5, 10])  # doctest: +SKIP
+    >>> [(t, a.text) for t, a in res.answers]                                          # doctest: +SKIP
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Sequence
+
+from streammem.io import JsonlWriter, SourceError, open_source
+from streammem.pipelines.qa import StreamingQAPipeline, load_default_qa
+from streammem.types import Answer
+
+__all__ = ["AskResult", "run_ask"]
+
+
+@dataclass
+class AskResult:
+    """``answers``: ``(time, Answer)`` in time order; ``jsonl``: where they were written (or
+    None); ``error``: the source error that ended the stream early (answers due before it are
+    kept), or None."""
+
+    answers: list[tuple[float, Answer]] = field(default_factory=list)
+    jsonl: Path | None = None
+    error: SourceError | None = None
+
+
+def run_ask(source: str, question: str, candidates: Sequence[str], at: Sequence[float], memory: str = "ovbench",
+            retention: str = "spread", max_frames: int | None = None, out: str | Path | None = None,
+            pipeline: StreamingQAPipeline | None = None, **source_options) -> AskResult:
+    """Answer ``question`` (with ``candidates``) at each stream time in ``at`` (seconds).
+
+    Raises ValueError on bad options and SourceError when the source cannot be opened, before
+    anything is written. Questions due after a mid-stream source error are answered over the
+    memory at the error (and the error is returned)."""
+    # 1. check inputs, build the head, open the source
+    if not at:
+        raise ValueError("give at least one time to ask at")
+    pipe = pipeline or load_default_qa(memory=memory, retention=retention, keep_thumbnails=False)
+    futures = [(t, pipe.schedule(question, list(candidates), at=float(t))) for t in sorted(at)]
+    src = open_source(source, **source_options)
+    writer = JsonlWriter(Path(out) / "answers.jsonl") if out is not None else None
+    result = AskResult()
+    # 2. stream until every question is answered
+    try:
+        for i, frame in enumerate(src):
+            if max_frames is not None and i >= max_frames:
+                break
+            pipe.step(frame)
+            if all(f.done() for _, f in futures):
+                break
+    except SourceError as exc:
+        result.error = exc
+    pipe.finish()
+    # 3. answers
+    for t, fut in futures:
+        a = fut.result()
+        result.answers.append((float(t), a))
+        if writer is not None:
+            writer.write({"question": question, "candidates": list(candidates), "at": float(t), **a.to_dict()})
+    if writer is not None:
+        result.jsonl = writer.close()
+    return result
