@@ -19,6 +19,8 @@ import typer
 
 from streammem.cli.common import app, default, eval_app, fail, train_app
 from streammem.pipelines.qa import QAConfig
+from streammem.train.answerer import AnswererTrainConfig
+from streammem.train.grid_encoder import EncoderTrainConfig
 
 _OPT_RE = re.compile(r"\(?([A-E])[).:]\s*")
 
@@ -143,8 +145,8 @@ def _interactive(pipe, src, max_frames, writer) -> int:
 
 @train_app.command("encoder")
 def train_encoder_cmd(
-    minutes: float = typer.Option(10.0, help="wall-clock budget"),
-    out: str = typer.Option("streammem/checkpoints/grid_encoder", help="checkpoint folder"),
+    minutes: float = typer.Option(default(EncoderTrainConfig, "minutes"), help="wall-clock budget"),
+    out: str = typer.Option(default(EncoderTrainConfig, "out"), help="checkpoint folder"),
     threads: int = typer.Option(2, help="torch threads"),
 ) -> None:
     """Pretrain the QA frame encoder (GridEncoder) on StreamWorld cell targets."""
@@ -157,24 +159,24 @@ def train_encoder_cmd(
 
 @train_app.command("answerer")
 def train_answerer_cmd(
-    minutes: float = typer.Option(25.0, help="wall-clock training budget (data building excluded)"),
-    worlds: int = typer.Option(10, help="training worlds (without --data)"),
-    seconds: float = typer.Option(360.0, help="length of each world (without --data)"),
-    out: str = typer.Option("streammem/checkpoints/answerer", help="checkpoint folder"),
-    encoder: str = typer.Option("streammem/checkpoints/grid_encoder", help="frozen encoder checkpoint"),
+    minutes: float = typer.Option(default(AnswererTrainConfig, "minutes"), help="wall-clock training budget (data building excluded)"),
+    worlds: int = typer.Option(default(AnswererTrainConfig, "worlds"), help="training worlds (without --data)"),
+    seconds: float = typer.Option(default(AnswererTrainConfig, "seconds"), help="length of each world (without --data)"),
+    out: str = typer.Option(default(AnswererTrainConfig, "out"), help="checkpoint folder"),
+    encoder: str = typer.Option(default(AnswererTrainConfig, "encoder"), help="frozen encoder checkpoint"),
     data: Optional[Path] = typer.Option(None, help="folder of snapshot shards (`streammem train qa-snapshots`)"),
     only_budget: List[str] = typer.Option([], "--only-budget", help="train on these budgets' snapshots only"),
     init: Optional[Path] = typer.Option(None, help="start from this answerer checkpoint"),
-    threads: int = typer.Option(2, help="torch threads"),
-    lr: float = typer.Option(1e-3, help="peak learning rate (lower it for a phase started with --init)"),
-    snapshots_per_step: int = typer.Option(2, help="snapshots (each with all its questions) per step"),
+    threads: int = typer.Option(default(AnswererTrainConfig, "threads"), help="torch threads"),
+    lr: float = typer.Option(default(AnswererTrainConfig, "lr"), help="peak learning rate (lower it for a phase started with --init)"),
+    snapshots_per_step: int = typer.Option(default(AnswererTrainConfig, "snapshots_per_step"), help="snapshots (each with all its questions) per step"),
     d: int = typer.Option(128, help="model width (a fresh model)"),
     layers: int = typer.Option(2, help="blocks (a fresh model)"),
     heads: int = typer.Option(4, help="attention heads (a fresh model)"),
     log: Optional[str] = typer.Option(None, help="JSONL training log"),
     signed_time: bool = typer.Option(False, help="add the signed-time grounded read-out (before / after a time)"),
     event_head: bool = typer.Option(False, help="with --signed-time: add the signed evidence to candidate logits"),
-    pool: str = typer.Option("mean", help="the pyramids' pooling: mean (the reference) or salient"),
+    pool: str = typer.Option(default(AnswererTrainConfig, "pool"), help="the pyramids' pooling: mean (the reference) or salient"),
 ) -> None:
     """Train the QA answerer on StreamWorld questions over Pyramid Memory Bank snapshots."""
     from streammem.train.answerer import AnswererTrainConfig, train

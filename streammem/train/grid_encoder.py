@@ -41,7 +41,7 @@ class EncoderTrainConfig:
     frame_stride: int = 2
     val_worlds: int = 3
     steps: int = 1500
-    minutes: float = 8.0
+    minutes: float = 10.0
     batch: int = 24
     lr: float = 2e-3
     dim: int = 64

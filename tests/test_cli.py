@@ -1,0 +1,74 @@
+"""The CLI's option defaults live in the config dataclasses: every option named after a config
+field has that field's default (exceptions listed, with the reason)."""
+
+import dataclasses
+
+import pytest
+import typer.main
+
+from streammem.cli import app
+from streammem.pipelines.detection import DetectionConfig
+from streammem.pipelines.qa import QAConfig
+from streammem.train.answerer import AnswererTrainConfig
+from streammem.train.detector import TrainConfig
+from streammem.train.grid_encoder import EncoderTrainConfig
+
+#: (command path, config class, options deliberately not the field's default: why)
+CHECKED = [
+    (("run",), QAConfig, {}),
+    (("ask",), QAConfig, {}),
+    (("detect",), DetectionConfig, {"score_threshold": "per detector (small 0.3, hog 0.0), see DEFAULT_THRESHOLDS",
+                                    "image_size": "None: the detector's own"}),
+    (("train", "detector"), TrainConfig, {"out": "the shipped checkpoint's absolute path",
+                                          "model": "JSON text on the command line",
+                                          "resume": "the same None"}),
+    (("train", "answerer"), AnswererTrainConfig, {"data": "a Path option", "init": "a Path option",
+                                                  "log": "the same None"}),
+    (("train", "encoder"), EncoderTrainConfig, {}),
+]
+
+
+def command(path):
+    cmd = typer.main.get_command(app)
+    for name in path:
+        cmd = cmd.commands[name]
+    return cmd
+
+
+def field_defaults(cls) -> dict:
+    out = {}
+    for f in dataclasses.fields(cls):
+        if f.default is not dataclasses.MISSING:
+            out[f.name] = f.default
+        elif f.default_factory is not dataclasses.MISSING:
+            out[f.name] = f.default_factory()
+    return out
+
+
+def mismatches(cmd, cls, exempt) -> tuple[list[str], list[str]]:
+    """Options of ``cmd`` whose default differs from the same-named field of ``cls``, and those checked."""
+    fields = field_defaults(cls)
+    bad, checked = [], []
+    for param in cmd.params:
+        if param.name in fields and param.name not in exempt:
+            checked.append(param.name)
+            if param.default != fields[param.name]:
+                bad.append(f"--{param.name.replace('_', '-')} defaults to {param.default!r}, "
+                           f"{cls.__name__}.{param.name} to {fields[param.name]!r}")
+    return bad, checked
+
+
+@pytest.mark.parametrize("path,cls,exempt", CHECKED, ids=[" ".join(c[0]) for c in CHECKED])
+def test_option_defaults_come_from_the_config(path, cls, exempt):
+    bad, checked = mismatches(command(path), cls, exempt)
+    assert not bad, f"streammem {' '.join(path)}: " + "; ".join(bad)
+    assert checked, f"no option of streammem {' '.join(path)} is a field of {cls.__name__}"
+
+
+def test_a_changed_default_is_caught():
+    """The check can fail: an option whose default differs from its field is reported."""
+    cmd = command(("detect",))
+    param = next(p for p in cmd.params if p.name == "memory")
+    param.default = "dual"
+    bad, _ = mismatches(cmd, DetectionConfig, CHECKED[2][2])
+    assert bad == ["--memory defaults to 'dual', DetectionConfig.memory to 'feature_bank'"]
