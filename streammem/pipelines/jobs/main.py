@@ -66,12 +66,12 @@ class MainPipeline:
     def __init__(self, heads: Sequence[Head] = (), memory: Memory | None = None, preset: str = "ovbench",
                  notes: Sequence[str] = ()) -> None:
         self.heads = list(heads)
-        names = [h.name for h in self.heads]
-        if len(set(names)) != len(names):
-            raise ValueError(f"heads must have distinct names, got {names}")
         for h in self.heads:
             if not isinstance(h, Head):
                 raise TypeError(f"{type(h).__name__} does not keep the Head contract (streammem.pipelines.base.Head)")
+        names = [h.name for h in self.heads]
+        if len(set(names)) != len(names):
+            raise ValueError(f"heads must have distinct names, got {names}")
         self.stats = StatsPipeline()
         self.notes = list(notes)
         self.encoder = None

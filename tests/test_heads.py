@@ -1,0 +1,149 @@
+"""The head contract (streammem.pipelines.base.Head): every shipped head keeps it, snapshots
+taken mid-stream continue exactly as the uninterrupted stream, a snapshot of another head or
+configuration is refused, and the main job runs any list of heads, a new one included."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+import torch
+
+from streammem.models.answerer import SmallAnswerer, Vocab
+from streammem.models.detector import SmallDetector
+from streammem.pipelines import Head, HeadBase
+from streammem.pipelines.detection import DetectionConfig, HOGConfig, HOGDetectionPipeline, StreamingDetectionPipeline
+from streammem.pipelines.jobs import MainPipeline, run_main_job
+from streammem.pipelines.qa import StreamingQAPipeline
+from streammem.types import Frame, Tokens
+from streammem.world import World
+
+
+def tiny_detector(seed: int = 0) -> SmallDetector:
+    torch.manual_seed(seed)
+    return SmallDetector(num_classes=3, width=16, fc_dim=32, heads=4, pixel_heads=4, pixel_keys=32,
+                         num_proposals=20, bank_proposals=10, fusion_radius=1).eval()
+
+
+class GridSpy:
+    """A deterministic encoder: a 4 x 4 grid whose features encode the frame index."""
+
+    dim, grid = 8, 4
+
+    def __call__(self, frame: Frame) -> Tokens:
+        x = torch.full((4, 4, 8), float(frame.index)) + torch.arange(8.0)
+        return Tokens.from_grid(x, frame.index, frame.timestamp)
+
+
+def tiny_qa() -> StreamingQAPipeline:
+    torch.manual_seed(0)
+    vocab = Vocab.fit(["is there a cat in view now ?", "yes no"])
+    ans = SmallAnswerer(vocab=vocab.words, token_dim=8, d=16, heads=2, layers=1, grid=4).eval()
+    return StreamingQAPipeline(GridSpy(), ans, memory="ovbench")
+
+
+def world_frames(n: int) -> list[Frame]:
+    return list(World(seed=1, preset="medium", size=64, frames=n))
+
+
+def same_detections(a, b) -> bool:
+    return (np.array_equal(a.xyxy, b.xyxy) and np.array_equal(a.confidence, b.confidence)
+            and np.array_equal(a.class_id, b.class_id))
+
+
+def test_every_shipped_head_keeps_the_contract():
+    heads = [StreamingDetectionPipeline(tiny_detector()), HOGDetectionPipeline(), tiny_qa()]
+    assert all(isinstance(h, Head) for h in heads)
+    assert [h.name for h in heads] == ["detection", "detection", "qa"]
+    assert not isinstance(object(), Head)
+
+
+@pytest.mark.parametrize("memory", ["feature_bank", "dual"])
+def test_detection_snapshot_mid_stream_continues_exactly(memory):
+    frames = world_frames(8)
+    cfg = DetectionConfig(memory=memory, image_size=64, pixel_write_score=0.0, max_size=200, key_size=10)
+    whole = StreamingDetectionPipeline(tiny_detector(), cfg)
+    ref = [whole.step(f) for f in frames]
+    first = StreamingDetectionPipeline(tiny_detector(), cfg)
+    for f in frames[:4]:
+        first.step(f)
+    state = first.state_dict()
+    assert all(isinstance(v, torch.Tensor) for v in state.values())
+    assert first.counters["pixel_writes"] > 0 and "extra.temporal_state" in state
+    second = StreamingDetectionPipeline(tiny_detector(), cfg)
+    second.load_state_dict(state)
+    rest = [second.step(f) for f in frames[4:]]
+    assert all(same_detections(a, b) for a, b in zip(ref[4:], rest))
+    assert second.stats() == whole.stats()
+
+
+def test_qa_snapshot_mid_stream_answers_as_the_uninterrupted_stream():
+    frames = world_frames(24)
+    whole = tiny_qa()
+    fut = whole.schedule("is there a cat in view now ?", ["yes", "no"], at=2.5)
+    for f in frames:
+        whole.step(f)
+    first = tiny_qa()
+    for f in frames[:10]:
+        first.step(f)
+    second = tiny_qa()
+    second.load_state_dict(first.state_dict())
+    assert second.time == first.time and second.frames == 10
+    fut2 = second.schedule("is there a cat in view now ?", ["yes", "no"], at=2.5)
+    for f in frames[10:]:
+        second.step(f)
+    assert fut2.result().probs == fut.result().probs
+    assert fut2.result().evidence == fut.result().evidence
+
+
+def test_a_snapshot_of_another_head_or_configuration_is_refused():
+    det = StreamingDetectionPipeline(tiny_detector(), DetectionConfig(image_size=64))
+    with pytest.raises(ValueError, match="snapshot is of head 'qa', this is 'detection'"):
+        det.load_state_dict(tiny_qa().state_dict())
+    other = StreamingDetectionPipeline(tiny_detector(), DetectionConfig(image_size=128))
+    with pytest.raises(ValueError, match=r"another configuration \(fields \['image_size'\]\)"):
+        other.load_state_dict(det.state_dict())
+    with pytest.raises(ValueError, match="not a streammem head snapshot"):
+        det.load_state_dict({"x": torch.zeros(1)})
+    hog = HOGDetectionPipeline(config=HOGConfig(memory="none"))
+    hog.load_state_dict(HOGDetectionPipeline(config=HOGConfig(memory="none")).state_dict())
+
+
+class FrameCounter(HeadBase):
+    """A new head, written outside streammem: counts bright frames."""
+
+    name, records_file = "bright", "bright.jsonl"
+
+    def __init__(self, threshold: float = 100.0) -> None:
+        self.config, self.threshold, self.count = None, threshold, 0
+
+    def step(self, frame: Frame) -> bool:
+        bright = float(frame.image.mean()) > self.threshold
+        self.count += bright
+        return bright
+
+    def reset(self) -> None:
+        self.count = 0
+
+    def stats(self) -> dict:
+        return {"bright_frames": self.count}
+
+    def records(self, frame, output) -> list[dict]:
+        return [] if frame is None else [{"frame": frame.index, "bright": output}]
+
+
+def test_the_main_job_runs_any_list_of_heads(tmp_path):
+    head = FrameCounter()
+    res = run_main_job("world:seed=2,preset=clean,frames=6,size=64", tmp_path / "out", heads=[head], progress=False)
+    assert res.error is None and res.summary["frames_processed"] == 6
+    lines = [json.loads(x) for x in (tmp_path / "out" / "bright.jsonl").read_text().splitlines()]
+    assert [r["frame"] for r in lines] == list(range(6))
+    assert res.summary["heads"]["bright"] == {"bright_frames": sum(r["bright"] for r in lines)}
+    assert res.summary["outputs"]["bright"].endswith("bright.jsonl")
+    # no head has a memory: the job keeps its own PatchEncoder pyramid and saves it
+    assert res.summary["memory"]["kind"] == "pyramid" and res.memory.is_file()
+    with pytest.raises(ValueError, match="distinct names"):
+        MainPipeline([FrameCounter(), FrameCounter()])
+    with pytest.raises(TypeError, match="does not keep the Head contract"):
+        MainPipeline([object()])
