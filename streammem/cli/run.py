@@ -63,6 +63,7 @@ def run(
                                   "(kept frames spread over the whole stream)"),
     detection: bool = typer.Option(True, help="run the detection head"),
     qa: bool = typer.Option(True, help="run the QA head (a few questions during the stream)"),
+    save_heads: bool = typer.Option(False, help="also write every head's state to OUT/heads.safetensors"),
 ) -> None:
     """The main job: stream SOURCE through the memory and the heads.
 
@@ -72,7 +73,7 @@ def run(
     try:
         result = run_main_job(
             source, out, realtime=realtime, max_frames=max_frames, progress=progress, memory=memory,
-            retention=retention,
+            retention=retention, save_heads=save_heads,
             heads=tuple(h for h, on in (("detection", detection), ("qa", qa)) if on),
             **source_options(stride, start, end, fps, max_side, backend),
         )

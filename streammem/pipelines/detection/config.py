@@ -24,12 +24,10 @@ class DetectionConfig:
         protocol mode (shuffled frames have no previous frame) and for ``memory="none"``.
     max_size: bank size per level (MAMBA ``MAX_NUM=20000``).
     key_size: instance key set per read. MAMBA's ``KEY_NUM`` is 2000; ours defaults to 75 (a
-        departure), one frame's proposals (``bank_proposals``), so the instance-level attention
-        costs what the single-frame detector's over its own 75 keys does; that attention over
-        the key set was most of the aggregation's cost. The shipped detector was trained with
-        150 keys (two reference frames x 75 proposals), yet on StreamWorld (12 worlds per
-        preset, README) AP50 at 75 keys was at most 0.47 below 150 on every preset, for both memories
-        (and 200 keys measured as 150; the previous checkpoint the same at 200, 300 and 2000).
+        departure): one frame's proposals (``bank_proposals``), so the instance-level attention
+        costs what the single-frame detector's attention over its own 75 keys does. The shipped
+        detector was trained with 150 keys; AP50 at 75 and 150 keys is compared in
+        ``docs/results/detection.md``.
     recent_keys: of each instance key set read from a FeatureBank, this many are the newest
         entries (the latest frames' proposals) and the rest a random draw (0: MAMBA's fully
         random key set; not in MAMBA). DualMemory ignores it (its FIFO is its recent part).

@@ -14,8 +14,8 @@ objects keeping the :class:`~streammem.pipelines.base.Head` contract can be run 
 
 Outputs: ``annotated.mp4``, ``frames.jsonl``, one JSONL per head, ``summary.json``,
 ``memory.safetensors`` (the main memory: the QA head's pyramid, or a PatchEncoder pyramid
-when no head has one) and ``heads.safetensors`` (every head's ``state_dict``, each under
-``"<name>."``).
+when no head has one) and, with ``save_heads``, ``heads.safetensors`` (every head's
+``state_dict``, each under ``"<name>."``; tens of MB with the default detection banks).
 """
 
 from __future__ import annotations
@@ -171,9 +171,11 @@ def run_main_job(
     memory: str = "ovbench",
     heads: Sequence[str] | Sequence[Head] = DEFAULT_HEADS,
     retention: str = "spread",
+    save_heads: bool = False,
     **source_options,
 ) -> JobResult:
-    """Run the main job over ``heads`` (names of the shipped heads, or head objects).
+    """Run the main job over ``heads`` (names of the shipped heads, or head objects); with
+    ``save_heads`` also write every head's state to ``heads.safetensors``.
 
     Raises ValueError (bad options) and SourceError (the source cannot be opened) before writing
     anything. A source that fails mid-stream keeps everything processed before the failure: the
@@ -239,7 +241,7 @@ def run_main_job(
     # 4. snapshots and summary
     snapshot = out / "memory.safetensors"
     pipeline.memory.save(snapshot)
-    if pipeline.heads:
+    if save_heads and pipeline.heads:
         save_file({k: v.contiguous() for k, v in pipeline.state_dict().items()}, str(out / "heads.safetensors"))
     head_summary = {}
     for h in pipeline.heads:
