@@ -64,11 +64,11 @@ def test_quickstart_runs_as_written():
     assert times and all(0.0 <= t <= 8.0 for t in times), f"evidence outside the 8 s stream: {times}"
 
 
-def named_commands() -> set[tuple[str, ...]]:
-    """Every ``streammem CMD [SUB|SUB...]`` the pages name, in shell code blocks or inline code,
-    with a sub-command only where CMD is a command group."""
+def named_commands() -> dict[tuple[str, ...], set[str]]:
+    """Every ``streammem CMD [SUB|SUB...] [--option ...]`` the pages name, in shell code blocks
+    or inline code, with a sub-command only where CMD is a command group -> the options given."""
     groups = typer.main.get_command(_app()).commands
-    found: set[tuple[str, ...]] = set()
+    found: dict[tuple[str, ...], set[str]] = {}
     for page in PAGES:
         text = page.read_text()
         lines = [line.strip().removeprefix("$ ") for lang, body in code_blocks(text) if lang != "python"
@@ -79,10 +79,12 @@ def named_commands() -> set[tuple[str, ...]]:
             if not m:
                 continue
             cmd, sub = m.group(1), m.group(2)
+            options = set(re.findall(r"(?<![\w-])--[a-z][a-z-]*", line.split("#")[0]))
             if sub and hasattr(groups.get(cmd), "commands"):  # a command group
-                found |= {(cmd, s) for s in sub.split("|")}
+                for s in sub.split("|"):
+                    found.setdefault((cmd, s), set()).update(options)
             else:
-                found.add((cmd,))
+                found.setdefault((cmd,), set()).update(options)
     return found
 
 
@@ -103,12 +105,15 @@ def test_pages_name_commands():
 
 
 @pytest.mark.parametrize("command", sorted(named_commands()), ids=" ".join)
-def test_every_named_command_exists(command):
-    result = CliRunner().invoke(_app(), [*command, "--help"])
+def test_every_named_command_and_option_exists(command):
+    result = CliRunner().invoke(_app(), [*command, "--help"], terminal_width=200)
     assert result.exit_code == 0, f"`streammem {' '.join(command)} --help` failed: {result.output[-1000:]}"
+    unknown = sorted(o for o in named_commands()[command] if o not in re.findall(r"--[a-z][a-z-]*", result.output))
+    assert not unknown, f"`streammem {' '.join(command)}` has no option(s) {unknown}"
 
 
 def test_relative_links_and_cited_scripts_exist():
+    """Relative links resolve; each `benchmarks/*.py` cited exists and defines the options given."""
     missing = []
     for page in PAGES:
         text = page.read_text()
@@ -117,7 +122,12 @@ def test_relative_links_and_cited_scripts_exist():
                 continue
             if not (page.parent / target.split("#")[0]).exists():
                 missing.append(f"{page.relative_to(ROOT)} -> {target}")
-        for script in re.findall(r"benchmarks/\w+\.py", text):
+        for script, args in re.findall(r"(benchmarks/\w+\.py)([^`\n]*)", text):
             if not (ROOT / script).is_file():
                 missing.append(f"{page.relative_to(ROOT)} -> {script}")
+                continue
+            source = (ROOT / script).read_text()
+            for option in re.findall(r"(?<![\w-])--[a-z][a-z-]*", args.split("#")[0]):
+                if f'"{option}"' not in source:
+                    missing.append(f"{page.relative_to(ROOT)} -> {script} {option}")
     assert not missing, "missing link targets: " + "; ".join(missing)
