@@ -266,7 +266,8 @@ def eval_qa(
     from streammem.models.answerer import SmallAnswerer
     from streammem.models.grid_encoder import GridEncoder
 
-    root = Path(__file__).resolve().parents[1] / "checkpoints"
+    from streammem.checkpoints import ROOT as root
+
     for name, p in (("--answerer", answerer), ("--encoder", encoder)):
         if p is not None and not (p / "config.json").is_file():
             raise typer.BadParameter(f"no checkpoint (config.json) in {p}", param_hint=name)

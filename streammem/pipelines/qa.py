@@ -390,16 +390,10 @@ def answer_record(q: Question, a: Answer) -> dict:
 
 def load_default_qa(memory: Memory | str = "ovbench", **kw) -> StreamingQAPipeline:
     """The shipped encoder and answerer (``streammem/checkpoints/{grid_encoder,answerer}``)."""
-    from pathlib import Path
-
+    from streammem.checkpoints import path
     from streammem.models.answerer import SmallAnswerer
     from streammem.models.grid_encoder import GridEncoder
 
-    root = Path(__file__).resolve().parents[1] / "checkpoints"
-    for name in ("grid_encoder", "answerer"):
-        if not (root / name / "model.safetensors").exists():
-            raise FileNotFoundError(f"the shipped {name} checkpoint is missing at {root / name}; "
-                                    f"train it with `streammem train {'answerer' if name == 'answerer' else 'encoder'}`")
-    enc = GridEncoder.from_pretrained(str(root / "grid_encoder")).eval()
-    ans = SmallAnswerer.from_pretrained(str(root / "answerer")).eval()
+    enc = GridEncoder.from_pretrained(str(path("grid_encoder"))).eval()
+    ans = SmallAnswerer.from_pretrained(str(path("answerer"))).eval()
     return StreamingQAPipeline(enc, ans, memory=memory, **kw)

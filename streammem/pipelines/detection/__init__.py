@@ -17,12 +17,12 @@
 from streammem.pipelines.detection.base import DetectionHead, detection_records
 from streammem.pipelines.detection.config import MEMORIES, MODES, PROTOCOL_LABEL, DetectionConfig
 from streammem.pipelines.detection.hog import HOG_MEMORIES, HOGConfig, HOGDetectionPipeline
-from streammem.pipelines.detection.small import StreamingDetectionPipeline
+from streammem.pipelines.detection.small import StreamingDetectionPipeline, load_default_detection
 from streammem.pipelines.detection.torchvision import TorchvisionConfig, TorchvisionDetectionPipeline
 from streammem.pipelines.detection.tracking import IoUTracker, TrackScoreSmoother
 
 __all__ = [
     "DetectionHead", "detection_records", "DetectionConfig", "MODES", "MEMORIES", "PROTOCOL_LABEL",
-    "StreamingDetectionPipeline", "HOGConfig", "HOGDetectionPipeline", "HOG_MEMORIES",
+    "StreamingDetectionPipeline", "load_default_detection", "HOGConfig", "HOGDetectionPipeline", "HOG_MEMORIES",
     "TorchvisionConfig", "TorchvisionDetectionPipeline", "IoUTracker", "TrackScoreSmoother",
 ]

@@ -74,7 +74,7 @@ from streammem.pipelines.detection.base import DetectionHead
 from streammem.pipelines.detection.config import DetectionConfig
 from streammem.types import Frame, Tokens
 
-__all__ = ["StreamingDetectionPipeline"]
+__all__ = ["StreamingDetectionPipeline", "load_default_detection"]
 
 
 class StreamingDetectionPipeline(DetectionHead):
@@ -296,3 +296,15 @@ class StreamingDetectionPipeline(DetectionHead):
             if m is not None:
                 m.reset()
         self.state = None
+
+
+def load_default_detection(config: DetectionConfig | None = None, display_threshold: float = 0.3,
+                           **fields) -> StreamingDetectionPipeline:
+    """The shipped small detector (``streammem/checkpoints/detector``) in a
+    :class:`StreamingDetectionPipeline` built from ``config`` or from ``DetectionConfig`` fields."""
+    from streammem.checkpoints import path
+
+    if config is not None and fields:
+        raise TypeError("pass either a DetectionConfig or its fields, not both")
+    det = SmallDetector.from_pretrained(str(path("detector"))).eval()
+    return StreamingDetectionPipeline(det, config or DetectionConfig(**fields), display_threshold=display_threshold)

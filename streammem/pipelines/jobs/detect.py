@@ -16,6 +16,7 @@ from collections import Counter
 from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
+from streammem.checkpoints import ROOT
 from streammem.io import JsonlWriter, SourceError, VideoWriter, open_source
 from streammem.pipelines.detection import MEMORIES, MODES, DetectionHead
 from streammem.pipelines.jobs.base import JobResult, drain, output_fps, write_summary
@@ -23,7 +24,7 @@ from streammem.pipelines.stream import run_stream
 
 __all__ = ["DEFAULT_CHECKPOINT", "DETECTORS", "DEFAULT_THRESHOLDS", "build_detection_head", "run_detect"]
 
-DEFAULT_CHECKPOINT = str(Path(__file__).resolve().parents[2] / "checkpoints" / "detector")
+DEFAULT_CHECKPOINT = str(ROOT / "detector")
 DETECTORS = ("small", "hog")
 #: default score threshold per detector: a class probability for the small detector, the
 #: (re-scored) SVM margin for HOG.

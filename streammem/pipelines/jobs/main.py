@@ -40,7 +40,6 @@ __all__ = ["DEFAULT_SOURCE", "DEFAULT_HEADS", "MainOutput", "MainPipeline", "def
 
 DEFAULT_SOURCE = "world:seed=0,preset=medium,seconds=20,fps=8,size=256"
 DEFAULT_HEADS = ("detection", "qa")
-CHECKPOINTS = Path(__file__).resolve().parents[2] / "checkpoints"
 
 
 @dataclass
