@@ -12,6 +12,18 @@ _os.environ.setdefault("OPENCV_FFMPEG_LOGLEVEL", "-8")
 _os.environ.setdefault("OPENCV_LOG_LEVEL", "OFF")
 
 from streammem.types import Frame, Tokens  # noqa: E402
+from streammem.io.schemes import register_scheme as _register_scheme  # noqa: E402
+
+
+def _open_world(spec: str):
+    """``world:`` URIs for ``streammem.io.open_source``; StreamWorld is imported on first use.
+    (Registered here, at the package root: ``io`` and ``world`` do not import each other.)"""
+    from streammem.world import world_source
+
+    return world_source(spec)
+
+
+_register_scheme("world", _open_world)
 
 __version__ = "0.1.0"
 __all__ = ["Frame", "Tokens", "__version__"]

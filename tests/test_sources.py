@@ -219,3 +219,23 @@ def test_bad_options_name_the_field(videos):
 def test_every_source_error_is_a_source_error():
     for cls in (SourceNotFoundError, SourceOpenError, SourceReadError):
         assert issubclass(cls, SourceError)
+
+
+def test_a_registered_scheme_opens_and_an_unknown_one_names_the_known_ones():
+    from streammem.io import known_schemes, register_scheme, unregister_scheme
+    from streammem.types import Frame
+
+    frames = [Frame(index=i, timestamp=i / 2, image=np.full((6, 10, 3), i, np.uint8)) for i in range(4)]
+    register_scheme("blank-test", lambda spec: (frames[: int(spec)], {"width": 10, "height": 6, "fps": 2.0,
+                                                                      "num_frames": int(spec)}))
+    try:
+        src = open_source("blank-test:3", stride=2, prefetch=0)
+        assert (src.info.kind, src.info.width, src.info.height, src.info.duration) == ("blank-test", 10, 6, 1.5)
+        assert [f.index for f in src] == [0, 2]
+        with pytest.raises(SourceOpenError, match="bad blank-test spec"):
+            open_source("blank-test:x")
+    finally:
+        unregister_scheme("blank-test")
+    assert "blank-test" not in known_schemes() and "world" in known_schemes()
+    with pytest.raises(SourceOpenError, match=r"unknown source scheme 'blank-test'; known schemes: camera:, .*world:"):
+        open_source("blank-test:3")

@@ -9,6 +9,6 @@ Example:
 
 from .objects import CLASSES, COLOURS, MOTIONS, SPEED_BUCKETS
 from .scene import ACTION_LAYOUT
-from .world import PRESETS, World, open_world
+from .world import PRESETS, World, open_world, world_source
 
-__all__ = ["World", "open_world", "CLASSES", "COLOURS", "MOTIONS", "SPEED_BUCKETS", "PRESETS", "ACTION_LAYOUT"]
+__all__ = ["World", "open_world", "world_source", "CLASSES", "COLOURS", "MOTIONS", "SPEED_BUCKETS", "PRESETS", "ACTION_LAYOUT"]

@@ -422,3 +422,12 @@ def open_world(spec: str) -> World:
         except ValueError:
             raise ValueError(f"world spec key {key!r} needs a {typ.__name__}, got {val!r}") from None
     return World(**kw)
+
+
+def world_source(spec: str) -> tuple[World, dict]:
+    """The opener of ``world:`` URIs for :func:`streammem.io.open_source`: the World of ``spec``
+    (:func:`open_world`) and the facts its :class:`~streammem.io.SourceInfo` reports."""
+    world = open_world(spec)
+    h, w = world.size_hw
+    return world, {"kind": "world", "backend": "streamworld", "width": w, "height": h, "fps": world.fps,
+                   "num_frames": world.num_frames, "codec": "procedural"}

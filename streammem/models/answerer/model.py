@@ -1,347 +1,56 @@
-"""The shipped small QA answerer: multiple-choice questions over memory tokens with timestamps.
+"""``SmallAnswerer``: scores the candidates of multiple-choice questions over memory tokens.
 
-It reads whatever a memory returns (``Tokens``: features, timestamp, level, grid position) and
-scores each candidate answer. Trained on StreamWorld questions with memories compressed by
-``PyramidMemory`` (``streammem.train.answerer``), so it learns pyramid levels and timestamps.
+It reads whatever a memory returns (``Tokens``: features ``(M, token_dim)``, timestamp, level,
+grid position) and needs nothing else of the memory. The shipped checkpoint is trained on
+StreamWorld questions over ``PyramidMemory`` reads (``streammem.train.answerer``).
 
-Text. Questions and candidates are cut into words by a regular expression and looked up in a
-small vocabulary fitted to the question templates (:class:`Vocab`, stored in the config). A
-decimal number is a *time* ("at about 37.2s"): it becomes a ``<time>`` word whose value is
-kept; the model sees how long before the query it was.
+Network (``d`` wide, pre-norm; B questions of L words, M memory tokens):
 
-Network (``d`` wide, pre-norm):
-
-1. the sequence ``[CLS] question [SEP] candidate 1 [SEP] candidate 2 ...`` with word,
-   position and segment (question / candidate k) embeddings; ``<time>`` words add an
-   embedding of their age (query time - stated time);
+1. the sequence ``[CLS] question [SEP] candidate 1 [SEP] candidate 2 ...``
+   (:func:`~streammem.models.answerer.text.encode_questions`) with word, position and segment
+   (question / candidate k) embeddings; ``<time>`` words add an embedding of their age (query
+   time - stated time);
 2. ``layers`` blocks of self-attention over the sequence, then **time-biased cross-attention**
-   to the memory, then an MLP. Memory tokens are ``Linear(features) + level + grid-cell +
-   age`` embeddings. The attention logit of head h to a memory token is
-   ``q.k / sqrt(d_h) - a_h * log(1 + |t_token - t_ref|)`` with ``a_h >= 0`` learned and
-   ``t_ref`` the time the question names (or the query time if it names none): an ALiBi-style
-   prior that lets heads look at "the moment asked about" or ignore time;
+   to the memory, then an MLP. Memory tokens are ``LayerNorm(Linear(features) + level +
+   grid-cell + age)`` embeddings. The attention logit of head h to a memory token is
+   ``q.k / sqrt(d_h) - a_h * log(1 + |t_token - t_ref|)`` with ``a_h >= 0`` learned (initial
+   slopes from ~0 to 8 over the heads) and ``t_ref`` the time the question names (or the query
+   time if it names none): an ALiBi-style prior that lets heads look at "the moment asked
+   about" or ignore time;
 3. each candidate's positions are mean-pooled and scored by a linear layer; a softmax over
    the candidates gives the probabilities.
 
 Grounding (``labels``): the frozen encoder's class and colour heads are copied into the
 answerer (:meth:`SmallAnswerer.set_label_heads`), and their label names share one learned
 embedding table with the words: a memory token adds ``sum_k p_k E[k]`` (its label
-probabilities), a word that names label k adds ``E[k]``. "star" in a question and a star in
-memory then start out pointing the same way, instead of the cross-attention having to
-discover each word-to-feature pairing from answer supervision alone (which, trained on a few
-streams, it did not: it learned the answer priors). Answerers built without labels ignore this.
+probabilities), a word that names label k adds ``E[k]``, so "star" in a question and a star in
+memory start out pointing the same way. At each label word, :meth:`SmallAnswerer.grounded_readout`
+adds what memory holds of that label. With ``signed_time``, ``event_head`` and ``calibrated``
+(as the shipped checkpoint is built) it also tells evidence before the stated time from
+evidence after it, and adds that evidence to the candidates' logits directly (see the
+arguments of :class:`SmallAnswerer`). Answerers built without labels ignore all of this.
 
 Evidence: last-layer cross-attention weights of the chosen candidate's positions and of
-``[CLS]``, summed per stored frame.
-
-Example:
-    >>> import torch
-    >>> from streammem.types import Tokens
-    >>> vocab = Vocab.fit(["What colour is the cat?", "red", "blue"])
-    >>> m = SmallAnswerer(vocab=vocab.words, token_dim=8, d=16, heads=2, layers=1).eval()
-    >>> mem = Tokens.cat([Tokens.from_grid(torch.randn(2, 2, 8), i, i / 8) for i in range(3)])
-    >>> a = m.answer(mem, "What colour is the cat?", ["red", "blue"], query_time=0.25)
-    >>> a.letter in ("A", "B"), round(sum(a.probs), 5)
-    (True, 1.0)
+``[CLS]``, averaged over heads and positions, summed per stored frame; the ``evidence_k``
+heaviest frames are returned.
 """
 
 from __future__ import annotations
 
 import math
-import re
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
-from streammem.models.hub import SafeHubMixin
 from torch import nn
 
+from streammem.models.answerer.cache import MemoryCache, _checksums, _run_keys, _run_starts
+from streammem.models.answerer.features import (_EMPTY_LSE, _GROUND_V, _SIDE_GAP, _SIGNED_F, _SUPPORT_F,
+                                                _MemoryView, _age_features, _log_dt, _support)
+from streammem.models.answerer.text import LETTERS, PAD, TIME, EncodedBatch, Vocab, encode_questions
+from streammem.models.hub import SafeHubMixin
 from streammem.types import Answer, Tokens
 
-__all__ = ["Vocab", "SmallAnswerer", "EncodedBatch", "encode_questions", "LETTERS", "MemoryCache"]
-
-LETTERS = "ABCDEFGH"
-WORD_RE = re.compile(r"\d+\.\d+|\d+|[a-z]+|[?,']")
-SPECIALS = ["<pad>", "<unk>", "<cls>", "<sep>", "<time>"]
-PAD, UNK, CLS, SEP, TIME = range(5)
-
-
-class Vocab:
-    """Word-level vocabulary over the question templates; decimals are ``<time>`` words."""
-
-    def __init__(self, words: list[str]) -> None:
-        if list(words[: len(SPECIALS)]) != SPECIALS:
-            raise ValueError(f"Vocab.words must start with {SPECIALS}")
-        self.words = list(words)
-        self.index = {w: i for i, w in enumerate(self.words)}
-
-    @classmethod
-    def fit(cls, texts: list[str], min_count: int = 1) -> "Vocab":
-        counts: dict[str, int] = {}
-        for t in texts:
-            for w in WORD_RE.findall(t.lower()):
-                if not _is_time(w):
-                    counts[w] = counts.get(w, 0) + 1
-        return cls(SPECIALS + sorted(w for w, c in counts.items() if c >= min_count))
-
-    def encode(self, text: str) -> tuple[list[int], list[float]]:
-        """Word ids and, per word, the stated time in seconds (NaN for other words)."""
-        ids, times = [], []
-        for w in WORD_RE.findall(text.lower()):
-            if _is_time(w):
-                ids.append(TIME)
-                times.append(float(w))
-            else:
-                ids.append(self.index.get(w, UNK))
-                times.append(float("nan"))
-        return ids, times
-
-    def __len__(self) -> int:
-        return len(self.words)
-
-
-def _is_time(w: str) -> bool:
-    return "." in w and w[0].isdigit()
-
-
-@dataclass
-class EncodedBatch:
-    """Padded token sequences for B questions over one memory.
-
-    ids, segment, (B, L) long; times (B, L) float (NaN where not a time); ref_time (B,);
-    query_time (B,); cand_mask (B, C, L) bool: positions of candidate c; n_cand (B,).
-    """
-
-    ids: torch.Tensor
-    segment: torch.Tensor
-    times: torch.Tensor
-    ref_time: torch.Tensor
-    query_time: torch.Tensor
-    cand_mask: torch.Tensor
-    n_cand: torch.Tensor
-
-    @property
-    def pad_mask(self) -> torch.Tensor:
-        return self.ids == PAD
-
-
-def encode_questions(vocab: Vocab, questions: list[str], candidates: list[list[str]], query_times: list[float],
-                     max_len: int = 96, max_cand: int = 5) -> EncodedBatch:
-    """Build an :class:`EncodedBatch` (see :class:`SmallAnswerer` for the layout)."""
-    if not questions:
-        raise ValueError("encode_questions needs at least one question")
-    seqs = []
-    for q, cands, qt in zip(questions, candidates, query_times):
-        if not 2 <= len(cands) <= max_cand:
-            raise ValueError(f"a question needs 2..{max_cand} candidates, got {len(cands)}: {cands!r}")
-        qi, qtimes = vocab.encode(q)
-        ids, seg, tms = [CLS] + qi + [SEP], [0] * (len(qi) + 2), [math.nan] + qtimes + [math.nan]
-        spans = []
-        for c, cand in enumerate(cands):
-            ci, ctimes = vocab.encode(cand)
-            ci = ci or [UNK]
-            ctimes = ctimes or [math.nan]
-            spans.append((len(ids), len(ids) + len(ci)))
-            ids += ci + [SEP]
-            seg += [c + 1] * (len(ci) + 1)
-            tms += ctimes + [math.nan]
-        if len(ids) > max_len:
-            raise ValueError(f"question and candidates are {len(ids)} words, over max_len={max_len}: {q!r}")
-        stated = [t for t in qtimes if t == t]
-        ref = stated[0] if stated else qt
-        seqs.append((ids, seg, tms, spans, ref, qt))
-    b, L = len(seqs), max(len(s[0]) for s in seqs)
-    ids = torch.full((b, L), PAD, dtype=torch.long)
-    seg = torch.zeros(b, L, dtype=torch.long)
-    tms = torch.full((b, L), math.nan)
-    cmask = torch.zeros(b, max_cand, L, dtype=torch.bool)
-    n_cand = torch.zeros(b, dtype=torch.long)
-    for i, (si, ss, st, spans, _, _) in enumerate(seqs):
-        ids[i, : len(si)] = torch.tensor(si)
-        seg[i, : len(ss)] = torch.tensor(ss)
-        tms[i, : len(st)] = torch.tensor(st)
-        for c, (a, e) in enumerate(spans):
-            cmask[i, c, a:e] = True
-        n_cand[i] = len(spans)
-    return EncodedBatch(ids, seg, tms, torch.tensor([s[4] for s in seqs], dtype=torch.float64),
-                        torch.tensor([s[5] for s in seqs], dtype=torch.float64), cmask, n_cand)
-
-
-def _fourier(x: torch.Tensor, n: int) -> torch.Tensor:
-    """``(...)`` -> ``(..., 2n)``: sin/cos at geometric frequencies (periods ~2 to ~2000)."""
-    freqs = torch.exp(torch.linspace(math.log(2 * math.pi / 2.0), math.log(2 * math.pi / 2000.0), n,
-                                     device=x.device, dtype=torch.float32))
-    a = x.float()[..., None] * freqs
-    return torch.cat([a.sin(), a.cos()], -1)
-
-
-def _age_features(age: torch.Tensor, n: int = 8) -> torch.Tensor:
-    """Seconds before the query -> ``(..., 2n + 2)``: Fourier features plus log(1 + age)."""
-    age = age.float().clamp(min=0)
-    return torch.cat([_fourier(age, n), torch.log1p(age)[..., None] / 6.0, (age < 1.0).float()[..., None]], -1)
-
-
-@dataclass
-class _MemoryView:
-    """Per-read inputs shared by the memory encoding and the grounded read-out."""
-
-    feats: torch.Tensor  # (M, token_dim) float
-    level: torch.Tensor  # (M,) long
-    cell_f: torch.Tensor  # (M, 16) grid-cell Fourier features
-    age_f: torch.Tensor  # (M, 18) age features (query time - timestamp)
-    probs: torch.Tensor | None  # (M, labels) or None without a label space
-
-
-def _log_dt(memory: Tokens, batch: "EncodedBatch") -> torch.Tensor:
-    """``(B, M)``: log(1 + |t_token - t_ref|), the time prior's distance."""
-    return torch.log1p((memory.timestamp.double()[None, :] - batch.ref_time[:, None]).abs().float())
-
-
-_GROUND_V = 16 + 18 + 3  # read-out value: grid-cell Fourier, age features, level one-hot (+ label probs)
-_SIDE_GAP = 0.25  # seconds: tokens this close to the stated time are neither before nor after it
-_EMPTY_LSE = -20.0  # the signed read-out's value for a side with no tokens (below any real score)
-_SIGNED_F = 2 + 2 * 3  # signed read-out features per label word: has before / after, per scale lse before, after, diff
-_SUPPORT_F = 2  # the calibration's support features: distance to the nearest frame before / after the stated time
-_NO_FRAME_S = 1e4  # seconds: the support's distance for a side without frames
-
-
-def _support(ts: torch.Tensor | None, ref: torch.Tensor) -> torch.Tensor:
-    """``(B, 2)``: ``log(1 + s) / 5``, ``s`` the seconds from each question's stated time
-    (``ref (B,)``; the query time for a question that states none, whose "after" side is then
-    empty) to the nearest stored frame before it and after it (at least ``_SIDE_GAP`` away, as
-    the signed read-out's sides); a side without frames, or whose nearest frame is more than
-    ``_NO_FRAME_S`` away, reads as ``_NO_FRAME_S``."""
-    if ts is None or len(ts) == 0:
-        gap = torch.full((len(ref), 2), _NO_FRAME_S, dtype=torch.float64)
-    else:
-        side = ts.double()[None, :] - ref.double()[:, None]  # B, M
-        far = torch.full_like(side, _NO_FRAME_S)
-        gap = torch.stack([torch.where(side < -_SIDE_GAP, -side, far).amin(1),
-                           torch.where(side > _SIDE_GAP, side, far).amin(1)], 1).clamp(max=_NO_FRAME_S)
-    return (torch.log1p(gap) / 5.0).float()
-
-
-class MemoryCache:
-    """What :class:`SmallAnswerer` computes of a memory that does not depend on the question
-    time, kept per stored frame between questions (one per stream: it holds that stream's data).
-
-    A memory token's encoding is ``LayerNorm(static + age)``: ``static`` (features, level,
-    grid cell, labels) never changes once a frame is stored, ``age`` is one vector per frame
-    and query time. The LayerNorm is per token, so the key / value projections expand exactly:
-    centring both parts and with ``W' = W diag(gamma)``,
-    ``kv = (W' static_c + W' age_c) / sigma + W beta + b``. ``W' static_c`` is cached per
-    frame; per question only the frame ages, ``sigma`` and a few passes over the tokens are
-    computed (the logits match the uncached path to float rounding; the tests check it).
-
-    Storage is a slot table: each run of a read's tokens sharing ``(level, frame_index,
-    timestamp)`` owns a range of rows, a run the memory no longer holds frees its range, and a
-    new run takes a free range of its length (or the end of the table), so a question copies
-    only the frames stored since the last one. Attention does not depend on token order, so the
-    answerer reads the table in slot order. A run is checked against checksums of its features
-    and grid cells (a restored snapshot reusing a frame number is recomputed). The table's live
-    rows are exactly the last read's (compacted when ranges of another length are left free) and
-    its capacity is at most 1.25 times the largest read, so it is bounded by the memory it
-    serves. A read that fails halfway clears it. It belongs to one answerer: used with another,
-    or after the weights change, call :meth:`clear` (another model clears it automatically).
-
-    Reads under ``min_tokens`` tokens (default 2,048), or whose runs average under ``min_run``
-    tokens (default 16; DualMemory's persistent slots are runs of one or a few merged tokens),
-    are encoded from scratch: there the per-run bookkeeping costs about what it saves
-    (``benchmarks/qa.py``; the ``dual`` memory of ``streammem eval qa``).
-    """
-
-    def __init__(self, min_tokens: int = 2048, min_run: int = 16) -> None:
-        self.min_tokens = min_tokens  # smaller reads skip the cache: re-encoding them is as cheap
-        self.min_run = min_run  # so do reads whose runs average fewer tokens
-        self.clear()
-        self.hits = self.misses = 0
-
-    def clear(self) -> None:
-        self._slots: dict[tuple, tuple[int, int, tuple]] = {}  # key -> (first row, rows, checksums)
-        self._free: dict[int, list[int]] = {}  # run length -> first rows of free ranges
-        self._top = 0  # rows in use (live or free)
-        self._tables: list[torch.Tensor] = []  # per part (SmallAnswerer._static_rows), (capacity, width)
-        self._ts = torch.zeros(0, dtype=torch.float64)
-        self._fi = torch.zeros(0, dtype=torch.int64)
-        self._level = torch.zeros(0, dtype=torch.int64)
-        self._bufs: dict[str, torch.Tensor] = {}
-        self._model: int | None = None
-
-    def __len__(self) -> int:
-        """Cached runs of tokens (frames, per level)."""
-        return len(self._slots)
-
-    def nbytes(self) -> int:
-        """Bytes held: the slot table plus work buffers."""
-        held = [*self._tables, *self._bufs.values(), self._ts, self._fi, self._level]
-        return sum(t.numel() * t.element_size() for t in held)
-
-    def _work(self, name: str, shape: tuple[int, int]) -> torch.Tensor:
-        """A reused float buffer of ``shape`` (fresh large tensors cost page faults on every
-        question); it only grows to the largest read."""
-        buf = self._bufs.get(name)
-        if buf is None or buf.shape[0] < shape[0] or buf.shape[1] != shape[1]:
-            buf = self._bufs[name] = torch.empty(max(shape[0], 0 if buf is None else buf.shape[0]), shape[1])
-        return buf[: shape[0]]
-
-    def _place(self, keys: list[tuple], lengths: list[int], sums: list[tuple]) -> tuple[list[int], list[int]]:
-        """First row of each run, and which runs must be (re)computed."""
-        live = set(keys)
-        for k in [k for k in self._slots if k not in live]:
-            first, n, _ = self._slots.pop(k)
-            self._free.setdefault(n, []).append(first)
-        firsts, missing = [], []
-        for i, (k, n, h) in enumerate(zip(keys, lengths, sums)):
-            got = self._slots.get(k)
-            if got is not None and got[2] == h:
-                firsts.append(got[0])
-                continue
-            if got is not None:  # same run key, other content: recompute in place
-                first = got[0]
-            elif self._free.get(n):
-                first = self._free[n].pop()
-            else:
-                first = self._top
-                self._top += n
-            self._slots[k] = (first, n, h)
-            firsts.append(first)
-            missing.append(i)
-        self.hits += len(keys) - len(missing)
-        self.misses += len(missing)
-        if any(self._free.values()):  # free ranges of a length no run took: close the holes
-            firsts = self._compact(keys, firsts, lengths)
-        return firsts, missing
-
-    def _compact(self, keys: list[tuple], firsts: list[int], lengths: list[int]) -> list[int]:
-        """Move the read's runs to the front of the table, keeping their order; new first rows."""
-        order = sorted(range(len(keys)), key=firsts.__getitem__)
-        rows = torch.cat([torch.arange(firsts[i], firsts[i] + lengths[i]) for i in order]
-                         or [torch.zeros(0, dtype=torch.int64)])
-        rows = rows[rows < len(self._ts)]  # rows past the table are new runs' (last in order), not written yet
-        self._tables = [t.index_select(0, rows) for t in self._tables]
-        self._ts, self._fi, self._level = (v.index_select(0, rows) for v in (self._ts, self._fi, self._level))
-        new, at = list(firsts), 0
-        for i in order:
-            new[i] = at
-            self._slots[keys[i]] = (at, lengths[i], self._slots[keys[i]][2])
-            at += lengths[i]
-        self._free.clear()
-        self._top = at
-        return new
-
-    def _ensure(self, widths: list[int]) -> None:
-        """Grow the table to hold ``self._top`` rows (at most 1.25 times the largest read)."""
-        cap = len(self._ts)
-        if self._top <= cap and len(self._tables) == len(widths):
-            return
-        new = max(self._top + self._top // 4, 64)  # a quarter spare: few copies while a memory fills
-        grow = lambda t, shape, dtype: torch.cat([t, torch.zeros(shape, dtype=dtype)])  # noqa: E731
-        if len(self._tables) != len(widths):
-            self._tables = [torch.zeros(0, w) for w in widths]
-        self._tables = [grow(t, (new - len(t), t.shape[1]), t.dtype) for t in self._tables]
-        self._ts = grow(self._ts, (new - cap,), torch.float64)
-        self._fi = grow(self._fi, (new - cap,), torch.int64)
-        self._level = grow(self._level, (new - cap,), torch.int64)
+__all__ = ["SmallAnswerer"]
 
 
 class _Block(nn.Module):
@@ -388,40 +97,6 @@ class _Block(nn.Module):
         return x, ((q, k, bias) if keep else None)
 
 
-def _run_starts(t: Tokens) -> tuple[torch.Tensor, torch.Tensor]:
-    """First token and length of each run of consecutive tokens sharing (level, frame, time)."""
-    m, fi, ts, level = len(t), t.frame_index, t.timestamp, t.level
-    edge = torch.ones(m, dtype=torch.bool)
-    edge[1:] = (fi[1:] != fi[:-1]) | (level[1:] != level[:-1]) | (ts[1:] != ts[:-1])
-    starts = torch.nonzero(edge)[:, 0]
-    return starts, torch.diff(starts, append=torch.tensor([m]))
-
-
-def _run_keys(t: Tokens, starts: torch.Tensor, counts: torch.Tensor) -> list[tuple]:
-    """:class:`MemoryCache`'s key of each run: ``(level, frame_index, timestamp, length,
-    occurrence)`` (a run repeated in one read is told apart by its occurrence)."""
-    seen: dict[tuple, int] = {}
-    keys = []
-    for k in zip(t.level[starts].tolist(), t.frame_index[starts].tolist(), t.timestamp[starts].tolist(),
-                 counts.tolist()):
-        seen[k] = seen.get(k, -1) + 1
-        keys.append((*k, seen[k]))
-    return keys
-
-
-def _checksums(feats: torch.Tensor, grid: torch.Tensor, starts: torch.Tensor,
-               counts: torch.Tensor) -> list[tuple[float, float]]:
-    """Per run: two sums of a fixed random projection of each token's features and grid cell,
-    plain and weighted by the token's place in the run (so reordered tokens change it too)."""
-    u = torch.randn(feats.shape[1] + 2, generator=torch.Generator().manual_seed(0))
-    dot = (feats @ u[:-2] + grid @ u[-2:]).double()
-    run = torch.repeat_interleave(torch.arange(len(starts)), counts)
-    place = (torch.arange(len(feats)) - starts[run]).double()
-    sums = torch.zeros(len(starts), 2, dtype=torch.float64)
-    sums.index_add_(0, run, torch.stack([dot, dot * torch.cos(1.7 * place + 0.3)], 1))
-    return [tuple(r) for r in sums.tolist()]
-
-
 def _attention_weights(q: torch.Tensor, k: torch.Tensor, bias: torch.Tensor) -> torch.Tensor:
     """``softmax(q k^T / sqrt(d_h) + bias)`` for the rows in ``q`` (see :meth:`_Block.forward`)."""
     return torch.softmax(torch.matmul(q, k.transpose(-1, -2)) / math.sqrt(q.shape[-1]) + bias, -1)
@@ -449,10 +124,11 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
             ``softplus(w . [CLS, support] + b)`` (1 at the start) before the event head adds its
             evidence (with an empty memory, which gives no evidence, nothing is scaled), and add
             ``U support`` to the gate, ``support`` being how far the memory's nearest frames
-            before and after the stated time are (:func:`_support`). A question whose blocks
-            are unreliable (on held-out worlds: past-memory questions about old events) can then
-            lean on the signed evidence, by how close to that time frames are kept; fitted with
-            the gate on held-out worlds by :func:`streammem.train.answerer.refit_event_gate`.
+            before and after the stated time are
+            (:func:`~streammem.models.answerer.features._support`), so a question can lean on the
+            signed evidence rather than the blocks by how close to the stated time the memory
+            keeps frames. Fitted with the gate, on worlds the answerer was not trained on, by
+            :func:`streammem.train.event_gate.refit_event_gate`.
         memory_pool: the ``PyramidMemory`` pooling it was trained on (``"mean"`` or
             ``"salient"``); :class:`~streammem.pipelines.qa.StreamingQAPipeline` builds its
             pyramid with it.
@@ -749,7 +425,8 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         head and a memory that is not empty, what the head's gate reads is appended to it: the
         blocks' logits ``(B, C)`` (before the ``calibrated`` scale and the head), the ``[CLS]``
         states ``(B, d)``, each candidate's signed features ``(B, C, 8)`` and the memory's
-        support ``(B, 2)`` (:func:`_support`; see :func:`streammem.train.answerer.fit_event_gate`)."""
+        support ``(B, 2)`` (:func:`~streammem.models.answerer.features._support`; see
+        :func:`streammem.train.event_gate.fit_event_gate`)."""
         b, L = batch.ids.shape
         if L > self.max_len:
             raise ValueError(f"sequence of {L} words is over max_len={self.max_len}")
@@ -819,7 +496,7 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         ``calibrated`` answerer ``base`` times ``softplus(w . [CLS, sup] + b)``, plus each
         candidate's signed features ``feats (B, C, 8)`` dotted with the gate ``event_gate(cls)``
         (+ ``support_gate(sup)`` when calibrated). The one place this sum is written:
-        :func:`streammem.train.answerer.fit_event_gate` fits through it."""
+        :func:`streammem.train.event_gate.fit_event_gate` fits through it."""
         gate = self.event_gate(cls)
         if self.calibrated:
             base = base * F.softplus(self.base_scale(torch.cat([cls, sup], 1)))
