@@ -41,7 +41,7 @@ ROOT = Path(__file__).resolve().parents[1] / "streammem" / "checkpoints"
 def load_models(answerer: str | None = None):
     from streammem.models.answerer import SmallAnswerer
     from streammem.models.grid_encoder import GridEncoder
-    from streammem.train.answerer import fit_vocab
+    from streammem.train.qa_data import fit_vocab
 
     path = Path(answerer) if answerer else ROOT / "answerer"
     if (path / "model.safetensors").exists():

@@ -179,7 +179,7 @@ def train_answerer_cmd(
     pool: str = typer.Option(default(AnswererTrainConfig, "pool"), help="the pyramids' pooling: mean (the reference) or salient"),
 ) -> None:
     """Train the QA answerer on StreamWorld questions over Pyramid Memory Bank snapshots."""
-    from streammem.train.answerer import AnswererTrainConfig, train
+    from streammem.train.answerer import train
 
     _check_pool(pool)
     model = {"d": d, "heads": heads, "layers": layers, **({"signed_time": True} if signed_time else {}),
@@ -208,7 +208,8 @@ def train_event_gate_cmd(
     """Re-fit only the answerer's event gate and the scale of its blocks' logits (1,179
     weights; everything else frozen) on worlds it was not trained on, so the signed before /
     after evidence gets the weight it earns on new worlds."""
-    from streammem.train.answerer import PoolMismatch, refit_event_gate
+    from streammem.train.event_gate import refit_event_gate
+    from streammem.train.qa_data import PoolMismatch
 
     if not (data / "train").is_dir():
         raise typer.BadParameter(f"{data} has no train/ folder of snapshot shards", param_hint="DATA")
@@ -238,7 +239,7 @@ def qa_snapshots_cmd(
 ) -> None:
     """Render StreamWorld worlds through the encoder into PyramidMemory snapshots with their
     questions, one safetensors shard per world (resumable; a trainer may follow the folder)."""
-    from streammem.train.answerer import produce
+    from streammem.train.qa_data import produce
 
     _check_pool(pool)
     from streammem.pipelines.qa import RETENTIONS
