@@ -95,9 +95,8 @@ class Tokens:
             static/dynamic routing score, static when ``>= threshold``), ``"bank"`` (int64,
             ``ErrorBank``: 0 noise-side, 1 clean-side), ``"timestep"`` (float32, ``ErrorBank``:
             the diffusion timestep of an error), ``"pool"`` (int64, ``PoseKVMemory``: the
-            per-axis pooling factor), ``"label"`` (int64, HOG bank entries: 1 positive, 0
-            negative). An extra is kept by ``index``, ``cat`` (when every part has it),
-            ``sort_by_time`` and ``to``.
+            per-axis pooling factor). An extra is kept by ``index``, ``cat`` (when every part
+            has it), ``sort_by_time`` and ``to``.
     """
 
     features: torch.Tensor

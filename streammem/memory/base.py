@@ -162,8 +162,6 @@ class Memory:
     COUNTERS: ClassVar[tuple[str, ...]] = ("writes",)
     #: query types ``read`` takes besides None (see :mod:`streammem.memory.protocols`).
     QUERIES: ClassVar[tuple[type, ...]] = ()
-    #: buffer names of older snapshots -> their names now (so older files still load).
-    RENAMED: ClassVar[dict[str, str]] = {}
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -297,7 +295,6 @@ class Memory:
         me = type(self).__name__
         if "meta.kind" not in state or "meta.config" not in state:
             raise ValueError(f"{me}.load_state_dict: not a streammem memory snapshot (no 'meta.kind' / 'meta.config')")
-        state = {self.RENAMED.get(k, k): v for k, v in state.items()}
         kind = _tensor_text(state["meta.kind"])
         if kind != self.kind:
             raise ValueError(f"{me}.load_state_dict: snapshot is of kind '{kind}', this memory is '{self.kind}'")
@@ -377,7 +374,6 @@ class Memory:
         if need > max_bytes:
             raise ValueError(f"{where}: the {kind} memory this snapshot describes takes {need:,} bytes, more than "
                              f"max_bytes={max_bytes:,}; pass a larger max_bytes to load it")
-        header = {target.RENAMED.get(k, k): v for k, v in header.items()}
         for name, (shape, _) in shapes.items():
             if name not in header:
                 raise ValueError(f"{where}: snapshot lacks tensor '{name}'")
@@ -388,7 +384,7 @@ class Memory:
         if any(n > 2 ** 20 for n in meta_bytes.values()):
             raise ValueError(f"{where}: snapshot has oversized meta tensors {meta_bytes}")
         memory = target(config)
-        wanted = {k for k in keys if target.RENAMED.get(k, k) in shapes or k.startswith("meta.")}
+        wanted = {k for k in keys if k in shapes or k.startswith("meta.")}
         with safe_open(where, framework="pt") as f:
             state = {k: f.get_tensor(k) for k in wanted}
         memory.load_state_dict(state)

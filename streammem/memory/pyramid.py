@@ -32,6 +32,8 @@ means adjacent in time (not in the reference code).
 
 Departures from the reference:
 
+- promotions cascade by default, as the paper describes; the released code's one-level
+  promotion is ``promotion="released"`` (see above);
 - descriptors (spatial means) are computed once when a frame enters a level and cached, so a
   write costs O(capacity x D) instead of re-reducing every stored token (same retention);
 - the frame position ``t`` is this memory's own count of written frames (as in the reference's
