@@ -434,3 +434,17 @@ def test_load_honours_max_bytes_and_older_files(tmp_path):
     old = tmp_path / "old.safetensors"
     save_file(mem.state_dict(), str(old), metadata={"kind": mem.kind, "config": mem.config.to_json()})
     assert Memory.load(old).stats() == mem.stats()
+
+
+def test_tokens_extras_follow_their_tokens():
+    a = Tokens.from_grid(torch.randn(1, 3, D), 0, 0.0)
+    a.extras["part"] = torch.tensor([0, 1, 1])
+    b = Tokens.from_grid(torch.randn(1, 2, D), 1, 0.1)
+    b.extras["part"] = torch.tensor([1, 0])
+    both = Tokens.cat([a, b])
+    assert both.extras["part"].tolist() == [0, 1, 1, 1, 0]
+    assert both.index(torch.tensor([4, 0])).extras["part"].tolist() == [0, 0]
+    assert both.index(both.extras["part"] == 1).extras["part"].tolist() == [1, 1, 1]
+    assert Tokens.cat([a, Tokens.from_grid(torch.randn(1, 1, D), 2, 0.2)]).extras == {}  # kept only if all have it
+    with pytest.raises(ValueError, match=r"extras\['part'\] must have 3 rows"):
+        Tokens(a.features, a.frame_index, a.timestamp, a.grid, a.level, extras={"part": torch.zeros(2)})
