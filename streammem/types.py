@@ -70,18 +70,33 @@ class Frame:
 class Tokens:
     """A set of N feature tokens of width D, with per-token provenance.
 
+    Every field has one meaning, whatever memory made the tokens:
+
     Attributes:
         features: ``(N, D)`` float tensor.
         frame_index: ``(N,)`` int64, the frame each token came from.
         timestamp: ``(N,)`` float64, that frame's time in seconds.
         grid: ``(N, 2)`` float32 position (row, col) in the token grid of the frame's
             full-resolution layout; pooled tokens sit at their cells' centres.
-        level: ``(N,)`` int64 level or scale (pyramid level, pooling factor, memory part).
+        level: ``(N,)`` int64 scale level: 0 is the frame's full-resolution grid, higher levels
+            are coarser (``PyramidMemory``: its pyramid level; ``PoseKVMemory``: the rank of the
+            token's pooling factor, 0 for the full-resolution window). Memories without scales
+            keep what was written.
         pose: optional ``(N, 4, 4)`` float32 camera pose of each token's frame.
-        score: optional ``(N,)`` float32 per-token score (static/dynamic, confidence).
+        score: optional ``(N,)`` float32 importance, higher = more important: a detector's
+            confidence, the attention a cached token received (``KVCacheMemory`` and the
+            presses rank by it; ``FeatureBank(sample="score")`` samples by it).
         salience: optional ``(N,)`` float32 in [0, 1]: how much a token matters when its frame
             is pooled (e.g. a frame encoder's objectness); ``PyramidMemory(pool="salient")``
             pools by it instead of averaging.
+        extras: named per-token tensors (first dimension N) that one memory or head defines;
+            the names in use: ``"part"`` (int64, ``DualMemory`` reads: 0 persistent, 1
+            transient), ``"static"`` (float32, ``DualMemory`` writes and reads: the
+            static/dynamic routing score, static when ``>= threshold``), ``"bank"`` (int64,
+            ``ErrorBank``: 0 noise-side, 1 clean-side), ``"timestep"`` (float32, ``ErrorBank``:
+            the diffusion timestep of an error), ``"pool"`` (int64, ``PoseKVMemory``: the
+            per-axis pooling factor). An extra is kept by ``index``, ``cat`` (when every part
+            has it), ``sort_by_time`` and ``to``.
     """
 
     features: torch.Tensor
@@ -92,6 +107,7 @@ class Tokens:
     pose: torch.Tensor | None = None
     score: torch.Tensor | None = None
     salience: torch.Tensor | None = None
+    extras: dict[str, torch.Tensor] = field(default_factory=dict)
 
     def __post_init__(self) -> None:
         if not isinstance(self.features, torch.Tensor) or self.features.ndim != 2:
@@ -125,6 +141,16 @@ class Tokens:
                 raise ValueError(
                     f"Tokens.{name} must have shape {shape} for {n} tokens, got {tuple(value.shape)}"
                 )
+        if not isinstance(self.extras, dict):
+            raise ValueError(f"Tokens.extras must be a dict of name -> tensor, got {type(self.extras).__name__}")
+        extras = {}
+        for name, value in self.extras.items():
+            value = torch.as_tensor(value)
+            if value.ndim < 1 or value.shape[0] != n:
+                raise ValueError(f"Tokens.extras[{name!r}] must have {n} rows (one per token), "
+                                 f"got shape {tuple(value.shape)}")
+            extras[name] = value
+        self.extras = extras
 
     # ------------------------------------------------------------------ constructors
     @classmethod
@@ -189,6 +215,10 @@ class Tokens:
             raise ValueError("Tokens.cat needs at least one part")
         out: dict[str, Any] = {}
         for f in fields(cls):
+            if f.name == "extras":
+                names = set.intersection(*(set(p.extras) for p in parts))
+                out["extras"] = {k: torch.cat([p.extras[k] for p in parts], 0) for k in sorted(names)}
+                continue
             values = [getattr(p, f.name) for p in parts]
             out[f.name] = None if any(v is None for v in values) else torch.cat(values, 0)
         return cls(**out)
@@ -206,10 +236,14 @@ class Tokens:
         out = {}
         rows = (isinstance(idx, torch.Tensor) and idx.dtype != torch.bool and idx.ndim == 1
                 and (idx.numel() == 0 or int(idx.min()) >= 0))
+        pick = (lambda v: torch.index_select(v, 0, idx)) if rows else (lambda v: v[idx])  # noqa: E731
         for f in fields(self):
             v = getattr(self, f.name)
+            if f.name == "extras":
+                out["extras"] = {k: pick(x) for k, x in v.items()}
+                continue
             # index_select gathers rows ~6x faster than v[idx] on CPU (same result)
-            out[f.name] = None if v is None else (torch.index_select(v, 0, idx) if rows else v[idx])
+            out[f.name] = None if v is None else pick(v)
         return Tokens(**out)
 
     def sort_by_time(self) -> "Tokens":
@@ -227,6 +261,8 @@ class Tokens:
             v = getattr(self, f.name)
             if v is None:
                 out[f.name] = None
+            elif f.name == "extras":
+                out[f.name] = {k: x.to(device=device) for k, x in v.items()}
             elif f.name == "features":
                 out[f.name] = v.to(device=device, dtype=dtype or v.dtype)
             else:

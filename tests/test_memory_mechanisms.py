@@ -6,8 +6,8 @@ import pytest
 import torch
 
 from streammem.memory import (
-    DualMemory, ErrorBank, FeatureBank, H2OPress, KVCacheMemory, KVMergerPress, MiKVPress, PoseKVMemory,
-    SinkWindowPress,
+    DualMemory, ErrorBank, FeatureBank, FeatureQuery, H2OPress, KVCacheMemory, KVMergerPress, MiKVPress, PoseKVMemory,
+    PoseQuery, SinkWindowPress, TimestepQuery,
 )
 from streammem.memory.presses import ComposedPress, quantize
 from streammem.types import Tokens
@@ -22,6 +22,12 @@ def chi2(counts):
     counts = torch.as_tensor(counts, dtype=torch.float64)
     e = counts.mean()
     return float(((counts - e) ** 2 / e).sum())
+
+
+def routed(tokens, static):
+    """``tokens`` with DualMemory's static/dynamic score ``static``."""
+    tokens.extras["static"] = torch.as_tensor(static, dtype=torch.float32)
+    return tokens
 
 
 def row(n, dim, frame, feats=None):
@@ -129,6 +135,10 @@ def test_error_bank_l2_replacement_and_sampling():
     every = bank.sample(400, side="clean")
     assert (every == -1).all(1).any() and not (one == -1).all(1).any()
     assert len(bank.sample(5, side="noise")) == 0
+    # a read of one bin (TimestepQuery) gives its errors, tagged by bank and timestep
+    near = bank.read(TimestepQuery(torch.tensor([t]), banks=1))
+    assert torch.equal(near.features, got) and near.extras["bank"].tolist() == [1, 1, 1]
+    assert torch.allclose(near.extras["timestep"], torch.full((3,), t)) and near.score is None
     scaled = ErrorBank(dim=3, per_bin=3, scale_margin=0.2)
     scaled.add(torch.ones(3), t, side="noise")
     x = scaled.sample(500, side="noise", timestep=t)[:, 0]
@@ -192,7 +202,8 @@ def test_posekv_schedule_poses_and_qk_only_embedding():
         elif f >= 25 - 3 - 18:
             s = RELIC_SCHEDULE[f % 18]
             assert n == math.ceil(h / s) * math.ceil(w / s)
-            assert int(out.level[out.frame_index == f][0]) == s
+            assert int(out.extras["pool"][out.frame_index == f][0]) == s
+            assert int(out.level[out.frame_index == f][0]) == {1: 0, 2: 1, 4: 2}[s]  # scale rank
         else:
             assert n == 0
     keys, values, tokens = mem.kv()
@@ -213,7 +224,7 @@ def test_posekv_retrieval_by_overlap_and_budget():
     # cameras along x, all looking down +z; far-apart ones see different points
     for i in range(12):
         mem.write(Tokens.from_grid(torch.randn(h, w, 2), i, float(i), pose=pose_at(i, x=10.0 * i)))
-    got = mem.read(pose_at(0, x=30.0))
+    got = mem.read(PoseQuery(pose_at(0, x=30.0)))
     frames = sorted(set(got.frame_index.tolist()) - {11})  # frame 11 is the window
     assert 3 in frames and len(frames) <= 3
     assert len(got) - h * w <= 48
@@ -221,7 +232,7 @@ def test_posekv_retrieval_by_overlap_and_budget():
                         retrieval="distance")
     for i in range(12):
         dist.write(Tokens.from_grid(torch.randn(h, w, 2), i, float(i), pose=pose_at(i, x=10.0 * i)))
-    near = sorted(set(dist.read(pose_at(0, x=52.0)).frame_index.tolist()) - {11})
+    near = sorted(set(dist.read(PoseQuery(pose_at(0, x=52.0))).frame_index.tolist()) - {11})
     assert near == [5, 6]
 
 
@@ -233,50 +244,63 @@ def test_dual_routes_by_threshold_and_tags_parts():
     for i in range(4):
         score = torch.rand(16, generator=g)
         total_static += int((score >= 0.3).sum())
-        t = Tokens.from_grid(torch.randn(4, 4, 4, generator=g), i, float(i), score=score)
+        t = routed(Tokens.from_grid(torch.randn(4, 4, 4, generator=g), i, float(i)), score)
         mem.write(t)
         out = mem.read()
-        dyn = out.level == 1
+        dyn = out.extras["part"] == 1
         # the FIFO holds exactly this frame's (and the previous frame's) dynamic tokens
         last = out.frame_index[dyn] == i
         assert int(last.sum()) == int((score < 0.3).sum())
         assert torch.equal(out.features[dyn][last], t.features[score < 0.3])
-        assert torch.all(out.score[out.level == 0] >= 0.3) and torch.all(out.score[dyn] < 0.3)
+        static = out.extras["static"]
+        assert torch.all(static[~dyn] >= 0.3) and torch.all(static[dyn] < 0.3) and out.score is None
     s = mem.stats()
     assert s["routed_static"] == total_static and s["static_tokens"] == min(total_static, 32)
-    assert set(mem.read().frame_index[mem.read().level == 1].tolist()) == {2, 3}
+    assert set(mem.read().frame_index[mem.read().extras["part"] == 1].tolist()) == {2, 3}
     # all-dynamic writes (their own path): the FIFO keeps the newest frames, tagged dynamic; the
     # persistent part and its count are untouched; the evicted frames are counted
     before, n_static, dyn_before = mem.stats(), mem.stats()["static_tokens"], mem.stats()["routed_dynamic"]
     evicted = mem.stats()["dynamic_tokens"]  # the two frames now in the FIFO leave it
     for i in (4, 5):
-        t = Tokens.from_grid(torch.randn(2, 3, 4, generator=g), i, float(i), level=7, score=torch.zeros(6))
+        t = routed(Tokens.from_grid(torch.randn(2, 3, 4, generator=g), i, float(i), level=7), torch.zeros(6))
         mem.write(t)
     out = mem.read()
     assert mem.stats()["static_tokens"] == n_static and mem.stats()["routed_static"] == before["routed_static"]
     assert mem.stats()["routed_dynamic"] == dyn_before + 12
     assert mem.stats()["evictions"] == before["evictions"] + evicted
-    assert out.frame_index[out.level == 1].tolist() == [4] * 6 + [5] * 6 and not (out.level == 7).any()
-    assert torch.equal(out.features[out.level == 1][6:], t.features)
-    with pytest.raises(ValueError, match="score"):
+    dyn = out.extras["part"] == 1
+    assert out.frame_index[dyn].tolist() == [4] * 6 + [5] * 6
+    assert (out.level[dyn] == 7).all() and not (out.level[~dyn] == 7).any()  # the written level is kept
+    assert torch.equal(out.features[dyn][6:], t.features)
+    with pytest.raises(ValueError, match="extras\\['static'\\]"):
         mem.write(Tokens.from_grid(torch.randn(1, 1, 4), 9, 9.0))
+    # the older spelling (the score in Tokens.score) still routes, with a DeprecationWarning
+    twin = DualMemory(dim=4, slots=32, fifo_frames=2, max_tokens_per_frame=16, threshold=0.3, skip_cos=1.0)
+    with pytest.warns(DeprecationWarning, match="extras"):
+        twin.write(Tokens.from_grid(t.features[None], 5, 5.0, score=torch.zeros(6)))
+    assert twin.stats()["routed_dynamic"] == 6
+    # a typed query retrieves; the older bare tensor too, with a DeprecationWarning
+    best = mem.read(FeatureQuery(t.features[:1], k=3))
+    assert len(best) == 3 and torch.equal(best.features[0], t.features[0])
+    with pytest.warns(DeprecationWarning, match="FeatureQuery"):
+        assert torch.equal(mem.read(t.features[:1]).features[0], t.features[0])
 
 
 def test_dual_skip_merge_and_prune():
     e = torch.eye(4)
     one = torch.ones(1)
     mem = DualMemory(dim=4, slots=2, fifo_frames=1, max_tokens_per_frame=4)
-    mem.write(Tokens.from_grid(e[:2][None], 0, 0.0, score=torch.ones(2)))
-    mem.write(Tokens.from_grid((e[0] * 2)[None, None], 1, 1.0, score=one))  # cosine 1 > 0.95: skipped
+    mem.write(routed(Tokens.from_grid(e[:2][None], 0, 0.0), torch.ones(2)))
+    mem.write(routed(Tokens.from_grid((e[0] * 2)[None, None], 1, 1.0), one))  # cosine 1 > 0.95: skipped
     assert mem.counters["skipped"] == 1 and mem.num_tokens == 2
     x = torch.tensor([[0.9, 0.3, 0.0, 0.0]])
-    mem.write(Tokens.from_grid(x[None], 2, 2.0, score=one))  # full: merged into slot 0 (running mean)
+    mem.write(routed(Tokens.from_grid(x[None], 2, 2.0), one))  # full: merged into slot 0 (running mean)
     torch.testing.assert_close(mem.static.features[0], (e[0] + x[0]) / 2)
     assert mem.counters["merges"] == 1 and int(mem.static.frame_index[0]) == 2
     pr = DualMemory(dim=4, slots=2, fifo_frames=1, max_tokens_per_frame=4, compress="prune", skip_cos=1.0)
-    pr.write(Tokens.from_grid(e[:2][None], 0, 0.0, score=torch.ones(2)))
+    pr.write(routed(Tokens.from_grid(e[:2][None], 0, 0.0), torch.ones(2)))
     pr.query(e[1:2] * 5, k=1)  # slot 1 receives most attention
-    pr.write(Tokens.from_grid(e[2:3][None], 1, 1.0, score=one))
+    pr.write(routed(Tokens.from_grid(e[2:3][None], 1, 1.0), one))
     kept = pr.read(None)
     assert sorted(kept.features.argmax(1).tolist()) == [1, 2]  # slot 0 (least used) was pruned
     best = pr.query(e[2:3], k=1)
@@ -373,7 +397,7 @@ def test_dual_read_rows_and_the_slot_cache_match_the_plain_rules(compress, tmp_p
     def frame(i: int) -> Tokens:
         return Tokens(features=torch.rand(10, 8, generator=g), frame_index=torch.full((10,), i),
                       timestamp=torch.full((10,), i / 8), grid=torch.rand(10, 2, generator=g),
-                      level=torch.zeros(10, dtype=torch.int64), score=torch.rand(10, generator=g))
+                      level=torch.zeros(10, dtype=torch.int64), extras={"static": torch.rand(10, generator=g)})
 
     for i in range(12):
         mem.write(frame(i))
@@ -385,6 +409,10 @@ def test_dual_read_rows_and_the_slot_cache_match_the_plain_rules(compress, tmp_p
             part = mem.read_rows(rows)
             for f in fields(Tokens):
                 a, b = getattr(full.index(rows), f.name), getattr(part, f.name)
+                if f.name == "extras":
+                    assert sorted(a) == sorted(b) == ["part", "static"]
+                    assert all(torch.equal(a[k], b[k]) for k in a)
+                    continue
                 assert (a is None and b is None) or torch.equal(a, b), f.name
     assert mem.counters["merges" if compress == "merge" else "prunes"] > 0
     with pytest.raises(IndexError, match="rows"):

@@ -8,9 +8,11 @@ from streammem.memory import PyramidMemory
 from streammem.types import Tokens
 
 
-def naive_pmb(frames, capacities, sides, ratios, order, time_penalty=0.0, evict="earlier"):
-    """The rule as written in the paper/reference, with nothing cached (plus our spread
-    retention: a merge penalty per second between frames, the shorter-gap frame evicted).
+def naive_pmb(frames, capacities, sides, ratios, order, time_penalty=0.0, evict="earlier", promotion="cascade"):
+    """The rule as written in the paper, with nothing cached (plus our spread retention: a merge
+    penalty per second between frames, the shorter-gap frame evicted). ``promotion="released"``
+    restates the released reference code: ``_update_group``'s recursive call gets no
+    ``next_group``, so the frame a promotion pushes out of the next level is dropped.
 
     levels[L] is a list of (grid (side, side, D), frame_index, timestamp) in list order.
     """
@@ -19,9 +21,9 @@ def naive_pmb(frames, capacities, sides, ratios, order, time_penalty=0.0, evict=
     def pool(x, side):  # (s, s, D) -> (side, side, D), adaptive average pooling
         return F.adaptive_avg_pool2d(x.permute(2, 0, 1), side).permute(1, 2, 0)
 
-    def put(lvl, x, fi, ts):
+    def put(lvl, x, fi, ts, next_group=True):
         items = levels[lvl]
-        if capacities[lvl] > 0 and len(items) >= capacities[lvl]:
+        if len(items) >= capacities[lvl]:
             desc = torch.stack([it[0].mean(dim=(0, 1)) for it in items])
             if len(items) >= 2:
                 cos = F.cosine_similarity(desc[1:], desc[:-1], dim=-1).double()
@@ -32,8 +34,8 @@ def naive_pmb(frames, capacities, sides, ratios, order, time_penalty=0.0, evict=
             else:
                 j = 0
             v = items.pop(j)
-            if lvl + 1 < len(sides):
-                put(lvl + 1, pool(v[0], sides[lvl + 1]), v[1], v[2])
+            if next_group and lvl + 1 < len(sides):
+                put(lvl + 1, pool(v[0], sides[lvl + 1]), v[1], v[2], next_group=promotion == "cascade")
         item = (x, fi, ts)
         if order == "list":
             items.append(item)
@@ -73,21 +75,22 @@ def random_stream(n, side, dim, seed, drift=0.9):
     return out
 
 
+@pytest.mark.parametrize("promotion", ["cascade", "released"])
 @pytest.mark.parametrize("order", ["list", "time"])
 @pytest.mark.parametrize("caps,sides,ratios", [
     ((2, 2, 12), (8, 4, 2), (8, 4, 1)),
     ((3, 4, 5), (4, 2, 1), (8, 4, 1)),
-    ((5, 0, 3), (4, 2, 1), (3, 2, 1)),
+    ((5, 40, 3), (4, 2, 1), (3, 2, 1)),
     ((1, 1, 2), (4, 2, 1), (2, 1, 1)),
 ])
-def test_pyramid_matches_naive_rule(order, caps, sides, ratios):
+def test_pyramid_matches_naive_rule(order, caps, sides, ratios, promotion):
     dim = 6
     frames = random_stream(300, sides[0], dim, seed=sum(caps))
-    mem = PyramidMemory(dim=dim, capacities=caps, sides=sides, ratios=ratios, order=order)
+    mem = PyramidMemory(dim=dim, capacities=caps, sides=sides, ratios=ratios, order=order, promotion=promotion)
     for i, (x, fi, ts) in enumerate(frames):
         mem.write(Tokens.from_grid(x, frame_index=fi, timestamp=ts))
         if i % 37 == 0 or i == len(frames) - 1:
-            ref = naive_pmb(frames[: i + 1], caps, sides, ratios, order)
+            ref = naive_pmb(frames[: i + 1], caps, sides, ratios, order, promotion=promotion)
             # same frames, at the same levels, in the same list order
             got = mem.frames()
             want = [(lvl, it[1], it[2]) for lvl, items in enumerate(ref) for it in items]
@@ -109,7 +112,7 @@ def test_pyramid_matches_naive_rule(order, caps, sides, ratios):
     (0.05, "shorter_gap", (2, 3, 6), (4, 2, 1), (8, 4, 1)),
     (1.0, "shorter_gap", (2, 3, 6), (4, 2, 1), (8, 4, 1)),
     (0.03, "shorter_gap", (2, 2, 12), (8, 4, 2), (8, 4, 1)),
-    (0.03, "shorter_gap", (5, 0, 3), (4, 2, 1), (3, 2, 1)),  # an unbounded level grows
+    (0.03, "shorter_gap", (5, 40, 3), (4, 2, 1), (3, 2, 1)),  # a level that fills late
     (0.2, "shorter_gap", (1, 1, 2), (4, 2, 1), (2, 1, 1)),
 ])
 def test_spread_pyramid_matches_naive_rule(penalty, evict, caps, sides, ratios):
@@ -269,9 +272,9 @@ def test_salient_pyramid_with_uniform_salience_is_the_reference():
 
 
 def test_salient_pyramid_keeps_small_objects_through_promotions():
-    cfg = dict(dim=6, capacities=(1, 1, 0), sides=(4, 2, 1), ratios=(1, 1, 1))
+    cfg = dict(dim=6, capacities=(1, 1, 64), sides=(4, 2, 1), ratios=(1, 1, 1))
     mean, sal = PyramidMemory(**cfg), PyramidMemory(**cfg, pool="salient")
-    for t, (x, fi, ts) in enumerate(random_stream(40, 4, 6, seed=1)):  # 40 frames: the unbounded level grows
+    for t, (x, fi, ts) in enumerate(random_stream(40, 4, 6, seed=1)):
         x = 0.1 * x
         s = torch.zeros(4, 4)
         if t == 0:  # frame 0 holds one object token; it ends at the 1 x 1 level after two promotions
@@ -284,7 +287,7 @@ def test_salient_pyramid_keeps_small_objects_through_promotions():
     assert float(first(sal).features[0, 0]) > 4.5  # the object, intact
     assert float(first(mean).features[0, 0]) < 0.5  # averaged into the background
     assert float(first(sal).salience[0]) > 0.9
-    assert sal.stats()["frames_per_level"][2] > 16  # past the first allocation: _grow kept salience in step
+    assert sal.stats()["frames_per_level"] == [1, 1, 38]  # every frame but the newest two came down
 
 
 def test_salient_pyramid_needs_salience():
@@ -310,3 +313,46 @@ def test_snapshots_saved_before_a_config_field_existed_still_load():
     assert fresh.frames() == m.frames() and torch.equal(fresh.read().features, m.read().features)
     with pytest.raises(ValueError, match="pool: snapshot 'mean' vs this 'salient'"):
         PyramidMemory(dim=6, capacities=(2, 2, 5), sides=(4, 2, 1), pool="salient").load_state_dict(state)
+
+
+# ---------------------------------------------------------------- the released reference code
+def test_released_promotion_first_differs_at_write_16_of_the_ovbench_preset():
+    """The paper cascades promotions; the released code drops the frame a promotion pushes out of
+    level 1. On the 2/2/12 preset the two first differ at write 16 (0-based): frame 16 enters a
+    full level 0, frame 0 moves to a full level 1, and frame 4, pushed out of it, goes to level 2
+    (cascade) or is dropped (released)."""
+    frames = random_stream(200, 16, 4, seed=11)
+    mems = {p: PyramidMemory.from_preset("ovbench", dim=4, promotion=p) for p in ("cascade", "released")}
+    first = None
+    for i, (x, fi, ts) in enumerate(frames):
+        for m in mems.values():
+            m.write(Tokens.from_grid(x, frame_index=fi, timestamp=ts))
+        if first is None and mems["cascade"].frames() != mems["released"].frames():
+            first = i
+    assert first == 16
+    assert mems["released"].stats()["promotions"] < mems["cascade"].stats()["promotions"]
+    # both still keep within the preset's budget, and each matches its naive restatement
+    for p, m in mems.items():
+        assert m.num_tokens <= 832
+        ref = naive_pmb(frames, (2, 2, 12), (16, 8, 4), (8, 4, 1), "list", promotion=p)
+        assert m.frames() == [(lvl, it[1], it[2]) for lvl, items in enumerate(ref) for it in items]
+
+
+@pytest.mark.parametrize("promotion", ["cascade", "released"])
+def test_promotion_rules_match_naive_on_a_held_out_stream(promotion):
+    """A few hundred writes of another stream (seed not used above) on the 2/2/12 preset."""
+    dim = 4
+    frames = random_stream(400, 8, dim, seed=1234, drift=0.8)
+    mem = PyramidMemory(dim=dim, capacities=(2, 2, 12), sides=(8, 4, 2), promotion=promotion)
+    for x, fi, ts in frames:
+        mem.write(Tokens.from_grid(x, frame_index=fi, timestamp=ts))
+    ref = naive_pmb(frames, (2, 2, 12), (8, 4, 2), (8, 4, 1), "list", promotion=promotion)
+    assert mem.frames() == [(lvl, it[1], it[2]) for lvl, items in enumerate(ref) for it in items]
+
+
+def test_every_level_is_bounded_by_construction():
+    for caps in ((2, 0, 12), (0,), (2, -1, 3)):
+        with pytest.raises(ValueError, match="capacities.*bounded"):
+            PyramidMemory(dim=4, capacities=caps, sides=(16, 8, 4)[: len(caps)], ratios=(8, 4, 1)[-len(caps):])
+    with pytest.raises(ValueError, match="promotion"):
+        PyramidMemory(dim=4, promotion="one_level")

@@ -5,7 +5,8 @@ a regular expression and compared with the answer's letter; we report per-questi
 accuracy and the unweighted mean over (answer_type, sub_answer_type) pairs (macro, OVBench's
 "Avg").
 
-Memories compared in one run, every one fed the same encoded frames, at one token budget
+Every compared memory is a :class:`~streammem.memory.Memory` (the baselines are
+:mod:`streammem.memory.baselines`). Memories compared in one run, every one fed the same encoded frames, at one token budget
 (``ovbench``: 832 tokens, ``offline``: 9,984 tokens, VideoChat-Online's two presets):
 
 - ``window``: the newest frames at the full 16 x 16 grid (budget / 256 frames);
@@ -14,8 +15,8 @@ Memories compared in one run, every one fed the same encoded frames, at one toke
 - ``pyramid``: :class:`~streammem.memory.PyramidMemory` with the budget's preset;
 - ``dual``: :class:`~streammem.memory.DualMemory` (a FIFO of the newest frames' moving tokens
   beside persistent static slots, the rest of the budget), routed by camera-compensated motion;
-- ``full``: every frame, pooled to 4 x 4 (16 tokens): unbounded, the reference ceiling (it
-  has no budget; it is run once and reported beside each budget);
+- ``full``: every frame, pooled to 4 x 4 (16 tokens), up to the stream's length: the
+  reference ceiling (it has no token budget; it is run once and reported beside each budget);
 - ``none``: an empty memory: what the answerer gets from the question alone (its priors);
 - on request, ``pyramid-salient`` and ``full-salient``: the same with salience-weighted
   pooling (``PyramidConfig.pool="salient"``: the encoder's objectness weights each block).
@@ -41,7 +42,7 @@ import json
 import math
 import re
 import time
-from collections import deque
+import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -49,11 +50,12 @@ import numpy as np
 import torch
 
 from streammem.memory import PYRAMID_SPREAD, DualMemory, PyramidMemory
-from streammem.memory.base import pool_grid, pool_grid_salient
+from streammem.memory import baselines as memory_baselines
+from streammem.memory.baselines import FullConfig
 from streammem.types import Tokens
 
 __all__ = ["mcq_letter", "score", "load_ovbench", "WindowMemory", "UniformMemory", "FullMemory", "EmptyMemory", "make_memories",
-           "evaluate_qa", "evaluate_ovbench", "run_stream", "summarise", "format_table", "plot_horizon", "BUDGETS", "MEMORIES"]
+           "evaluate_qa", "evaluate_ovbench", "evaluate_stream", "summarise", "format_table", "plot_horizon", "BUDGETS", "MEMORIES"]
 
 BUDGETS = {"ovbench": 832, "offline": 9984}
 MEMORIES = ("none", "window", "uniform", "pyramid", "dual", "full")
@@ -152,138 +154,45 @@ def _from_stream_layout(q: dict, video, rec: dict, where: str) -> dict:
 
 
 # ---------------------------------------------------------------------------- baseline memories
-class _FrameMemory:
-    """Frames of ``side x side`` tokens kept whole (baselines; not snapshot-able)."""
+def _positional(cls: type, names: tuple[str, ...]) -> Callable:
+    """``cls`` called with the fields ``names`` positionally (the older eval-only signature)."""
 
-    def __init__(self, dim: int, side: int, pool: str = "mean", temperature: float = 0.1) -> None:
-        if pool not in ("mean", "salient"):
-            raise ValueError(f"pool must be 'mean' or 'salient', got {pool!r}")
-        self.dim, self.side, self.pool, self.temperature = dim, side, pool, temperature
-        self.reset()
+    def make(*args, **kwargs):
+        warnings.warn(f"streammem.eval.qa.{cls.__name__}(...) is deprecated: use "
+                      f"streammem.memory.{cls.__name__}({', '.join(f'{n}=' for n in names)}...)",
+                      DeprecationWarning, stacklevel=2)
+        return cls(**dict(zip(names, args)), **kwargs)
 
-    def reset(self) -> None:
-        self.frames: deque | list = deque()
-        self.writes = 0
-
-    def _pool(self, tokens: Tokens) -> tuple[torch.Tensor, int, float]:
-        s = math.isqrt(len(tokens))
-        x = tokens.features.float().reshape(s, s, -1)
-        if self.pool == "salient" and s != self.side:
-            if tokens.salience is None:
-                raise ValueError(f"{type(self).__name__}(pool='salient') needs Tokens.salience")
-            x = pool_grid_salient(x, tokens.salience.reshape(s, s), self.side, self.side, self.temperature)[0]
-        else:
-            x = pool_grid(x, self.side, self.side)
-        x = x.reshape(self.side * self.side, -1)
-        return x, int(tokens.frame_index[0]), float(tokens.timestamp[0])
-
-    @property
-    def num_tokens(self) -> int:
-        return len(self.frames) * self.side * self.side
-
-    def read(self, query=None) -> Tokens:
-        if not self.frames:
-            return Tokens.empty(self.dim)
-        parts = [Tokens.from_grid(x.reshape(self.side, self.side, -1), fi, ts) for x, fi, ts in self.frames]
-        out = Tokens.cat(parts)
-        cell = 16 / self.side  # grid positions in level-0 (16 x 16) units, as PyramidMemory reads
-        out.grid = out.grid.float() * cell + (cell - 1) / 2
-        out.level = torch.full((len(out),), {16: 0, 8: 1}.get(self.side, 2), dtype=torch.int64)
-        return out
-
-    def stats(self) -> dict:
-        return {"num_tokens": self.num_tokens, "frames": len(self.frames), "writes": self.writes}
+    make.__name__ = make.__qualname__ = cls.__name__
+    make.__doc__ = f"Deprecated alias of :class:`streammem.memory.{cls.__name__}` taking {names} positionally."
+    return make
 
 
-class WindowMemory(_FrameMemory):
-    """The newest ``frames`` frames (a sliding window)."""
-
-    def __init__(self, dim: int, frames: int, side: int = 16) -> None:
-        self.capacity_frames = frames
-        super().__init__(dim, side)
-
-    def reset(self) -> None:
-        super().reset()
-        self.frames = deque(maxlen=self.capacity_frames)
-
-    def write(self, tokens: Tokens) -> None:
-        self.frames.append(self._pool(tokens))
-        self.writes += 1
+WindowMemory = _positional(memory_baselines.WindowMemory, ("dim", "frames", "side"))
+UniformMemory = _positional(memory_baselines.UniformMemory, ("dim", "frames", "side"))
+FullMemory = _positional(memory_baselines.FullMemory, ("dim", "side", "pool"))
+EmptyMemory = _positional(memory_baselines.EmptyMemory, ("dim",))
 
 
-class UniformMemory(_FrameMemory):
-    """At most ``frames`` frames spread uniformly over the past (stride doubling when full)."""
-
-    def __init__(self, dim: int, frames: int, side: int = 16) -> None:
-        if frames < 2:
-            raise ValueError("UniformMemory needs frames >= 2")
-        self.capacity_frames = frames
-        super().__init__(dim, side)
-
-    def reset(self) -> None:
-        super().reset()
-        self.frames = []
-        self.stride = 1
-
-    def write(self, tokens: Tokens) -> None:
-        if self.writes % self.stride == 0:
-            self.frames.append(self._pool(tokens))
-            if len(self.frames) > self.capacity_frames:
-                self.frames = self.frames[::2]
-                self.stride *= 2
-        self.writes += 1
-
-
-class EmptyMemory(_FrameMemory):
-    """Holds nothing: the answerer sees only the question (a prior-only baseline)."""
-
-    def __init__(self, dim: int) -> None:
-        super().__init__(dim, 16)
-
-    def write(self, tokens: Tokens) -> None:
-        self.writes += 1
-
-
-class FullMemory(_FrameMemory):
-    """Every frame at ``side x side`` (unbounded: the reference ceiling); ``pool="salient"``
-    pools as ``PyramidMemory(pool="salient")`` does."""
-
-    def __init__(self, dim: int, side: int = 4, pool: str = "mean") -> None:
-        super().__init__(dim, side, pool)
-
-    def reset(self) -> None:
-        super().reset()
-        self.frames = []
-        self._cache: Tokens | None = None
-
-    def write(self, tokens: Tokens) -> None:
-        self.frames.append(self._pool(tokens))
-        self.writes += 1
-        self._cache = None
-
-    def read(self, query=None) -> Tokens:
-        if self._cache is None:
-            self._cache = super().read()
-        return self._cache
-
-
-def make_memories(budget: str, dim: int, names: tuple[str, ...] = MEMORIES) -> dict[str, Callable]:
-    """Factories of the compared memories at ``budget`` (``"ovbench"`` or ``"offline"``)."""
+def make_memories(budget: str, dim: int, names: tuple[str, ...] = MEMORIES,
+                  full_frames: int = FullConfig.frames) -> dict[str, Callable]:
+    """Factories of the compared memories at ``budget`` (``"ovbench"`` or ``"offline"``), all
+    :class:`~streammem.memory.Memory` classes; ``full_frames`` bounds the ``full`` memories."""
     if budget not in BUDGETS:
         raise ValueError(f"budget must be one of {sorted(BUDGETS)}, got {budget!r}")
     n = BUDGETS[budget]
     fifo = 2 if budget == "ovbench" else 8
     table = {
-        "window": lambda: WindowMemory(dim, n // 256),
-        "uniform": lambda: UniformMemory(dim, n // 256),
+        "window": lambda: memory_baselines.WindowMemory(dim=dim, frames=n // 256),
+        "uniform": lambda: memory_baselines.UniformMemory(dim=dim, frames=n // 256),
         "pyramid": lambda: PyramidMemory.from_preset(budget, dim=dim),
         "dual": lambda: DualMemory(dim=dim, slots=n - fifo * 256, fifo_frames=fifo, max_tokens_per_frame=256),
-        "full": lambda: FullMemory(dim),
+        "full": lambda: memory_baselines.FullMemory(dim=dim, frames=full_frames),
         "pyramid-salient": lambda: PyramidMemory.from_preset(budget, dim=dim, pool="salient"),
         "pyramid-spread": lambda: PyramidMemory.from_preset(budget, dim=dim, **PYRAMID_SPREAD),
         "pyramid-salient-spread": lambda: PyramidMemory.from_preset(budget, dim=dim, pool="salient", **PYRAMID_SPREAD),
-        "full-salient": lambda: FullMemory(dim, pool="salient"),
-        "none": lambda: EmptyMemory(dim),
+        "full-salient": lambda: memory_baselines.FullMemory(dim=dim, frames=full_frames, pool="salient"),
+        "none": lambda: memory_baselines.EmptyMemory(dim=dim),
     }
     unknown = [k for k in names if k not in table]
     if unknown:
@@ -305,9 +214,9 @@ def evaluate_qa(answerer, encoder, seeds=(0, 1), presets=("medium",), seconds: f
     for preset in presets:
         for seed in seeds:
             world = World(seed=seed, preset=preset, size=size, fps=fps, seconds=seconds, drop_frames=False)
-            run_stream(world, world.questions(every_s=every_s), answerer, encoder, budgets, memories, records,
-                       latency, {"preset": preset, "seed": seed}, batch, progress, total=world.num_frames,
-                       desc=f"qa eval {preset} seed {seed}")
+            evaluate_stream(world, world.questions(every_s=every_s), answerer, encoder, budgets, memories, records,
+                            latency, {"preset": preset, "seed": seed}, batch, progress, total=world.num_frames,
+                            desc=f"qa eval {preset} seed {seed}")
     return {"records": records, "latency_ms": {k: 1000 * float(np.mean(v)) for k, v in latency.items()}}
 
 
@@ -330,19 +239,20 @@ def evaluate_ovbench(answerer, encoder, questions: list[dict], video_root: str |
         path = Path(video_root) / video
         try:
             src = open_source(str(path), fps=fps)
-            run_stream(src, qs, answerer, encoder, budgets, memories, records, latency, {"video": video}, batch,
-                       progress, desc=f"ovbench {video}")
+            evaluate_stream(src, qs, answerer, encoder, budgets, memories, records, latency, {"video": video}, batch,
+                            progress, desc=f"ovbench {video}")
         except (SourceError, ValueError, OSError) as exc:
             errors[video] = str(exc)
     return {"records": records, "latency_ms": {k: 1000 * float(np.mean(v)) for k, v in latency.items()},
             "errors": errors}
 
 
-def run_stream(frames, questions: list[dict], answerer, encoder, budgets, memories, records: list[dict],
-               latency: dict, tags: dict, batch: int = 32, progress: bool = True, total: int | None = None,
-               desc: str = "qa") -> None:
+def evaluate_stream(frames, questions: list[dict], answerer, encoder, budgets, memories, records: list[dict],
+                    latency: dict, tags: dict, batch: int = 32, progress: bool = True, total: int | None = None,
+                    desc: str = "qa") -> None:
     """Stream ``frames`` once through ``encoder`` into every (budget, memory); answer each
-    question over each memory just before the first frame past its time (or at the end)."""
+    question over each memory just before the first frame past its time (or at the end).
+    With ``total`` (the stream's frame count) the ``full`` memories are sized to it."""
     from tqdm import tqdm
 
     from streammem.models.motion import MotionScorer
@@ -354,7 +264,8 @@ def run_stream(frames, questions: list[dict], answerer, encoder, budgets, memori
     times = sorted(by_time)
     mems = {}
     for i, b in enumerate(budgets):  # budget-free memories (_BUDGET_FREE) run once, under the first budget
-        for m, f in make_memories(b, encoder.dim, memories).items():
+        full = max(total, 1) if total is not None else FullConfig.frames
+        for m, f in make_memories(b, encoder.dim, memories, full_frames=full).items():
             if i == 0 or m not in _BUDGET_FREE:
                 mems[(b, m)] = f()
     # each memory's answerer cache, as StreamingQAPipeline keeps one per stream
@@ -372,7 +283,7 @@ def run_stream(frames, questions: list[dict], answerer, encoder, budgets, memori
             for (b, name), m in mems.items():
                 if name == "dual":
                     m.write(Tokens(features=tok.features, frame_index=tok.frame_index, timestamp=tok.timestamp,
-                                   grid=tok.grid, level=tok.level, score=torch.from_numpy(1.0 - motion)))
+                                   grid=tok.grid, level=tok.level, extras={"static": torch.from_numpy(1.0 - motion)}))
                 else:
                     m.write(tok)
         buf.clear()
@@ -396,6 +307,9 @@ def _answer_all(answerer, mems, caches, questions, at, records, latency, tags) -
     for (budget, name), m in mems.items():
         t0 = time.perf_counter()
         memory = m.read()
+        if "part" in memory.extras:  # DualMemory: the answerer tells its parts apart by level
+            memory = Tokens(features=memory.features, frame_index=memory.frame_index, timestamp=memory.timestamp,
+                            grid=memory.grid, level=memory.extras["part"])
         if hasattr(answerer, "answer_many"):
             kw = {"cache": caches[(budget, name)]} if (budget, name) in caches else {}
             answers = answerer.answer_many(memory, [q["question"] for q in questions],

@@ -10,7 +10,16 @@
 ``feature_bank``          :class:`FeatureBank` (MAMBA)
 ``error_bank``            :class:`ErrorBank` (Stable Video Infinity)
 ``kvcache``               :class:`KVCacheMemory` (a bounded cache run by a press)
+``window``                :class:`WindowMemory` (baseline: the newest frames)
+``uniform``               :class:`UniformMemory` (baseline: frames spread over the past)
+``empty``                 :class:`EmptyMemory` (baseline: holds nothing)
+``full``                  :class:`FullMemory` (baseline: every frame, pooled, up to a bound)
 ========================  ===========================================================
+
+``read`` takes a typed query (:class:`FeatureQuery`, :class:`PoseQuery`,
+:class:`TimestepQuery`) where a memory retrieves; capabilities beyond ``read`` are protocols
+(:class:`SupportsRows`, :class:`SupportsQuery`, :class:`SupportsKV`, :class:`SupportsSample`,
+:class:`SupportsFrames`) that heads check with ``isinstance``.
 
 Example:
     >>> mem = build_memory("pyramid", preset="offline", dim=16)
@@ -21,6 +30,7 @@ Example:
 from typing import Any
 
 from streammem.memory.base import MEMORY_KINDS, Memory, MemoryConfig
+from streammem.memory.baselines import EmptyMemory, FramesConfig, FullConfig, FullMemory, UniformMemory, WindowMemory
 from streammem.memory.dual import DualConfig, DualMemory
 from streammem.memory.error_bank import ErrorBank, ErrorBankConfig
 from streammem.memory.feature_bank import FeatureBank, FeatureBankConfig
@@ -28,6 +38,9 @@ from streammem.memory.kvcache import KVCacheConfig, KVCacheMemory
 from streammem.memory.posekv import RELIC_SCHEDULE, PoseKVConfig, PoseKVMemory
 from streammem.memory.presses import (
     PRESSES, ComposedPress, H2OPress, KVMergerPress, MiKVPress, Press, SinkWindowPress, build_press,
+)
+from streammem.memory.protocols import (
+    FeatureQuery, PoseQuery, SupportsFrames, SupportsKV, SupportsQuery, SupportsRows, SupportsSample, TimestepQuery,
 )
 from streammem.memory.pyramid import PYRAMID_PRESETS, PYRAMID_SPREAD, PyramidConfig, PyramidMemory
 
@@ -49,5 +62,8 @@ __all__ = [
     "FeatureBank", "FeatureBankConfig",
     "ErrorBank", "ErrorBankConfig",
     "KVCacheMemory", "KVCacheConfig",
+    "WindowMemory", "UniformMemory", "EmptyMemory", "FullMemory", "FramesConfig", "FullConfig",
+    "FeatureQuery", "PoseQuery", "TimestepQuery",
+    "SupportsRows", "SupportsQuery", "SupportsKV", "SupportsSample", "SupportsFrames",
     "Press", "ComposedPress", "SinkWindowPress", "H2OPress", "KVMergerPress", "MiKVPress", "PRESSES", "build_press",
 ]

@@ -3,12 +3,17 @@
 A memory is storage plus a policy. It takes and gives :class:`~streammem.types.Tokens`:
 
 - ``write(tokens)`` adds what one step of the stream produced;
-- ``read(query=None) -> Tokens`` returns what the memory holds (or the part a query selects);
+- ``read(query=None) -> Tokens`` returns what the memory holds, or the part a typed query
+  selects (``FeatureQuery``, ``PoseQuery``, ``TimestepQuery``: each memory lists the ones it
+  takes in ``QUERIES``; any other raises ``TypeError``); capabilities beyond ``read`` are
+  the protocols of :mod:`streammem.memory.protocols` (``SupportsRows``, ``SupportsKV``, ...);
 - ``reset()`` forgets everything and reseeds its random generator;
 - ``stats() -> dict`` reports occupancy, evictions, merges, promotions, bytes, ...;
-- ``state_dict()`` / ``load_state_dict()`` hold tensors only (the config travels as JSON
-  text encoded in a ``uint8`` tensor), so ``save(path)`` writes one safetensors file whose
-  header also carries the kind and the JSON config, and ``load(path)`` never runs code;
+- ``state_dict()`` / ``load_state_dict()`` hold tensors only; the kind and the JSON config
+  travel as ``uint8`` text tensors ``meta.kind`` / ``meta.config`` (their one place), so
+  ``save(path)`` writes the state dict as one safetensors file and ``Memory.load(path)`` never
+  runs code, and checks the file (its config against its tensors' shapes, read from the header,
+  and the bytes it asks for against ``max_bytes``) before allocating anything;
 - ``num_tokens``, ``capacity`` and ``nbytes`` properties.
 
 Every memory preallocates fixed-size buffers at construction, so ``nbytes`` (the bytes of all
@@ -30,6 +35,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, ClassVar
@@ -42,6 +48,11 @@ from safetensors.torch import save_file
 from streammem.types import Tokens
 
 __all__ = ["Memory", "MemoryConfig", "TokenSlots", "check_field", "pool_grid", "pool_grid_salient", "MEMORY_KINDS"]
+
+#: default ``max_bytes`` of :meth:`Memory.load` (1 GiB).
+DEFAULT_MAX_BYTES = 2 ** 30
+#: ``format`` entry of a snapshot file's safetensors header.
+SNAPSHOT_FORMAT = "streammem.memory"
 
 #: kind name -> memory class; filled by ``Memory.__init_subclass__``.
 MEMORY_KINDS: dict[str, type["Memory"]] = {}
@@ -137,17 +148,20 @@ def pool_grid_salient(x: torch.Tensor, sal: torch.Tensor, oh: int, ow: int,
     return torch.einsum("abk,abkd->abd", wgt.to(x.dtype), v), (wgt * s).sum(-1)
 
 class Memory:
-    """Base class: buffers, counters, generator, snapshots. Subclasses set ``kind`` and
-    ``Config`` and implement ``_allocate``, ``write``, ``read``, ``num_tokens``, ``capacity``.
+    """Base class: buffers, counters, generator, snapshots. Subclasses set ``kind``,
+    ``Config`` (and ``QUERIES``, the query types their ``read`` takes) and implement
+    ``_allocate``, ``write``, ``read``, ``num_tokens``, ``capacity``.
 
-    Subclasses that keep some bookkeeping in plain Python (for speed) override ``_pack`` (copy
-    it into buffers before a snapshot) and ``_unpack`` (rebuild it after a load or reset).
+    One state hook, :meth:`_on_state`, keeps Python-side bookkeeping (kept for speed) and the
+    buffers in step; a memory with no such bookkeeping does not override it.
     """
 
     kind: ClassVar[str] = "memory"
     Config: ClassVar[type] = MemoryConfig
     #: names of the integer event counters kept in ``stats()`` and in snapshots.
     COUNTERS: ClassVar[tuple[str, ...]] = ("writes",)
+    #: query types ``read`` takes besides None (see :mod:`streammem.memory.protocols`).
+    QUERIES: ClassVar[tuple[type, ...]] = ()
 
     def __init_subclass__(cls, **kwargs: Any) -> None:
         super().__init_subclass__(**kwargs)
@@ -163,11 +177,9 @@ class Memory:
             raise TypeError(f"{type(self).__name__} needs a {self.Config.__name__}, got {type(config).__name__}")
         self.config = config
         self.generator = torch.Generator()
-        self.generator.manual_seed(config.seed)
         self._buffers: dict[str, torch.Tensor] = {}
-        self.counters = {name: 0 for name in self.COUNTERS}
         self._allocate()
-        self._unpack()
+        self.reset()
 
     # ------------------------------------------------------------------ to implement
     def _allocate(self) -> None:
@@ -187,11 +199,14 @@ class Memory:
     def capacity(self) -> int:
         raise NotImplementedError
 
-    def _pack(self) -> None:
-        """Copy Python-side bookkeeping into buffers (before a snapshot)."""
+    def _on_state(self, event: str) -> None:
+        """The one state hook, called with:
 
-    def _unpack(self) -> None:
-        """Rebuild Python-side bookkeeping from buffers (after construction, load, reset)."""
+        - ``"reset"``: every buffer was just zeroed (at construction and by :meth:`reset`):
+          set non-zero initial values (e.g. ``-1`` sentinels), then rebuild bookkeeping;
+        - ``"load"``: buffers were just filled from a snapshot: rebuild bookkeeping from them;
+        - ``"save"``: a snapshot is about to be taken: copy bookkeeping into the buffers.
+        """
 
     # ------------------------------------------------------------------ shared
     def buffer(self, name: str, tensor: torch.Tensor) -> torch.Tensor:
@@ -205,15 +220,12 @@ class Memory:
         return sum(t.numel() * t.element_size() for t in self._buffers.values())
 
     def reset(self) -> None:
+        """Forget everything: zero the buffers and counters, reseed the generator."""
         for t in self._buffers.values():
             t.zero_()
         self.counters = {name: 0 for name in self.COUNTERS}
         self.generator.manual_seed(self.config.seed)
-        self._reset_extra()
-        self._unpack()
-
-    def _reset_extra(self) -> None:
-        """Non-zero initial values of buffers after ``reset`` (e.g. -1 sentinels)."""
+        self._on_state("reset")
 
     def stats(self) -> dict:
         return {
@@ -233,16 +245,46 @@ class Memory:
                 f"{type(self).__name__} holds tokens of width dim={self.config.dim}, got width {tokens.dim}"
             )
 
+    def _check_query(self, query: Any) -> None:
+        """Raise ``TypeError`` unless ``query`` is None or one of ``QUERIES``."""
+        if query is None or isinstance(query, self.QUERIES):
+            return
+        me = type(self).__name__
+        if not self.QUERIES:
+            raise TypeError(f"{me}.read takes no query (None only), got a {type(query).__name__}")
+        names = " or ".join(q.__name__ for q in self.QUERIES)
+        raise TypeError(f"{me}.read takes None or a {names}, got a {type(query).__name__}")
+
     # ------------------------------------------------------------------ snapshots
     def state_dict(self) -> dict[str, torch.Tensor]:
-        """Tensors only: buffers, counters, generator state, kind and JSON config (as uint8)."""
-        self._pack()
+        """Tensors only: buffers, counters, generator state, and the kind and JSON config as
+        ``uint8`` text (``meta.kind``, ``meta.config``: the one place a snapshot keeps them)."""
+        self._on_state("save")
         state = {name: t.clone() for name, t in self._buffers.items()}
         state["meta.counters"] = torch.tensor([self.counters[n] for n in self.COUNTERS], dtype=torch.int64)
         state["meta.rng"] = self.generator.get_state().clone()
         state["meta.kind"] = _bytes_tensor(self.kind)
         state["meta.config"] = _bytes_tensor(self.config.to_json())
         return state
+
+    @classmethod
+    def _config_from(cls, text: str, where: str) -> Any:
+        """The config a snapshot's JSON describes; a field it lacks reads as its default (files
+        saved before the field existed still load)."""
+        try:
+            fields = json.loads(text)
+        except json.JSONDecodeError as err:
+            raise ValueError(f"{where}: the snapshot's config is not JSON ({err})") from None
+        if not isinstance(fields, dict):
+            raise ValueError(f"{where}: the snapshot's config is not a JSON object")
+        known = {f.name for f in dataclasses.fields(cls.Config)}
+        unknown = sorted(set(fields) - known)
+        if unknown:
+            raise ValueError(f"{where}: the snapshot's config has fields {unknown} that {cls.Config.__name__} lacks")
+        try:
+            return cls.Config(**fields)
+        except (TypeError, ValueError) as err:
+            raise ValueError(f"{where}: the snapshot's config is invalid: {err}") from None
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore a snapshot of a memory of the same kind and configuration.
@@ -251,16 +293,12 @@ class Memory:
         shape or dtype.
         """
         me = type(self).__name__
-        if "meta.kind" not in state:
-            raise ValueError(f"{me}.load_state_dict: not a streammem memory snapshot (no 'meta.kind')")
+        if "meta.kind" not in state or "meta.config" not in state:
+            raise ValueError(f"{me}.load_state_dict: not a streammem memory snapshot (no 'meta.kind' / 'meta.config')")
         kind = _tensor_text(state["meta.kind"])
         if kind != self.kind:
             raise ValueError(f"{me}.load_state_dict: snapshot is of kind '{kind}', this memory is '{self.kind}'")
-        theirs = json.loads(_tensor_text(state["meta.config"]))
-        # a field added after the snapshot was saved reads as its default (older files still load)
-        for f in dataclasses.fields(self.Config):
-            if f.name not in theirs and f.default is not dataclasses.MISSING:
-                theirs[f.name] = json.loads(json.dumps(f.default))
+        theirs = json.loads(self._config_from(_tensor_text(state["meta.config"]), f"{me}.load_state_dict").to_json())
         mine = json.loads(self.config.to_json())
         diff = sorted(k for k in set(theirs) | set(mine) if theirs.get(k) != mine.get(k))
         if diff:
@@ -276,38 +314,79 @@ class Memory:
                     f"{me}.load_state_dict: tensor '{name}' is {tuple(src.shape)} {src.dtype} in the "
                     f"snapshot, {tuple(t.shape)} {t.dtype} here"
                 )
-        for name, t in self._buffers.items():
-            t.copy_(state[name])
         values = state["meta.counters"].tolist()
         if len(values) != len(self.COUNTERS):
             raise ValueError(f"{me}.load_state_dict: counters have {len(values)} entries, expected {len(self.COUNTERS)}")
+        for name, t in self._buffers.items():
+            t.copy_(state[name])
         self.counters = dict(zip(self.COUNTERS, (int(v) for v in values)))
         self.generator.set_state(state["meta.rng"].clone())
-        self._unpack()
+        self._on_state("load")
 
     def save(self, path: str | Path) -> None:
-        """Write a safetensors file; its header carries ``kind`` and the JSON ``config``."""
+        """Write :meth:`state_dict` as one safetensors file (kind and config in its
+        ``meta.kind`` / ``meta.config`` tensors; the header names only the format)."""
         state = {k: v.contiguous() for k, v in self.state_dict().items()}
-        save_file(state, str(path), metadata={"kind": self.kind, "config": self.config.to_json()})
+        save_file(state, str(path), metadata={"format": SNAPSHOT_FORMAT})
 
     @classmethod
-    def load(cls, path: str | Path) -> "Memory":
-        """Build a memory from a file written by :meth:`save`.
+    def buffer_shapes(cls, config: Any) -> dict[str, tuple[tuple[int, ...], torch.dtype]]:
+        """``{name: (shape, dtype)}`` of the buffers a memory of this ``config`` allocates,
+        worked out on the meta device (nothing is allocated)."""
+        probe = cls.__new__(cls)
+        probe.config, probe._buffers = config, {}
+        with torch.device("meta"):
+            probe._allocate()
+        return {k: (tuple(v.shape), v.dtype) for k, v in probe._buffers.items()}
+
+    @classmethod
+    def load(cls, path: str | Path, max_bytes: int = DEFAULT_MAX_BYTES) -> "Memory":
+        """Build a memory from a file written by :meth:`save`, checking it before allocating.
 
         Called on :class:`Memory` it builds whatever kind the file holds; called on a subclass
-        it refuses a file of another kind.
+        it refuses a file of another kind. Raises ``ValueError`` naming the file when it is not
+        a safetensors file (random bytes, a renamed pickle), not a memory snapshot, of another
+        kind, when its config is invalid or disagrees with its tensors' shapes (read from the
+        header, nothing loaded), or when the memory it describes would take more than
+        ``max_bytes`` (default 1 GiB).
         """
-        with safe_open(str(path), framework="pt") as f:
-            meta = f.metadata() or {}
-            state = {k: f.get_tensor(k) for k in f.keys()}
-        kind = meta.get("kind")
-        if kind is None or kind not in MEMORY_KINDS:
-            raise ValueError(f"{path}: not a streammem memory snapshot (kind {kind!r})")
+        where = str(path)
+        try:
+            with safe_open(where, framework="pt") as f:
+                keys = set(f.keys())
+                header = {k: (tuple(f.get_slice(k).get_shape()), f.get_slice(k).get_dtype()) for k in keys}
+                meta = {k: f.get_tensor(k) for k in ("meta.kind", "meta.config") if k in keys}
+        except FileNotFoundError:
+            raise
+        except Exception as err:  # the safetensors library raises its own error types
+            raise ValueError(f"{where}: not a safetensors file ({type(err).__name__}: {err})") from None
+        if "meta.kind" not in meta or "meta.config" not in meta:
+            raise ValueError(f"{where}: not a streammem memory snapshot (no 'meta.kind' / 'meta.config' tensor)")
+        kind = _tensor_text(meta["meta.kind"])
+        if kind not in MEMORY_KINDS:
+            raise ValueError(f"{where}: not a streammem memory snapshot (kind {kind!r})")
         if cls is not Memory and kind != cls.kind:
-            raise ValueError(f"{path}: snapshot is of kind '{kind}', cannot load it as {cls.__name__} ('{cls.kind}')")
+            raise ValueError(f"{where}: snapshot is of kind '{kind}', cannot load it as {cls.__name__} ('{cls.kind}')")
         target = MEMORY_KINDS[kind]
-        config = target.Config(**json.loads(meta["config"]))
+        config = target._config_from(_tensor_text(meta["meta.config"]), where)
+        shapes = target.buffer_shapes(config)
+        need = sum(math.prod(shape) * dtype.itemsize for shape, dtype in shapes.values())
+        if need > max_bytes:
+            raise ValueError(f"{where}: the {kind} memory this snapshot describes takes {need:,} bytes, more than "
+                             f"max_bytes={max_bytes:,}; pass a larger max_bytes to load it")
+        for name, (shape, _) in shapes.items():
+            if name not in header:
+                raise ValueError(f"{where}: snapshot lacks tensor '{name}'")
+            if header[name][0] != shape:
+                raise ValueError(f"{where}: tensor '{name}' is {header[name][0]} in the file but its config "
+                                 f"({kind}) makes it {shape}")
+        meta_bytes = {k: math.prod(v[0]) for k, v in header.items() if k.startswith("meta.")}
+        if any(n > 2 ** 20 for n in meta_bytes.values()):
+            raise ValueError(f"{where}: snapshot has oversized meta tensors {meta_bytes}")
         memory = target(config)
+        wanted = {k for k in keys if k in shapes or k.startswith("meta.")}
+        with safe_open(where, framework="pt") as f:
+            state = {k: f.get_tensor(k) for k in wanted}
         memory.load_state_dict(state)
         return memory
 
@@ -327,13 +406,14 @@ class TokenSlots:
     """Fixed-capacity slot storage for token features and provenance, owned by a memory.
 
     Registers ``{prefix}.features`` ``(C, D)`` and per-slot ``frame_index`` ``(C,)``,
-    ``timestamp`` ``(C,)``, ``grid`` ``(C, 2)``, ``level`` ``(C,)``, ``score`` ``(C,)``, and
-    optionally ``pose`` ``(C, 4, 4)``, as buffers of ``memory``. Which slots are live is the
-    owner's business.
+    ``timestamp`` ``(C,)``, ``grid`` ``(C, 2)``, ``level`` ``(C,)``, ``score`` ``(C,)``,
+    optionally ``pose`` ``(C, 4, 4)``, and one ``(C,)`` float32 buffer ``{prefix}.{name}`` per
+    name in ``extras`` (a ``Tokens.extras`` entry kept per slot), as buffers of ``memory``.
+    Which slots are live is the owner's business.
     """
 
     def __init__(self, memory: Memory, prefix: str, capacity: int, dim: int, with_pose: bool = False,
-                 dtype: torch.dtype = torch.float32) -> None:
+                 dtype: torch.dtype = torch.float32, extras: tuple[str, ...] = ()) -> None:
         b = memory.buffer
         self.features = b(f"{prefix}.features", torch.zeros(capacity, dim, dtype=dtype))
         self.frame_index = b(f"{prefix}.frame_index", torch.zeros(capacity, dtype=torch.int64))
@@ -342,10 +422,11 @@ class TokenSlots:
         self.level = b(f"{prefix}.level", torch.zeros(capacity, dtype=torch.int64))
         self.score = b(f"{prefix}.score", torch.zeros(capacity))
         self.pose = b(f"{prefix}.pose", torch.zeros(capacity, 4, 4)) if with_pose else None
+        self.extras = {name: b(f"{prefix}.{name}", torch.zeros(capacity)) for name in extras}
 
     def put(self, slots: torch.Tensor | slice, tokens: Tokens, src: torch.Tensor | slice | None = None) -> None:
         """Copy ``tokens`` (or the rows ``src`` of them: a slice, a mask or row indices) into
-        ``slots``; a missing score is stored as 0 and a missing pose as the identity."""
+        ``slots``; a missing score or extra is stored as 0 and a missing pose as the identity."""
         pick = (lambda t: t) if src is None else (lambda t: _rows(t, src))  # noqa: E731
         self.features[slots] = pick(tokens.features)
         self.frame_index[slots] = pick(tokens.frame_index)
@@ -355,6 +436,9 @@ class TokenSlots:
         self.score[slots] = 0.0 if tokens.score is None else pick(tokens.score)
         if self.pose is not None:
             self.pose[slots] = torch.eye(4) if tokens.pose is None else pick(tokens.pose)
+        for name, buf in self.extras.items():
+            value = tokens.extras.get(name)
+            buf[slots] = 0.0 if value is None else pick(value).float()
 
     def get(self, slots: torch.Tensor | slice) -> Tokens:
         """Copies of the slots' contents (never views: later writes must not change a read)."""
@@ -369,4 +453,5 @@ class TokenSlots:
             level=take(self.level),
             pose=None if self.pose is None else take(self.pose),
             score=take(self.score),
+            extras={name: take(buf) for name, buf in self.extras.items()},
         )

@@ -5,21 +5,24 @@ frames) with a Persistent Structure Memory (compressed long-term static structur
 alternation. Only its abstract is public and it has no code, so **every knob here is ours**,
 taken from its code-bearing predecessors:
 
-- transient part (``level`` 1 in reads): a FIFO of the full-detail tokens of the last
+- transient part (``extras["part"]`` 1 in reads): a FIFO of the full-detail tokens of the last
   ``fifo_frames`` frames (each frame owns one block of ``max_tokens_per_frame`` slots);
-- persistent part (``level`` 0 in reads): ``slots`` fixed slots of static structure. While
+- persistent part (``extras["part"]`` 0 in reads): ``slots`` fixed slots of static structure. While
   slots are free a static token takes one; when full it is compressed either by merging into
   its nearest slot (``compress="merge"``: running mean in feature and grid-position space, as
   Point3R averages a new pointer into its nearest one; the slot keeps the newest frame index
   and timestamp) or by pruning the slot with the lowest accumulated attention over age
   (``compress="prune"``: usage = attention received / age, as Spann3R's and XMem's pruning);
-- routing: each written token carries a static/dynamic score in ``Tokens.score`` supplied by
-  the caller (frame difference after pose compensation, a model's confidence, a mask); a token
-  with ``score >= threshold`` is static and goes to the persistent part, the others to the FIFO;
+- routing: each written token carries a static/dynamic score in ``Tokens.extras["static"]``
+  supplied by the caller (frame difference after pose compensation, a model's confidence, a
+  mask); a token with ``static >= threshold`` is static and goes to the persistent part, the
+  others to the FIFO (``Tokens.score`` is read instead when ``"static"`` is absent: the older
+  spelling, deprecated);
 - a static token nearly identical to a stored slot (cosine > ``skip_cos`` = 0.95, Spann3R's
   working-memory rule) is skipped;
-- ``read()`` returns both parts tagged by ``level`` (0 persistent, 1 transient);
-  ``query(q, k)`` returns the best ``k`` tokens of both by cosine similarity and adds the
+- ``read()`` returns both parts tagged by ``extras["part"]`` (0 persistent, 1 transient), with
+  each token's static score in ``extras["static"]`` (a merged slot: the running mean);
+  ``read(FeatureQuery(q, k))`` = ``query(q, k)`` returns the best ``k`` tokens of both by cosine similarity and adds the
   attention the persistent slots receive (softmax over slots of ``q k^T / sqrt(D)``) to their
   accumulated attention, which drives ``prune``.
 
@@ -27,30 +30,34 @@ Batch semantics (ours): the skip test compares a write's static tokens with the 
 were before the write; free slots are then filled in token order, and the remaining tokens
 merge into (or replace) their nearest / least-used slot among all slots after that fill.
 
-Shapes: ``write(tokens)`` takes ``(N, D)`` tokens of one frame with ``score (N,)``; a read
-returns ``(M, D)`` tokens, ``M <= slots + fifo_frames * max_tokens_per_frame``; the stored
-``level`` of written tokens is replaced by the part tag.
+Shapes: ``write(tokens)`` takes ``(N, D)`` tokens of one frame with ``extras["static"] (N,)``;
+a read returns ``(M, D)`` tokens, ``M <= slots + fifo_frames * max_tokens_per_frame``, with the
+written ``level`` kept (a merged slot keeps its first token's) and ``score`` None (this memory
+keeps no importance).
 
 Example:
     >>> import torch
     >>> from streammem.types import Tokens
     >>> mem = DualMemory(dim=8, slots=16, fifo_frames=2, max_tokens_per_frame=16)
-    >>> score = torch.tensor([1.0] * 12 + [0.0] * 4)      # 12 static, 4 dynamic tokens
-    >>> mem.write(Tokens.from_grid(torch.randn(4, 4, 8), frame_index=0, timestamp=0.0, score=score))
+    >>> static = torch.tensor([1.0] * 12 + [0.0] * 4)      # 12 static, 4 dynamic tokens
+    >>> tokens = Tokens.from_grid(torch.randn(4, 4, 8), frame_index=0, timestamp=0.0)
+    >>> tokens.extras["static"] = static
+    >>> mem.write(tokens)
     >>> out = mem.read()
-    >>> out.level.bincount().tolist(), mem.stats()["routed_static"]
+    >>> out.extras["part"].bincount().tolist(), mem.stats()["routed_static"]
     ([12, 4], 12)
 """
 
 from __future__ import annotations
 
+import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 import torch.nn.functional as F
 
 from streammem.memory.base import Memory, MemoryConfig, TokenSlots, check_field
+from streammem.memory.protocols import FeatureQuery
 from streammem.types import Tokens
 
 __all__ = ["DualMemory", "DualConfig"]
@@ -64,12 +71,13 @@ class DualConfig(MemoryConfig):
     slots: persistent slots K.
     fifo_frames: frames N kept in the transient FIFO.
     max_tokens_per_frame: FIFO slots per frame; a write with more dynamic tokens fails.
-    threshold: ``score >= threshold`` routes a token to the persistent part.
+    threshold: ``extras["static"] >= threshold`` routes a token to the persistent part.
     compress: ``"merge"`` (Point3R-style running mean) or ``"prune"`` (attention / age).
     skip_cos: a static token whose cosine to its nearest slot exceeds this is skipped
         (Spann3R 0.95; 1.0 disables).
-    missing_score: what to do with tokens without a score: ``"error"``, ``"static"``, ``"dynamic"``.
-    query_k: tokens returned by ``read(query)``.
+    missing_score: what to do with tokens without a static score: ``"error"``, ``"static"``,
+        ``"dynamic"``.
+    query_k: tokens returned by ``read(FeatureQuery(q))`` (a query's own ``k`` wins).
     """
 
     dim: int = 256
@@ -101,6 +109,7 @@ class DualMemory(Memory):
 
     kind = "dual"
     Config = DualConfig
+    QUERIES = (FeatureQuery,)
     COUNTERS = ("writes", "routed_static", "routed_dynamic", "skipped", "merges", "prunes", "evictions")
 
     def _allocate(self) -> None:
@@ -115,11 +124,13 @@ class DualMemory(Memory):
         # derived, not saved: the slots' unit-norm features (a write compares its tokens with all)
         self._unit_cache = torch.zeros(c.slots, c.dim)
 
-    def _pack(self) -> None:
-        self._meta[0], self._meta[1] = self._n, self._frames
-        self.fifo_len.copy_(torch.tensor(self._fifo_len, dtype=torch.int64))
-
-    def _unpack(self) -> None:
+    def _on_state(self, event: str) -> None:
+        """Python-side: the persistent count, frames written, FIFO lengths (``meta.sizes``,
+        ``fifo.len`` in snapshots); the slot ``score`` buffers hold the static scores."""
+        if event == "save":
+            self._meta[0], self._meta[1] = self._n, self._frames
+            self.fifo_len.copy_(torch.tensor(self._fifo_len, dtype=torch.int64))
+            return
         self._n, self._frames = int(self._meta[0]), int(self._meta[1])
         self._fifo_len = self.fifo_len.tolist()
         self._unit_valid = False  # after a load or reset the cache is rebuilt on first use
@@ -152,25 +163,29 @@ class DualMemory(Memory):
         return self.config.slots + self.config.fifo_frames * self.config.max_tokens_per_frame
 
     def write(self, tokens: Tokens) -> None:
-        """Route one frame's tokens by ``tokens.score`` (static if ``>= threshold``)."""
+        """Route one frame's tokens by ``tokens.extras["static"]`` (static if ``>= threshold``)."""
         self._check_dim(tokens)
         c = self.config
-        score = tokens.score
+        score = tokens.extras.get("static")
+        if score is None and tokens.score is not None:
+            warnings.warn("DualMemory.write: pass the static/dynamic score as Tokens.extras['static']; "
+                          "Tokens.score is the older spelling", DeprecationWarning, stacklevel=2)
+            score = tokens.score
         if score is None:
             if c.missing_score == "error":
-                raise ValueError("DualMemory.write needs Tokens.score (static/dynamic score per token), "
-                                 "or set DualConfig.missing_score to 'static' or 'dynamic'")
+                raise ValueError("DualMemory.write needs Tokens.extras['static'] (static/dynamic score per "
+                                 "token), or set DualConfig.missing_score to 'static' or 'dynamic'")
             fill = c.threshold if c.missing_score == "static" else c.threshold - 1.0
             score = torch.full((len(tokens),), float(fill))
         static = score >= c.threshold
         if not bool(static.any()):  # all dynamic (e.g. object pixels): the whole write goes to the FIFO
-            self._write_fifo(tokens, None)
+            self._write_fifo(tokens, score, None)
         else:
-            self._write_fifo(tokens, (~static).nonzero().flatten())
+            self._write_fifo(tokens, score, (~static).nonzero().flatten())
             self._write_static(tokens, score, static.nonzero().flatten())
         self.counters["writes"] += 1
 
-    def _write_fifo(self, tokens: Tokens, idx: torch.Tensor | None) -> None:
+    def _write_fifo(self, tokens: Tokens, score: torch.Tensor, idx: torch.Tensor | None) -> None:
         """The dynamic tokens ``idx`` (None: all of them) become the newest FIFO frame."""
         c = self.config
         n = len(tokens) if idx is None else len(idx)
@@ -183,7 +198,7 @@ class DualMemory(Memory):
         if n:
             s = slice(base, base + n)
             self.fifo.put(s, tokens, idx)
-            self.fifo.level[s] = DYNAMIC
+            self.fifo.score[s] = score if idx is None else score[idx]
         self._fifo_len[block] = n
         self._frames += 1
         self._fifo_rows = None
@@ -212,7 +227,6 @@ class DualMemory(Memory):
             s = slice(self._n, self._n + free)
             self.static.put(s, tokens, idx[:free])
             self.static.score[s] = score[idx[:free]]
-            self.static.level[s] = STATIC
             self.mass[s], self.usage[s], self.birth[s] = 1.0, 0.0, self.counters["writes"]
             self._n += free
             self._touch(s)
@@ -261,7 +275,6 @@ class DualMemory(Memory):
         self.static.put(victims, tokens, idx)
         self._touch(victims)
         self.static.score[victims] = score[idx]
-        self.static.level[victims] = STATIC
         self.mass[victims], self.usage[victims], self.birth[victims] = 1.0, 0.0, self.counters["writes"]
         self.counters["prunes"] += len(idx)
         self.counters["evictions"] += len(idx)
@@ -276,12 +289,28 @@ class DualMemory(Memory):
             self._fifo_rows = torch.cat(idx) if idx else torch.zeros(0, dtype=torch.int64)
         return self._fifo_rows
 
-    def read(self, query: Any = None) -> Tokens:
-        """Both parts, persistent (``level`` 0) then transient (``level`` 1, oldest first); with a
-        query, the best ``query_k`` of them (see :meth:`query`)."""
+    @staticmethod
+    def _tag(out: Tokens, part: torch.Tensor) -> Tokens:
+        """The slots' score buffer holds the static score: give it as ``extras["static"]``,
+        with the part tag, and no importance ``score``."""
+        out.extras = {"part": part, "static": out.score}
+        out.score = None
+        return out
+
+    def read(self, query: FeatureQuery | None = None) -> Tokens:
+        """Both parts, persistent (``extras["part"]`` 0) then transient (1, oldest first); with a
+        :class:`FeatureQuery`, the best ``query.k`` (default ``query_k``) of them (see :meth:`query`)."""
+        if isinstance(query, (torch.Tensor, Tokens)):  # the older, untyped spelling
+            warnings.warn("DualMemory.read: pass FeatureQuery(features) instead of a bare tensor",
+                          DeprecationWarning, stacklevel=2)
+            query = FeatureQuery(query.features if isinstance(query, Tokens) else query)
+        self._check_query(query)
         if query is not None:
-            return self.query(query, self.config.query_k)
-        return Tokens.cat([self.static.get(slice(0, self._n)), self.fifo.get(self._fifo_index())])
+            return self.query(query.features, query.k or self.config.query_k)
+        fifo = self._fifo_index()
+        out = Tokens.cat([self.static.get(slice(0, self._n)), self.fifo.get(fifo)])
+        part = torch.cat([torch.full((self._n,), STATIC), torch.full((len(fifo),), DYNAMIC)])
+        return self._tag(out, part)
 
     def read_rows(self, rows: torch.Tensor) -> Tokens:
         """``read().index(rows)`` without building the whole read: only the chosen rows are
@@ -294,10 +323,11 @@ class DualMemory(Memory):
         fifo = self._fifo_index()
         in_static = rows < self._n
         n_static = int(in_static.sum())
+        part = torch.where(in_static, STATIC, DYNAMIC)
         if n_static == rows.numel():  # only persistent slots (or no rows): one gather
-            return self.static.get(rows)
+            return self._tag(self.static.get(rows), part)
         if n_static == 0:  # only FIFO tokens (e.g. a pixel memory of dynamic tokens): one gather
-            return self.fifo.get(torch.index_select(fifo, 0, rows - self._n))
+            return self._tag(self.fifo.get(torch.index_select(fifo, 0, rows - self._n)), part)
         # one gather per store and field (rows of the other store read a dummy slot 0), then pick
         at_static = torch.where(in_static, rows, 0)
         at_fifo = fifo[torch.where(in_static, 0, rows - self._n)] if fifo.numel() else torch.zeros_like(rows)
@@ -308,9 +338,10 @@ class DualMemory(Memory):
             return torch.where(pick if x.ndim == 2 else in_static, x, y)
 
         st, ff = self.static, self.fifo
-        return Tokens(features=gather(st.features, ff.features).float(), frame_index=gather(st.frame_index, ff.frame_index),
-                      timestamp=gather(st.timestamp, ff.timestamp), grid=gather(st.grid, ff.grid),
-                      level=gather(st.level, ff.level), score=gather(st.score, ff.score))
+        out = Tokens(features=gather(st.features, ff.features).float(), frame_index=gather(st.frame_index, ff.frame_index),
+                     timestamp=gather(st.timestamp, ff.timestamp), grid=gather(st.grid, ff.grid),
+                     level=gather(st.level, ff.level), score=gather(st.score, ff.score))
+        return self._tag(out, part)
 
     def query(self, q: torch.Tensor | Tokens, k: int) -> Tokens:
         """The ``k`` stored tokens most similar (max cosine over the rows of ``q (M, D)``) to the

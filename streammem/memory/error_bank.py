@@ -24,11 +24,14 @@ Departures: the bin timesteps come from diffusers' ``FlowMatchEulerDiscreteSched
 bytes per error (distances and samples are computed in float32); errors are flat vectors of
 width ``dim`` (reshape latents before and after).
 
-``write(tokens)`` takes one error per token: ``features (N, dim)``, ``score (N,)`` the
-diffusion timestep in ``[0, num_train_timesteps]``, ``level (N,)`` the bank (0 noise-side,
-1 clean-side). ``add(errors, timesteps, side)`` is the same with plain tensors. A read returns
-stored errors with ``level`` = bank, ``score`` = their timestep, ``frame_index`` = the frame
-(or, through ``add``, the write count) that produced them and ``grid`` = (bin, slot).
+``write(tokens)`` takes one error per token: ``features (N, dim)``, ``extras["timestep"] (N,)``
+the diffusion timestep in ``[0, num_train_timesteps]``, ``extras["bank"] (N,)`` the bank (0
+noise-side, 1 clean-side) (``score`` / ``level`` are read instead when those are absent: the
+older spelling, deprecated). ``add(errors, timesteps, side)`` is the same with plain tensors. A
+read returns stored errors with ``extras["bank"]``, ``extras["timestep"]``, ``frame_index`` =
+the frame (or, through ``add``, the write count) that produced them, ``grid`` = (bin, slot),
+``level`` 0 and no ``score``; ``read(TimestepQuery(timesteps, banks))`` only the bins nearest
+those timesteps.
 
 Example:
     >>> import torch
@@ -41,12 +44,13 @@ Example:
 from __future__ import annotations
 
 import functools
+import warnings
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
 from streammem.memory.base import Memory, MemoryConfig, check_field
+from streammem.memory.protocols import TimestepQuery
 from streammem.types import Tokens
 
 __all__ = ["ErrorBank", "ErrorBankConfig", "flow_match_timesteps"]
@@ -126,6 +130,7 @@ class ErrorBank(Memory):
     kind = "error_bank"
     Config = ErrorBankConfig
     COUNTERS = ("writes", "replacements")
+    QUERIES = (TimestepQuery,)
 
     def _allocate(self) -> None:
         c = self.config
@@ -133,16 +138,18 @@ class ErrorBank(Memory):
         dtype = torch.float16 if c.dtype == "float16" else torch.float32
         self.errors = self.buffer("errors", torch.zeros(2, c.num_bins, self.per_bin, c.dim, dtype=dtype))
         self.timesteps = self.buffer("timesteps", torch.zeros(2, c.num_bins, self.per_bin))
-        self.frames = self.buffer("frame_index", torch.zeros(2, c.num_bins, self.per_bin, dtype=torch.int64))
+        self.frame_ids = self.buffer("frame_index", torch.zeros(2, c.num_bins, self.per_bin, dtype=torch.int64))
         self.count = self.buffer("count", torch.zeros(2, c.num_bins, dtype=torch.int64))
         self.next = self.buffer("next", torch.zeros(2, c.num_bins, dtype=torch.int64))
-        self.bin_timesteps = torch.tensor(flow_match_timesteps(c.num_bins, float(c.shift), c.num_train_timesteps))
+        with torch.device("cpu"):  # also when Memory.buffer_shapes probes on the meta device
+            self.bin_timesteps = torch.tensor(flow_match_timesteps(c.num_bins, float(c.shift), c.num_train_timesteps))
 
-    def _unpack(self) -> None:
-        self._count = self.count.tolist()
-
-    def _pack(self) -> None:
-        self.count.copy_(torch.tensor(self._count, dtype=torch.int64))
+    def _on_state(self, event: str) -> None:
+        """Python-side: the fill of each bin (``count`` in snapshots)."""
+        if event == "save":
+            self.count.copy_(torch.tensor(self._count, dtype=torch.int64))
+        else:
+            self._count = self.count.tolist()
 
     @property
     def num_tokens(self) -> int:
@@ -167,13 +174,20 @@ class ErrorBank(Memory):
         self._add(errors, t, torch.full((n,), SIDES[side]), torch.full((n,), self.counters["writes"]))
 
     def write(self, tokens: Tokens) -> None:
-        """One error per token: ``score`` = timestep, ``level`` = bank (0 noise, 1 clean)."""
+        """One error per token: ``extras["timestep"]``, ``extras["bank"]`` (0 noise, 1 clean)."""
         self._check_dim(tokens)
-        if tokens.score is None:
-            raise ValueError("ErrorBank.write needs Tokens.score (the timestep of each error)")
-        if len(tokens) and not bool(((tokens.level == 0) | (tokens.level == 1)).all()):
-            raise ValueError("ErrorBank.write needs Tokens.level 0 (noise-side) or 1 (clean-side)")
-        self._add(tokens.features.float(), tokens.score, tokens.level, tokens.frame_index)
+        timesteps, banks = tokens.extras.get("timestep"), tokens.extras.get("bank")
+        if timesteps is None and banks is None and tokens.score is not None:
+            warnings.warn("ErrorBank.write: pass Tokens.extras['timestep'] and ['bank'] instead of score and level",
+                          DeprecationWarning, stacklevel=2)
+            timesteps, banks = tokens.score, tokens.level
+        if timesteps is None or banks is None:
+            raise ValueError("ErrorBank.write needs Tokens.extras['timestep'] (the timestep of each error) and "
+                             "Tokens.extras['bank'] (0 noise-side, 1 clean-side)")
+        banks = banks.long()
+        if len(tokens) and not bool(((banks == 0) | (banks == 1)).all()):
+            raise ValueError("ErrorBank.write needs Tokens.extras['bank'] 0 (noise-side) or 1 (clean-side)")
+        self._add(tokens.features.float(), timesteps.float(), banks, tokens.frame_index)
 
     def _add(self, errors: torch.Tensor, timesteps: torch.Tensor, sides: torch.Tensor, frames: torch.Tensor) -> None:
         bins = self.bin_of(timesteps).tolist()
@@ -194,7 +208,7 @@ class ErrorBank(Memory):
                 self.counters["replacements"] += 1
             self.errors[s, b, slot] = e
             self.timesteps[s, b, slot] = t
-            self.frames[s, b, slot] = f
+            self.frame_ids[s, b, slot] = f
         self.counters["writes"] += 1
 
     def sample(self, n: int = 1, side: str = "clean", timestep: float | None = None) -> torch.Tensor:
@@ -221,14 +235,17 @@ class ErrorBank(Memory):
             out = out * (1 - m + 2 * m * torch.rand(n, 1, generator=self.generator))
         return out
 
-    def read(self, query: Any = None) -> Tokens:
-        """All stored errors, or (``query`` Tokens with ``score`` timesteps and ``level`` banks)
-        those in the bins nearest each query, bank by bank."""
+    def read(self, query: TimestepQuery | None = None) -> Tokens:
+        """All stored errors, or (a :class:`TimestepQuery`) those in the bins nearest each
+        query timestep, in the query's banks, bank by bank."""
+        if isinstance(query, Tokens) and query.score is not None:  # the older, untyped spelling
+            warnings.warn("ErrorBank.read: pass TimestepQuery(timesteps, banks) instead of Tokens",
+                          DeprecationWarning, stacklevel=2)
+            query = TimestepQuery(query.score, query.level)
+        self._check_query(query)
         wanted = None
         if query is not None:
-            if not isinstance(query, Tokens) or query.score is None:
-                raise ValueError("ErrorBank.read query must be Tokens with score = timestep and level = bank")
-            wanted = set(zip(query.level.tolist(), self.bin_of(query.score).tolist()))
+            wanted = set(zip(query.banks.tolist(), self.bin_of(query.timesteps).tolist()))
         parts = []
         for s in (0, 1):
             for b in range(self.config.num_bins):
@@ -237,13 +254,17 @@ class ErrorBank(Memory):
                     continue
                 parts.append(Tokens(
                     features=self.errors[s, b, :n].float(),
-                    frame_index=self.frames[s, b, :n].clone(),
+                    frame_index=self.frame_ids[s, b, :n].clone(),
                     timestamp=torch.zeros(n, dtype=torch.float64),
                     grid=torch.stack([torch.full((n,), float(b)), torch.arange(n, dtype=torch.float32)], 1),
-                    level=torch.full((n,), s),
-                    score=self.timesteps[s, b, :n].clone(),
+                    level=torch.zeros(n, dtype=torch.int64),
+                    extras={"bank": torch.full((n,), s), "timestep": self.timesteps[s, b, :n].clone()},
                 ))
-        return Tokens.cat(parts) if parts else Tokens.empty(self.config.dim, with_score=True)
+        if not parts:
+            out = Tokens.empty(self.config.dim)
+            out.extras = {"bank": torch.zeros(0, dtype=torch.int64), "timestep": torch.zeros(0)}
+            return out
+        return Tokens.cat(parts)
 
     def stats(self) -> dict:
         out = super().stats()

@@ -41,7 +41,6 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Any
 
 import torch
 
@@ -97,11 +96,12 @@ class FeatureBank(Memory):
         self.slots = TokenSlots(self, "bank", c.max_size, c.dim)
         self._meta = self.buffer("bank.meta", torch.zeros(2, dtype=torch.int64))  # count, fifo pointer
 
-    def _pack(self) -> None:
-        self._meta[0], self._meta[1] = self._count, self._next
-
-    def _unpack(self) -> None:
-        self._count, self._next = int(self._meta[0]), int(self._meta[1])
+    def _on_state(self, event: str) -> None:
+        """Python-side: the fill count and the FIFO pointer (``bank.meta`` in snapshots)."""
+        if event == "save":
+            self._meta[0], self._meta[1] = self._count, self._next
+        else:
+            self._count, self._next = int(self._meta[0]), int(self._meta[1])
 
     @property
     def num_tokens(self) -> int:
@@ -149,11 +149,12 @@ class FeatureBank(Memory):
             self.counters["evictions"] += rest
         self.counters["writes"] += 1
 
-    def read(self, query: Any = None) -> Tokens:
+    def read(self, query: None = None) -> Tokens:
         """A fresh key set: ``key_size`` entries (random, or top by score), or all while fewer.
 
-        ``query`` is ignored (MAMBA's key set does not depend on the current frame).
+        Takes no query (MAMBA's key set does not depend on the current frame).
         """
+        self._check_query(query)
         self.counters["reads"] += 1
         n, k = self._count, self.config.key_size
         if n <= k:

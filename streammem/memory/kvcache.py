@@ -91,11 +91,12 @@ class KVCacheMemory(Memory):
         self.below = self.buffer("cache.below_average", torch.zeros(n))
         self._size = self.buffer("cache.size", torch.zeros(1, dtype=torch.int64))
 
-    def _pack(self) -> None:
-        self._size[0] = self._n
-
-    def _unpack(self) -> None:
-        self._n = int(self._size[0])
+    def _on_state(self, event: str) -> None:
+        """Python-side: the number of cached tokens (``cache.size`` in snapshots)."""
+        if event == "save":
+            self._size[0] = self._n
+        else:
+            self._n = int(self._size[0])
 
     @property
     def num_tokens(self) -> int:
@@ -167,8 +168,9 @@ class KVCacheMemory(Memory):
         v = self.values[:n] if self.config.value_dim is not None else self.slots.features[:n]
         return w @ v
 
-    def read(self, query: Any = None) -> Tokens:
-        """The cached tokens, oldest first, ``score`` = the press statistic (``query`` ignored)."""
+    def read(self, query: None = None) -> Tokens:
+        """The cached tokens, oldest first, ``score`` = the press statistic (no query)."""
+        self._check_query(query)
         out = self.slots.get(slice(0, self._n))
         out.score = self._statistic().clone()
         return out

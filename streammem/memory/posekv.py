@@ -32,7 +32,9 @@ covers a new point or the token budget is spent.
 Shapes: ``write(tokens, values=None)`` takes one latent frame, ``h*w`` keys ``(h*w, dim)``
 row-major with ``pose (h*w, 4, 4)`` (camera-to-world; identity if absent) and values
 ``(h*w, value_dim)`` when ``value_dim`` is set. ``read()`` returns the raw keys (no pose
-embedding) with ``level`` = pooling factor, ``pose`` and ``grid``; ``kv(query_pose)`` returns
+embedding) with ``extras["pool"]`` = the per-axis pooling factor, ``level`` = its rank among
+this memory's factors (0 = full resolution, the window), ``pose`` and ``grid``;
+``read(PoseQuery(pose))`` retrieves history for a camera; ``kv(PoseQuery(pose))`` returns
 ``(keys + pose_embedding (N, dim), values (N, value_dim or dim), tokens)``.
 
 Example:
@@ -50,6 +52,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -57,6 +60,7 @@ import numpy as np
 import torch
 
 from streammem.memory.base import Memory, MemoryConfig, check_field, pool_grid
+from streammem.memory.protocols import PoseQuery
 from streammem.types import Tokens
 
 __all__ = ["PoseKVMemory", "PoseKVConfig", "RELIC_SCHEDULE", "sinusoidal_pose_embedding"]
@@ -153,6 +157,7 @@ class PoseKVMemory(Memory):
 
     kind = "posekv"
     Config = PoseKVConfig
+    QUERIES = (PoseQuery,)
     COUNTERS = ("writes", "compressions", "evictions")
 
     def __init__(self, config: Any = None, pose_embed_fn: Callable | None = None, **kwargs: Any) -> None:
@@ -177,6 +182,7 @@ class PoseKVMemory(Memory):
             ys, xs = torch.meshgrid(_cells(c.height, oh), _cells(c.width, ow), indexing="ij")
             grids.append(torch.stack([ys.reshape(-1), xs.reshape(-1)], 1))
         counts = [oh * ow for _, oh, ow in self.sizes]
+        self._rank = {f: r for r, f in enumerate(sorted({1, *c.schedule}))}  # pooling factor -> level
         self.offsets = [0] + list(itertools.accumulate(counts))
         total = self.offsets[-1]
         self.hist_grid = torch.cat(grids) if grids else torch.zeros(0, 2)
@@ -193,9 +199,11 @@ class PoseKVMemory(Memory):
         ys, xs = torch.meshgrid(torch.arange(c.height), torch.arange(c.width), indexing="ij")
         self.full_grid = torch.stack([ys.reshape(-1), xs.reshape(-1)], 1).float()
 
-    def _reset_extra(self) -> None:
-        self.win_meta.fill_(-1)
-        self.hist_meta.fill_(-1)
+    def _on_state(self, event: str) -> None:
+        """All state lives in buffers; a reset marks every window and history slot empty (-1)."""
+        if event == "reset":
+            self.win_meta.fill_(-1)
+            self.hist_meta.fill_(-1)
 
     @property
     def num_tokens(self) -> int:
@@ -275,16 +283,19 @@ class PoseKVMemory(Memory):
             n = b - a
             parts.append(Tokens(self.hist_k[a:b], torch.full((n,), int(self.hist_meta[j])),
                                 torch.full((n,), float(self.hist_time[j]), dtype=torch.float64),
-                                self.hist_grid[a:b], torch.full((n,), self.sizes[j][0]),
-                                self.hist_pose[j].expand(n, 4, 4)))
+                                self.hist_grid[a:b], torch.full((n,), self._rank[self.sizes[j][0]]),
+                                self.hist_pose[j].expand(n, 4, 4), extras={"pool": torch.full((n,), self.sizes[j][0])}))
             vals.append(self.hist_v[a:b])
         for s in self._window_order():
             parts.append(Tokens(self.win_k[s], torch.full((hw,), int(self.win_meta[s])),
                                 torch.full((hw,), float(self.win_time[s]), dtype=torch.float64),
-                                self.full_grid, torch.ones(hw, dtype=torch.int64), self.win_pose[s].expand(hw, 4, 4)))
+                                self.full_grid, torch.full((hw,), self._rank[1]), self.win_pose[s].expand(hw, 4, 4),
+                                extras={"pool": torch.ones(hw, dtype=torch.int64)}))
             vals.append(self.win_v[s])
         if not parts:
-            return Tokens.empty(c.dim, with_pose=True), torch.zeros(0, c.value_dim or 0)
+            out = Tokens.empty(c.dim, with_pose=True)
+            out.extras = {"pool": torch.zeros(0, dtype=torch.int64)}
+            return out, torch.zeros(0, c.value_dim or 0)
         return Tokens.cat(parts), torch.cat(vals)
 
     def select_history(self, query_pose: torch.Tensor | np.ndarray) -> list[int]:
@@ -348,21 +359,23 @@ class PoseKVMemory(Memory):
         zc = z.clamp_min(1e-6)
         return (z > 1e-6) & ((cam[..., 0] / zc).abs() < th) & ((cam[..., 1] / zc).abs() < tv)
 
-    @staticmethod
-    def _query_pose(query: Any) -> torch.Tensor | None:
-        if query is None:
-            return None
-        if isinstance(query, Tokens):
-            if query.pose is None:
-                raise ValueError("PoseKVMemory.read query Tokens need a pose")
-            return query.pose[-1]
-        return torch.as_tensor(np.asarray(query), dtype=torch.float32)
+    def _query_pose(self, query: PoseQuery | None) -> torch.Tensor | None:
+        if isinstance(query, (Tokens, torch.Tensor, np.ndarray)):  # the older, untyped spelling
+            warnings.warn("PoseKVMemory: pass PoseQuery(pose) instead of a bare pose or Tokens",
+                          DeprecationWarning, stacklevel=3)
+            if isinstance(query, Tokens):
+                if query.pose is None:
+                    raise ValueError("PoseKVMemory.read query Tokens need a pose")
+                query = query.pose[-1]
+            query = PoseQuery(torch.as_tensor(np.asarray(query), dtype=torch.float32))
+        self._check_query(query)
+        return None if query is None else query.pose
 
-    def read(self, query: Any = None) -> Tokens:
+    def read(self, query: PoseQuery | None = None) -> Tokens:
         """Raw keys (no pose embedding) of the history then the window, oldest first.
 
-        ``query``: None for everything, or a camera pose (4x4, or Tokens whose last pose is
-        used): the window plus the history frames retrieved for that pose under the budget.
+        ``query``: None for everything, or a :class:`PoseQuery` (4x4 camera-to-world): the
+        window plus the history frames retrieved for that pose under the budget.
         """
         pose = self._query_pose(query)
         hist = self._history_order() if pose is None else self.select_history(pose)
@@ -381,7 +394,7 @@ class PoseKVMemory(Memory):
         p = torch.as_tensor(np.asarray(pose), dtype=torch.float32).reshape(1, 4, 4)
         return q + self.embed_pose(p)
 
-    def kv(self, query: Any = None) -> tuple[torch.Tensor, torch.Tensor, Tokens]:
+    def kv(self, query: PoseQuery | None = None) -> tuple[torch.Tensor, torch.Tensor, Tokens]:
         """``(keys + pose embedding (N, dim), values (N, value_dim or dim), tokens)`` for attention."""
         pose = self._query_pose(query)
         tokens, values = self._gather(self._history_order() if pose is None else self.select_history(pose))

@@ -10,13 +10,20 @@ The rule (VideoChat-Online, "Online Video Understanding"; reference code
 - when a level is full, take each stored frame's spatial-mean descriptor, find the adjacent
   pair (in the level's list order) with the highest cosine similarity, pop the *earlier* frame
   of that pair, pool it by 2 (the reference's x2 bilinear resize with ``align_corners=False``
-  equals 2x2 average pooling) and append it to the next level, cascading; the last level drops
-  it; a capacity of 0 means unbounded;
+  equals 2x2 average pooling) and append it to the next level, cascading (the paper: a frame
+  pushed out of level 0 makes room in level 1, whose evicted frame moves to level 2); the last
+  level drops it; a capacity of 0 means unbounded in the reference;
 - a read returns every kept frame's tokens sorted by time, each with its level and timestamp.
 
 Reference defaults: capacities are runtime arguments (argparse default 64/64/64); the
 published runs use ``ovbench`` = 2/2/12 (832 tokens, at 8 fps) and ``offline`` = 24/24/144
 (9,984 tokens, VideoMME/MVBench); features are 4096-d (InternViT after pixel shuffle).
+
+The reference code promotes one level only: its recursive ``_update_group`` call does not
+pass ``next_group``, so a frame pushed out of level 1 *by a promotion* is dropped instead of
+being pooled into level 2 (first difference at write 16 of the 2/2/12 preset). The default
+here is the paper's cascade (``promotion="cascade"``); ``promotion="released"`` is the released
+code's behaviour. Both are tested against a naive per-write restatement of their rule.
 
 Order quirk: in the reference a promoted frame is appended at the *end* of the next level, so
 levels 1 and 2 are not in time order and "adjacent" means adjacent in list order. That is the
@@ -25,6 +32,8 @@ means adjacent in time (not in the reference code).
 
 Departures from the reference:
 
+- promotions cascade by default, as the paper describes; the released code's one-level
+  promotion is ``promotion="released"`` (see above);
 - descriptors (spatial means) are computed once when a frame enters a level and cached, so a
   write costs O(capacity x D) instead of re-reducing every stored token (same retention);
 - the frame position ``t`` is this memory's own count of written frames (as in the reference's
@@ -42,8 +51,8 @@ Departures from the reference:
   appearing barely moves a whole-frame mean) may keep no frame on one side of it; spread
   retention keeps the stream covered while still merging look-alikes first;
 - token positions in reads are pooled-cell centres in the input grid's units;
-- levels preallocate their buffers; an unbounded level (capacity 0) doubles its buffers when
-  full, so only then does ``nbytes`` grow.
+- every level is bounded (capacity >= 1; the reference's capacity 0, unbounded, is refused)
+  and preallocates its buffers, so ``nbytes`` never changes.
 
 Shapes: a write takes the ``s*s`` tokens of one frame laid out row-major on an ``s x s`` grid
 (``Tokens.from_grid`` of an ``(s, s, D)`` tensor); a read returns ``(N, D)`` tokens with
@@ -64,7 +73,6 @@ from __future__ import annotations
 
 import bisect
 import math
-import sys
 from dataclasses import dataclass
 from typing import Any
 
@@ -84,8 +92,8 @@ PYRAMID_SPREAD = {"order": "time", "time_penalty": 0.03, "evict": "shorter_gap"}
 class PyramidConfig(MemoryConfig):
     """Attributes:
     dim: feature width D (reference: 4096).
-    capacities: frames per level, 0 = unbounded (default: the ``ovbench`` preset 2/2/12;
-        the reference's argparse default is 64/64/64).
+    capacities: frames per level, each >= 1 (default: the ``ovbench`` preset 2/2/12; the
+        reference's argparse default is 64/64/64; its 0 = unbounded is refused here).
     sides: token-grid side of each level (reference 16/8/4).
     ratios: entry rule; frame t enters the first level L with ``t % ratios[L] == 0``
         (reference [8, 4, 1]; the last ratio must be 1).
@@ -99,6 +107,9 @@ class PyramidConfig(MemoryConfig):
         similarity (``cos - time_penalty * |dt|``), so frames far apart in time are merged
         last and the kept frames spread over the whole stream (0 = the reference). Not in the
         reference; use it with ``order="time"``.
+    promotion: ``"cascade"`` (the paper: an evicted frame moves down, and the frame it pushes
+        out of the next level moves down too) or ``"released"`` (the released reference code:
+        a frame pushed out by a promotion is dropped, so each write promotes at most once).
     evict: which frame of the chosen pair leaves: ``"earlier"`` (the reference) or
         ``"shorter_gap"``: the one whose removal leaves the shorter time gap between the
         frames around it (needs ``order="time"``; the last level never drops its oldest frame
@@ -114,6 +125,7 @@ class PyramidConfig(MemoryConfig):
     temperature: float = 0.1
     time_penalty: float = 0.0
     evict: str = "earlier"
+    promotion: str = "cascade"
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -122,8 +134,10 @@ class PyramidConfig(MemoryConfig):
         n = len(self.sides)
         check_field(n >= 1 and all(isinstance(s, int) and s >= 1 for s in self.sides), name, "sides",
                     "a non-empty tuple of ints >= 1", self.sides)
-        check_field(len(self.capacities) == n and all(isinstance(c, int) and c >= 0 for c in self.capacities),
-                    name, "capacities", f"{n} ints >= 0 (0 = unbounded), one per level", self.capacities)
+        check_field(len(self.capacities) == n and all(isinstance(c, int) and not isinstance(c, bool) and c >= 1
+                                                      for c in self.capacities),
+                    name, "capacities", f"{n} ints >= 1, one per level (every level is bounded; the "
+                    "reference's 0 = unbounded is not offered)", self.capacities)
         check_field(len(self.ratios) == n and all(isinstance(r, int) and r >= 1 for r in self.ratios)
                     and self.ratios[-1] == 1, name, "ratios", f"{n} ints >= 1 ending in 1", self.ratios)
         check_field(self.order in ("list", "time"), name, "order", "'list' or 'time'", self.order)
@@ -134,6 +148,8 @@ class PyramidConfig(MemoryConfig):
                     and math.isfinite(self.time_penalty) and self.time_penalty >= 0, name, "time_penalty",
                     "a finite number >= 0 (per second)", self.time_penalty)
         check_field(self.evict in ("earlier", "shorter_gap"), name, "evict", "'earlier' or 'shorter_gap'", self.evict)
+        check_field(self.promotion in ("cascade", "released"), name, "promotion", "'cascade' or 'released'",
+                    self.promotion)
         if self.evict == "shorter_gap":
             check_field(self.order == "time", name, "order", "'time' (evict='shorter_gap' compares time gaps)",
                         self.order)
@@ -159,51 +175,38 @@ class PyramidMemory(Memory):
     # ------------------------------------------------------------------ storage
     def _allocate(self) -> None:
         c = self.config
-        self._alloc = [cap if cap > 0 else 16 for cap in c.capacities]
-        for lvl in range(len(c.sides)):
-            self._alloc_level(lvl, self._alloc[lvl])
+        for lvl, (cap, side) in enumerate(zip(c.capacities, c.sides)):
+            side2, d = side ** 2, c.dim
+            self.buffer(f"L{lvl}.features", torch.zeros(cap, side2, d))
+            self.buffer(f"L{lvl}.descriptor", torch.zeros(cap, d))
+            self.buffer(f"L{lvl}.frame_index", torch.zeros(cap, dtype=torch.int64))
+            self.buffer(f"L{lvl}.timestamp", torch.zeros(cap, dtype=torch.float64))
+            self.buffer(f"L{lvl}.order", torch.zeros(cap, dtype=torch.int64))  # slots in list order, -1 after
+            if c.pool == "salient":
+                self.buffer(f"L{lvl}.salience", torch.zeros(cap, side2))
 
-    def _alloc_level(self, lvl: int, n: int) -> None:
-        side2, d = self.config.sides[lvl] ** 2, self.config.dim
-        self.buffer(f"L{lvl}.features", torch.zeros(n, side2, d))
-        self.buffer(f"L{lvl}.descriptor", torch.zeros(n, d))
-        self.buffer(f"L{lvl}.frame_index", torch.zeros(n, dtype=torch.int64))
-        self.buffer(f"L{lvl}.timestamp", torch.zeros(n, dtype=torch.float64))
-        self.buffer(f"L{lvl}.order", torch.full((n,), -1, dtype=torch.int64))
-        if self.config.pool == "salient":
-            self.buffer(f"L{lvl}.salience", torch.zeros(n, side2))
-
-    def _grow(self, lvl: int) -> None:
-        """Double an unbounded level's buffers (capacity 0 only)."""
-        self._pack()
-        old = {k: v for k, v in self._buffers.items() if k.startswith(f"L{lvl}.")}
-        n = self._alloc[lvl]
-        self._alloc[lvl] = 2 * n
-        self._alloc_level(lvl, 2 * n)
-        for k, v in old.items():
-            self._buffers[k][:n] = v
-        self._unpack()
-
-    def _reset_extra(self) -> None:
-        for lvl in range(len(self.config.sides)):
-            self._buffers[f"L{lvl}.order"].fill_(-1)
-
-    def _pack(self) -> None:
-        for lvl, order in enumerate(self._order):
-            buf = self._buffers[f"L{lvl}.order"]
-            buf.fill_(-1)
-            if order:
-                buf[: len(order)] = torch.tensor(order, dtype=torch.int64)
-            self._buffers[f"L{lvl}.frame_index"].copy_(torch.tensor(self._fi[lvl], dtype=torch.int64))
-            self._buffers[f"L{lvl}.timestamp"].copy_(torch.tensor(self._ts[lvl], dtype=torch.float64))
-
-    def _unpack(self) -> None:
-        # Python-side bookkeeping, per level: slots in list order, free slots (lowest last),
-        # per-slot frame index and timestamp, (timestamp, frame_index) per list position, and
-        # the merge score (_score) of each adjacent pair in list order (sims[i]: order[i], order[i+1]).
+    def _on_state(self, event: str) -> None:
+        """Python-side bookkeeping, per level: slots in list order, free slots (lowest last),
+        per-slot frame index and timestamp, ``(timestamp, frame_index)`` per list position, and
+        the merge score (:meth:`_score`) of each adjacent pair in list order (``sims[i]``:
+        ``order[i]``, ``order[i + 1]``). ``"save"`` copies it into the buffers; ``"reset"`` and
+        ``"load"`` rebuild it from them."""
+        levels = range(len(self.config.sides))
+        if event == "save":
+            for lvl, order in enumerate(self._order):
+                buf = self._buffers[f"L{lvl}.order"]
+                buf.fill_(-1)
+                if order:
+                    buf[: len(order)] = torch.tensor(order, dtype=torch.int64)
+                self._buffers[f"L{lvl}.frame_index"].copy_(torch.tensor(self._fi[lvl], dtype=torch.int64))
+                self._buffers[f"L{lvl}.timestamp"].copy_(torch.tensor(self._ts[lvl], dtype=torch.float64))
+            return
+        if event == "reset":
+            for lvl in levels:
+                self._buffers[f"L{lvl}.order"].fill_(-1)
         self._order, self._free, self._fi, self._ts, self._keys, self._sims = [], [], [], [], [], []
-        self._norms = [self._buffers[f"L{lvl}.descriptor"].norm(dim=1).tolist() for lvl in range(len(self.config.sides))]
-        for lvl in range(len(self.config.sides)):
+        self._norms = [self._buffers[f"L{lvl}.descriptor"].norm(dim=1).tolist() for lvl in levels]
+        for lvl in levels:
             buf = self._buffers[f"L{lvl}.order"]
             order = [int(s) for s in buf.tolist() if s >= 0]
             used = set(order)
@@ -224,14 +227,6 @@ class PyramidMemory(Memory):
         lam = self.config.time_penalty
         return cos - lam * abs(self._ts[lvl][a] - self._ts[lvl][b]) if lam else cos
 
-    def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        for lvl, cap in enumerate(self.config.capacities):
-            key = f"L{lvl}.order"
-            if cap == 0 and key in state:
-                while self._alloc[lvl] < state[key].numel():
-                    self._grow(lvl)
-        super().load_state_dict(state)
-
     # ------------------------------------------------------------------ contract
     @property
     def num_tokens(self) -> int:
@@ -239,8 +234,6 @@ class PyramidMemory(Memory):
 
     @property
     def capacity(self) -> int:
-        if 0 in self.config.capacities:
-            return sys.maxsize
         return sum(c * s * s for c, s in zip(self.config.capacities, self.config.sides))
 
     def entry_level(self, t: int) -> int:
@@ -307,23 +300,25 @@ class PyramidMemory(Memory):
         self._keys[lvl].insert(pos, (self._ts[lvl][slot], self._fi[lvl][slot]))
 
     def _put(self, lvl: int, frame: torch.Tensor, frame_index: int, timestamp: float,
-             sal: torch.Tensor | None = None) -> None:
+             sal: torch.Tensor | None = None, promote: bool = True) -> None:
+        """Insert a frame at ``lvl``; a full level first evicts one, which moves to the next
+        level when ``promote`` (else, and from the last level, it is dropped). With
+        ``promotion="released"`` a promoted frame's own insertion does not promote."""
         cap = self.config.capacities[lvl]
-        if cap > 0 and len(self._order[lvl]) >= cap:
+        if len(self._order[lvl]) >= cap:
             slot = self._remove(lvl, self._victim(lvl))
             self.counters["evictions"] += 1
-            if lvl + 1 < len(self.config.sides):
+            if promote and lvl + 1 < len(self.config.sides):
                 old = self._buffers[f"L{lvl}.features"][slot]
                 side, nxt = self.config.sides[lvl], self.config.sides[lvl + 1]
                 old_sal = self._buffers[f"L{lvl}.salience"][slot] if self.config.pool == "salient" else None
                 pooled, psal = self._pool(old, old_sal, side, nxt)
                 self.counters["promotions"] += 1
-                self._put(lvl + 1, pooled, self._fi[lvl][slot], self._ts[lvl][slot], psal)
+                self._put(lvl + 1, pooled, self._fi[lvl][slot], self._ts[lvl][slot], psal,
+                          promote=self.config.promotion == "cascade")
             else:
                 self.counters["drops"] += 1
         else:
-            if not self._free[lvl]:
-                self._grow(lvl)
             slot = self._free[lvl].pop()
         self._buffers[f"L{lvl}.features"][slot] = frame
         if sal is not None:
@@ -369,8 +364,8 @@ class PyramidMemory(Memory):
         """``(level, frame_index, timestamp)`` of each kept frame, per level in list order."""
         return [(lvl, fi, ts) for lvl, keys in enumerate(self._keys) for ts, fi in keys]
 
-    def read(self, query: Any = None) -> Tokens:
-        """All kept frames' tokens sorted by time (``query`` is ignored: PMB has no retrieval).
+    def read(self, query: None = None) -> Tokens:
+        """All kept frames' tokens sorted by time (no query: PMB has no retrieval).
 
         Returns ``Tokens`` with ``features (N, D)``, ``level`` (pyramid level), ``frame_index``,
         ``timestamp`` and ``grid`` at pooled-cell centres in units of the level-0 grid (and
@@ -378,6 +373,7 @@ class PyramidMemory(Memory):
         Frames are ordered by ``(timestamp, frame_index)`` first and their features gathered in
         one copy (a read costs one pass over the kept tokens).
         """
+        self._check_query(query)
         items = [(self._ts[lvl][s], self._fi[lvl][s], lvl, s) for lvl, order in enumerate(self._order) for s in order]
         if not items:
             return Tokens.empty(self.config.dim)
