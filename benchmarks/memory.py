@@ -26,7 +26,7 @@ import psutil
 import torch
 import torch.nn.functional as F
 
-from streammem.memory import PYRAMID_SPREAD, Memory, PyramidMemory, build_memory
+from streammem.memory import FeatureQuery, PYRAMID_SPREAD, Memory, PyramidMemory, build_memory
 from streammem.types import Tokens
 
 
@@ -52,13 +52,16 @@ def make_writes(kind: str, side: int, d: int, n: int = 8) -> list[tuple]:
             x = torch.randn(side, side, d, generator=g)
             pose = torch.eye(4)
             pose[0, 3] = float(i)
-            score = torch.rand(side * side, generator=g) if kind == "dual" else None
-            out.append(Tokens.from_grid(x, i, i / 8, pose=pose if kind == "posekv" else None, score=score))
+            t = Tokens.from_grid(x, i, i / 8, pose=pose if kind == "posekv" else None)
+            if kind == "dual":
+                t.extras["static"] = torch.rand(side * side, generator=g)
+            out.append(t)
         else:
             m = -side
-            score = torch.rand(m, generator=g) * 1000
+            timestep = torch.rand(m, generator=g) * 1000
             out.append(Tokens(torch.randn(m, d, generator=g), torch.full((m,), i), torch.zeros(m, dtype=torch.float64),
-                              torch.zeros(m, 2), torch.arange(m) % 2, score=score))
+                              torch.zeros(m, 2), torch.zeros(m, dtype=torch.int64),
+                              extras={"timestep": timestep, "bank": torch.arange(m) % 2}))
     return out
 
 
@@ -67,7 +70,7 @@ def error_bank_warmup(mem: Memory, d: int) -> None:
     n = mem.per_bin
     mem.errors.copy_(torch.randn(mem.errors.shape).to(mem.errors.dtype))
     mem.count.fill_(n)
-    mem._unpack()
+    mem._on_state("load")
 
 
 PERIOD = 2520  # a multiple of every cyclic period in these configs (8, 7, 72, 18, fifo 8)
@@ -119,7 +122,7 @@ def bench_costs(dims, positions, repeats, only, rounds=5):
                 error_bank_warmup(mem, d)
             for i in range(warm):
                 mem.write(writes[i % len(writes)])
-            q = torch.randn(4, d) if kind == "dual" else None
+            q = FeatureQuery(torch.randn(4, d)) if kind == "dual" else None
             # one snapshot per position; rounds visit the positions in turn, so a drift of the
             # machine over time is spread over all positions instead of reading as growth
             states = {}

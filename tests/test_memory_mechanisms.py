@@ -274,17 +274,14 @@ def test_dual_routes_by_threshold_and_tags_parts():
     assert torch.equal(out.features[dyn][6:], t.features)
     with pytest.raises(ValueError, match="extras\\['static'\\]"):
         mem.write(Tokens.from_grid(torch.randn(1, 1, 4), 9, 9.0))
-    # the older spelling (the score in Tokens.score) still routes, with a DeprecationWarning
-    twin = DualMemory(dim=4, slots=32, fifo_frames=2, max_tokens_per_frame=16, threshold=0.3, skip_cos=1.0)
-    with pytest.warns(DeprecationWarning, match="extras"):
-        twin.write(Tokens.from_grid(t.features[None], 5, 5.0, score=torch.zeros(6)))
-    assert twin.stats()["routed_dynamic"] == 6
-    # a typed query retrieves; the older bare tensor too, with a DeprecationWarning
+    # Tokens.score is an importance, not the routing score: a write with only a score is refused
+    with pytest.raises(ValueError, match="extras\\['static'\\]"):
+        mem.write(Tokens.from_grid(t.features[None], 5, 5.0, score=torch.zeros(6)))
+    # a typed query retrieves; an untyped one is refused, naming the type it takes
     best = mem.read(FeatureQuery(t.features[:1], k=3))
     assert len(best) == 3 and torch.equal(best.features[0], t.features[0])
-    with pytest.warns(DeprecationWarning, match="FeatureQuery"):
-        assert torch.equal(mem.read(t.features[:1]).features[0], t.features[0])
-
+    with pytest.raises(TypeError, match="FeatureQuery"):
+        mem.read(t.features[:1])
 
 def test_dual_skip_merge_and_prune():
     e = torch.eye(4)

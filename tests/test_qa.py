@@ -11,9 +11,8 @@ import numpy as np
 import pytest
 import torch
 
-from streammem.eval.qa import (FullMemory, UniformMemory, WindowMemory, load_ovbench, make_memories, mcq_letter,
-                               score, summarise)
-from streammem.memory import PyramidMemory
+from streammem.eval.qa import load_ovbench, make_memories, mcq_letter, score, summarise
+from streammem.memory import FullMemory, PyramidMemory, UniformMemory, WindowMemory
 from streammem.models.answerer import SmallAnswerer, Vocab, encode_questions
 from streammem.models.grid_encoder import GridEncoder
 from streammem.pipelines.qa import StreamingQAPipeline
@@ -577,7 +576,7 @@ def test_ovbench_loader_reads_both_layouts_and_scorer_matches_mcq_acc(tmp_path):
 # ---------------------------------------------------------------------- baseline memories
 def test_baseline_memories_keep_what_they_say_at_equal_budgets():
     toks = [Tokens.from_grid(torch.randn(16, 16, 4), i, i / 8) for i in range(300)]
-    w, u, f = WindowMemory(4, 3), UniformMemory(4, 3 * 13), FullMemory(4)
+    w, u, f = WindowMemory(dim=4, frames=3), UniformMemory(dim=4, frames=3 * 13), FullMemory(dim=4)
     for t in toks:
         w.write(t)
         u.write(t)
@@ -590,7 +589,7 @@ def test_baseline_memories_keep_what_they_say_at_equal_budgets():
     for t in toks:
         for name, m in mems.items():
             if name == "dual":
-                t = Tokens(t.features, t.frame_index, t.timestamp, t.grid, t.level, score=torch.rand(len(t)))
+                t = Tokens(t.features, t.frame_index, t.timestamp, t.grid, t.level, extras={"static": torch.rand(len(t))})
             m.write(t)
     for name, m in mems.items():
         if name != "full":

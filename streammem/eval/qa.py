@@ -42,7 +42,6 @@ import json
 import math
 import re
 import time
-import warnings
 from pathlib import Path
 from typing import Callable
 
@@ -54,7 +53,7 @@ from streammem.memory import baselines as memory_baselines
 from streammem.memory.baselines import FullConfig
 from streammem.types import Tokens
 
-__all__ = ["mcq_letter", "score", "load_ovbench", "WindowMemory", "UniformMemory", "FullMemory", "EmptyMemory", "make_memories",
+__all__ = ["mcq_letter", "score", "load_ovbench", "make_memories",
            "evaluate_qa", "evaluate_ovbench", "evaluate_stream", "summarise", "format_table", "plot_horizon", "BUDGETS", "MEMORIES"]
 
 BUDGETS = {"ovbench": 832, "offline": 9984}
@@ -154,26 +153,6 @@ def _from_stream_layout(q: dict, video, rec: dict, where: str) -> dict:
 
 
 # ---------------------------------------------------------------------------- baseline memories
-def _positional(cls: type, names: tuple[str, ...]) -> Callable:
-    """``cls`` called with the fields ``names`` positionally (the older eval-only signature)."""
-
-    def make(*args, **kwargs):
-        warnings.warn(f"streammem.eval.qa.{cls.__name__}(...) is deprecated: use "
-                      f"streammem.memory.{cls.__name__}({', '.join(f'{n}=' for n in names)}...)",
-                      DeprecationWarning, stacklevel=2)
-        return cls(**dict(zip(names, args)), **kwargs)
-
-    make.__name__ = make.__qualname__ = cls.__name__
-    make.__doc__ = f"Deprecated alias of :class:`streammem.memory.{cls.__name__}` taking {names} positionally."
-    return make
-
-
-WindowMemory = _positional(memory_baselines.WindowMemory, ("dim", "frames", "side"))
-UniformMemory = _positional(memory_baselines.UniformMemory, ("dim", "frames", "side"))
-FullMemory = _positional(memory_baselines.FullMemory, ("dim", "side", "pool"))
-EmptyMemory = _positional(memory_baselines.EmptyMemory, ("dim",))
-
-
 def make_memories(budget: str, dim: int, names: tuple[str, ...] = MEMORIES,
                   full_frames: int = FullConfig.frames) -> dict[str, Callable]:
     """Factories of the compared memories at ``budget`` (``"ovbench"`` or ``"offline"``), all

@@ -66,12 +66,12 @@ def evaluate_routing(
         for frame in World(seed=seed, preset=preset, size=size, fps=8.0, frames=frames):
             dyn = scorer(frame.image)
             tokens = enc(frame)
-            tokens.score = torch.from_numpy(1.0 - dyn.reshape(-1))
+            tokens.extras["static"] = torch.from_numpy(1.0 - dyn.reshape(-1))
             mem.write(tokens)
             if frame.index < scorer.gap:
                 continue  # no earlier frame to compare with yet
             out = mem.read()
-            mine = (out.level == 1) & (out.frame_index == frame.index)
+            mine = (out.extras["part"] == 1) & (out.frame_index == frame.index)
             routed = np.zeros((grid, grid), bool)
             rc = out.grid[mine].long().numpy()
             routed[rc[:, 0], rc[:, 1]] = True

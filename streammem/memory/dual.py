@@ -16,8 +16,7 @@ taken from its code-bearing predecessors:
 - routing: each written token carries a static/dynamic score in ``Tokens.extras["static"]``
   supplied by the caller (frame difference after pose compensation, a model's confidence, a
   mask); a token with ``static >= threshold`` is static and goes to the persistent part, the
-  others to the FIFO (``Tokens.score`` is read instead when ``"static"`` is absent: the older
-  spelling, deprecated);
+  others to the FIFO (a token without it follows ``missing_score``);
 - a static token nearly identical to a stored slot (cosine > ``skip_cos`` = 0.95, Spann3R's
   working-memory rule) is skipped;
 - ``read()`` returns both parts tagged by ``extras["part"]`` (0 persistent, 1 transient), with
@@ -50,7 +49,6 @@ Example:
 
 from __future__ import annotations
 
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -167,10 +165,6 @@ class DualMemory(Memory):
         self._check_dim(tokens)
         c = self.config
         score = tokens.extras.get("static")
-        if score is None and tokens.score is not None:
-            warnings.warn("DualMemory.write: pass the static/dynamic score as Tokens.extras['static']; "
-                          "Tokens.score is the older spelling", DeprecationWarning, stacklevel=2)
-            score = tokens.score
         if score is None:
             if c.missing_score == "error":
                 raise ValueError("DualMemory.write needs Tokens.extras['static'] (static/dynamic score per "
@@ -300,10 +294,6 @@ class DualMemory(Memory):
     def read(self, query: FeatureQuery | None = None) -> Tokens:
         """Both parts, persistent (``extras["part"]`` 0) then transient (1, oldest first); with a
         :class:`FeatureQuery`, the best ``query.k`` (default ``query_k``) of them (see :meth:`query`)."""
-        if isinstance(query, (torch.Tensor, Tokens)):  # the older, untyped spelling
-            warnings.warn("DualMemory.read: pass FeatureQuery(features) instead of a bare tensor",
-                          DeprecationWarning, stacklevel=2)
-            query = FeatureQuery(query.features if isinstance(query, Tokens) else query)
         self._check_query(query)
         if query is not None:
             return self.query(query.features, query.k or self.config.query_k)

@@ -26,8 +26,7 @@ width ``dim`` (reshape latents before and after).
 
 ``write(tokens)`` takes one error per token: ``features (N, dim)``, ``extras["timestep"] (N,)``
 the diffusion timestep in ``[0, num_train_timesteps]``, ``extras["bank"] (N,)`` the bank (0
-noise-side, 1 clean-side) (``score`` / ``level`` are read instead when those are absent: the
-older spelling, deprecated). ``add(errors, timesteps, side)`` is the same with plain tensors. A
+noise-side, 1 clean-side). ``add(errors, timesteps, side)`` is the same with plain tensors. A
 read returns stored errors with ``extras["bank"]``, ``extras["timestep"]``, ``frame_index`` =
 the frame (or, through ``add``, the write count) that produced them, ``grid`` = (bin, slot),
 ``level`` 0 and no ``score``; ``read(TimestepQuery(timesteps, banks))`` only the bins nearest
@@ -44,7 +43,6 @@ Example:
 from __future__ import annotations
 
 import functools
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -177,10 +175,6 @@ class ErrorBank(Memory):
         """One error per token: ``extras["timestep"]``, ``extras["bank"]`` (0 noise, 1 clean)."""
         self._check_dim(tokens)
         timesteps, banks = tokens.extras.get("timestep"), tokens.extras.get("bank")
-        if timesteps is None and banks is None and tokens.score is not None:
-            warnings.warn("ErrorBank.write: pass Tokens.extras['timestep'] and ['bank'] instead of score and level",
-                          DeprecationWarning, stacklevel=2)
-            timesteps, banks = tokens.score, tokens.level
         if timesteps is None or banks is None:
             raise ValueError("ErrorBank.write needs Tokens.extras['timestep'] (the timestep of each error) and "
                              "Tokens.extras['bank'] (0 noise-side, 1 clean-side)")
@@ -238,10 +232,6 @@ class ErrorBank(Memory):
     def read(self, query: TimestepQuery | None = None) -> Tokens:
         """All stored errors, or (a :class:`TimestepQuery`) those in the bins nearest each
         query timestep, in the query's banks, bank by bank."""
-        if isinstance(query, Tokens) and query.score is not None:  # the older, untyped spelling
-            warnings.warn("ErrorBank.read: pass TimestepQuery(timesteps, banks) instead of Tokens",
-                          DeprecationWarning, stacklevel=2)
-            query = TimestepQuery(query.score, query.level)
         self._check_query(query)
         wanted = None
         if query is not None:

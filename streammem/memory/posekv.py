@@ -52,7 +52,6 @@ from __future__ import annotations
 
 import itertools
 import math
-import warnings
 from dataclasses import dataclass
 from typing import Any, Callable
 
@@ -360,14 +359,6 @@ class PoseKVMemory(Memory):
         return (z > 1e-6) & ((cam[..., 0] / zc).abs() < th) & ((cam[..., 1] / zc).abs() < tv)
 
     def _query_pose(self, query: PoseQuery | None) -> torch.Tensor | None:
-        if isinstance(query, (Tokens, torch.Tensor, np.ndarray)):  # the older, untyped spelling
-            warnings.warn("PoseKVMemory: pass PoseQuery(pose) instead of a bare pose or Tokens",
-                          DeprecationWarning, stacklevel=3)
-            if isinstance(query, Tokens):
-                if query.pose is None:
-                    raise ValueError("PoseKVMemory.read query Tokens need a pose")
-                query = query.pose[-1]
-            query = PoseQuery(torch.as_tensor(np.asarray(query), dtype=torch.float32))
         self._check_query(query)
         return None if query is None else query.pose
 

@@ -40,16 +40,12 @@ Example (needs torchvision; a random model, nothing downloaded):
 from __future__ import annotations
 
 import contextlib
-from dataclasses import dataclass
 from typing import Any
 
-import numpy as np
-import supervision as sv
 import torch
 from torch import nn
 
 from streammem.models.geo import GEO
-from streammem.types import Frame, Tokens
 
 __all__ = ["TorchvisionDetector", "require_torchvision",
            "training_free_geo"]

@@ -55,6 +55,7 @@ import numpy as np
 import torch
 
 from streammem.memory import PYRAMID_SPREAD, DualMemory, PyramidMemory
+from streammem.memory import SupportsFrames
 from streammem.memory.base import Memory
 from streammem.pipelines.base import HeadBase, annotate_text
 from streammem.types import Answer, Frame, Tokens
@@ -246,7 +247,7 @@ class StreamingQAPipeline(HeadBase):
                 motion = self._scorer(frame.image)
                 t = Tokens(features=tokens.features, frame_index=tokens.frame_index, timestamp=tokens.timestamp,
                            grid=tokens.grid, level=tokens.level, pose=tokens.pose,
-                           score=torch.from_numpy(1.0 - np.asarray(motion, np.float32).reshape(-1)))
+                           extras={"static": torch.from_numpy(1.0 - np.asarray(motion, np.float32).reshape(-1))})
                 self.dual.write(t)
             if self.keep_thumbnails:
                 self._keep_thumb(frame)
@@ -297,13 +298,14 @@ class StreamingQAPipeline(HeadBase):
         return fut.result(timeout=timeout)
 
     def read_memory(self) -> Tokens:
-        """What the answerer reads: the pyramid's tokens (plus DualMemory's, tagged level 3/4)."""
+        """What the answerer reads: the pyramid's tokens (plus DualMemory's, tagged level 3 for its
+        persistent part and 4 for its transient part)."""
         mem = self.memory.read()
         if self.dual is not None:
             d = self.dual.read()
             if len(d):
                 d = Tokens(features=d.features, frame_index=d.frame_index, timestamp=d.timestamp, grid=d.grid,
-                           level=d.level + 3)
+                           level=d.extras["part"] + 3)
                 mem = Tokens(features=mem.features, frame_index=mem.frame_index, timestamp=mem.timestamp,
                              grid=mem.grid, level=mem.level)
                 mem = Tokens.cat([mem, d])
@@ -365,7 +367,7 @@ class StreamingQAPipeline(HeadBase):
         self.thumbs[frame.index] = cv2.resize(frame.image, (max(1, round(w * s)), max(1, round(h * s))),
                                               interpolation=cv2.INTER_AREA)
         # which frames the memory still holds: PyramidMemory lists them cheaply, others by a read
-        held = ({fi for _, fi, _ in self.memory.frames()} if hasattr(self.memory, "frames")
+        held = ({fi for _, fi, _ in self.memory.frames()} if isinstance(self.memory, SupportsFrames)
                 else set(self.memory.read().frame_index.unique().tolist()))
         if self.dual is not None:
             held |= set(self.dual.read().frame_index.unique().tolist())

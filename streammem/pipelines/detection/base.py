@@ -8,7 +8,6 @@ from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import supervision as sv
-import torch
 
 from streammem.pipelines.base import HeadBase
 from streammem.pipelines.detection.config import PROTOCOL_LABEL

@@ -44,7 +44,7 @@ Per frame (:meth:`HOGDetectionPipeline.step`):
 With ``memory="dual"`` one :class:`~streammem.memory.DualMemory` replaces both banks and its
 static/dynamic split carries the same meaning: rejected windows (background, static scene
 structure) go to its persistent, compressed part, confident people (dynamic) to its
-transient FIFO of the last frames; reads split the two by ``level``. With ``memory="none"``
+transient FIFO of the last frames; reads split the two by ``Tokens.extras["part"]``. With ``memory="none"``
 the pipeline is HOG alone at the same thresholds.
 
 Defaults (``tau=0.1``, ``beta=8``, the write rules) were picked on a synthetic sweep (a person
@@ -78,7 +78,6 @@ from streammem.types import Frame, Tokens
 __all__ = ["HOGConfig", "HOGDetectionPipeline", "HOG_MEMORIES"]
 
 HOG_MEMORIES = ("feature_bank", "dual", "none")
-POSITIVE, NEGATIVE = 1, 0  # Tokens.level of the two kinds of bank entries
 
 
 @dataclass
@@ -245,7 +244,8 @@ class HOGDetectionPipeline(DetectionHead):
                 return empty, empty
             toks = m.read()
             # DualMemory tags parts by level: 0 persistent (negatives), 1 transient (positives).
-            pos, neg = toks.features[toks.level == 1], toks.features[toks.level == 0]
+            part = toks.extras["part"]  # DualMemory: 1 transient (people), 0 persistent (background)
+            pos, neg = toks.features[part == 1], toks.features[part == 0]
             out = []
             for f in (pos, neg):
                 if f.shape[0] > c.key_size:
@@ -268,22 +268,24 @@ class HOGDetectionPipeline(DetectionHead):
         neg = torch.nonzero(ok).flatten()
         neg = neg[torch.argsort(s[neg])][: c.negative_writes]
 
-        def tokens(idx: torch.Tensor, level: int, static: float) -> Tokens:
+        def tokens(idx: torch.Tensor, static: float) -> Tokens:
+            """Bank entries: score = the raw SVM margin, extras["static"] = DualMemory's routing."""
             n = len(idx)
             centre = torch.stack([(b[idx, 1] + b[idx, 3]) / 2, (b[idx, 0] + b[idx, 2]) / 2], 1)
             return Tokens(features=torch.from_numpy(feats[idx.numpy()]), frame_index=torch.full((n,), frame.index),
                           timestamp=torch.full((n,), float(frame.timestamp)), grid=centre,
-                          level=torch.full((n,), level), score=torch.full((n,), static))
+                          level=torch.zeros(n, dtype=torch.int64), score=s[idx],
+                          extras={"static": torch.full((n,), static)})
 
         if self.positive_memory is self.negative_memory:  # dual: negatives static, people dynamic
-            both = Tokens.cat([tokens(pos, POSITIVE, 0.0), tokens(neg, NEGATIVE, 1.0)])
+            both = Tokens.cat([tokens(pos, 0.0), tokens(neg, 1.0)])
             if len(both):
                 self.positive_memory.write(both)
         else:
             if len(pos):
-                self.positive_memory.write(tokens(pos, POSITIVE, 1.0))
+                self.positive_memory.write(tokens(pos, 1.0))
             if len(neg):
-                self.negative_memory.write(tokens(neg, NEGATIVE, 1.0))
+                self.negative_memory.write(tokens(neg, 1.0))
         self.counters["positive_writes"] += len(pos)
         self.counters["negative_writes"] += len(neg)
 

@@ -69,6 +69,7 @@ import supervision as sv
 import torch
 import torch.nn.functional as F
 
+from streammem.memory import SupportsRows
 from streammem.models.detector import STRIDE, SmallDetector
 from streammem.pipelines.detection.base import DetectionHead
 from streammem.pipelines.detection.config import DetectionConfig
@@ -167,7 +168,7 @@ class StreamingDetectionPipeline(DetectionHead):
         """A key set of at most ``key_size`` tokens, or None when the memory is off or empty."""
         if memory is None or memory.num_tokens == 0:
             return None
-        if hasattr(memory, "read_rows"):  # DualMemory holds more than a key set: draw one
+        if isinstance(memory, SupportsRows):  # DualMemory holds more than a key set: draw one
             n = memory.num_tokens
             rows = torch.randperm(n, generator=self.gen)[:key_size] if n > key_size else torch.arange(n)
             return memory.read_rows(rows)
@@ -204,11 +205,12 @@ class StreamingDetectionPipeline(DetectionHead):
         sc_t = torch.from_numpy(np.concatenate(sc)[: c.max_pixel_tokens])
         f = torch.index_select(feat[0].reshape(ch, h * w), 1, ys_t * w + xs_t).t().contiguous()
         n_tok = f.shape[0]
-        static = torch.zeros(n_tok) if c.memory == "dual" else sc_t  # dual: object pixels are dynamic
+        # DualMemory routes by a static score (object pixels are dynamic); the bank keeps confidence
+        tag = {"extras": {"static": torch.zeros(n_tok)}} if c.memory == "dual" else {"score": sc_t}
         self.pixel_memory.write(Tokens(features=f, frame_index=torch.full((n_tok,), frame.index),
                                        timestamp=torch.full((n_tok,), float(frame.timestamp)),
                                        grid=torch.stack([ys_t, xs_t], 1).float(),
-                                       level=torch.zeros(n_tok, dtype=torch.int64), score=static))
+                                       level=torch.zeros(n_tok, dtype=torch.int64), **tag))
         self.counters["pixel_writes"] += n_tok
 
     def _write_instances(self, fc6: torch.Tensor, props: torch.Tensor, obj: torch.Tensor, frame: Frame) -> None:
@@ -222,11 +224,12 @@ class StreamingDetectionPipeline(DetectionHead):
         if n == 0:
             return
         centre = self.detector.box_centres(p)[:, [1, 0]] / STRIDE  # (row, col) cells
-        score = (1.0 - o) if c.memory == "dual" else o
+        # DualMemory routes background (low objectness) to its static store; the bank keeps objectness
+        tag = {"extras": {"static": 1.0 - o}} if c.memory == "dual" else {"score": o}
         self.instance_memory.write(Tokens(features=self.detector.key_cache(f).contiguous(),
                                           frame_index=torch.full((n,), frame.index),
                                           timestamp=torch.full((n,), float(frame.timestamp)), grid=centre,
-                                          level=torch.ones(n, dtype=torch.int64), score=score))
+                                          level=torch.zeros(n, dtype=torch.int64), **tag))
         self.counters["instance_writes"] += n
 
     # ------------------------------------------------------------------ one frame
