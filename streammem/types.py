@@ -15,12 +15,29 @@ Example:
 from __future__ import annotations
 
 from dataclasses import dataclass, field, fields
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import numpy as np
 import torch
 
-__all__ = ["Frame", "Tokens", "Answer"]
+__all__ = ["Frame", "Tokens", "Answer", "check_field", "field_checker"]
+
+
+def check_field(ok: bool, owner: str, field: str, allowed: str, value: Any) -> None:
+    """Raise ``ValueError`` naming ``owner.field``, the allowed range and the value given."""
+    if not ok:
+        raise ValueError(f"{owner}.{field} must be {allowed}, got {value!r}")
+
+
+def field_checker(config: Any) -> Callable[[bool, str, str], None]:
+    """``need(ok, field, allowed)`` for a config dataclass's ``__post_init__``: raises
+    ``ValueError`` naming ``<Config>.<field>``, what is allowed and the value given."""
+    owner = type(config).__name__
+
+    def need(ok: bool, field: str, allowed: str) -> None:
+        check_field(ok, owner, field, allowed, getattr(config, field))
+
+    return need
 
 
 @dataclass

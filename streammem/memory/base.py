@@ -45,7 +45,7 @@ import torch.nn.functional as F
 from safetensors import safe_open
 from safetensors.torch import save_file
 
-from streammem.types import Tokens
+from streammem.types import Tokens, check_field
 
 __all__ = ["Memory", "MemoryConfig", "TokenSlots", "check_field", "pool_grid", "pool_grid_salient", "MEMORY_KINDS"]
 
@@ -56,12 +56,6 @@ SNAPSHOT_FORMAT = "streammem.memory"
 
 #: kind name -> memory class; filled by ``Memory.__init_subclass__``.
 MEMORY_KINDS: dict[str, type["Memory"]] = {}
-
-
-def check_field(ok: bool, owner: str, field: str, allowed: str, value: Any) -> None:
-    """Raise ``ValueError`` naming ``owner.field``, the allowed range and the value given."""
-    if not ok:
-        raise ValueError(f"{owner}.{field} must be {allowed}, got {value!r}")
 
 
 @dataclass

@@ -5,6 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 from streammem.models.detector import STRIDE
+from streammem.types import field_checker
 
 __all__ = ["DetectionConfig", "MODES", "MEMORIES", "PROTOCOL_LABEL"]
 
@@ -68,9 +69,7 @@ class DetectionConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"DetectionConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
+        need = field_checker(self)
 
         need(self.memory in MEMORIES, "memory", f"one of {MEMORIES}")
         need(self.mode in MODES, "mode", f"one of {MODES}")

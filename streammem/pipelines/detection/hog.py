@@ -54,7 +54,7 @@ compares; a window's position is not used.
 
 Example:
     >>> import numpy as np
-    >>> from streammem.types import Frame
+    >>> from streammem.types import field_checker, Frame
     >>> pipe = HOGDetectionPipeline()
     >>> det = pipe.step(Frame(index=0, timestamp=0.0, image=np.full((160, 120, 3), 128, np.uint8)))
     >>> len(det), pipe.stats()["frames"]
@@ -73,7 +73,7 @@ import torch
 from streammem.models.detector import box_iou, nms
 from streammem.models.hog import WINDOW, HOGPeopleDetector, support
 from streammem.pipelines.detection.base import DetectionHead
-from streammem.types import Frame, Tokens
+from streammem.types import Frame, Tokens, field_checker
 
 __all__ = ["HOGConfig", "HOGDetectionPipeline", "HOG_MEMORIES"]
 
@@ -136,9 +136,7 @@ class HOGConfig:
     seed: int = 0
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"HOGConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
+        need = field_checker(self)
 
         need(self.memory in HOG_MEMORIES, "memory", f"one of {HOG_MEMORIES}")
         need(self.mode in ("causal", "protocol"), "mode", "'causal' or 'protocol'")

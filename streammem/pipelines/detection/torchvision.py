@@ -16,7 +16,7 @@ import torch
 
 from streammem.models.torchvision_adapter import TorchvisionDetector
 from streammem.pipelines.detection.base import DetectionHead
-from streammem.types import Frame, Tokens
+from streammem.types import Frame, Tokens, field_checker
 
 __all__ = ["TorchvisionConfig", "TorchvisionDetectionPipeline"]
 
@@ -45,9 +45,7 @@ class TorchvisionConfig:
     warmup: int = 25
 
     def __post_init__(self) -> None:
-        def need(ok: bool, name: str, allowed: str) -> None:
-            if not ok:
-                raise ValueError(f"TorchvisionConfig.{name} must be {allowed}, got {getattr(self, name)!r}")
+        need = field_checker(self)
 
         need(self.memory in ("feature_bank", "none"), "memory", "'feature_bank' or 'none'")
         need(isinstance(self.max_size, int) and self.max_size >= 1, "max_size", "an int >= 1")
