@@ -19,8 +19,7 @@ CHECKED = [
     (("ask",), QAConfig, {}),
     (("detect",), DetectionConfig, {"score_threshold": "per detector (small 0.3, hog 0.0), see DEFAULT_THRESHOLDS",
                                     "image_size": "None: the detector's own"}),
-    (("train", "detector"), TrainConfig, {"out": "the shipped checkpoint's absolute path",
-                                          "model": "JSON text on the command line",
+    (("train", "detector"), TrainConfig, {"model": "JSON text on the command line",
                                           "resume": "the same None"}),
     (("train", "answerer"), AnswererTrainConfig, {"data": "a Path option", "init": "a Path option",
                                                   "log": "the same None"}),
@@ -72,3 +71,17 @@ def test_a_changed_default_is_caught():
     param.default = "dual"
     bad, _ = mismatches(cmd, DetectionConfig, CHECKED[2][2])
     assert bad == ["--memory defaults to 'dual', DetectionConfig.memory to 'feature_bank'"]
+
+
+def test_ask_returns_on_an_endless_source_and_bad_input_exits_2(tmp_path):
+    from typer.testing import CliRunner
+
+    # world:seed=77 without seconds/frames never ends: ask stops once its last question is answered
+    res = CliRunner().invoke(app, ["ask", "world:seed=77,fps=8,size=64", "--at", "0.5", "--at", "1",
+                                   "Is there a cat in view now?", "-c", "yes", "-c", "no", "-o", str(tmp_path)])
+    assert res.exit_code == 0, res.output
+    assert res.output.count("Is there a cat in view now?") == 2 and "2 answers ->" in res.output
+    assert len((tmp_path / "answers.jsonl").read_text().splitlines()) == 2
+    res = CliRunner().invoke(app, ["ask", str(tmp_path / "missing.mp4"), "--at", "1", "q?", "-o", str(tmp_path / "o")])
+    assert res.exit_code == 2 and "no such file" in res.output
+    assert not (tmp_path / "o" / "answers.jsonl").exists()

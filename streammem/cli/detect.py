@@ -69,7 +69,7 @@ def detect(
 @train_app.command("detector")
 def train_detector(
     minutes: float = typer.Option(default(TrainConfig, "minutes"), help="wall-clock training budget"),
-    out: str = typer.Option(DEFAULT_CHECKPOINT, "--out", "-o", help="checkpoint folder"),
+    out: str = typer.Option(default(TrainConfig, "out"), "--out", "-o", help="checkpoint folder (never the shipped one unless named)"),
     batch: int = typer.Option(default(TrainConfig, "batch"), help="triples per step"),
     lr: float = typer.Option(default(TrainConfig, "lr"), help="peak learning rate"),
     size: int = typer.Option(default(TrainConfig, "size"), help="frame side in pixels"),

@@ -20,6 +20,7 @@ import typer
 from streammem.cli.common import app, default, eval_app, fail, train_app
 from streammem.pipelines.qa import QAConfig
 from streammem.train.answerer import AnswererTrainConfig
+from streammem.train.qa_data import SHIPPED_ENCODER
 from streammem.train.grid_encoder import EncoderTrainConfig
 
 _OPT_RE = re.compile(r"\(?([A-E])[).:]\s*")
@@ -80,10 +81,14 @@ def ask(
         fail(str(exc))
     opts = {"fps": fps} if fps and not source.startswith("world:") else {}
     if interactive:
+        try:
+            src = open_source(source, **opts)
+        except (SourceError, ValueError) as exc:
+            fail(str(exc))
         writer = JsonlWriter(out / "answers.jsonl") if out else None
         n = 0
         try:
-            n = _interactive(pipe, open_source(source, **opts), max_frames, writer)
+            n = _interactive(pipe, src, max_frames, writer)
         except (SourceError, ValueError) as exc:
             if writer:
                 writer.close()
@@ -94,14 +99,14 @@ def ask(
     q, cands = split_options(question, choice)
     try:
         res = run_ask(source, q, cands, at, max_frames=max_frames, out=out, pipeline=pipe, **opts)
-    except (SourceError, ValueError) as exc:
-        fail(f"{exc} (answers so far: 0)", code=1)
+    except (SourceError, ValueError) as exc:  # before the stream started: bad input or options
+        fail(str(exc))
     for t, a in res.answers:
         _print_answer(q, t, a)
-    if res.error is not None:
-        fail(f"{res.error} (answers so far: {len(res.answers)})", code=1)
     if res.jsonl is not None:
         typer.echo(f"{len(res.answers)} answers -> {res.jsonl}")
+    if res.error is not None:
+        fail(f"{res.error} (the answers due before it are kept)", code=1)
 
 
 def _interactive(pipe, src, max_frames, writer) -> int:
@@ -229,7 +234,7 @@ def qa_snapshots_cmd(
     worlds: int = typer.Option(60, help="training worlds"),
     seconds: float = typer.Option(480.0, help="length of each world"),
     every: float = typer.Option(1.0, help="seconds between question times"),
-    encoder: str = typer.Option("streammem/checkpoints/grid_encoder", help="frozen encoder checkpoint"),
+    encoder: str = typer.Option(SHIPPED_ENCODER, help="frozen encoder checkpoint (default: the shipped one)"),
     threads: int = typer.Option(1, help="torch threads"),
     pool: str = typer.Option("mean", help="the pyramids' pooling: mean (the reference) or salient"),
     retention: str = typer.Option("reference", help="the pyramids' retention: reference or spread"),

@@ -7,7 +7,8 @@ streammem's checkpoints:
   nothing); missing parameters keep their initial values, which is what a resumed training
   with a new, zero-initialised part wants. ``from_pretrained(..., strict=True)`` raises instead;
 - pickled weights (``pytorch_model.bin``, the mixin's fallback for hub repositories without a
-  safetensors file) are refused: streammem never unpickles a file a user hands it.
+  safetensors file) are refused: streammem never unpickles a file a user hands it;
+- the mixin's "Loading weights from local directory" line on stdout is not printed.
 
 Example:
     >>> import torch, tempfile, warnings
@@ -20,14 +21,15 @@ Example:
     >>> Small().save_pretrained(d)
     >>> with warnings.catch_warnings(record=True) as w:
     ...     warnings.simplefilter("always")
-    ...     m = Small.from_pretrained(d, extra=True)  # doctest: +ELLIPSIS
-    Loading weights from local directory
+    ...     m = Small.from_pretrained(d, extra=True)
     >>> "b.weight" in str(w[0].message)
     True
 """
 
 from __future__ import annotations
 
+import contextlib
+import io
 import warnings
 
 from huggingface_hub import PyTorchModelHubMixin
@@ -37,6 +39,11 @@ __all__ = ["SafeHubMixin"]
 
 class SafeHubMixin(PyTorchModelHubMixin):
     """``PyTorchModelHubMixin`` that names missing / unexpected weights and refuses pickles."""
+
+    @classmethod
+    def _from_pretrained(cls, *args, **kwargs):
+        with contextlib.redirect_stdout(io.StringIO()):  # the mixin prints where it loads from
+            return super()._from_pretrained(*args, **kwargs)
 
     @classmethod
     def _load_as_safetensor(cls, model, model_file: str, map_location: str, strict: bool):

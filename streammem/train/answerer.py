@@ -36,7 +36,7 @@ from tqdm import tqdm
 
 from streammem.models.answerer import SmallAnswerer, encode_questions
 from streammem.train.event_gate import EventGateData, event_gate_data, fit_event_gate, refit_event_gate
-from streammem.train.qa_data import (TRAIN_SEED0, VAL_SEED0, PoolMismatch, Snapshot, _ShardPool, _snapshot_tokens,
+from streammem.train.qa_data import (SHIPPED_ENCODER, TRAIN_SEED0, VAL_SEED0, PoolMismatch, Snapshot, _ShardPool, _snapshot_tokens,
                                      build_snapshots, fit_vocab, iter_world_snapshots, label_space, load_shard,
                                      produce, save_shard, shard_pool)
 
@@ -74,8 +74,8 @@ class AnswererTrainConfig:
     model: SmallAnswerer keyword arguments (besides vocab and token_dim).
     """
 
-    out: str = "streammem/checkpoints/answerer"
-    encoder: str = "streammem/checkpoints/grid_encoder"
+    out: str = "outputs/checkpoints/answerer"
+    encoder: str = SHIPPED_ENCODER
     minutes: float = 25.0
     worlds: int = 10
     val_worlds: int = 2

@@ -86,7 +86,7 @@ class TrainConfig:
         inference.
     """
 
-    out: str = "streammem/checkpoints/detector"
+    out: str = "outputs/checkpoints/detector"
     minutes: float = 30.0
     batch: int = 3
     lr: float = 2e-3

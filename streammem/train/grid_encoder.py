@@ -49,7 +49,7 @@ class EncoderTrainConfig:
     min_cover: float = 0.2
     bg_weight: float = 0.2
     seed: int = 0
-    out: str | None = "streammem/checkpoints/grid_encoder"
+    out: str | None = "outputs/checkpoints/grid_encoder"
     log: str | None = None
 
 

@@ -29,10 +29,15 @@ from pathlib import Path
 import torch
 from tqdm import tqdm
 
+from streammem.checkpoints import ROOT as CHECKPOINTS
 from streammem.memory import PyramidMemory
 from streammem.models.answerer import Vocab
 from streammem.models.grid_encoder import grid_tokens
 from streammem.types import Tokens
+
+
+#: the shipped frozen encoder (its folder inside the installed package)
+SHIPPED_ENCODER = str(CHECKPOINTS / "grid_encoder")
 
 __all__ = ["TRAIN_SEED0", "VAL_SEED0", "Snapshot", "build_snapshots", "iter_world_snapshots", "PoolMismatch",
            "shard_pool", "save_shard", "load_shard", "produce", "fit_vocab", "label_space"]
@@ -236,7 +241,7 @@ class _ShardPool:
                 + (f"; {len(self.broken)} unreadable shards skipped: {', '.join(self.broken)}" if self.broken else ""))
 
 
-def produce(out_dir: str | Path, encoder: str = "streammem/checkpoints/grid_encoder", worlds: int = 60,
+def produce(out_dir: str | Path, encoder: str = SHIPPED_ENCODER, worlds: int = 60,
             val_worlds: int = 2, seconds: float = 360.0, every_s: float = 1.0, val_every_s: float = 10.0,
             presets: tuple[str, ...] = ("clean", "medium", "hard"), budgets: tuple[str, ...] = ("ovbench", "offline"),
             strides: dict[str, int] | None = None, seed: int = 0, threads: int = 1,
