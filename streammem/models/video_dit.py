@@ -33,8 +33,13 @@ Conditioning:
   words; any word list can be configured.
 
 Flow matching (diffusers' ``FlowMatchEulerDiscreteScheduler`` convention): ``x_s = (1 - s) x0 +
-s eps`` with ``s`` in [0, 1] (1 is pure noise), the model predicts ``v = eps - x0`` and takes the
-timestep ``1000 * s``; ``sample_chunk`` integrates with the scheduler's Euler steps.
+s eps`` with ``s`` in [0, 1] (1 is pure noise), timestep ``1000 * s``. The network predicts the
+clean chunk ``x0_hat`` and ``forward`` returns the velocity ``v = (x_s - x0_hat) / max(s,
+min_sigma)``, trained against ``v = eps - x0`` (x-prediction with a v-loss, as JiT, arXiv
+2511.13720: a patch of ``3 p^2`` pixels may be wider than the model, and a network that must
+reproduce the noise through that bottleneck leaves noise in its samples; the clean image lies
+on a low-dimensional manifold and passes). ``sample_chunk`` integrates with the scheduler's
+Euler steps.
 
 Shapes: ``forward(sample (B, F, 3, H, W), timestep (B,), actions (B, F, 13), poses (B, F, 4, 4),
 prompt_ids (B, L), context: ChunkContext | None) -> (B, F, 3, H, W)``.
@@ -199,6 +204,7 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
         pose_scale: multiplies pose translations before the Fourier features (StreamWorld
             poses are in canvas pixels: 1/512 makes one unit the view width at zoom 0).
         pose_freqs, grid_freqs: Fourier octaves of the pose and grid-position features.
+        min_sigma: the noise level below which ``v = (x_s - x0_hat) / s`` divides by it instead.
     """
 
     @register_to_config
@@ -215,6 +221,7 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
         pose_scale: float = 1 / 512,
         pose_freqs: int = 6,
         grid_freqs: int = 4,
+        min_sigma: float = 0.05,
     ):
         super().__init__()
         if sample_size % patch_size:
@@ -307,7 +314,8 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
         context: ChunkContext | None = None,
         use_pose: bool = True,
     ) -> torch.Tensor:
-        """Velocity ``v = eps - x0`` for a noisy chunk (see the module docstring for shapes)."""
+        """Velocity ``v`` (estimate of ``eps - x0``) for a noisy chunk at ``timestep = 1000 s``
+        (see the module docstring for shapes): ``(sample - x0_hat) / max(s, min_sigma)``."""
         b, f = sample.shape[:2]
         s, d = self.grid_side, self.config.dim
         if tuple(sample.shape[2:]) != (3, s * self.config.patch_size, s * self.config.patch_size):
@@ -326,7 +334,8 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
             x_pose = self.pose_code(poses[:, :, None].expand(b, f, hw, 4, 4), grid.expand(b, f, hw, 2))
             x_pose = x_pose.reshape(b, f * hw, d)
         act = self.action_mlp(actions)[:, :, None].expand(b, f, hw, d).reshape(b, f * hw, d)
-        cond = self._time_embed(timestep.expand(b) if timestep.ndim == 0 else timestep) + self._prompt_embed(prompt_ids)
+        timestep = timestep.expand(b) if timestep.ndim == 0 else timestep
+        cond = self._time_embed(timestep) + self._prompt_embed(prompt_ids)
         ctx = ctx_pose = ctx_mask = None
         if context is not None and len(context) > 0:
             lvl = torch.log2(context.level.float().clamp_min(1)).round().long().clamp(0, 7)
@@ -339,7 +348,9 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
             x = blk(x, x_pose, cond, act, ctx, ctx_pose, ctx_mask)
         sh, sc = self.ada_out(F.silu(cond))[:, None].chunk(2, -1)
         out = self.proj_out(self.norm_out(x) * (1 + sc) + sh)
-        return self.unpatchify(out.reshape(b, f, hw, self.patch_dim))
+        x0_hat = self.unpatchify(out.reshape(b, f, hw, self.patch_dim))
+        sigma = (timestep.float() / 1000).clamp_min(self.config.min_sigma).view(b, 1, 1, 1, 1)
+        return (sample - x0_hat) / sigma
 
 
 @torch.no_grad()
