@@ -143,15 +143,20 @@ def test_sample_chunk_shape_and_finite():
     assert torch.isfinite(out).all() and out.abs().max() <= 1
 
 
-def test_context_changes_output():
+def test_context_and_anchor_change_output():
     m = _model()
     _, _, a, poses, ids = _inputs()
     kw = dict(num_inference_steps=3)
+    anchor = torch.rand(2, 3, 16, 16, generator=torch.Generator().manual_seed(5)) * 2 - 1
+    kw["anchor"] = anchor
     with_ctx = sample_chunk(m, a, poses, ids, _context(m), generator=torch.Generator().manual_seed(0), **kw)
     other_ctx = sample_chunk(m, a, poses, ids, _context(m, seed=9), generator=torch.Generator().manual_seed(0), **kw)
     none = sample_chunk(m, a, poses, ids, None, generator=torch.Generator().manual_seed(0), **kw)
     assert (with_ctx - none).abs().max() > 1e-3
     assert (with_ctx - other_ctx).abs().max() > 1e-3
+    kw["anchor"] = -anchor
+    other_anchor = sample_chunk(m, a, poses, ids, _context(m), generator=torch.Generator().manual_seed(0), **kw)
+    assert (with_ctx - other_anchor).abs().max() > 1e-3
 
 
 def test_padded_context_equals_unpadded():

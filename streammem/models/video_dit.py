@@ -20,6 +20,11 @@ memory of each layer's KV).
 
 Conditioning:
 
+- **anchor**: the newest clean frame before the chunk (the start image for the first chunk, then
+  the last generated frame), patch-embedded and added to every chunk frame's tokens at the same
+  grid position (as image-to-video models concatenate the conditioning image with the noisy
+  input). It gives a model this small a direct path for what barely moves between frames; what
+  left the view comes back through the memory's context tokens;
 - **pose**: every token (chunk and context) carries its frame's absolute camera pose
   (camera-to-world 4x4); Fourier features of ``pose[:3, :4]`` (translation times
   ``pose_scale``) and of the token's grid position go through an MLP to a pose code, and each
@@ -42,7 +47,7 @@ on a low-dimensional manifold and passes). ``sample_chunk`` integrates with the 
 Euler steps.
 
 Shapes: ``forward(sample (B, F, 3, H, W), timestep (B,), actions (B, F, 13), poses (B, F, 4, 4),
-prompt_ids (B, L), context: ChunkContext | None) -> (B, F, 3, H, W)``.
+prompt_ids (B, L), context: ChunkContext | None, anchor (B, 3, H, W) | None) -> (B, F, 3, H, W)``.
 
 Example:
     >>> import torch
@@ -234,6 +239,7 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
         self.patch_dim = 3 * patch_size * patch_size
         self.patch_embed = nn.Linear(self.patch_dim, dim)
         self.ctx_embed = nn.Linear(self.patch_dim, dim)
+        self.anchor_embed = nn.Linear(self.patch_dim, dim)
         self.level_embed = nn.Embedding(8, dim)  # pooling factor -> log2 index (1, 2, 4, ... 128)
         gdim = 2 * (1 + 2 * grid_freqs)
         self.grid_embed = nn.Linear(gdim, dim)
@@ -312,6 +318,7 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
         poses: torch.Tensor,
         prompt_ids: torch.Tensor,
         context: ChunkContext | None = None,
+        anchor: torch.Tensor | None = None,
         use_pose: bool = True,
     ) -> torch.Tensor:
         """Velocity ``v`` (estimate of ``eps - x0``) for a noisy chunk at ``timestep = 1000 s``
@@ -328,6 +335,10 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
         ys, xs = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
         grid = torch.stack([ys.reshape(-1), xs.reshape(-1)], 1).float()  # (hw, 2)
         x = self.patch_embed(self.patchify(sample)) + self.grid_embed(self._grid_features(grid))  # (B, F, hw, D)
+        if anchor is not None:
+            if tuple(anchor.shape) != (b, *sample.shape[2:]):
+                raise ValueError(f"anchor must be {(b, *sample.shape[2:])}, got {tuple(anchor.shape)}")
+            x = x + self.anchor_embed(self.patchify(anchor))[:, None]
         x = x.reshape(b, f * hw, d)
         x_pose = None
         if use_pose:
@@ -360,6 +371,7 @@ def sample_chunk(
     poses: torch.Tensor,
     prompt_ids: torch.Tensor,
     context: ChunkContext | None,
+    anchor: torch.Tensor | None = None,
     num_inference_steps: int = 8,
     generator: torch.Generator | None = None,
     scheduler: FlowMatchEulerDiscreteScheduler | None = None,
@@ -369,7 +381,8 @@ def sample_chunk(
     """Generate one chunk ``(B, F, 3, H, W)`` in [-1, 1] with Euler flow-matching steps.
 
     ``actions (B, F, 13)`` and ``poses (B, F, 4, 4)`` are the new frames' camera actions and
-    absolute poses; ``context`` the clean past (``ChunkContext.from_tokens(memory reads)``).
+    absolute poses; ``context`` the clean past (``ChunkContext.from_tokens(memory reads)``);
+    ``anchor (B, 3, H, W)`` the newest clean frame (start image, then the last generated one).
     ``scheduler`` defaults to ``FlowMatchEulerDiscreteScheduler(shift=1.0)``.
     """
     b, f = actions.shape[:2]
@@ -378,7 +391,7 @@ def sample_chunk(
     sched.set_timesteps(num_inference_steps)
     x = torch.randn(b, f, 3, size, size, generator=generator)
     for i, t in enumerate(sched.timesteps):
-        v = model(x, t.expand(b), actions, poses, prompt_ids, context, use_pose=use_pose)
+        v = model(x, t.expand(b), actions, poses, prompt_ids, context, anchor, use_pose=use_pose)
         x = sched.step(v, t, x).prev_sample
         if callback is not None:
             callback(i, x)

@@ -15,7 +15,7 @@ clip_frames - chunk_frames``), the clean frames ``0 .. k-1`` written one by one 
 ``PoseKVMemory`` (the memory the model will read at generation time: a ``window`` of full-
 resolution frames plus the RELIC-pooled history, all history retrieved), and the chunk
 ``k .. k+F-1`` noised by flow matching: ``s ~ logit-normal(0, 1)``, ``x_s = (1 - s) x0 + s eps``,
-target ``v = eps - x0``, MSE. The prompt is the world's preset name, dropped to the empty
+target ``v = eps - x0``, MSE; the anchor is clean frame ``k-1``. The prompt is the world's preset name, dropped to the empty
 prompt with probability ``prompt_drop``.
 
 Optimiser AdamW (betas 0.9, 0.99, weight decay 0.01), gradient clipping 1.0, linear warmup for
@@ -162,7 +162,7 @@ class ClipSampler:
         f = cfg.chunk_frames
         if k is None:
             k = int(rng.integers(1, cfg.clip_frames - f + 1))
-        xs, acts, poses, prompts, ctx = [], [], [], [], []
+        xs, acts, poses, prompts, ctx, anchors = [], [], [], [], [], []
         n_streams, t_stream = self.data["frames"].shape[:2]
         for _ in range(cfg.batch_size):
             s = int(rng.integers(n_streams))
@@ -177,6 +177,7 @@ class ClipSampler:
             po_t = torch.from_numpy(np.ascontiguousarray(po))
             ctx.append((img[:k], po_t[:k]))
             xs.append(img[k:k + f])
+            anchors.append(img[k - 1])
             acts.append(torch.from_numpy(np.ascontiguousarray(ac[k:k + f])))
             poses.append(po_t[k:k + f])
             pid = self.words[int(self.data["preset"][s])]
@@ -185,7 +186,7 @@ class ClipSampler:
             prompts.append(pid)
         context = self.context(torch.stack([c[0] for c in ctx]), torch.stack([c[1] for c in ctx]))
         return {"x0": torch.stack(xs), "actions": torch.stack(acts), "poses": torch.stack(poses),
-                "prompt_ids": torch.stack(prompts), "context": context, "k": k}
+                "prompt_ids": torch.stack(prompts), "context": context, "anchor": torch.stack(anchors), "k": k}
 
     def context(self, frames: torch.Tensor, poses: torch.Tensor) -> ChunkContext:
         """What ``self.memory()`` returns from ``read()`` after writing frames ``0 .. k-1`` of
@@ -226,7 +227,7 @@ def flow_loss(model: CausalVideoDiT, batch: dict, sigma: torch.Tensor, noise: to
     s = sigma.view(-1, 1, 1, 1, 1)
     xt = (1 - s) * x0 + s * noise
     v = model(xt, sigma * 1000, batch["actions"], batch["poses"], batch["prompt_ids"],
-              batch["context"] if context is None else context)
+              batch["context"] if context is None else context, batch.get("anchor"))
     return (v - (noise - x0)).square().mean()
 
 
