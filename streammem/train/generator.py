@@ -1,0 +1,394 @@
+"""Train :class:`~streammem.models.video_dit.CausalVideoDiT` on StreamWorld clips, on the CPU, resumable.
+
+Data. ``n_seeds`` worlds (seeds ``seed_base + i``, presets alternating over ``presets``, no
+corruptions, no dropped frames) rendered once at ``size`` px and ``fps`` for ``stream_frames``
+frames each, cached as one ``.npz`` under ``cache_dir``. The presets are changed for training:
+``loop_prob`` (default 0.6, StreamWorld's presets use 0.25) so that most camera segments are
+loops that leave a place and come back to the exact same pose, and ``pan_speed`` (default 80
+world px/s) so that the camera moves a few pixels per frame at 64 px and 4 fps. Held-out
+evaluation worlds should use seeds below ``seed_base``.
+
+One training example: a clip of ``clip_frames`` consecutive frames from a random stream and
+offset, time-reversed with probability ``reverse_prob`` (RELIC's palindrome augmentation; the
+actions are inverted accordingly), a chunk start ``k`` (shared by the batch, ``1 <= k <=
+clip_frames - chunk_frames``), the clean frames ``0 .. k-1`` written one by one to a
+``PoseKVMemory`` (the memory the model will read at generation time: a ``window`` of full-
+resolution frames plus the RELIC-pooled history, all history retrieved), and the chunk
+``k .. k+F-1`` noised by flow matching: ``s ~ logit-normal(0, 1)``, ``x_s = (1 - s) x0 + s eps``,
+target ``v = eps - x0``, MSE; the anchor is clean frame ``k-1``. The prompt is the world's preset name, dropped to the empty
+prompt with probability ``prompt_drop``.
+
+Optimiser AdamW (betas 0.9, 0.99, weight decay 0.01), gradient clipping 1.0, linear warmup for
+``warmup`` steps, then cosine decay to ``0.1 lr`` over the ``minutes`` budget (by elapsed time).
+
+Outputs in ``out``: ``config.json`` + ``diffusion_pytorch_model.safetensors`` (diffusers
+``save_pretrained``), ``training_state.safetensors`` (optimiser moments, torch RNG state) and
+``training.json`` (step, elapsed time, train config, numpy RNG state, last losses), written every
+``save_every_s`` seconds and at the end; ``train_log.jsonl`` gets one line per ``log_every``
+steps and a validation line (fixed held-out batch, with the memory context and with the first
+frame only) every ``val_every`` steps. Running again with the same ``out`` resumes from there
+until the elapsed time reaches ``minutes``.
+
+Usage:
+    python -m streammem.train.generator --minutes 60 --threads 1 --out streammem/checkpoints/generator
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import hashlib
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from safetensors.torch import load_file, save_file
+
+from streammem.memory import RELIC_SCHEDULE, PoseKVMemory
+from streammem.memory.posekv import _cells
+from streammem.models.video_dit import ChunkContext, CausalVideoDiT
+
+__all__ = ["TrainConfig", "train", "render_streams", "reverse_actions", "ClipSampler"]
+
+# action layout pairs (right/left, down/up, forward/backward, pitch, yaw, roll) swap when time runs backwards
+_ACTION_SWAP = [1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 12]
+
+
+@dataclass
+class TrainConfig:
+    """Training hyper-parameters (see the module docstring)."""
+
+    out: str = "streammem/checkpoints/generator"
+    minutes: float = 60.0
+    threads: int = 1
+    seed: int = 0
+    batch_size: int = 8
+    lr: float = 3e-4
+    warmup: int = 100
+    clip_frames: int = 48
+    chunk_frames: int = 2
+    window: int = 4
+    size: int = 64
+    fps: float = 4.0
+    presets: tuple = ("clean", "medium")
+    loop_prob: float = 0.6
+    pan_speed: float = 80.0
+    n_seeds: int = 48
+    seed_base: int = 10_000
+    stream_frames: int = 192
+    reverse_prob: float = 0.5
+    prompt_drop: float = 0.1
+    save_every_s: float = 300.0
+    log_every: int = 20
+    val_every: int = 200
+    max_steps: int | None = None
+    cache_dir: str = "~/.cache/streammem/generator"
+    model: dict = field(default_factory=lambda: dict(sample_size=64, patch_size=8, dim=128, num_layers=4,
+                                                      num_heads=4, mlp_ratio=3.0, chunk_frames=2))
+
+    def __post_init__(self) -> None:
+        self.presets = tuple(self.presets)
+        if self.chunk_frames + 1 > self.clip_frames:
+            raise ValueError(f"clip_frames={self.clip_frames} must exceed chunk_frames={self.chunk_frames}")
+        if self.clip_frames > self.stream_frames:
+            raise ValueError(f"clip_frames={self.clip_frames} must be <= stream_frames={self.stream_frames}")
+        if self.minutes <= 0 or self.threads < 1 or self.batch_size < 1:
+            raise ValueError("minutes must be > 0, threads and batch_size >= 1")
+
+
+def render_streams(cfg: TrainConfig, seeds: list[int]) -> dict[str, np.ndarray]:
+    """Render one stream per seed: ``frames (S, T, H, W, 3) uint8``, ``poses (S, T, 4, 4)``,
+    ``actions (S, T, 13)``, ``preset (S,)`` index into ``cfg.presets``."""
+    from streammem.world import World
+    from streammem.world.world import PRESETS
+
+    frames, poses, actions, presets = [], [], [], []
+    for i, seed in enumerate(seeds):
+        name = cfg.presets[seed % len(cfg.presets)]
+        w = World(seed=seed, preset=name, size=cfg.size, fps=cfg.fps, frames=cfg.stream_frames,
+                  corruption="clean", drop_frames=False)
+        w.params = dataclasses.replace(PRESETS[name], loop_prob=cfg.loop_prob, pan_speed=cfg.pan_speed)
+        fr = list(w)
+        frames.append(np.stack([f.image for f in fr]))
+        poses.append(np.stack([f.pose for f in fr]).astype(np.float32))
+        actions.append(np.stack([f.action for f in fr]).astype(np.float32))
+        presets.append(cfg.presets.index(name))
+    return {"frames": np.stack(frames), "poses": np.stack(poses), "actions": np.stack(actions),
+            "preset": np.array(presets, np.int64)}
+
+
+def _cached_streams(cfg: TrainConfig, seeds: list[int], tag: str) -> dict[str, np.ndarray]:
+    key = json.dumps([seeds, cfg.size, cfg.fps, cfg.stream_frames, list(cfg.presets), cfg.loop_prob, cfg.pan_speed])
+    path = Path(os.path.expanduser(cfg.cache_dir)) / f"{tag}-{hashlib.sha1(key.encode()).hexdigest()[:12]}.npz"
+    if path.exists():
+        with np.load(path) as z:
+            return {k: z[k] for k in z.files}
+    data = render_streams(cfg, seeds)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp.npz")
+    np.savez(tmp, **data)
+    os.replace(tmp, path)
+    return data
+
+
+def reverse_actions(actions: np.ndarray) -> np.ndarray:
+    """Actions ``(T, 13)`` of the time-reversed clip: reversed frame j's action is the inverse
+    of original frame ``T-j``'s (swapped direction pairs); the first frame gets "static"."""
+    out = np.zeros_like(actions)
+    out[1:] = actions[::-1][:-1][:, _ACTION_SWAP]
+    out[0, 12] = 1.0
+    return out
+
+
+class ClipSampler:
+    """Draws training batches (clip, chunk start, memory context) from rendered streams."""
+
+    def __init__(self, cfg: TrainConfig, data: dict[str, np.ndarray], model: CausalVideoDiT, rng: np.random.Generator):
+        self.cfg, self.data, self.model, self.rng = cfg, data, model, rng
+        self.words = [model.prompt_ids(p, 1) for p in cfg.presets]
+
+    def memory(self) -> PoseKVMemory:
+        g = self.model.grid_side
+        return PoseKVMemory(dim=self.model.patch_dim, height=g, width=g, window=self.cfg.window,
+                            history_frames=18 * math.ceil(self.cfg.clip_frames / 18), retrieval="all")
+
+    def batch(self, k: int | None = None, reverse: bool | None = None, drop_prompt: bool = True) -> dict:
+        cfg, rng, m = self.cfg, self.rng, self.model
+        f = cfg.chunk_frames
+        if k is None:
+            k = int(rng.integers(1, cfg.clip_frames - f + 1))
+        xs, acts, poses, prompts, ctx, anchors = [], [], [], [], [], []
+        n_streams, t_stream = self.data["frames"].shape[:2]
+        for _ in range(cfg.batch_size):
+            s = int(rng.integers(n_streams))
+            o = int(rng.integers(t_stream - cfg.clip_frames + 1))
+            fr = self.data["frames"][s, o:o + cfg.clip_frames]
+            po = self.data["poses"][s, o:o + cfg.clip_frames]
+            ac = self.data["actions"][s, o:o + cfg.clip_frames]
+            rev = bool(rng.random() < cfg.reverse_prob) if reverse is None else reverse
+            if rev:
+                fr, po, ac = fr[::-1], po[::-1], reverse_actions(ac)
+            img = torch.from_numpy(np.ascontiguousarray(fr)).permute(0, 3, 1, 2).float() / 127.5 - 1
+            po_t = torch.from_numpy(np.ascontiguousarray(po))
+            ctx.append((img[:k], po_t[:k]))
+            xs.append(img[k:k + f])
+            anchors.append(img[k - 1])
+            acts.append(torch.from_numpy(np.ascontiguousarray(ac[k:k + f])))
+            poses.append(po_t[k:k + f])
+            pid = self.words[int(self.data["preset"][s])]
+            if drop_prompt and rng.random() < cfg.prompt_drop:
+                pid = torch.zeros_like(pid)
+            prompts.append(pid)
+        context = self.context(torch.stack([c[0] for c in ctx]), torch.stack([c[1] for c in ctx]))
+        return {"x0": torch.stack(xs), "actions": torch.stack(acts), "poses": torch.stack(poses),
+                "prompt_ids": torch.stack(prompts), "context": context, "anchor": torch.stack(anchors), "k": k}
+
+    def context(self, frames: torch.Tensor, poses: torch.Tensor) -> ChunkContext:
+        """What ``self.memory()`` returns from ``read()`` after writing frames ``0 .. k-1`` of
+        each clip, computed for the whole batch at once: ``frames (B, k, 3, H, W)``,
+        ``poses (B, k, 4, 4)``. History frames (older than the window), oldest first, each
+        pooled per axis by ``RELIC_SCHEDULE[i % 18]``, then the window at full resolution."""
+        m, w = self.model, self.cfg.window
+        b, k = frames.shape[:2]
+        s = m.grid_side
+        patches = m.patchify(frames).reshape(b, k, s, s, -1)
+        ys, xs = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+        full = torch.stack([ys.reshape(-1), xs.reshape(-1)], 1).float()
+        toks, pos, grids, lvls = [], [], [], []
+        for i in range(k):
+            f = 1 if i >= k - w else RELIC_SCHEDULE[i % len(RELIC_SCHEDULE)]
+            o = math.ceil(s / f)
+            t = patches[:, i]
+            if o != s:
+                t = torch.nn.functional.adaptive_avg_pool2d(t.permute(0, 3, 1, 2), (o, o)).permute(0, 2, 3, 1)
+                gy, gx = torch.meshgrid(_cells(s, o), _cells(s, o), indexing="ij")
+                grid = torch.stack([gy.reshape(-1), gx.reshape(-1)], 1)
+            else:
+                grid = full
+            n = o * o
+            toks.append(t.reshape(b, n, -1))
+            pos.append(poses[:, i, None].expand(b, n, 4, 4))
+            grids.append(grid.expand(b, n, 2))
+            lvls.append(torch.full((b, n), f, dtype=torch.int64))
+        tokens = torch.cat(toks, 1)
+        return ChunkContext(tokens, torch.cat(pos, 1), torch.cat(grids, 1), torch.cat(lvls, 1),
+                            torch.ones(tokens.shape[:2], dtype=torch.bool))
+
+
+def flow_loss(model: CausalVideoDiT, batch: dict, sigma: torch.Tensor, noise: torch.Tensor,
+              context: ChunkContext | None = None) -> torch.Tensor:
+    """Flow-matching MSE of ``v = eps - x0`` at noise levels ``sigma (B,)`` in [0, 1]."""
+    x0 = batch["x0"]
+    s = sigma.view(-1, 1, 1, 1, 1)
+    xt = (1 - s) * x0 + s * noise
+    v = model(xt, sigma * 1000, batch["actions"], batch["poses"], batch["prompt_ids"],
+              batch["context"] if context is None else context, batch.get("anchor"))
+    return (v - (noise - x0)).square().mean()
+
+
+# ---------------------------------------------------------------------------------- state
+def _save(out: Path, model, opt, step: int, elapsed: float, cfg: TrainConfig, rng: np.random.Generator,
+          last: dict) -> None:
+    out.mkdir(parents=True, exist_ok=True)
+    model.save_pretrained(out)
+    tensors = {"rng.torch": torch.get_rng_state()}
+    groups = []
+    index = {id(p): i for i, p in enumerate(model.parameters())}
+    for g in opt.param_groups:
+        groups.append({k: v for k, v in g.items() if k != "params"} | {"params": [index[id(p)] for p in g["params"]]})
+        for p in g["params"]:
+            for name, val in opt.state.get(p, {}).items():
+                tensors[f"opt.{index[id(p)]}.{name}"] = val.detach().clone().contiguous()
+    tmp = out / "training_state.tmp.safetensors"
+    save_file(tensors, str(tmp))
+    os.replace(tmp, out / "training_state.safetensors")
+    meta = {"step": step, "elapsed_s": elapsed, "config": dataclasses.asdict(cfg), "param_groups": groups,
+            "numpy_rng": rng.bit_generator.state, "last": last}
+    (out / "training.tmp.json").write_text(json.dumps(meta, indent=1))
+    os.replace(out / "training.tmp.json", out / "training.json")
+
+
+def _load_state(out: Path, model, opt, rng: np.random.Generator) -> tuple[int, float]:
+    meta = json.loads((out / "training.json").read_text())
+    tensors = load_file(str(out / "training_state.safetensors"))
+    params = list(model.parameters())
+    for g, saved in zip(opt.param_groups, meta["param_groups"]):
+        for k, v in saved.items():
+            if k != "params":
+                g[k] = tuple(v) if isinstance(v, list) else v
+    for key, val in tensors.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            opt.state[params[int(i)]][name] = val
+    torch.set_rng_state(tensors["rng.torch"])
+    rng.bit_generator.state = meta["numpy_rng"]
+    return int(meta["step"]), float(meta["elapsed_s"])
+
+
+def _lr(cfg: TrainConfig, step: int, elapsed: float) -> float:
+    if step < cfg.warmup:
+        return cfg.lr * (step + 1) / cfg.warmup
+    frac = min(elapsed / (cfg.minutes * 60), 1.0)
+    return cfg.lr * (0.1 + 0.9 * 0.5 * (1 + math.cos(math.pi * frac)))
+
+
+def train(cfg: TrainConfig) -> Path:
+    """Train (or resume) into ``cfg.out`` until ``cfg.minutes`` of training time have passed."""
+    torch.set_num_threads(cfg.threads)
+    out = Path(cfg.out)
+    resume = (out / "training.json").exists() and (out / "training_state.safetensors").exists()
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    if resume:
+        model = CausalVideoDiT.from_pretrained(out)
+    else:
+        model = CausalVideoDiT(**cfg.model)
+    model.train()
+    opt = torch.optim.AdamW(model.parameters(), lr=cfg.lr, betas=(0.9, 0.99), weight_decay=0.01)
+    step, elapsed = 0, 0.0
+    if resume:
+        step, elapsed = _load_state(out, model, opt, rng)
+    out.mkdir(parents=True, exist_ok=True)
+    log = open(out / "train_log.jsonl", "a")
+
+    def write(rec: dict) -> None:
+        log.write(json.dumps(rec) + "\n")
+        log.flush()
+
+    t0 = time.time()
+    data = _cached_streams(cfg, list(range(cfg.seed_base, cfg.seed_base + cfg.n_seeds)), "train")
+    val_data = _cached_streams(dataclasses.replace(cfg, stream_frames=cfg.clip_frames),
+                               list(range(cfg.seed_base - 4, cfg.seed_base)), "val")
+    write({"event": "resume" if resume else "start", "step": step, "elapsed_s": elapsed,
+           "render_s": round(time.time() - t0, 1), "params": sum(p.numel() for p in model.parameters())})
+    sampler = ClipSampler(cfg, data, model, rng)
+    val_rng = np.random.default_rng(12345)
+    val_sampler = ClipSampler(dataclasses.replace(cfg, batch_size=8), val_data, model, val_rng)
+    val_k = cfg.clip_frames - cfg.chunk_frames
+    val_batch = val_sampler.batch(k=val_k, reverse=False, drop_prompt=False)
+    vg = torch.Generator().manual_seed(7)
+    val_sigma = torch.linspace(0.1, 0.9, 8)
+    val_noise = torch.randn(val_batch["x0"].shape, generator=vg)
+    g = model.grid_side ** 2
+    # the same clips with only their first frame as context (schedule[0] = 1 keeps it at full resolution)
+    first_only = ChunkContext.from_tokens([_first_frame_tokens(val_batch["context"], i, g)
+                                           for i in range(val_batch["x0"].shape[0])])
+
+    last_save = time.time()
+    window: list[float] = []
+    start_wall = time.time() - elapsed
+    while True:
+        elapsed = time.time() - start_wall
+        if elapsed >= cfg.minutes * 60 or (cfg.max_steps is not None and step >= cfg.max_steps):
+            break
+        if step % cfg.val_every == 0:
+            model.eval()
+            with torch.no_grad():
+                vl = flow_loss(model, val_batch, val_sigma, val_noise).item()
+                vf = flow_loss(model, val_batch, val_sigma, val_noise, context=first_only).item()
+            model.train()
+            write({"step": step, "elapsed_s": round(elapsed, 1), "val_loss_memory": vl, "val_loss_first_frame": vf})
+        ts = time.time()
+        batch = sampler.batch()
+        tb = time.time() - ts
+        sigma = torch.sigmoid(torch.randn(cfg.batch_size))
+        noise = torch.randn(batch["x0"].shape)
+        for gr in opt.param_groups:
+            gr["lr"] = _lr(cfg, step, elapsed)
+        loss = flow_loss(model, batch, sigma, noise)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        gn = torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0).item()
+        opt.step()
+        step += 1
+        window.append(loss.item())
+        if step % cfg.log_every == 0:
+            write({"step": step, "elapsed_s": round(time.time() - start_wall, 1), "loss": float(np.mean(window)),
+                   "grad_norm": round(gn, 3), "lr": opt.param_groups[0]["lr"], "data_s": round(tb, 3),
+                   "step_s": round(time.time() - ts, 3), "context_tokens": len(batch["context"])})
+            window = []
+        if time.time() - last_save >= cfg.save_every_s:
+            _save(out, model, opt, step, time.time() - start_wall, cfg, rng, {"loss": loss.item()})
+            write({"event": "save", "step": step, "elapsed_s": round(time.time() - start_wall, 1)})
+            last_save = time.time()
+    _save(out, model, opt, step, time.time() - start_wall, cfg, rng, {"loss": window[-1] if window else None})
+    write({"event": "done", "step": step, "elapsed_s": round(time.time() - start_wall, 1)})
+    log.close()
+    return out
+
+
+def _first_frame_tokens(ctx: ChunkContext, i: int, hw: int):
+    """Tokens of sample ``i``'s first context frame (the oldest full-resolution or pooled one)."""
+    from streammem.types import Tokens
+
+    n = min(hw, int(ctx.mask[i].sum()))
+    return Tokens(ctx.tokens[i, :n], torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.float64),
+                  ctx.grid[i, :n], ctx.level[i, :n], ctx.pose[i, :n])
+
+
+def main(argv: list[str] | None = None) -> None:
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--out", default=TrainConfig.out)
+    p.add_argument("--minutes", type=float, default=TrainConfig.minutes)
+    p.add_argument("--threads", type=int, default=TrainConfig.threads)
+    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
+    p.add_argument("--lr", type=float, default=TrainConfig.lr)
+    p.add_argument("--n-seeds", type=int, default=TrainConfig.n_seeds)
+    p.add_argument("--seed", type=int, default=TrainConfig.seed)
+    p.add_argument("--save-every-s", type=float, default=TrainConfig.save_every_s)
+    p.add_argument("--max-steps", type=int, default=None)
+    p.add_argument("--cache-dir", default=TrainConfig.cache_dir)
+    a = p.parse_args(argv)
+    cfg = TrainConfig(out=a.out, minutes=a.minutes, threads=a.threads, batch_size=a.batch_size, lr=a.lr,
+                      n_seeds=a.n_seeds, seed=a.seed, save_every_s=a.save_every_s, max_steps=a.max_steps,
+                      cache_dir=a.cache_dir)
+    train(cfg)
+
+
+if __name__ == "__main__":
+    main()
