@@ -158,7 +158,7 @@ class ClipSampler:
                             history_frames=18 * math.ceil(self.cfg.clip_frames / 18), retrieval="all")
 
     def batch(self, k: int | None = None, reverse: bool | None = None, drop_prompt: bool = True) -> dict:
-        cfg, rng, m = self.cfg, self.rng, self.model
+        cfg, rng = self.cfg, self.rng
         f = cfg.chunk_frames
         if k is None:
             k = int(rng.integers(1, cfg.clip_frames - f + 1))
