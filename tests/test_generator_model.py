@@ -192,7 +192,7 @@ def test_training_context_matches_posekv_memory():
         r = mem.read()
         assert len(r) == len(ctx) < 25 * 16
         assert torch.allclose(r.features, ctx.tokens[b], atol=1e-6)
-        assert torch.equal(r.grid, ctx.grid[b]) and torch.equal(r.level, ctx.level[b]) and torch.equal(r.pose, ctx.pose[b])
+        assert torch.equal(r.grid, ctx.grid[b]) and torch.equal(r.extras["pool"], ctx.level[b]) and torch.equal(r.pose, ctx.pose[b])
 
 
 def test_reverse_actions_inverts_directions():

@@ -117,7 +117,8 @@ class ChunkContext:
 
     @classmethod
     def from_tokens(cls, items: Sequence[Tokens]) -> "ChunkContext":
-        """Batch one ``Tokens`` per sample (a memory's ``read``), padding to the longest."""
+        """Batch one ``Tokens`` per sample (a memory's ``read``), padding to the longest. A token's
+        pooling factor is ``extras["pool"]`` where the memory gives it, else ``2 ** level``."""
         if not items:
             raise ValueError("ChunkContext.from_tokens needs at least one Tokens (one per batch sample)")
         for i, t in enumerate(items):
@@ -134,7 +135,8 @@ class ChunkContext:
             if t.features.shape[1] != d:
                 raise ValueError(f"context Tokens {i} have width {t.features.shape[1]}, expected {d}")
             tokens[i, :k], pose[i, :k], grid[i, :k] = t.features, t.pose, t.grid
-            level[i, :k], mask[i, :k] = t.level, True
+            # pooling factor: PoseKVMemory names it in extras['pool']; otherwise 2 ** scale level
+            level[i, :k], mask[i, :k] = t.extras.get("pool", 2 ** t.level), True
         return cls(tokens, pose, grid, level, mask)
 
 
