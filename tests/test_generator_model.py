@@ -166,7 +166,8 @@ def test_padded_context_equals_unpadded():
     long = _context(m, b=1, frames=5)
     def tokens(c):
         n = len(c)
-        return Tokens(c.tokens[0], torch.zeros(n, dtype=torch.int64), torch.zeros(n), c.grid[0], c.level[0], c.pose[0])
+        return Tokens(c.tokens[0], torch.zeros(n, dtype=torch.int64), torch.zeros(n), c.grid[0],
+                      torch.zeros(n, dtype=torch.int64), c.pose[0], extras={"pool": c.level[0]})
 
     padded = ChunkContext.from_tokens([tokens(short), tokens(long)])
     assert len(padded) == len(long) > len(short)
