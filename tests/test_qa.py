@@ -112,36 +112,56 @@ def test_asking_for_a_time_already_streamed_past_is_an_error():
 
 # ---------------------------------------------------------------------- concurrency
 def test_questions_from_another_thread_while_streaming():
+    """Questions asked from another thread while the stream runs get causal answers.
+
+    The two threads are synchronised by events, not by timing: the asker starts once frame 5 is
+    written and asks 50 questions "now" while the stream goes on; the stream then holds before the
+    frame at 40 s until the asker has scheduled its question for 40 s, which must still be pending
+    when scheduled and is answered, in the asker's thread, once the stream passes 40 s."""
     spy = SpyAnswerer()
     pipe = StreamingQAPipeline(GridSpy(), spy, memory=pyramid())
-    fr = frames(400)
-    results, errors = [], []
-    started = threading.Event()
+    fr = frames(400)  # 0 .. 49.875 s at 8 fps
+    now_answers, later_answers, pending_when_scheduled, errors = [], [], [], []
+    started, scheduled = threading.Event(), threading.Event()
 
     def asker():
         try:
-            started.wait()
+            assert started.wait(timeout=60), "the stream never started"
             for _ in range(50):
-                a = pipe.ask("is there a cat?", ["yes", "no"])  # now
-                results.append(a)
-            # a future time, blocking until the stream gets there
-            results.append(pipe.ask("later?", ["yes", "no"], at=40.0, timeout=60))
-        except Exception as exc:  # noqa: BLE001
+                now_answers.append(pipe.ask("is there a cat?", ["yes", "no"]))  # now
+            fut = pipe.ask("later?", ["yes", "no"], at=40.0, block=False)  # a future time
+            pending_when_scheduled.append(not fut.done())
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+            return
+        finally:
+            scheduled.set()  # the stream may pass 40 s now
+        try:
+            later_answers.append(fut.result(timeout=60))  # blocks until the stream gets there
+        except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
     t = threading.Thread(target=asker)
     t.start()
-    for i, f in enumerate(fr):
+    for f in fr:
+        if f.timestamp >= 40.0:
+            assert scheduled.wait(timeout=60), "the asker never scheduled its question for 40 s"
         pipe.step(f)
-        if i == 5:
+        if f.index == 5:
             started.set()
+    pipe.finish()
     t.join(timeout=60)
-    assert not errors and len(results) == 51
-    assert results[-1].query_time == 40.0
-    # every answer saw only frames up to its time, and whole frames: the token count is a sum of
-    # whole pooled frames (16, 4 or 1 tokens per frame at the three levels)
+    assert not t.is_alive() and not errors, errors
+    assert len(now_answers) == 50 and pending_when_scheduled == [True] and len(later_answers) == 1
+    # "now" is the newest written frame: between frame 5 and the frame before 40 s, never going back
+    times = [a.query_time for a in now_answers]
+    assert times == sorted(times) and 5 / 8 <= times[0] and times[-1] <= 319 / 8
+    assert later_answers[0].query_time == 40.0
+    # every answer saw exactly the frames up to its time (the newest one included), and whole
+    # frames: the token count is a sum of whole pooled frames (16, 4 or 1 tokens at the three levels)
+    assert len(spy.seen) == 51
     for qt, newest, n, held in spy.seen:
-        assert newest <= qt + 1e-9
+        assert newest == qt
     for memory in spy.memories:
         for fi in memory.frame_index.unique():
             sel = memory.frame_index == fi
