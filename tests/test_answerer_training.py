@@ -73,9 +73,14 @@ def test_world_snapshots_are_causal_and_strided():
         assert all(q["middle_frame_timestamp"] == s.query_time for q in s.questions)
 
 
-def test_training_follows_a_shard_folder_and_saves_a_loadable_answerer(tmp_path):
-    from streammem.models.answerer import SmallAnswerer
+def test_training_follows_a_shard_folder_and_saves_a_loadable_answerer(tmp_path, monkeypatch):
+    from streammem.models.answerer import SmallAnswerer, Vocab
+    from streammem.train import answerer as train_mod
 
+    # The vocabulary of StreamWorld's templates takes nine generated streams to collect; these
+    # snapshots ask one question, so the trainer gets that question's words instead.
+    monkeypatch.setattr(train_mod, "fit_vocab", lambda extra_texts=None: Vocab.fit([_snap(0).questions[0]["question"],
+                                                                                    "yes no"]))
     enc = GridEncoder(dim=8, width=4)
     enc.save_pretrained(tmp_path / "enc")
     (tmp_path / "data" / "train").mkdir(parents=True)
@@ -83,7 +88,7 @@ def test_training_follows_a_shard_folder_and_saves_a_loadable_answerer(tmp_path)
     save_shard(tmp_path / "data" / "train" / "w0.safetensors", [_snap(i) for i in range(4)])
     # validation: the same question with both answers, on four memories
     save_shard(tmp_path / "data" / "val" / "v0.safetensors", [_snap(9 + k, answer=("yes", "no")[k % 2]) for k in range(4)])
-    cfg = AnswererTrainConfig(out=str(tmp_path / "ck"), encoder=str(tmp_path / "enc"), minutes=0.03,
+    cfg = AnswererTrainConfig(out=str(tmp_path / "ck"), encoder=str(tmp_path / "enc"), minutes=0.01,
                               data=str(tmp_path / "data"), threads=1, model={"d": 16, "heads": 2, "layers": 1})
     train(cfg)
     info = json.loads((tmp_path / "ck" / "training.json").read_text())
