@@ -194,7 +194,7 @@ def test_times_in_questions_are_read_as_times_and_bias_attention():
 
 
 def test_answerer_learns_to_read_the_memory():
-    """A few hundred steps on a toy task (the colour of the frame asked about) go well above chance:
+    """300 steps on a toy task (the colour of the frame asked about) go well above chance:
     the answer is only in the memory token at the stated time."""
     torch.manual_seed(0)
     colours = ["red", "blue", "green", "top"]
@@ -212,7 +212,7 @@ def test_answerer_learns_to_read_the_memory():
         return mem, qs, [colours] * 6, torch.tensor([int(k[t]) for t in asked])
 
     g = torch.Generator().manual_seed(1)
-    for _ in range(500):
+    for _ in range(300):
         mem, qs, cands, y = sample(g)
         b = encode_questions(m.vocab, qs, cands, [12.0] * 6)
         loss = torch.nn.functional.cross_entropy(m.train()(mem, b), y)
@@ -226,7 +226,7 @@ def test_answerer_learns_to_read_the_memory():
         ans = m.answer_many(mem, qs, cands, 12.0)
         correct += sum(a.index == int(t) for a, t in zip(ans, y))
         total += len(ans)
-    assert correct / total > 0.6  # chance is 0.25
+    assert correct / total > 0.8  # chance is 0.25
 
 
 def test_label_words_and_memory_tokens_share_the_label_space(tmp_path):
@@ -555,8 +555,8 @@ def test_eval_keeps_one_cache_per_memory_and_answers_as_without_it():
     runs = {}
     for cached in (False, True):
         rec = Recorder(ans, cached)
-        evaluate_qa(rec, enc, seeds=(3,), seconds=20, budgets=("ovbench",), memories=("pyramid", "window"),
-                    every_s=4.0, size=64, progress=False)
+        evaluate_qa(rec, enc, seeds=(3,), seconds=13, budgets=("ovbench",), memories=("pyramid", "window"),
+                    every_s=2.0, size=64, progress=False)
         runs[cached] = rec
     caches = runs[True].caches  # one per memory, each used; the pyramid keeps runs between questions
     assert len(caches) == 2 and all(c.misses > 0 for c in caches) and sum(c.hits for c in caches) > 0
