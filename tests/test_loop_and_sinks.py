@@ -52,6 +52,7 @@ def test_offline_processes_every_frame_and_measures_latency():
 def test_realtime_drops_frames_that_arrive_while_busy_newest_wins():
     # 50 fps input (a frame every 20 ms) into a pipeline that needs 70 ms per frame.
     arrived = [-1]  # the newest frame handed to the loop (the source is asked for the next one after it)
+    newest_at_end: list[int] = []  # arrived[0] at the end of each step
 
     def source():
         for f in synthetic(60, fps=50.0):
@@ -64,7 +65,6 @@ def test_realtime_drops_frames_that_arrive_while_busy_newest_wins():
             newest_at_end.append(arrived[0])
             return out
 
-    newest_at_end: list[int] = []
     pipe = Recording(0.07)
     run = run_stream(source(), pipe, realtime=True, progress=False)
     items = list(run)
