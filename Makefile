@@ -28,7 +28,7 @@ run: $(STAMP)
 	$(BIN)/streammem run --out outputs
 
 test: $(STAMP)
-	$(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/decode.py

@@ -1,13 +1,43 @@
-"""Shared fixtures: small test videos encoded with ffmpeg in several codecs and containers."""
+"""Shared set-up: one compute thread per test process, and small test videos encoded with
+ffmpeg in several codecs and containers.
+
+The suite's tensors are small; at torch's default thread count (one per core) a 2-core machine
+that is also running another job spends most of its time switching threads, so every pool is
+pinned to one thread: the OpenMP / MKL / BLAS pools through the environment, set before torch is
+imported (here, or by a subprocess a test starts), and torch's own intra- and inter-op pools. A
+test that changes the thread count (a trainer's ``threads`` option) has it put back afterwards.
+"""
 
 from __future__ import annotations
 
-import subprocess
-from pathlib import Path
+import os
 
-import pytest
+for _var in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS", "NUMEXPR_NUM_THREADS",
+             "VECLIB_MAXIMUM_THREADS"):
+    os.environ.setdefault(_var, "1")
 
-from streammem.io import ffmpeg_exe
+import subprocess  # noqa: E402
+from pathlib import Path  # noqa: E402
+
+import pytest  # noqa: E402
+import torch  # noqa: E402
+
+from streammem.io import ffmpeg_exe  # noqa: E402
+
+TORCH_THREADS = 1
+torch.set_num_threads(TORCH_THREADS)
+try:
+    torch.set_num_interop_threads(TORCH_THREADS)
+except RuntimeError:  # already fixed: some inter-op work ran before this module was imported
+    pass
+
+
+@pytest.fixture(autouse=True)
+def _one_torch_thread():
+    """Every test starts, and leaves, with torch at one intra-op thread."""
+    torch.set_num_threads(TORCH_THREADS)
+    yield
+    torch.set_num_threads(TORCH_THREADS)
 
 FPS = 25
 SECONDS = 2

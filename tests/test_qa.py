@@ -111,36 +111,56 @@ def test_asking_for_a_time_already_streamed_past_is_an_error():
 
 # ---------------------------------------------------------------------- concurrency
 def test_questions_from_another_thread_while_streaming():
+    """Questions asked from another thread while the stream runs get causal answers.
+
+    The two threads are synchronised by events, not by timing: the asker starts once frame 5 is
+    written and asks 50 questions "now" while the stream goes on; the stream then holds before the
+    frame at 40 s until the asker has scheduled its question for 40 s, which must still be pending
+    when scheduled and is answered, in the asker's thread, once the stream passes 40 s."""
     spy = SpyAnswerer()
     pipe = StreamingQAPipeline(GridSpy(), spy, memory=pyramid())
-    fr = frames(400)
-    results, errors = [], []
-    started = threading.Event()
+    fr = frames(400)  # 0 .. 49.875 s at 8 fps
+    now_answers, later_answers, pending_when_scheduled, errors = [], [], [], []
+    started, scheduled = threading.Event(), threading.Event()
 
     def asker():
         try:
-            started.wait()
+            assert started.wait(timeout=60), "the stream never started"
             for _ in range(50):
-                a = pipe.ask("is there a cat?", ["yes", "no"])  # now
-                results.append(a)
-            # a future time, blocking until the stream gets there
-            results.append(pipe.ask("later?", ["yes", "no"], at=40.0, timeout=60))
-        except Exception as exc:  # noqa: BLE001
+                now_answers.append(pipe.ask("is there a cat?", ["yes", "no"]))  # now
+            fut = pipe.ask("later?", ["yes", "no"], at=40.0, block=False)  # a future time
+            pending_when_scheduled.append(not fut.done())
+        except BaseException as exc:  # noqa: BLE001 - reported by the main thread
+            errors.append(exc)
+            return
+        finally:
+            scheduled.set()  # the stream may pass 40 s now
+        try:
+            later_answers.append(fut.result(timeout=60))  # blocks until the stream gets there
+        except BaseException as exc:  # noqa: BLE001
             errors.append(exc)
 
     t = threading.Thread(target=asker)
     t.start()
-    for i, f in enumerate(fr):
+    for f in fr:
+        if f.timestamp >= 40.0:
+            assert scheduled.wait(timeout=60), "the asker never scheduled its question for 40 s"
         pipe.step(f)
-        if i == 5:
+        if f.index == 5:
             started.set()
+    pipe.finish()
     t.join(timeout=60)
-    assert not errors and len(results) == 51
-    assert results[-1].query_time == 40.0
-    # every answer saw only frames up to its time, and whole frames: the token count is a sum of
-    # whole pooled frames (16, 4 or 1 tokens per frame at the three levels)
+    assert not t.is_alive() and not errors, errors
+    assert len(now_answers) == 50 and pending_when_scheduled == [True] and len(later_answers) == 1
+    # "now" is the newest written frame: between frame 5 and the frame before 40 s, never going back
+    times = [a.query_time for a in now_answers]
+    assert times == sorted(times) and 5 / 8 <= times[0] and times[-1] <= 319 / 8
+    assert later_answers[0].query_time == 40.0
+    # every answer saw exactly the frames up to its time (the newest one included), and whole
+    # frames: the token count is a sum of whole pooled frames (16, 4 or 1 tokens at the three levels)
+    assert len(spy.seen) == 51
     for qt, newest, n, held in spy.seen:
-        assert newest <= qt + 1e-9
+        assert newest == qt
     for memory in spy.memories:
         for fi in memory.frame_index.unique():
             sel = memory.frame_index == fi
@@ -173,7 +193,7 @@ def test_times_in_questions_are_read_as_times_and_bias_attention():
 
 
 def test_answerer_learns_to_read_the_memory():
-    """A few hundred steps on a toy task (the colour of the frame asked about) go well above chance:
+    """300 steps on a toy task (the colour of the frame asked about) go well above chance:
     the answer is only in the memory token at the stated time."""
     torch.manual_seed(0)
     colours = ["red", "blue", "green", "top"]
@@ -191,7 +211,7 @@ def test_answerer_learns_to_read_the_memory():
         return mem, qs, [colours] * 6, torch.tensor([int(k[t]) for t in asked])
 
     g = torch.Generator().manual_seed(1)
-    for _ in range(500):
+    for _ in range(300):
         mem, qs, cands, y = sample(g)
         b = encode_questions(m.vocab, qs, cands, [12.0] * 6)
         loss = torch.nn.functional.cross_entropy(m.train()(mem, b), y)
@@ -205,7 +225,7 @@ def test_answerer_learns_to_read_the_memory():
         ans = m.answer_many(mem, qs, cands, 12.0)
         correct += sum(a.index == int(t) for a, t in zip(ans, y))
         total += len(ans)
-    assert correct / total > 0.6  # chance is 0.25
+    assert correct / total > 0.8  # chance is 0.25
 
 
 def test_label_words_and_memory_tokens_share_the_label_space(tmp_path):
@@ -534,8 +554,8 @@ def test_eval_keeps_one_cache_per_memory_and_answers_as_without_it():
     runs = {}
     for cached in (False, True):
         rec = Recorder(ans, cached)
-        evaluate_qa(rec, enc, seeds=(3,), seconds=20, budgets=("ovbench",), memories=("pyramid", "window"),
-                    every_s=4.0, size=64, progress=False)
+        evaluate_qa(rec, enc, seeds=(3,), seconds=13, budgets=("ovbench",), memories=("pyramid", "window"),
+                    every_s=2.0, size=64, progress=False)
         runs[cached] = rec
     caches = runs[True].caches  # one per memory, each used; the pyramid keeps runs between questions
     assert len(caches) == 2 and all(c.misses > 0 for c in caches) and sum(c.hits for c in caches) > 0
@@ -603,19 +623,20 @@ def test_baseline_memories_keep_what_they_say_at_equal_budgets():
 @pytest.mark.slow
 def test_shipped_answerer_beats_chance_and_its_empty_memory_on_a_seeded_stream():
     """End to end: the shipped encoder and answerer over a PyramidMemory (ovbench budget) on a
-    seeded 2-minute stream. Overall it beats chance (the mean of 1 / options) by a wide margin,
-    and it beats the same answerer with an empty memory (its answer priors alone), most of all
-    on questions about where things are now."""
+    seeded 90-second stream (93 questions). Overall it beats chance (the mean of 1 / options) by
+    a wide margin, and it beats the same answerer with an empty memory (its answer priors alone),
+    most of all on questions about where things are now (measured: 64.5 against 33.1 chance and
+    48.4 with no memory; 90.9 against 45.5 on SP-1 / SP-3)."""
     from streammem.eval.qa import evaluate_qa
 
     enc = GridEncoder.from_pretrained(str(CKPT / "grid_encoder")).eval()
     ans = SmallAnswerer.from_pretrained(str(CKPT / "answerer")).eval()
-    res = evaluate_qa(ans, enc, seeds=(7,), presets=("medium",), seconds=120, budgets=("ovbench",),
+    res = evaluate_qa(ans, enc, seeds=(7,), presets=("medium",), seconds=90, budgets=("ovbench",),
                       memories=("pyramid", "none"), progress=False)
     recs = res["records"]
     pyr = [r for r in recs if r["memory"] == "pyramid"]
     none = [r for r in recs if r["memory"] == "none"]
-    assert len(pyr) == len(none) >= 100 and all(r["tokens"] <= 832 for r in pyr)
+    assert len(pyr) == len(none) >= 90 and all(r["tokens"] <= 832 for r in pyr)
     chance = 100.0 * float(np.mean([1.0 / r["n_options"] for r in pyr]))
     acc = score(pyr)["micro"]
     assert acc >= chance + 15, (acc, chance)

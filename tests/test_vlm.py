@@ -10,8 +10,7 @@ import pytest
 import torch
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")  # nothing in these tests may reach the hub
-transformers = pytest.importorskip("transformers")
-tokenizers = pytest.importorskip("tokenizers")
+import transformers  # noqa: E402  (the dev extra installs it; without it these tests fail, not skip)
 
 from streammem.memory import PyramidMemory  # noqa: E402
 from streammem.models.vlm import LlavaAnswerer, require_transformers  # noqa: E402
