@@ -1,0 +1,344 @@
+"""StreamingGenerationPipeline: endless, steerable image-to-video generation on a bounded memory.
+
+From a first frame (a StreamWorld scene, or any image), the pipeline generates the stream chunk
+by chunk (``model.config.chunk_frames`` frames each) with a
+:class:`~streammem.models.video_dit.CausalVideoDiT`. Per chunk, in numbered steps:
+
+1. take the next actions (one per frame) and prompt; integrate the actions into absolute camera
+   poses (StreamWorld's integer camera: pan, zoom, roll);
+2. read the memory: every past frame it holds, as pixel-patch tokens with their poses (a rolling
+   window at full resolution plus the history pooled by RELIC's schedule, for ``"posekv"``);
+3. denoise the chunk (flow matching, ``num_inference_steps`` Euler steps, a fresh seed per
+   chunk: ``seed + chunk index``), conditioned on the memory, the newest frame (the anchor), the
+   actions, the poses and the prompt;
+4. write the new frames to the memory and yield them.
+
+The memory is bounded (``window + history_frames`` frames at most), so the cost of a chunk is the
+same at chunk 10 and at chunk 10,000. Its state (memory, camera, anchor, counters) is a
+snapshot like any head's (``state_dict`` / ``load_state_dict``): restored mid-rollout, the same
+seed gives the same continuation.
+
+Actions: letters, one per frame: ``F`` forward and ``B`` back (the camera moves towards / away
+from the ground: zoom in / out; ``I`` / ``O`` are the same), ``L`` / ``R`` / ``U`` / ``D`` pan
+left / right / up / down, ``S`` stay; or raw camera-to-world 4x4 poses. Memories:
+``"posekv"`` (RELIC: window + pooled history), ``"window"`` (the rolling window only),
+``"full"`` (the history unpooled, as many frames as ``"posekv"`` keeps).
+
+Example:
+    >>> import numpy as np
+    >>> from streammem.models.video_dit import CausalVideoDiT
+    >>> model = CausalVideoDiT(sample_size=16, patch_size=4, dim=32, num_layers=1, num_heads=2)
+    >>> pipe = StreamingGenerationPipeline(model, GenerationConfig(num_inference_steps=2))
+    >>> out = pipe(np.zeros((16, 16, 3), np.uint8), actions="RRLL", progress=False)
+    >>> [f.index for f in out.frames], out.frames[-1].image.shape, out.chunks
+    ([1, 2, 3, 4], (16, 16, 3), 2)
+"""
+
+from __future__ import annotations
+
+import math
+import threading
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Iterator
+
+import cv2
+import numpy as np
+import torch
+from tqdm.auto import tqdm
+
+from streammem.memory import PoseKVMemory
+from streammem.models.video_dit import CausalVideoDiT, ChunkContext, sample_chunk
+from streammem.pipelines.base import HeadBase, annotate_text
+from streammem.types import Frame, field_checker
+from streammem.world.scene import (
+    POS_UNIT,
+    ROLL_UNIT,
+    ZOOM_RANGE,
+    ZOOM_UNIT,
+    CameraState,
+    action_vector,
+)
+
+__all__ = ["GenerationConfig", "GenerationOutput", "StreamingGenerationPipeline", "ACTION_LETTERS", "GENERATION_MEMORIES"]
+
+GENERATION_MEMORIES = ("posekv", "window", "full")
+#: letter -> (pan x, pan y, zoom, roll) in steps of ``pan_px`` world px / one zoom unit
+ACTION_LETTERS = {"F": (0, 0, 1, 0), "I": (0, 0, 1, 0), "B": (0, 0, -1, 0), "O": (0, 0, -1, 0),
+                  "L": (-1, 0, 0, 0), "R": (1, 0, 0, 0), "U": (0, -1, 0, 0), "D": (0, 1, 0, 0), "S": (0, 0, 0, 0)}
+
+
+@dataclass
+class GenerationConfig:
+    """Attributes:
+    memory: ``"posekv"`` (default), ``"window"`` or ``"full"`` (see the module docstring).
+    window: frames kept at full resolution (the rolling window).
+    history_frames: older frames kept (pooled by RELIC's schedule for ``"posekv"``; a
+        multiple of 18); 0 for ``"window"``.
+    num_inference_steps: Euler steps per chunk.
+    fps: frame rate of the generated stream (timestamps).
+    pan_px: world pixels the camera pans per ``L`` / ``R`` / ``U`` / ``D`` frame (the shipped
+        model was trained on StreamWorld pans of about 20 px per frame).
+    use_pose: the pose embedding on (off: the ablation without it).
+    seed: chunk ``k`` is sampled with seed ``seed + k``.
+    """
+
+    memory: str = "posekv"
+    window: int = 4
+    history_frames: int = 72
+    num_inference_steps: int = 8
+    fps: float = 4.0
+    pan_px: float = 20.0
+    use_pose: bool = True
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        need = field_checker(self)
+        need(self.memory in GENERATION_MEMORIES, "memory", f"one of {GENERATION_MEMORIES}")
+        need(isinstance(self.window, int) and self.window >= 1, "window", "an int >= 1")
+        need(isinstance(self.history_frames, int) and self.history_frames >= 0 and self.history_frames % 18 == 0,
+             "history_frames", "an int >= 0, a multiple of 18")
+        need(isinstance(self.num_inference_steps, int) and self.num_inference_steps >= 1, "num_inference_steps",
+             "an int >= 1")
+        need(self.fps > 0, "fps", "> 0")
+        need(self.pan_px > 0, "pan_px", "> 0")
+        need(isinstance(self.seed, int) and self.seed >= 0, "seed", "an int >= 0")
+
+
+@dataclass
+class GenerationOutput:
+    """What :meth:`StreamingGenerationPipeline.__call__` made: the generated ``frames`` (RGB
+    uint8, each with its ``pose``, ``action`` letter and ``info`` = chunk, seed, prompt), the
+    number of ``chunks``, and whether it was ``interrupted``."""
+
+    frames: list[Frame] = field(default_factory=list)
+    chunks: int = 0
+    interrupted: bool = False
+
+
+def _to_tensor(image: np.ndarray, size: int) -> torch.Tensor:
+    """RGB uint8 ``(H, W, 3)`` -> ``(3, size, size)`` in [-1, 1] (resized, not cropped)."""
+    if not isinstance(image, np.ndarray) or image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
+        raise ValueError(f"the start image must be an RGB uint8 (H, W, 3) array, got "
+                         f"{type(image).__name__} {getattr(image, 'shape', '')} {getattr(image, 'dtype', '')}")
+    if image.shape[:2] != (size, size):
+        image = cv2.resize(image, (size, size), interpolation=cv2.INTER_AREA)
+    return torch.from_numpy(np.ascontiguousarray(image)).permute(2, 0, 1).float().div(127.5).sub(1.0)
+
+
+def _to_image(x: torch.Tensor) -> np.ndarray:
+    return ((x.clamp(-1, 1) + 1) * 127.5).round().byte().permute(1, 2, 0).numpy()
+
+
+def camera_from_pose(pose: np.ndarray) -> CameraState:
+    """The integer StreamWorld camera closest to a camera-to-world ``pose`` (4x4)."""
+    pose = np.asarray(pose, np.float64)
+    if pose.shape != (4, 4):
+        raise ValueError(f"a pose must be 4x4, got {pose.shape}")
+    dist = max(-float(pose[2, 3]), 1e-6)
+    zoom = int(round(-ZOOM_UNIT * math.log2(dist / 1000.0)))
+    roll = int(round(math.degrees(math.atan2(pose[1, 0], pose[0, 0])) * ROLL_UNIT))
+    return CameraState(x=int(round(pose[0, 3] * POS_UNIT)), y=int(round(pose[1, 3] * POS_UNIT)), zoom=zoom, roll=roll)
+
+
+class StreamingGenerationPipeline(HeadBase):
+    """Chunk-by-chunk generation on a memory (see the module docstring).
+
+    Args:
+        model: a :class:`~streammem.models.video_dit.CausalVideoDiT`.
+        config: a :class:`GenerationConfig`.
+
+    As a head: ``step(frame)`` *observes* a real frame (it becomes memory and the anchor the
+    next chunk continues from), so a real stream can prime the memory before generation;
+    ``records`` gives one JSON line per generated frame.
+    """
+
+    name = "generation"
+    records_file = "generation.jsonl"
+
+    def __init__(self, model: CausalVideoDiT, config: GenerationConfig | None = None) -> None:
+        self.model = model.eval()
+        self.config = c = config or GenerationConfig()
+        history = 0 if c.memory == "window" else c.history_frames
+        schedule = (1,) if c.memory == "full" else None
+        kw = {} if schedule is None else {"schedule": schedule}
+        self.memory = PoseKVMemory(dim=model.patch_dim, height=model.grid_side, width=model.grid_side, window=c.window,
+                                   history_frames=history, retrieval="all", seed=c.seed, **kw)
+        self.interrupt = threading.Event()
+        self.reset()
+
+    # ------------------------------------------------------------------ state
+    def reset(self) -> None:
+        """Forget the stream: memory, camera, anchor, counters."""
+        self.memory.reset()
+        self.interrupt.clear()
+        self.camera: CameraState | None = None
+        self.anchor: torch.Tensor | None = None
+        self.frames = 0
+        self.chunks = 0
+        self.prompt = ""
+
+    def memories(self) -> dict:
+        return {"memory": self.memory}
+
+    def _extra_state(self) -> dict:
+        cam = None if self.camera is None else list(self.camera.key())
+        out: dict[str, Any] = {"camera": cam, "frames": self.frames, "chunks": self.chunks, "prompt": self.prompt}
+        if self.anchor is not None:
+            out["anchor"] = self.anchor
+        return out
+
+    def _load_extra_state(self, extra: dict) -> None:
+        self.camera = None if extra["camera"] is None else CameraState(*extra["camera"])
+        self.frames, self.chunks, self.prompt = int(extra["frames"]), int(extra["chunks"]), extra["prompt"]
+        self.anchor = extra.get("anchor")
+
+    def stats(self) -> dict:
+        s = self.memory.stats()
+        return {"frames": self.frames, "chunks": self.chunks, "memory": self.config.memory,
+                "memory_tokens": s["num_tokens"], "memory_capacity": s["capacity"], "memory_bytes": s["bytes"]}
+
+    # ------------------------------------------------------------------ frames in
+    def start(self, image: np.ndarray | Frame, pose: np.ndarray | None = None, prompt: str = "") -> Frame:
+        """Begin a stream from ``image`` (RGB uint8, any size: resized to the model's) at camera
+        ``pose`` (default: the middle of StreamWorld's canvas, zoom 0). Returns frame 0."""
+        self.reset()
+        if isinstance(image, Frame):
+            pose = image.pose if pose is None else pose
+            image = image.image
+        self.camera = CameraState(x=768 * POS_UNIT, y=768 * POS_UNIT) if pose is None else camera_from_pose(pose)
+        self.prompt = prompt
+        return self._observe(image, action=None)
+
+    def step(self, frame: Frame) -> Frame:
+        """Observe a real frame: it becomes memory and the anchor (the camera follows its pose,
+        when it has one). Returns the frame as the pipeline holds it (the model's size)."""
+        if self.camera is None:
+            return self.start(frame)
+        if frame.pose is not None:
+            self.camera = camera_from_pose(frame.pose)
+        return self._observe(frame.image, action=frame.action if isinstance(frame.action, str) else None)
+
+    def _observe(self, image: np.ndarray, action: str | None) -> Frame:
+        x = _to_tensor(image, self.model.config.sample_size)
+        pose = self.camera.pose()
+        t = self.frames / self.config.fps
+        self.memory.write(self.model.frame_tokens(x, pose, self.frames, t))
+        self.anchor = x
+        out = Frame(index=self.frames, timestamp=t, image=_to_image(x), pose=pose, action=action,
+                    info={"observed": True})
+        self.frames += 1
+        return out
+
+    # ------------------------------------------------------------------ generation
+    def _delta(self, action) -> tuple[tuple[int, int, int, int], str]:
+        """One action (a letter or a 4x4 pose) -> the integer camera delta and its label."""
+        cam = self.camera
+        if isinstance(action, str):
+            key = action.upper()
+            if key not in ACTION_LETTERS:
+                raise ValueError(f"unknown action {action!r}; use one of {''.join(ACTION_LETTERS)} "
+                                 "(forward, back, left, right, up, down, zoom in/out, stay) or 4x4 poses")
+            ux, uy, dz, dr = ACTION_LETTERS[key]
+            step = int(round(self.config.pan_px * POS_UNIT))
+            if not ZOOM_RANGE[0] <= cam.zoom + dz <= ZOOM_RANGE[1]:
+                dz = 0  # the camera's zoom range, as in StreamWorld
+            return (ux * step, uy * step, dz, dr), key
+        target = camera_from_pose(np.asarray(action))
+        return (target.x - cam.x, target.y - cam.y, target.zoom - cam.zoom, target.roll - cam.roll), "pose"
+
+    def stream(self, actions: str | Iterable, prompts: str | Iterable[str] | None = None,
+               num_frames: int | None = None, callback: Callable[[int, list[Frame]], None] | None = None,
+               progress: bool = True) -> Iterator[Frame]:
+        """Generate frames as they are made, a chunk at a time, until the actions run out,
+        ``num_frames`` frames are made or :attr:`interrupt` is set (checked between chunks and
+        between denoising steps). ``prompts``: one prompt for all, or an iterable read once per
+        chunk (the last one holds when it runs out). ``callback(chunk_index, frames)`` after each
+        chunk. Call :meth:`start` (or :meth:`step` with a real frame) first."""
+        # 1. check inputs
+        if self.camera is None or self.anchor is None:
+            raise RuntimeError("start(image) first: generation continues from a first frame")
+        if num_frames is not None and num_frames < 1:
+            raise ValueError(f"num_frames must be >= 1, got {num_frames}")
+        acts = iter(actions)
+        prompt_iter = iter([prompts]) if isinstance(prompts, str) else (iter(prompts) if prompts is not None else None)
+        f, model, c = self.model.config.chunk_frames, self.model, self.config
+        bar = tqdm(total=num_frames, unit="frame", disable=not progress, desc="generate")
+        made = 0
+        self.interrupt.clear()
+        try:
+            while (num_frames is None or made < num_frames) and not self.interrupt.is_set():
+                # 2. the chunk's actions, poses and prompt
+                want = f if num_frames is None else min(f, num_frames - made)
+                chunk = []
+                for a in acts:
+                    chunk.append(a)
+                    if len(chunk) == want:
+                        break
+                if not chunk:
+                    break
+                if prompt_iter is not None:
+                    self.prompt = next(prompt_iter, self.prompt)
+                cam, deltas, labels, poses, vecs = self.camera, [], [], [], []
+                for a in chunk:
+                    d, label = self._delta(a)
+                    vecs.append(action_vector(d, cam))
+                    cam = CameraState(cam.x + d[0], cam.y + d[1], cam.zoom + d[2], cam.roll + d[3])
+                    poses.append(cam.pose())
+                    deltas.append(d)
+                    labels.append(label)
+                # 3. read the memory; denoise the chunk with a fresh seed
+                ctx = ChunkContext.from_tokens([self.memory.read()])
+                seed = c.seed + self.chunks
+                x = sample_chunk(model, torch.from_numpy(np.stack(vecs))[None].float(),
+                                 torch.from_numpy(np.stack(poses))[None].float(), model.prompt_ids(self.prompt)[None],
+                                 ctx, anchor=self.anchor[None], num_inference_steps=c.num_inference_steps,
+                                 generator=torch.Generator().manual_seed(seed), use_pose=c.use_pose,
+                                 callback=self._check_interrupt)
+                # 4. write the new frames, yield them
+                out = []
+                for j in range(len(chunk)):
+                    t = self.frames / c.fps
+                    self.memory.write(model.frame_tokens(x[0, j], poses[j], self.frames, t))
+                    out.append(Frame(index=self.frames, timestamp=t, image=_to_image(x[0, j]), pose=poses[j],
+                                     action=labels[j], info={"chunk": self.chunks, "seed": seed, "prompt": self.prompt}))
+                    self.frames += 1
+                self.camera, self.anchor = cam, x[0, len(chunk) - 1].clone()
+                self.chunks += 1
+                if callback is not None:
+                    callback(self.chunks - 1, out)
+                bar.update(len(out))
+                made += len(out)
+                yield from out
+        except _Interrupted:
+            return
+        finally:
+            bar.close()
+
+    def _check_interrupt(self, step: int, x: torch.Tensor) -> None:
+        if self.interrupt.is_set():
+            raise _Interrupted
+
+    def __call__(self, image: np.ndarray | Frame, actions: str | Iterable, prompt: str | Iterable[str] = "",
+                 num_frames: int | None = None, pose: np.ndarray | None = None,
+                 callback: Callable[[int, list[Frame]], None] | None = None, progress: bool = True) -> GenerationOutput:
+        """Start from ``image`` and generate (see :meth:`stream`); returns every frame made."""
+        first = prompt if isinstance(prompt, str) else ""
+        self.start(image, pose=pose, prompt=first)
+        frames = list(self.stream(actions, prompt, num_frames=num_frames, callback=callback, progress=progress))
+        return GenerationOutput(frames=frames, chunks=self.chunks, interrupted=self.interrupt.is_set())
+
+    # ------------------------------------------------------------------ presentation
+    def records(self, frame: Frame | None, output: Any) -> list[dict]:
+        if frame is None or not isinstance(output, Frame):
+            return []
+        return [{"frame": output.index, "timestamp": round(output.timestamp, 6), "action": output.action,
+                 "pose": np.round(output.pose, 4).tolist(), **{k: v for k, v in output.info.items()}}]
+
+    def annotate(self, image: np.ndarray, output: Any) -> np.ndarray:
+        if not isinstance(output, Frame):
+            return image
+        return annotate_text(image, [f"{output.action or ''} {self.prompt}".strip()]) if output.action else image
+
+
+class _Interrupted(Exception):
+    """Raised inside a denoising step when the interrupt flag is set."""

@@ -1,0 +1,140 @@
+"""StreamingGenerationPipeline on a tiny seeded model: actions become poses, chunks read the
+memory, the interrupt / callback / prompt stream work, memory and cost stay flat over a long
+rollout, a snapshot restored mid-rollout continues exactly, and bad input gets clear errors."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+
+from streammem.models.video_dit import CausalVideoDiT
+from streammem.pipelines import Head
+from streammem.pipelines.generation import (
+    GenerationConfig,
+    StreamingGenerationPipeline,
+    camera_from_pose,
+)
+from streammem.types import Frame
+from streammem.world import World
+from streammem.world.scene import CameraState
+
+
+def tiny(seed: int = 0) -> CausalVideoDiT:
+    torch.manual_seed(seed)
+    m = CausalVideoDiT(sample_size=16, patch_size=4, dim=32, num_layers=1, num_heads=2,
+                       vocab=("<empty>", "<unk>", "clean", "hard"))
+    with torch.no_grad():  # the output projection starts at zero: give it weights so outputs depend on inputs
+        for p in m.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return m.eval()
+
+
+def image(seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, 255, (24, 24, 3), dtype=np.uint8)
+
+
+def pipe(**kw) -> StreamingGenerationPipeline:
+    return StreamingGenerationPipeline(tiny(), GenerationConfig(num_inference_steps=2, **kw))
+
+
+def test_actions_move_the_camera_and_frames_carry_their_pose():
+    p = pipe()
+    out = p(image(), "RRUF", prompt="clean", progress=False)
+    assert [f.action for f in out.frames] == ["R", "R", "U", "F"] and out.chunks == 2
+    x0 = 768.0
+    assert [f.pose[0, 3] for f in out.frames] == [x0 + 20, x0 + 40, x0 + 40, x0 + 40]
+    assert out.frames[2].pose[1, 3] == x0 - 20 and out.frames[3].pose[2, 3] > out.frames[2].pose[2, 3]  # closer
+    assert all(f.image.dtype == np.uint8 and f.image.shape == (16, 16, 3) for f in out.frames)
+    assert isinstance(p, Head) and p.stats()["frames"] == 5  # the start frame + 4
+    # raw poses work too: the camera goes exactly there
+    target = CameraState(x=800 * 16, y=700 * 16).pose()
+    f = list(p.stream([target], progress=False))
+    assert np.allclose(f[0].pose, target) and f[0].action == "pose"
+    assert camera_from_pose(target) == CameraState(x=800 * 16, y=700 * 16)
+
+
+def test_the_memory_conditions_each_chunk():
+    a, b = pipe(), pipe()
+    a.start(image(0))
+    b.start(image(0))
+    b.step(Frame(index=1, timestamp=0.25, image=image(5)))  # b also remembers another frame
+    b.anchor = a.anchor.clone()  # same anchor and camera, another memory
+    fa = list(a.stream("RR", progress=False))
+    fb = list(b.stream("RR", progress=False))
+    assert not np.array_equal(fa[0].image, fb[0].image)
+
+
+def test_interrupt_callback_and_prompt_change():
+    p = pipe()
+    seen = []
+
+    def callback(chunk, frames):
+        seen.append((chunk, [f.info["prompt"] for f in frames], [f.info["seed"] for f in frames]))
+        if chunk == 2:
+            p.interrupt.set()
+
+    out = p(image(), "R" * 40, prompt=iter(["clean", "hard"]), callback=callback, progress=False)
+    assert out.interrupted and out.chunks == 3 and len(out.frames) == 6
+    assert seen == [(0, ["clean"] * 2, [0, 0]), (1, ["hard"] * 2, [1, 1]), (2, ["hard"] * 2, [2, 2])]
+    # the prompt changes what is made: same seed, same memory, another prompt
+    x, y = pipe(), pipe()
+    fx = x(image(), "RR", prompt="clean", progress=False).frames
+    fy = y(image(), "RR", prompt="hard", progress=False).frames
+    assert not np.array_equal(fx[0].image, fy[0].image)
+
+
+def test_memory_is_bounded_over_a_long_rollout():
+    p = pipe(window=2, history_frames=18)
+    p.start(image())
+    sizes = []
+    for _ in p.stream("LR" * 40, callback=lambda k, fr: sizes.append((p.memory.num_tokens, p.memory.nbytes)),
+                      progress=False):
+        pass
+    assert len(sizes) == 40
+    tokens, nbytes = zip(*sizes)
+    assert max(tokens) <= p.memory.capacity and len(set(nbytes)) == 1
+    assert tokens[-1] == tokens[-10]  # full: flat from here on
+    assert p.memory.stats()["frames_held"] == 2 + 18
+
+
+@pytest.mark.parametrize("memory", ["posekv", "window", "full"])
+def test_snapshot_mid_rollout_continues_exactly(memory):
+    actions = "RRUULLDDFB" * 2
+    whole = pipe(memory=memory)
+    ref = whole(image(), actions, prompt="clean", progress=False).frames
+    first = pipe(memory=memory)
+    first.start(image(), prompt="clean")
+    list(first.stream(actions[:8], progress=False))
+    state = first.state_dict()
+    second = pipe(memory=memory)
+    second.load_state_dict(state)
+    rest = list(second.stream(actions[8:], progress=False))
+    assert all(np.array_equal(a.image, b.image) and np.allclose(a.pose, b.pose) for a, b in zip(ref[8:], rest))
+    with pytest.raises(ValueError, match="another configuration"):
+        pipe(memory="window" if memory != "window" else "full").load_state_dict(state)
+
+
+def test_a_world_frame_starts_at_its_pose():
+    f = next(iter(World(seed=4, size=32, frames=1)))
+    p = pipe()
+    first = p.start(f)
+    assert np.allclose(first.pose, f.pose) and first.image.shape == (16, 16, 3)
+
+
+def test_bad_input_gets_clear_errors():
+    p = pipe()
+    with pytest.raises(RuntimeError, match="start"):
+        list(p.stream("R", progress=False))
+    p.start(image())
+    with pytest.raises(ValueError, match="unknown action 'X'"):
+        list(p.stream("RX", progress=False))
+    with pytest.raises(ValueError, match="num_frames must be >= 1"):
+        list(p.stream("R", num_frames=0, progress=False))
+    with pytest.raises(ValueError, match="RGB uint8"):
+        p.start(np.zeros((8, 8), np.float32))
+    with pytest.raises(ValueError, match="GenerationConfig.memory"):
+        GenerationConfig(memory="dual")
+    with pytest.raises(ValueError, match="GenerationConfig.history_frames"):
+        GenerationConfig(history_frames=20)
