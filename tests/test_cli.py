@@ -8,9 +8,11 @@ import typer.main
 
 from streammem.cli import app
 from streammem.pipelines.detection import DetectionConfig
+from streammem.pipelines.generation import GenerationConfig
 from streammem.pipelines.qa import QAConfig
 from streammem.train.answerer import AnswererTrainConfig
 from streammem.train.detector import TrainConfig
+from streammem.train.generator import TrainConfig as GeneratorTrainConfig
 from streammem.train.grid_encoder import EncoderTrainConfig
 
 #: (command path, config class, options deliberately not the field's default: why)
@@ -24,6 +26,8 @@ CHECKED = [
     (("train", "answerer"), AnswererTrainConfig, {"data": "a Path option", "init": "a Path option",
                                                   "log": "the same None"}),
     (("train", "encoder"), EncoderTrainConfig, {}),
+    (("generate",), GenerationConfig, {}),
+    (("train", "generator"), GeneratorTrainConfig, {}),
 ]
 
 
@@ -85,3 +89,43 @@ def test_ask_returns_on_an_endless_source_and_bad_input_exits_2(tmp_path):
     res = CliRunner().invoke(app, ["ask", str(tmp_path / "missing.mp4"), "--at", "1", "q?", "-o", str(tmp_path / "o")])
     assert res.exit_code == 2 and "no such file" in res.output
     assert not (tmp_path / "o" / "answers.jsonl").exists()
+
+
+def test_generate_writes_the_video_and_per_frame_records(tmp_path):
+    import json
+
+    import cv2
+    import numpy as np
+    import torch
+    from typer.testing import CliRunner
+
+    from streammem.models.video_dit import CausalVideoDiT
+
+    torch.manual_seed(0)
+    CausalVideoDiT(sample_size=16, patch_size=4, dim=32, num_layers=1, num_heads=2).save_pretrained(tmp_path / "ck")
+    run = CliRunner().invoke
+    res = run(app, ["generate", "--scene", "3", "--actions", "RRU", "--frames", "5", "-p", "clean", "-p", "hard",
+                    "--checkpoint", str(tmp_path / "ck"), "--steps", "2", "--out", str(tmp_path / "g"), "--no-progress"])
+    assert res.exit_code == 0, res.output
+    assert "5 frames in 3 chunks" in res.output
+    lines = [json.loads(x) for x in (tmp_path / "g" / "generation.jsonl").read_text().splitlines()]
+    assert [r["action"] for r in lines] == list("RRURR") and [r["prompt"] for r in lines] == ["clean"] * 2 + ["hard"] * 3
+    assert [r["seed"] for r in lines] == [0, 0, 1, 1, 2] and lines[1]["pose"][0][3] == lines[0]["pose"][0][3] + 20
+    cap = cv2.VideoCapture(str(tmp_path / "g" / "generated.mp4"))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 6  # the start frame and 5 generated
+    img = tmp_path / "start.png"
+    cv2.imwrite(str(img), np.full((40, 30, 3), 90, np.uint8))
+    res = run(app, ["generate", "--image", str(img), "--actions", "F", "--checkpoint", str(tmp_path / "ck"),
+                    "--steps", "1", "--out", str(tmp_path / "i"), "--no-progress"])
+    assert res.exit_code == 0 and "1 frames in 1 chunks" in res.output
+    for args, message in ((["--actions", "RX"], "unknown action letters 'X'"), (["--frames", "0"], "--frames must be >= 1"),
+                          (["--image", str(tmp_path / "nope.png"), "--scene", "1"], "exactly one of"),
+                          (["--image", str(tmp_path / "g" / "summary.json")], "not a readable image")):
+        base = ["generate", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "bad"), "--no-progress"]
+        if "--image" not in args:
+            base += ["--scene", "1"]
+        res = run(app, base + args)
+        assert res.exit_code == 2 and message in res.output, (args, res.output)
+    assert not (tmp_path / "bad").exists()
+    res = run(app, ["generate", "--scene", "1", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "n")])
+    assert res.exit_code == 2 and "train generator" in res.output

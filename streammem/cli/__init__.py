@@ -1,19 +1,20 @@
 """The ``streammem`` command, one module per command group:
 
-=============  =======================================================================
-``run.py``     ``streammem info``, ``streammem run`` (the main job)
-``detect.py``  ``streammem detect``, ``train detector``, ``eval detection``
-``qa.py``      ``streammem ask``, ``train encoder|answerer|event-gate|qa-snapshots``,
-               ``eval qa``
-``routing.py`` ``streammem eval routing``
-``world.py``   ``streammem world export|gallery``
-=============  =======================================================================
+===============  =====================================================================
+``run.py``       ``streammem info``, ``streammem run`` (the main job)
+``detect.py``    ``streammem detect``, ``train detector``, ``eval detection``
+``qa.py``        ``streammem ask``, ``train encoder|answerer|event-gate|qa-snapshots``,
+                 ``eval qa``
+``generate.py``  ``streammem generate``, ``train generator``
+``routing.py``   ``streammem eval routing``
+``world.py``     ``streammem world export|gallery``
+===============  =====================================================================
 
 Commands are thin: they parse options and call the jobs in :mod:`streammem.pipelines.jobs`,
 the trainers in :mod:`streammem.train` and the evaluations in :mod:`streammem.eval`.
 """
 
-from streammem.cli import detect, qa, routing, run  # noqa: F401  (each module adds its commands)
+from streammem.cli import detect, generate, qa, routing, run  # noqa: F401  (each module adds its commands)
 from streammem.cli.common import app, eval_app, train_app
 from streammem.cli.world import app as world_app
 

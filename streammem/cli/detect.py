@@ -24,7 +24,6 @@ from streammem.pipelines.jobs.detect import DEFAULT_CHECKPOINT, run_detect
 from streammem.train.detector import TrainConfig
 
 
-
 @app.command("detect")
 def detect(
     source: str = typer.Argument(..., help="video file, image folder, camera:N, URL or world:..."),

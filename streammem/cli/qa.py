@@ -20,8 +20,8 @@ import typer
 from streammem.cli.common import app, default, eval_app, fail, train_app
 from streammem.pipelines.qa import QAConfig
 from streammem.train.answerer import AnswererTrainConfig
-from streammem.train.qa_data import SHIPPED_ENCODER
 from streammem.train.grid_encoder import EncoderTrainConfig
+from streammem.train.qa_data import SHIPPED_ENCODER
 
 _OPT_RE = re.compile(r"\(?([A-E])[).:]\s*")
 
@@ -268,11 +268,10 @@ def eval_qa(
     encoder: Optional[Path] = typer.Option(None, help="encoder checkpoint folder (default: the shipped one)"),
 ) -> None:
     """Score memories at equal token budgets (OVBench's mcq_acc), with the horizon plot."""
+    from streammem.checkpoints import ROOT as root
     from streammem.eval import qa as E
     from streammem.models.answerer import SmallAnswerer
     from streammem.models.grid_encoder import GridEncoder
-
-    from streammem.checkpoints import ROOT as root
 
     for name, p in (("--answerer", answerer), ("--encoder", encoder)):
         if p is not None and not (p / "config.json").is_file():

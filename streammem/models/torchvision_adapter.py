@@ -27,14 +27,16 @@ box-head features; the output stays in the space ``box_predictor`` was trained o
 torchvision is imported lazily; without it :func:`require_torchvision` raises ImportError
 with the ``pip install torchvision`` fix (a torchvision build must match the installed torch).
 
-Example (needs torchvision; a random model, nothing downloaded):
-    >>> import numpy as np                                                      # doctest: +SKIP
-    >>> from streammem.types import Frame                                       # doctest: +SKIP
-    >>> det = TorchvisionDetector.from_torchvision("fasterrcnn_mobilenet_v3_large_fpn",
-    ...     weights=None, weights_backbone=None, num_classes=3, min_size=128, max_size=128)  # doctest: +SKIP
-    >>> from streammem.pipelines.detection import TorchvisionDetectionPipeline    # doctest: +SKIP
-    >>> pipe = TorchvisionDetectionPipeline(det)                                # doctest: +SKIP
-    >>> d = pipe.step(Frame(0, 0.0, np.zeros((128, 128, 3), np.uint8)))         # doctest: +SKIP
+Example (needs torchvision; a random model, nothing downloaded)::
+
+    import numpy as np
+    from streammem.pipelines.detection import TorchvisionDetectionPipeline
+    from streammem.types import Frame
+
+    det = TorchvisionDetector.from_torchvision("fasterrcnn_mobilenet_v3_large_fpn", weights=None,
+                                               weights_backbone=None, num_classes=3, min_size=128, max_size=128)
+    pipe = TorchvisionDetectionPipeline(det)
+    d = pipe.step(Frame(0, 0.0, np.zeros((128, 128, 3), np.uint8)))
 """
 
 from __future__ import annotations

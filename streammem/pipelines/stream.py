@@ -10,10 +10,12 @@ counted as dropped. Offline mode (the default) processes every frame.
 
 Example:
     >>> from streammem.pipelines import StatsPipeline, run_stream
-    >>> run = run_stream(frames, StatsPipeline(), progress=False)       # doctest: +SKIP
-    >>> for item in run:                                                # doctest: +SKIP
-    ...     print(item.frame.index, item.latency_ms, item.output.motion)
-    >>> run.stats.summary()                                             # doctest: +SKIP
+    >>> from streammem.world import World
+    >>> run = run_stream(World(seed=0, size=64, frames=4), StatsPipeline(), progress=False)
+    >>> [(item.frame.index, item.output.motion >= 0) for item in run]
+    [(0, True), (1, True), (2, True), (3, True)]
+    >>> run.stats.summary()["frames_processed"]
+    4
 """
 
 from __future__ import annotations

@@ -26,9 +26,10 @@ The loop runs under ``accelerate`` for a wall-clock budget (``minutes``), with a
 learning-rate schedule over that budget, a tqdm bar, and ``save_pretrained`` checkpoints every
 ``save_every_min`` minutes and at the end.
 
-Example (a few steps):
-    >>> from streammem.train.detector import TrainConfig, train  # doctest: +SKIP
-    >>> train(TrainConfig(minutes=0.2, out="/tmp/det"))           # doctest: +SKIP
+Example (a few steps; ``streammem train detector`` is the same from the shell)::
+
+    from streammem.train.detector import TrainConfig, train
+    train(TrainConfig(minutes=0.2, out="/tmp/det"))
 """
 
 from __future__ import annotations

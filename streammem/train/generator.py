@@ -29,13 +29,13 @@ steps and a validation line (fixed held-out batch, with the memory context and w
 frame only) every ``val_every`` steps. Running again with the same ``out`` resumes from there
 until the elapsed time reaches ``minutes``.
 
-Usage:
-    python -m streammem.train.generator --minutes 60 --threads 1 --out streammem/checkpoints/generator
+Usage (shell)::
+
+    streammem train generator --minutes 60 --threads 1 --out outputs/checkpoints/generator
 """
 
 from __future__ import annotations
 
-import argparse
 import dataclasses
 import hashlib
 import json
@@ -63,7 +63,7 @@ _ACTION_SWAP = [1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 12]
 class TrainConfig:
     """Training hyper-parameters (see the module docstring)."""
 
-    out: str = "streammem/checkpoints/generator"
+    out: str = "outputs/checkpoints/generator"
     minutes: float = 60.0
     threads: int = 1
     seed: int = 0
@@ -369,26 +369,3 @@ def _first_frame_tokens(ctx: ChunkContext, i: int, hw: int):
     n = min(hw, int(ctx.mask[i].sum()))
     return Tokens(ctx.tokens[i, :n], torch.zeros(n, dtype=torch.int64), torch.zeros(n, dtype=torch.float64),
                   ctx.grid[i, :n], ctx.level[i, :n], ctx.pose[i, :n])
-
-
-def main(argv: list[str] | None = None) -> None:
-    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0], formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--out", default=TrainConfig.out)
-    p.add_argument("--minutes", type=float, default=TrainConfig.minutes)
-    p.add_argument("--threads", type=int, default=TrainConfig.threads)
-    p.add_argument("--batch-size", type=int, default=TrainConfig.batch_size)
-    p.add_argument("--lr", type=float, default=TrainConfig.lr)
-    p.add_argument("--n-seeds", type=int, default=TrainConfig.n_seeds)
-    p.add_argument("--seed", type=int, default=TrainConfig.seed)
-    p.add_argument("--save-every-s", type=float, default=TrainConfig.save_every_s)
-    p.add_argument("--max-steps", type=int, default=None)
-    p.add_argument("--cache-dir", default=TrainConfig.cache_dir)
-    a = p.parse_args(argv)
-    cfg = TrainConfig(out=a.out, minutes=a.minutes, threads=a.threads, batch_size=a.batch_size, lr=a.lr,
-                      n_seeds=a.n_seeds, seed=a.seed, save_every_s=a.save_every_s, max_steps=a.max_steps,
-                      cache_dir=a.cache_dir)
-    train(cfg)
-
-
-if __name__ == "__main__":
-    main()

@@ -9,10 +9,11 @@ only) + objectness binary cross-entropy.
 Frames come from clips of ``clip_len`` frames at seeded offsets in many worlds (earlier frames
 are simulated without rendering, so late offsets cost little), all presets mixed.
 
-Example (tiny):
-    >>> from streammem.train.grid_encoder import EncoderTrainConfig, train_encoder
-    >>> m = train_encoder(EncoderTrainConfig(worlds=1, clip_len=4, steps=2, batch=4, width=8, dim=16,
-    ...                                      out=None, val_worlds=1))  # doctest: +SKIP
+Example (tiny; ``streammem train encoder`` is the same from the shell)::
+
+    from streammem.train.grid_encoder import EncoderTrainConfig, train_encoder
+    m = train_encoder(EncoderTrainConfig(worlds=1, clip_len=4, steps=2, batch=4, width=8, dim=16,
+                                         out=None, val_worlds=1))
 """
 
 from __future__ import annotations

@@ -20,6 +20,7 @@ The answerer's vocabulary and label space: :func:`fit_vocab`, :func:`label_space
 
 from __future__ import annotations
 
+import functools
 import json
 import random
 import time
@@ -287,18 +288,25 @@ def produce(out_dir: str | Path, encoder: str = SHIPPED_ENCODER, worlds: int = 6
 
 
 def fit_vocab(extra_texts: list[str] | None = None) -> Vocab:
-    """The vocabulary of StreamWorld's question templates (from a few generated streams)."""
+    """The vocabulary of StreamWorld's question templates (from a few generated streams), plus
+    the words of ``extra_texts``."""
+    return Vocab.fit(list(extra_texts or []) + list(_template_texts()))
+
+
+@functools.lru_cache(maxsize=1)
+def _template_texts() -> tuple[str, ...]:
+    """Every question and candidate of 9 generated streams (deterministic; computed once)."""
     from streammem.world import World
     from streammem.world.questions import AGE_BUCKETS, QUADRANTS
 
-    texts = list(extra_texts or [])
+    texts = []
     for s in range(3):
         for preset in ("clean", "medium", "hard"):
             for q in World(seed=990_000 + s, preset=preset, size=256, seconds=400).questions(every_s=5):
                 texts.append(q["question"])
                 texts.extend(q["candidates"])
     texts += QUADRANTS + [b[2] for b in AGE_BUCKETS] + [str(i) for i in range(10)]
-    return Vocab.fit(texts)
+    return tuple(texts)
 
 
 def label_space(encoder, grounding: bool = True) -> dict:

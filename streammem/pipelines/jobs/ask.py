@@ -5,9 +5,10 @@ The stream stops as soon as the last question is answered, so a camera or an end
 StreamWorld source returns once its questions are due.
 
 Example:
-    >>> from streammem.pipelines.jobs import run_ask                                  # doctest: +SKIP
-    >>> res = run_ask("world:seed=3,seconds=20", "Is there a cat in view now?", ["yes", "no"], at=[5, 10])  # doctest: +SKIP
-    >>> [(t, a.text) for t, a in res.answers]                                          # doctest: +SKIP
+    >>> from streammem.pipelines.jobs import run_ask
+    >>> res = run_ask("world:seed=3,size=128", "Is there a cat in view now?", ["yes", "no"], at=[0.5, 1])
+    >>> [t for t, a in res.answers], all(a.evidence[0]["timestamp"] <= t for t, a in res.answers)
+    ([0.5, 1.0], True)
 """
 
 from __future__ import annotations

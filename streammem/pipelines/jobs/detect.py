@@ -2,10 +2,11 @@
 write ``annotated.mp4``, ``detections.jsonl`` (one line per frame) and ``summary.json``.
 
 Example:
-    >>> from streammem.pipelines.jobs import run_detect                                # doctest: +SKIP
-    >>> res = run_detect("world:seed=1,preset=hard,size=128,frames=6", "out", detector="hog")  # doctest: +SKIP
-    >>> res.summary["frames_processed"]                                                 # doctest: +SKIP
-    6
+    >>> import tempfile
+    >>> from streammem.pipelines.jobs import run_detect
+    >>> res = run_detect("world:seed=1,preset=hard,size=128,frames=6", tempfile.mkdtemp(), detector="hog")
+    >>> res.summary["frames_processed"], res.jsonl.name
+    (6, 'detections.jsonl')
 """
 
 from __future__ import annotations
@@ -49,7 +50,10 @@ def build_detection_head(detector: str = "small", checkpoint: str | None = None,
 
         return HOGDetectionPipeline(config=HOGConfig(memory=memory, mode=mode, score_threshold=thr))
     from streammem.models.detector import SmallDetector
-    from streammem.pipelines.detection import DetectionConfig, StreamingDetectionPipeline
+    from streammem.pipelines.detection import (
+        DetectionConfig,
+        StreamingDetectionPipeline,
+    )
 
     path = Path(checkpoint or DEFAULT_CHECKPOINT)
     if not (path / "config.json").is_file() or not (path / "model.safetensors").is_file():

@@ -1,0 +1,80 @@
+"""Generation commands:
+
+    streammem generate --scene 3 --actions RRRRUUUULLLLDDDD --prompt clean --out DIR
+    streammem generate --image photo.png --actions FFFFBBBB --frames 16 --out DIR
+    streammem train generator --minutes 60
+
+``generate`` writes ``DIR/generated.mp4`` (the start frame, then the generated ones),
+``DIR/generation.jsonl`` (per frame: action, absolute pose, chunk, seed, prompt) and
+``DIR/summary.json``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import List, Optional
+
+import typer
+
+from streammem.cli.common import app, default, fail, train_app
+from streammem.pipelines.generation import GENERATION_MEMORIES, GenerationConfig
+from streammem.train.generator import TrainConfig
+
+
+@app.command("generate")
+def generate(
+    scene: Optional[int] = typer.Option(None, help="start from this StreamWorld scene (a world seed)"),
+    image: Optional[Path] = typer.Option(None, help="start from this image file (PNG, JPEG, ...)"),
+    actions: str = typer.Option("RRRRUUUULLLLDDDD", help="one letter per frame: F/B forward/back (zoom in/out; also "
+                                "I/O), L/R/U/D pan, S stay"),
+    prompt: List[str] = typer.Option([], "--prompt", "-p", help="prompt; repeat for one per chunk (the last holds)"),
+    frames: Optional[int] = typer.Option(None, help="frames to generate (default: one per action)"),
+    out: Path = typer.Option(Path("outputs/generate"), "--out", "-o", help="output folder"),
+    checkpoint: Optional[Path] = typer.Option(None, help="generator folder (default: the shipped one)"),
+    memory: str = typer.Option(default(GenerationConfig, "memory"), help=f"one of {', '.join(GENERATION_MEMORIES)}"),
+    steps: int = typer.Option(default(GenerationConfig, "num_inference_steps"), help="denoising steps per chunk"),
+    seed: int = typer.Option(default(GenerationConfig, "seed"), help="chunk k is sampled with seed + k"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Generate a video from a first frame, steered by camera actions and prompts."""
+    from streammem.pipelines.jobs import run_generate
+
+    try:
+        res = run_generate(out, scene=scene, image=image, actions=actions, prompts=prompt or [""], num_frames=frames,
+                           checkpoint=checkpoint, memory=memory, steps=steps, seed=seed, progress=progress)
+    except (ValueError, FileNotFoundError) as exc:
+        fail(str(exc))
+    s = res.summary
+    typer.echo(f"streammem generate: {s['frames_generated']} frames in {s['chunks']} chunks "
+               f"({s['seconds_per_chunk']:.2f} s per chunk), memory {memory} {s['memory_tokens']} tokens")
+    typer.echo(f"  video:   {res.video}")
+    typer.echo(f"  jsonl:   {res.jsonl}")
+    typer.echo(f"  summary: {res.summary_path}")
+
+
+@train_app.command("generator")
+def train_generator(
+    minutes: float = typer.Option(default(TrainConfig, "minutes"), help="wall-clock budget (a resumed run counts "
+                                  "the time already spent)"),
+    out: str = typer.Option(default(TrainConfig, "out"), "--out", "-o", help="checkpoint folder; an existing one "
+                            "is resumed"),
+    threads: int = typer.Option(default(TrainConfig, "threads"), help="torch threads"),
+    batch_size: int = typer.Option(default(TrainConfig, "batch_size"), help="clips per step"),
+    lr: float = typer.Option(default(TrainConfig, "lr"), help="peak learning rate"),
+    n_seeds: int = typer.Option(default(TrainConfig, "n_seeds"), help="StreamWorld streams rendered for training"),
+    seed: int = typer.Option(default(TrainConfig, "seed"), help="data and init seed"),
+    save_every_s: float = typer.Option(default(TrainConfig, "save_every_s"), help="checkpoint period (seconds)"),
+    max_steps: Optional[int] = typer.Option(None, help="stop after this many steps"),
+    cache_dir: str = typer.Option(default(TrainConfig, "cache_dir"), help="where rendered streams are cached"),
+) -> None:
+    """Train the small generator (CausalVideoDiT) on StreamWorld clips with loops that come back;
+    resumable, checkpoints as it goes."""
+    from streammem.train.generator import train
+
+    try:
+        cfg = TrainConfig(out=out, minutes=minutes, threads=threads, batch_size=batch_size, lr=lr, n_seeds=n_seeds,
+                          seed=seed, save_every_s=save_every_s, max_steps=max_steps, cache_dir=cache_dir)
+    except ValueError as exc:
+        fail(str(exc))
+    train(cfg)
+    typer.echo(f"streammem train generator: saved to {out}")

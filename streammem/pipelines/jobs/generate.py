@@ -1,0 +1,95 @@
+"""The generation job (``streammem generate``): a first frame (a StreamWorld scene or an image
+file), then frames generated chunk by chunk from camera actions and prompts; writes
+``generated.mp4``, ``generation.jsonl`` (one line per frame: action, absolute pose, chunk, seed,
+prompt) and ``summary.json``. A failure part-way keeps the frames made before it.
+"""
+
+from __future__ import annotations
+
+import os
+import time
+from pathlib import Path
+from typing import Sequence
+
+import cv2
+
+from streammem.io import JsonlWriter, VideoWriter
+from streammem.pipelines.generation import GenerationConfig, StreamingGenerationPipeline
+from streammem.pipelines.jobs.base import JobResult, write_summary
+
+__all__ = ["load_default_generator", "run_generate"]
+
+
+def load_default_generator(checkpoint: str | os.PathLike | None = None,
+                           config: GenerationConfig | None = None) -> StreamingGenerationPipeline:
+    """The shipped generator (``streammem/checkpoints/generator``) or ``checkpoint``, in a
+    :class:`StreamingGenerationPipeline`."""
+    from streammem.checkpoints import path
+    from streammem.models.video_dit import CausalVideoDiT
+
+    folder = Path(checkpoint) if checkpoint is not None else path("generator")
+    if not (folder / "config.json").is_file():
+        raise FileNotFoundError(f"no generator checkpoint at {folder} (config.json + weights); train one with "
+                                f"`streammem train generator --out {folder}`")
+    return StreamingGenerationPipeline(CausalVideoDiT.from_pretrained(str(folder)), config)
+
+
+def _start_frame(scene: int | None, image: str | os.PathLike | None, size: int):
+    if (scene is None) == (image is None):
+        raise ValueError("give exactly one of --scene SEED or --image PATH")
+    if image is not None:
+        img = cv2.imread(str(image), cv2.IMREAD_COLOR)
+        if img is None:
+            raise ValueError(f"{image}: not a readable image (PNG, JPEG, ...)")
+        return cv2.cvtColor(img, cv2.COLOR_BGR2RGB), None
+    from streammem.world import World
+
+    frame = next(iter(World(seed=int(scene), preset="clean", size=size, frames=1)))
+    return frame.image, frame.pose
+
+
+def run_generate(out: str | os.PathLike, scene: int | None = None, image: str | os.PathLike | None = None,
+                 actions: str = "RRRRUUUULLLLDDDD", prompts: Sequence[str] = ("",), num_frames: int | None = None,
+                 checkpoint: str | os.PathLike | None = None, memory: str = "posekv", steps: int = 8, seed: int = 0,
+                 progress: bool = False) -> JobResult:
+    """Generate from a start frame; see the module docstring. Raises ValueError on bad input
+    (no or two starts, an unreadable image, an unknown action letter, zero frames) before
+    anything is written."""
+    # 1. check inputs, build the pipeline, the start frame
+    if num_frames is not None and num_frames < 1:
+        raise ValueError(f"--frames must be >= 1, got {num_frames}")
+    if not actions:
+        raise ValueError("give at least one action")
+    pipe = load_default_generator(checkpoint, GenerationConfig(memory=memory, num_inference_steps=steps, seed=seed))
+    bad = sorted({a for a in actions.upper() if a not in "FBLRUDIOS"})
+    if bad:
+        raise ValueError(f"unknown action letters {''.join(bad)!r}; use F/B (forward/back), L/R/U/D (pan), "
+                         "I/O (zoom in/out), S (stay)")
+    start_image, pose = _start_frame(scene, image, pipe.model.config.sample_size)
+    n = num_frames or len(actions)
+    acts = (actions * (n // len(actions) + 1))[:n]  # the actions repeat when fewer than the frames
+    # 2. generate, writing as we go
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    video = VideoWriter(out / "generated.mp4", fps=pipe.config.fps)
+    jsonl = JsonlWriter(out / pipe.records_file)
+    first = pipe.start(start_image, pose=pose, prompt=prompts[0])
+    video.write(first.image)
+    made, t0 = 0, time.perf_counter()
+    try:
+        for frame in pipe.stream(acts, iter(prompts), num_frames=n, progress=progress):
+            video.write(frame.image)
+            for rec in pipe.records(frame, frame):
+                jsonl.write(rec)
+            made += 1
+    finally:
+        video_path = video.close()
+        jsonl_path = jsonl.close(commit=True)
+    wall = time.perf_counter() - t0
+    stats = pipe.stats()
+    summary = {"start": {"scene": scene, "image": None if image is None else str(image)}, "actions": acts,
+               "prompts": list(prompts), "frames_generated": made, "chunks": stats["chunks"], "wall_s": round(wall, 3),
+               "seconds_per_chunk": wall / max(1, stats["chunks"]), "memory_tokens": stats["memory_tokens"],
+               "config": pipe.config.__dict__, "outputs": {"video": str(video_path), "jsonl": str(jsonl_path)}}
+    summary_path = write_summary(out / "summary.json", summary)
+    return JobResult(summary, video_path, jsonl_path, summary_path)
