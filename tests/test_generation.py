@@ -138,3 +138,25 @@ def test_bad_input_gets_clear_errors():
         GenerationConfig(memory="dual")
     with pytest.raises(ValueError, match="GenerationConfig.history_frames"):
         GenerationConfig(history_frames=20)
+
+
+def test_eval_classes_revisits_and_scores_every_memory():
+    from streammem.eval.generation import (
+        classify,
+        evaluate_generation,
+        format_table,
+        psnr,
+    )
+
+    a = (0, 0, 0, 0)
+    b, c = (1, 0, 0, 0), (2, 0, 0, 0)
+    # held still, moved, a quick return (2 frames back), then a return after 5 frames
+    assert classify([a, a, b, a, c, c, b, c, b, a], window=2) == ["", "", "novel", "within", "novel", "",
+                                                                   "beyond", "within", "within", "beyond"]
+    img = np.full((4, 4, 3), 100, np.uint8)
+    assert psnr(img, img) == 100.0 and abs(psnr(img, img + 1) - 48.13) < 0.01
+    res = evaluate_generation(tiny(), seeds=(5,), frames=12, steps=1, window=2, history_frames=18, progress=False)
+    assert set(res["summary"]) == {"window", "full", "posekv", "posekv_nopose"}
+    assert len(res["records"]) == 4 * 11 and all(np.isfinite(r["psnr"]) for r in res["records"])
+    assert res["summary"]["window"]["tokens_max"] < res["summary"]["full"]["tokens_max"]
+    assert "| posekv |" in format_table(res["summary"])

@@ -3,6 +3,7 @@
     streammem generate --scene 3 --actions RRRRUUUULLLLDDDD --prompt clean --out DIR
     streammem generate --image photo.png --actions FFFFBBBB --frames 16 --out DIR
     streammem train generator --minutes 60
+    streammem eval generation --out outputs/eval_generation
 
 ``generate`` writes ``DIR/generated.mp4`` (the start frame, then the generated ones),
 ``DIR/generation.jsonl`` (per frame: action, absolute pose, chunk, seed, prompt) and
@@ -16,7 +17,8 @@ from typing import List, Optional
 
 import typer
 
-from streammem.cli.common import app, default, fail, train_app
+from streammem.cli.common import app, default, eval_app, fail, train_app
+from streammem.eval.generation import MEMORIES
 from streammem.pipelines.generation import GENERATION_MEMORIES, GenerationConfig
 from streammem.train.generator import TrainConfig
 
@@ -78,3 +80,39 @@ def train_generator(
         fail(str(exc))
     train(cfg)
     typer.echo(f"streammem train generator: saved to {out}")
+
+
+@eval_app.command("generation")
+def eval_generation(
+    checkpoint: Optional[Path] = typer.Option(None, help="generator folder (default: the shipped one)"),
+    seeds: List[int] = typer.Option([20_000, 20_001, 20_002, 20_003], "--seed", help="held-out world seeds"),
+    frames: int = typer.Option(96, help="frames per rollout (4 fps)"),
+    memory: List[str] = typer.Option(list(MEMORIES), "--memory", help="memories to compare"),
+    steps: int = typer.Option(default(GenerationConfig, "num_inference_steps"), help="denoising steps per chunk"),
+    out: Path = typer.Option(Path("outputs/eval_generation"), "--out", "-o", help="results folder"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Revisit PSNR / SSIM (within and beyond the window), novel-view quality and cost per chunk
+    for each memory, on held-out StreamWorld loops."""
+    import json
+
+    from streammem.eval.generation import evaluate_generation, format_table
+    from streammem.pipelines.jobs import load_default_generator
+    from streammem.pipelines.jobs.base import write_summary
+
+    bad = [m for m in memory if m not in MEMORIES]
+    if bad or frames < 2:
+        fail(f"--memory must be among {', '.join(MEMORIES)} and --frames >= 2; got {bad or frames}")
+    try:
+        model = load_default_generator(checkpoint).model
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    res = evaluate_generation(model, seeds=tuple(seeds), frames=frames, memories=tuple(memory), steps=steps,
+                              progress=progress)
+    table = format_table(res["summary"])
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in res["records"] + res["chunks"]))
+    write_summary(out / "summary.json", {"summary": res["summary"], "setup": res["setup"]})
+    (out / "table.md").write_text(table + "\n")
+    typer.echo(table)
+    typer.echo(f"-> {out / 'table.md'}")
