@@ -504,8 +504,8 @@ def test_pipeline_feeds_key_places_and_ages_to_the_geometry_prior(memory):
 def test_shipped_detector_with_memory_beats_single_frame_on_a_seeded_hard_clip():
     """End to end on the evaluation's first hard clip (seed 0, 48 frames, 256 px): the causal
     FeatureBank pipeline scores a higher AP50 than the same detector frame by frame (measured with
-    the shipped checkpoint at the default 75 keys: 78.4 vs 73.9; the README's table has the gain
-    over more clips)."""
+    the shipped checkpoint at the default 75 keys: 78.4 vs 73.9; docs/results/detection.md has the
+    gain over more clips)."""
     from streammem.eval.detection import evaluate
 
     det = SmallDetector.from_pretrained(str(CKPT)).eval()

@@ -9,7 +9,7 @@ __all__ = ["BACKENDS", "DEFAULT_BACKEND_ORDER", "SourceOptions", "SourceInfo"]
 
 BACKENDS = ("auto", "decord", "opencv")
 # Order tried by backend="auto" for video files. benchmarks/decode.py measured raw OpenCV
-# faster than raw decord on H.264 here (see README), so OpenCV leads and decord is the
+# faster than raw decord on H.264 here (docs/results/decode.md), so OpenCV leads and decord is the
 # fallback for files OpenCV cannot open.
 DEFAULT_BACKEND_ORDER = ("opencv", "decord")
 

@@ -126,8 +126,8 @@ class StreamingQAPipeline(HeadBase):
             answerer was trained on (its ``memory_pool``, if it has one).
         retention: for a preset name, ``"spread"`` (the default: :data:`~streammem.memory.PYRAMID_SPREAD`;
             look-alike frames are still merged first, but the kept frames stay spread over the
-            whole stream, so events minutes back keep frames around them; measured better at
-            the offline budget and on par at ovbench) or ``"reference"`` (VideoChat-Online's
+            whole stream, so events minutes back keep frames around them; compared in
+            ``docs/results/qa.md``) or ``"reference"`` (VideoChat-Online's
             rule, ``PyramidMemory``'s own default). A memory given as an object is used as it is.
         dual: optional :class:`DualMemory` fed beside the pyramid; its tokens are routed by
             :class:`~streammem.models.motion.MotionScorer` (static score = 1 - motion), and the
