@@ -134,6 +134,8 @@ def test_bad_input_gets_clear_errors():
         list(p.stream("R", num_frames=0, progress=False))
     with pytest.raises(ValueError, match="RGB uint8"):
         p.start(np.zeros((8, 8), np.float32))
+    with pytest.raises(ValueError, match=r"does not know the prompt words \['sunset'\]; it knows \['clean', 'hard'\]"):
+        p.start(image(), prompt="clean sunset")
     with pytest.raises(ValueError, match="GenerationConfig.memory"):
         GenerationConfig(memory="dual")
     with pytest.raises(ValueError, match="GenerationConfig.history_frames"):

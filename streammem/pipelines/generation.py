@@ -206,7 +206,7 @@ class StreamingGenerationPipeline(HeadBase):
             pose = image.pose if pose is None else pose
             image = image.image
         self.camera = CameraState(x=768 * POS_UNIT, y=768 * POS_UNIT) if pose is None else camera_from_pose(pose)
-        self.prompt = prompt
+        self.prompt = self.check_prompt(prompt)
         return self._observe(image, action=None)
 
     def step(self, frame: Frame) -> Frame:
@@ -217,6 +217,16 @@ class StreamingGenerationPipeline(HeadBase):
         if frame.pose is not None:
             self.camera = camera_from_pose(frame.pose)
         return self._observe(frame.image, action=frame.action if isinstance(frame.action, str) else None)
+
+    def check_prompt(self, prompt: str) -> str:
+        """``prompt`` if the model knows every word of it; else ValueError naming the unknown
+        words and the model's vocabulary (the model would ignore them)."""
+        known = [w for w in self.model.config.vocab if not w.startswith("<")]
+        unknown = [w for w in str(prompt).split() if w.lower() not in self.model.word_index]
+        if unknown:
+            raise ValueError(f"the generator does not know the prompt words {unknown}; it knows {known} "
+                             "(StreamWorld's scene styles; an empty prompt is allowed)")
+        return prompt
 
     def _observe(self, image: np.ndarray, action: str | None) -> Frame:
         x = _to_tensor(image, self.model.config.sample_size)
@@ -277,7 +287,7 @@ class StreamingGenerationPipeline(HeadBase):
                 if not chunk:
                     break
                 if prompt_iter is not None:
-                    self.prompt = next(prompt_iter, self.prompt)
+                    self.prompt = self.check_prompt(next(prompt_iter, self.prompt))
                 cam, deltas, labels, poses, vecs = self.camera, [], [], [], []
                 for a in chunk:
                     d, label = self._delta(a)
