@@ -22,7 +22,7 @@ from conftest import CODECS, _ffmpeg, vfr_times
 from streammem.io import SinkError, SourceWarning, VideoWriter, ffmpeg_exe, open_source
 
 STEP = 0.04  # 25 fps
-VFR_LAST = vfr_times()[-1]  # 1.88 s: 20 frames 0.04 s apart, then 10 frames 0.12 s apart
+# the times of conftest's vfr_times(): 20 frames 0.04 s apart, then 10 frames 0.12 s apart (last 1.88 s)
 VFR_SETPTS = "setpts='if(lt(N,20),N*0.04,0.8+(N-20)*0.12)/TB'"
 
 

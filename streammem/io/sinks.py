@@ -245,7 +245,7 @@ class VideoWriter:
         elif timed:
             # the constant-rate fallback: repeat the previous frame up to this one's slot, drop a frame
             # whose slot is already filled
-            slot = int(round((timestamp - self._t0) * self.fps))
+            slot = round((timestamp - self._t0) * self.fps)
             if self._held is not None:
                 while self._slots < slot:
                     self._send(self._held[0])
