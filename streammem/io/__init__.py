@@ -7,7 +7,14 @@ Modules: :mod:`~streammem.io.source` (``Source``, ``open_source``, ``probe``),
 :mod:`~streammem.io.errors`.
 """
 
-from streammem.io.errors import SinkError, SourceError, SourceNotFoundError, SourceOpenError, SourceReadError
+from streammem.io.errors import (
+    SinkError,
+    SourceError,
+    SourceNotFoundError,
+    SourceOpenError,
+    SourceReadError,
+    SourceWarning,
+)
 from streammem.io.options import SourceInfo, SourceOptions
 from streammem.io.schemes import known_schemes, register_scheme, unregister_scheme
 from streammem.io.sinks import JsonlWriter, VideoWriter, ffmpeg_exe
@@ -25,6 +32,7 @@ __all__ = [
     "SourceOpenError",
     "SourceOptions",
     "SourceReadError",
+    "SourceWarning",
     "known_schemes",
     "open_source",
     "probe",

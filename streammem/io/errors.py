@@ -51,3 +51,10 @@ class SourceReadError(SourceError):
 
 class SinkError(RuntimeError):
     """A sink could not write its output."""
+
+
+class SourceWarning(UserWarning):
+    """A source was read with a repair the caller should know about: frame times that went
+    backwards and were set from the frame rate, a header frame count that disagrees with the
+    frames that decode, or a backend that disagreed with OpenCV and was replaced by it. Issued
+    through :func:`warnings.warn`, once per problem and read; the message names the input."""

@@ -20,6 +20,7 @@ import logging
 import os
 import shutil
 import subprocess
+from fractions import Fraction
 from pathlib import Path
 from typing import Any
 
@@ -30,6 +31,8 @@ from streammem.io.errors import SinkError
 __all__ = ["JsonlWriter", "VideoWriter", "ffmpeg_exe", "to_jsonable"]
 
 log = logging.getLogger(__name__)
+
+_TIME_BASE = Fraction(1, 90000)  # of timed mp4 output: 1/90000 s, exact for 24, 25, 30 and 30000/1001 fps
 
 
 def ffmpeg_exe() -> str | None:
@@ -46,6 +49,13 @@ def ffmpeg_exe() -> str | None:
         return imageio_ffmpeg.get_ffmpeg_exe()
     except Exception:
         return None
+
+
+def _av_error() -> type[Exception]:
+    """PyAV's error class (its FFmpeg errors)."""
+    import av
+
+    return av.error.FFmpegError
 
 
 def _partial(path: Path) -> Path:
@@ -114,17 +124,29 @@ class JsonlWriter:
 
 
 class VideoWriter:
-    """Write RGB frames to an mp4 that plays in browsers.
+    """Write RGB frames to an mp4 that plays in browsers, at a constant rate or at the frames' own times.
 
     Encodes H.264 (yuv420p, ``+faststart``) through ffmpeg (the system's, or the binary that
     ships with imageio-ffmpeg). Without ffmpeg it falls back to OpenCV's VP9-in-mp4, which
     browsers also play, then to MPEG-4 part 2 (plays in desktop players only; a warning says so).
-    The size is fixed by the first frame; a frame of another size raises :class:`SinkError`.
+    The size is fixed by the first frame (odd sides are padded with black to even); a frame of
+    another size raises :class:`SinkError`.
+
+    Timing: ``write(image)`` without timestamps plays the frames at ``fps``. ``write(image,
+    timestamp=t)`` (seconds, strictly increasing; every frame of a video has one or none does)
+    shows each frame at ``t - t_first`` and for ``t_next - t``, the last one for ``1 / fps``, so
+    the video plays as long as the stream it came from, variable frame rate included. Those
+    frames are encoded by PyAV (a dependency of supervision) with their presentation times as
+    the mp4's (time base 1/90000, no B-frames, which keeps the mp4's duration exact); without
+    PyAV they go to ffmpeg at ``fps``, each frame repeated or dropped so that output frame
+    ``k`` shows the last frame with ``t - t_first <= k / fps`` (timing within ``1 / fps``).
 
     Args:
         path: the target ``.mp4``.
-        fps: frame rate of the output.
+        fps: frame rate of the output (with timestamps: the rate of the fallback encoding and
+            ``1 / fps`` is the last frame's duration).
         crf: H.264 quality (lower is better; 23 is ffmpeg's default).
+        preset: the x264 speed preset.
     """
 
     def __init__(self, path: str | os.PathLike, fps: float, crf: int = 23, preset: str = "veryfast") -> None:
@@ -141,9 +163,17 @@ class VideoWriter:
         self.count = 0
         self._proc: subprocess.Popen | None = None
         self._cv = None
+        self._timed: bool | None = None  # whether frames carry timestamps (fixed by the first frame)
+        self._av = None  # (container, stream) of the PyAV encoder for timed frames
+        self._held: tuple[np.ndarray, float] | None = None  # a timed frame waiting for its duration
+        self._t0 = 0.0
+        self._last_t: float | None = None
+        self._slots = 0  # frames sent to ffmpeg by the timed fallback
 
     def _start(self, h: int, w: int) -> None:
         self.size = (h, w)
+        if self._timed and self._start_pyav(h, w):
+            return
         exe = ffmpeg_exe()
         if exe is not None:
             cmd = [
@@ -167,14 +197,68 @@ class VideoWriter:
                 return
         raise SinkError(f"{self.path}: no video encoder available (install ffmpeg or imageio-ffmpeg)")
 
-    def write(self, image: np.ndarray) -> None:
+    def _start_pyav(self, h: int, w: int) -> bool:
+        """Open the PyAV encoder for timed frames; False when PyAV or its libx264 is missing."""
+        try:
+            import av
+        except ImportError:
+            return False
+        if "libx264" not in av.codecs_available:
+            return False
+        container = av.open(str(self.tmp), "w", format="mp4", options={"movflags": "+faststart"})
+        try:
+            stream = container.add_stream("libx264", rate=Fraction(self.fps).limit_denominator(100000))
+            stream.width, stream.height, stream.pix_fmt = w + w % 2, h + h % 2, "yuv420p"
+            stream.time_base = stream.codec_context.time_base = _TIME_BASE
+            stream.options = {"crf": str(self.crf), "preset": self.preset, "bf": "0"}
+        except Exception:
+            container.close()
+            raise
+        self._av, self.codec = (container, stream), "h264"
+        return True
+
+    def write(self, image: np.ndarray, timestamp: float | None = None) -> None:
+        """Add one RGB ``(H, W, 3)`` uint8 frame, shown at ``timestamp`` (seconds) when given."""
         if image.ndim != 3 or image.shape[2] != 3 or image.dtype != np.uint8:
             raise SinkError(f"{self.path}: frames must be (H, W, 3) uint8 RGB, got {image.dtype} {image.shape}")
+        timed = timestamp is not None
+        if self._timed is None:
+            self._timed = timed
+        elif timed != self._timed:
+            raise SinkError(f"{self.path}: frame {self.count} {'has' if timed else 'lacks'} a timestamp, unlike the "
+                            "frames before it; give every frame a timestamp or none")
+        if timed:
+            timestamp = float(timestamp)
+            if not np.isfinite(timestamp) or (self._last_t is not None and timestamp <= self._last_t):
+                raise SinkError(f"{self.path}: frame {self.count} has timestamp {timestamp!r}, not after the previous "
+                                f"frame's {self._last_t!r}; timestamps must increase")
         h, w = image.shape[:2]
         if self.size is None:
+            self._t0 = timestamp if timed else 0.0
             self._start(h, w)
         elif (h, w) != self.size:
             raise SinkError(f"{self.path}: frame {self.count} is {w}x{h}, but the video is {self.size[1]}x{self.size[0]}")
+        if self._av is not None:
+            if self._held is not None:
+                self._encode_held(timestamp)
+            self._held = (np.array(image, copy=True), timestamp)  # the caller may reuse its buffer
+        elif timed:
+            # the constant-rate fallback: repeat the previous frame up to this one's slot, drop a frame
+            # whose slot is already filled
+            slot = round((timestamp - self._t0) * self.fps)
+            if self._held is not None:
+                while self._slots < slot:
+                    self._send(self._held[0])
+            if self._slots <= slot:
+                self._send(image)
+            self._held = (image, timestamp)
+        else:
+            self._send(image)
+        self._last_t = timestamp
+        self.count += 1
+
+    def _send(self, image: np.ndarray) -> None:
+        """One frame to ffmpeg or OpenCV, at the constant rate."""
         if self._proc is not None:
             try:
                 self._proc.stdin.write(np.ascontiguousarray(image).tobytes())
@@ -185,10 +269,42 @@ class VideoWriter:
             import cv2
 
             self._cv.write(cv2.cvtColor(image, cv2.COLOR_RGB2BGR))
-        self.count += 1
+        self._slots += 1
+
+    def _encode_held(self, next_t: float | None) -> None:
+        """Encode the held timed frame, lasting until ``next_t`` (None: ``1 / fps``)."""
+        import av
+
+        container, stream = self._av
+        image, t = self._held
+        self._held = None
+        h, w = image.shape[:2]
+        if (h % 2) or (w % 2):
+            image = np.pad(image, ((0, h % 2), (0, w % 2), (0, 0)))
+        frame = av.VideoFrame.from_ndarray(image, format="rgb24")
+        pts = round((t - self._t0) / _TIME_BASE)
+        end = round(((next_t - self._t0) if next_t is not None else (t - self._t0 + 1.0 / self.fps)) / _TIME_BASE)
+        frame.pts, frame.time_base, frame.duration = pts, _TIME_BASE, max(1, end - pts)
+        try:
+            for packet in stream.encode(frame):
+                container.mux(packet)
+        except _av_error() as exc:
+            raise SinkError(f"{self.path}: encoding failed: {exc}") from exc
 
     def close(self) -> Path | None:
         """Finish the file and move it into place. Returns its path (None if no frame came)."""
+        if self._av is not None:
+            container, stream = self._av
+            try:
+                if self._held is not None:
+                    self._encode_held(None)
+                for packet in stream.encode(None):
+                    container.mux(packet)
+            except _av_error() as exc:
+                raise SinkError(f"{self.path}: encoding failed: {exc}") from exc
+            finally:
+                container.close()
+                self._av = None
         if self._proc is not None:
             self._proc.stdin.close()
             rc = self._proc.wait()

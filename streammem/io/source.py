@@ -23,7 +23,10 @@ Options (all sources): ``stride`` (keep every n-th selected frame), ``start`` / 
 caller's thread), ``input_fps`` (frame rate of an image folder).
 
 Timestamps come from the container (presentation times), so variable-frame-rate files are
-right. Reading is lazy and bounded: frames are decoded one at a time by a prefetch thread into
+right, and are strictly increasing: a time that goes backwards or repeats is set from the frame
+rate, and a header frame count that counts frames without picture data is accepted; each is
+reported once per read as a :class:`~streammem.io.errors.SourceWarning`
+(:mod:`streammem.io.readers.file`). Reading is lazy and bounded: frames are decoded one at a time by a prefetch thread into
 a bounded queue, never the whole video at once.
 
 Example:

@@ -7,7 +7,7 @@ import time
 import cv2
 
 from streammem.io.errors import SourceOpenError, SourceReadError
-from streammem.io.readers.file import _fourcc
+from streammem.io.readers.file import _Clock, _fourcc
 from streammem.io.selection import _Selector
 
 __all__ = ["_LiveReader"]
@@ -19,7 +19,7 @@ _LIVE_READ_RETRIES = 10
 
 class _LiveReader:
     """A camera or network stream through OpenCV. Timestamps: the stream's own when it has
-    them, else seconds since the first frame."""
+    them, else seconds since the first frame; made strictly increasing by :class:`_Clock`."""
 
     def __init__(self, uri: str, target) -> None:
         self.uri = uri
@@ -44,6 +44,7 @@ class _LiveReader:
 
     def frames(self, select):
         cap, index, read, t0, ts, failures = self.cap, -1, 0, None, None, 0
+        clock = _Clock(self.uri, self.fps)
         try:
             while True:
                 if not cap.grab():
@@ -61,7 +62,7 @@ class _LiveReader:
                 now = time.monotonic()
                 t0 = now if t0 is None else t0
                 pos = cap.get(cv2.CAP_PROP_POS_MSEC) / 1000.0
-                ts = pos if (pos > 0 or index == 0) and self.kind == "stream" else now - t0
+                ts = clock(index, pos if (pos > 0 or index == 0) and self.kind == "stream" else now - t0)
                 verdict = select(index, ts)
                 if verdict == _Selector.STOP:
                     return

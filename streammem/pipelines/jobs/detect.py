@@ -94,7 +94,7 @@ def run_detect(source: str, out: str | os.PathLike, detector: str = "small", che
 
     def write(frame, det, latency_ms: float | None) -> None:
         nonlocal n_frames
-        video.write(head.annotate(frame.image, det))
+        video.write(head.annotate(frame.image, det), timestamp=frame.timestamp)
         for rec in head.records(frame, det):
             if latency_ms is not None:
                 rec["latency_ms"] = round(latency_ms, 3)

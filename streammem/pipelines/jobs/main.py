@@ -217,7 +217,7 @@ def run_main_job(
                  f"latency {item.latency_ms:6.2f} ms" + (f"  dropped {item.dropped}" if item.dropped else ""),
                  f"motion {s.motion:5.1f}  brightness {s.brightness:5.1f}",
                  f"memory {s.extra['memory_tokens']} tokens, frames/level {s.extra['memory_frames']}"]
-        video.write(annotate_text(image, lines, corner="bottom"))
+        video.write(annotate_text(image, lines, corner="bottom"), timestamp=f.timestamp)
         record = {"frame": f.index, "timestamp": round(f.timestamp, 6), "latency_ms": round(item.latency_ms, 3),
                   "dropped_before": item.dropped, **s.to_dict()}
         if item.lag_ms is not None:
