@@ -8,9 +8,12 @@ option against its field.
 from __future__ import annotations
 
 import dataclasses
+import warnings
 from typing import Any, NoReturn
 
 import typer
+
+from streammem.io import SourceWarning
 
 __all__ = ["app", "train_app", "eval_app", "default", "fail", "source_options"]
 
@@ -25,6 +28,20 @@ eval_app = typer.Typer(help="Evaluate heads and memories on StreamWorld (and rea
                        no_args_is_help=True)
 app.add_typer(train_app, name="train")
 app.add_typer(eval_app, name="eval")
+
+
+_show = warnings.showwarning
+
+
+def _show_source_warning(message, category, filename, lineno, file=None, line=None):
+    """A source's warning (a repaired timestamp, a header count) as one plain line on stderr."""
+    if issubclass(category, SourceWarning):
+        typer.secho(f"warning: {message}", fg=typer.colors.YELLOW, err=True)
+    else:
+        _show(message, category, filename, lineno, file, line)
+
+
+warnings.showwarning = _show_source_warning
 
 
 def default(config_cls: type, name: str) -> Any:
