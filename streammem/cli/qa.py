@@ -7,7 +7,7 @@
 
 ``ask`` and refusals: the shipped answerer was trained only on StreamWorld, and says so on the
 first line of its output. A question it cannot answer is refused with the reason, never forced
-(:mod:`streammem.models.answerer.refusal`): refused before the source is opened (words it does
+(:mod:`streammem.models.answerer.refusal`): refused before any frame is read (words it does
 not know, a question without options that is not yes/no, a negative ``--at``), ``ask`` prints
 ``refused: <reason>`` on stderr, writes nothing and exits 2; refused once the stream ran (no
 frame in memory at that time, a time after the end of a stream that ended), the refusal is
@@ -74,7 +74,7 @@ def _print_answer(q: str, at: float, a) -> None:
 
 
 def _refuse(r: Refusal) -> None:
-    """A question refused before the source is opened: bad input, exit 2."""
+    """A question refused before any frame is read: bad input, exit 2."""
     typer.secho(_refusal_text(r), fg=typer.colors.RED, err=True)
     raise typer.Exit(2)
 
@@ -111,7 +111,7 @@ def ask(
     options (-c, or '(A) x (B) y' in the question).
 
     Refusals, never forced answers: a question with words the answerer does not know, one that
-    needs options and has none, or a negative --at is refused before the source is opened (exit
+    needs options and has none, or a negative --at is refused before any frame is read (exit
     2, nothing written); a time with no frame in memory or after the end of a stream that ended
     is answered "refused: <reason>" (in answers.jsonl: "refused": true) and the command exits 0.
     """
@@ -146,7 +146,7 @@ def ask(
     q, cands = split_options(question, choice)
     try:
         res = run_ask(source, q, cands, at, max_frames=max_frames, out=out, pipeline=pipe, **opts)
-    except QuestionRefused as exc:  # before the source is opened: a bad question
+    except QuestionRefused as exc:  # before any frame is read: a bad question
         _refuse(exc.refusal)
     except (SourceError, ValueError) as exc:  # before the stream started: bad input or options
         fail(str(exc))

@@ -70,7 +70,7 @@ class Vocab:
         """The words of ``text`` (split at spaces, surrounding punctuation stripped) that hold a
         piece this vocabulary does not know, each once, in order; times are known.
 
-        >>> Vocab.fit(["is there a cat?"]).unknown("Is there an elephant, or a cat at 2.5?")
+        >>> Vocab.fit(["is there a cat at?"]).unknown("Is there an elephant, or a cat at 2.5?")
         ['an', 'elephant', 'or']
         """
         out: list[str] = []

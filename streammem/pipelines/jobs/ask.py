@@ -6,8 +6,9 @@ StreamWorld source returns once its questions are due.
 
 Refusals (see :mod:`streammem.models.answerer.refusal`): a question refused before any frame
 is read (words the answerer does not know, no options for a question that is not yes/no, a
-negative time) raises :class:`~streammem.models.answerer.refusal.QuestionRefused` before the
-source is opened or anything is written; a time with no frame in memory or after the end of a
+negative time) raises :class:`~streammem.models.answerer.refusal.QuestionRefused` once the
+source is opened (a source that cannot be opened is reported first), before any frame is read
+or anything is written; a time with no frame in memory or after the end of a
 stream that ended gets a :class:`~streammem.models.answerer.refusal.Refusal` in ``answers``
 (and a ``"refused": true`` line in the JSONL file).
 
@@ -57,13 +58,13 @@ def run_ask(source: str, question: str, candidates: Sequence[str] | None, at: Se
     if not at:
         raise ValueError("give at least one time to ask at")
     pipe = pipeline or load_default_qa(memory=memory, retention=retention, keep_thumbnails=False)
+    src = open_source(source, **source_options)  # a source that cannot be opened is reported first
     options = list(candidates) if candidates else None
     for t in sorted(at):  # every time checked before any is scheduled
         refused = pipe.refusal(question, options, float(t))
         if refused is not None:
             raise QuestionRefused(refused)
     futures = [(t, pipe.schedule(question, options, at=float(t))) for t in sorted(at)]
-    src = open_source(source, **source_options)
     writer = JsonlWriter(Path(out) / "answers.jsonl") if out is not None else None
     result = AskResult()
     # 2. stream until every question is answered
@@ -82,7 +83,8 @@ def run_ask(source: str, question: str, candidates: Sequence[str] | None, at: Se
         a = fut.result()
         result.answers.append((float(t), a))
         if writer is not None:
-            writer.write({"question": question, "candidates": pipe.candidates_for(options), "at": float(t), **a.to_dict()})
+            writer.write({"question": question, "candidates": pipe.candidates_for(options), "at": float(t),
+                          **a.to_dict()})
     if writer is not None:
         result.jsonl = writer.close()
     return result
