@@ -13,7 +13,7 @@ import torch
 
 from streammem.eval.qa import load_ovbench, make_memories, mcq_letter, score, summarise
 from streammem.memory import FullMemory, PyramidMemory, UniformMemory, WindowMemory
-from streammem.models.answerer import SmallAnswerer, Vocab, encode_questions
+from streammem.models.answerer import Refusal, SmallAnswerer, Vocab, encode_questions
 from streammem.models.grid_encoder import GridEncoder
 from streammem.pipelines.qa import StreamingQAPipeline
 from streammem.types import Answer, Frame, Tokens
@@ -66,13 +66,17 @@ def tiny_answerer(seed: int = 0, token_dim: int = 8) -> SmallAnswerer:
 def test_a_question_at_t_never_sees_later_frames():
     spy = SpyAnswerer()
     pipe = StreamingQAPipeline(GridSpy(), spy, memory=pyramid())
-    ats = [0.0, 0.3, 1.0, 2.49, 2.5, 7.0]
+    ats = [0.0, 0.3, 1.0, 2.49, 2.5, 5.0, 7.0]
     futs = [pipe.schedule(f"q{i}", ["a", "b"], at=t) for i, t in enumerate(ats)]
     for f in frames(40):  # 0 .. 4.875 s
         pipe.step(f)
     pipe.finish()
     assert all(f.done() for f in futs)
-    for (qt, newest, _, _), at in zip(sorted(spy.seen), sorted(ats)):
+    # 7.0 s is after the stream's end (its last frame, 4.875 s, plus one frame): refused, unread
+    late = futs[-1].result()
+    assert isinstance(late, Refusal) and late.kind == "time" and late.query_time == 7.0
+    assert len(spy.seen) == len(ats) - 1
+    for (qt, newest, _, _), at in zip(sorted(spy.seen), sorted(ats[:-1]), strict=True):
         assert qt == at and newest <= at
         # ... and it saw the frame at or just before t (nothing was lost either)
         assert newest == pytest.approx(min(np.floor(at * 8) / 8, 39 / 8))

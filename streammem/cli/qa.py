@@ -4,6 +4,15 @@
         "Is there a cat in view now?" -c yes -c no
     streammem ask VIDEO --interactive          # type: question | option | option ...
     streammem eval qa --seconds 600 --out outputs/qa_eval
+
+``ask`` and refusals: the shipped answerer was trained only on StreamWorld, and says so on the
+first line of its output. A question it cannot answer is refused with the reason, never forced
+(:mod:`streammem.models.answerer.refusal`): refused before any frame is read (words it does
+not know, a question without options that is not yes/no, a negative ``--at``), ``ask`` prints
+``refused: <reason>`` on stderr, writes nothing and exits 2; refused once the stream ran (no
+frame in memory at that time, a time after the end of a stream that ended), the refusal is
+printed in place of the answer (``-> refused: <reason>``), written to answers.jsonl with
+``"refused": true``, and ``ask`` exits 0, as it does when every question is answered.
 """
 
 from __future__ import annotations
@@ -18,6 +27,7 @@ from typing import List, Optional
 import typer
 
 from streammem.cli.common import app, default, eval_app, fail, train_app
+from streammem.models.answerer.refusal import QuestionRefused, Refusal
 from streammem.pipelines.qa import QAConfig
 from streammem.train.answerer import AnswererTrainConfig
 from streammem.train.grid_encoder import EncoderTrainConfig
@@ -26,26 +36,47 @@ from streammem.train.qa_data import SHIPPED_ENCODER
 _OPT_RE = re.compile(r"\(?([A-E])[).:]\s*")
 
 
+#: the first line of ``ask``'s output (and part of its --help)
+SHIPPED_NOTE = ("the shipped answerer was trained only on StreamWorld (its 11 object classes, its colours and the "
+                "wording of its questions) and refuses other questions; for real footage use a vision-language "
+                "model: LlavaAnswerer in streammem/models/vlm.py (transformers)")
+_OPTIONS_HINT = " (options: -c OPTION, repeated, or '(A) x (B) y' in the question)"
+
+
 def split_options(question: str, choices: list[str]) -> tuple[str, list[str]]:
     """Options from ``-c`` flags, or written into the question as ``A. x B. y`` / ``(A) x (B) y``;
-    a question with neither is a yes/no question.
+    a question with neither gets no options (``[]``): the pipeline answers it yes or no if it is
+    a yes/no question and refuses it otherwise (:func:`~streammem.models.answerer.refusal.is_yes_no`).
 
     >>> split_options("Where is it? (A) left (B) right", [])
     ('Where is it?', ['left', 'right'])
     >>> split_options("Is it red?", [])
-    ('Is it red?', ['yes', 'no'])
+    ('Is it red?', [])
     """
     if choices:
         return question.strip(), [c.strip() for c in choices]
     parts = _OPT_RE.split(question)
     if len(parts) >= 5 and [parts[i] for i in range(1, len(parts), 2)] == list("ABCDE"[: len(parts) // 2]):
         return parts[0].strip(), [parts[i].strip() for i in range(2, len(parts), 2)]
-    return question.strip(), ["yes", "no"]
+    return question.strip(), []
+
+
+def _refusal_text(r: Refusal) -> str:
+    return f"refused: {r.reason}" + (_OPTIONS_HINT if r.kind == "options" else "")
 
 
 def _print_answer(q: str, at: float, a) -> None:
+    if isinstance(a, Refusal):
+        typer.echo(f"[{at:7.2f}s] {q}\n           -> {_refusal_text(a)}")
+        return
     ev = ", ".join(f"frame {e['frame_index']} @ {e['timestamp']:.1f}s ({e['weight']:.2f})" for e in a.evidence[:3])
     typer.echo(f"[{at:7.2f}s] {q}\n           -> ({a.letter}) {a.text}  confidence {a.confidence:.2f}; evidence: {ev}")
+
+
+def _refuse(r: Refusal) -> None:
+    """A question refused before any frame is read: bad input, exit 2."""
+    typer.secho(_refusal_text(r), fg=typer.colors.RED, err=True)
+    raise typer.Exit(2)
 
 
 def _check_pool(pool: str) -> None:
@@ -68,7 +99,22 @@ def ask(
     max_frames: Optional[int] = typer.Option(None, help="stop after this many frames"),
     fps: Optional[float] = typer.Option(8.0, help="resample the source to this frame rate (8 as VideoChat-Online)"),
 ) -> None:
-    """Stream SOURCE into the Pyramid Memory Bank and answer questions at given times."""
+    """Stream SOURCE into the Pyramid Memory Bank and answer questions at given times.
+
+    The shipped answerer was trained only on StreamWorld (its 11 object classes, its colours and
+    the wording of its questions, e.g. "Is there a cat in view now?"); it is not meant for real
+    footage. For real footage use a vision-language model: LlavaAnswerer in
+    streammem/models/vlm.py (transformers).
+
+    A question without options is answered yes or no only if it starts with is, are, was, were,
+    has, have, had, do, does, did, can, could, will or would and has no "or"; any other needs
+    options (-c, or '(A) x (B) y' in the question).
+
+    Refusals, never forced answers: a question with words the answerer does not know, one that
+    needs options and has none, or a negative --at is refused before any frame is read (exit
+    2, nothing written); a time with no frame in memory or after the end of a stream that ended
+    is answered "refused: <reason>" (in answers.jsonl: "refused": true) and the command exits 0.
+    """
     from streammem.io import JsonlWriter, SourceError, open_source
     from streammem.pipelines.jobs import run_ask
     from streammem.pipelines.qa import load_default_qa
@@ -79,6 +125,7 @@ def ask(
         pipe = load_default_qa(memory=memory, keep_thumbnails=False, retention=retention)
     except (FileNotFoundError, ValueError) as exc:
         fail(str(exc))
+    typer.echo(f"streammem ask: {SHIPPED_NOTE}")
     opts = {"fps": fps} if fps and not source.startswith("world:") else {}
     if interactive:
         try:
@@ -99,12 +146,15 @@ def ask(
     q, cands = split_options(question, choice)
     try:
         res = run_ask(source, q, cands, at, max_frames=max_frames, out=out, pipeline=pipe, **opts)
+    except QuestionRefused as exc:  # before any frame is read: a bad question
+        _refuse(exc.refusal)
     except (SourceError, ValueError) as exc:  # before the stream started: bad input or options
         fail(str(exc))
     for t, a in res.answers:
         _print_answer(q, t, a)
+    refused = sum(isinstance(a, Refusal) for _, a in res.answers)
     if res.jsonl is not None:
-        typer.echo(f"{len(res.answers)} answers -> {res.jsonl}")
+        typer.echo(f"{len(res.answers)} answers{f' ({refused} refused)' if refused else ''} -> {res.jsonl}")
     if res.error is not None:
         fail(f"{res.error} (the answers due before it are kept)", code=1)
 
@@ -134,13 +184,16 @@ def _interactive(pipe, src, max_frames, writer) -> int:
         q, cands = split_options(parts[0], parts[1:])
         try:
             a = pipe.ask(q, cands)
+        except QuestionRefused as exc:
+            typer.echo(f"  {_refusal_text(exc.refusal)}")
+            continue
         except ValueError as exc:
             typer.echo(f"  ! {exc}")
             continue
         t = pipe.time or 0.0
         _print_answer(q, t, a)
         if writer:
-            writer.write({"question": q, "candidates": cands, "at": t, **a.to_dict()})
+            writer.write({"question": q, "candidates": pipe.candidates_for(cands), "at": t, **a.to_dict()})
         n += 1
     stop.set()
     th.join(timeout=5)

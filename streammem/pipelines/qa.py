@@ -18,6 +18,20 @@ memory as it was after the last frame with ``timestamp <= at``, never later fram
   be rewound); scheduling one in the future blocks until the stream gets there when
   ``block=True``.
 
+Refusals (:class:`~streammem.models.answerer.refusal.Refusal`): a question the pipeline
+cannot honestly answer gets a refusal that says why, never a forced answer and never evidence.
+What is known before any frame is read is bad input, raised by ``schedule`` / ``ask`` as
+:class:`~streammem.models.answerer.refusal.QuestionRefused` (a ``ValueError``; see
+:meth:`StreamingQAPipeline.refusal`): words the answerer does not know (an answerer with a
+``refusal(question, candidates)`` method, as ``SmallAnswerer`` has), a question without options
+that is not a yes/no question (:func:`~streammem.models.answerer.refusal.is_yes_no`; a yes/no
+question without options gets ``["yes", "no"]``), a negative time. What depends on the stream
+comes back in place of the answer (a scheduled question's future resolves with it, ``ask``
+returns it, ``step`` / ``finish`` / ``run`` yield it, ``records`` writes it with
+``"refused": true``): no frame in memory at the question's time (``"no_memory"``), or, at
+:meth:`~StreamingQAPipeline.finish`, a time after the stream's last frame plus one frame
+interval (``"time"``).
+
 Unlike VideoChat-Online's released evaluation, which rebuilds the memory from the first frame
 for every question, the memory here is built once, incrementally: a question costs one read
 and one answerer pass, whatever the stream's length.
@@ -47,7 +61,7 @@ import itertools
 import threading
 import warnings
 from concurrent.futures import Future
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from typing import Any, Iterable, Iterator
 
 import cv2
@@ -57,10 +71,12 @@ import torch
 from streammem.memory import PYRAMID_SPREAD, DualMemory, PyramidMemory
 from streammem.memory import SupportsFrames
 from streammem.memory.base import Memory
+from streammem.models.answerer.refusal import YES_NO_STARTS, QuestionRefused, Refusal, is_yes_no
 from streammem.pipelines.base import HeadBase, annotate_text
 from streammem.types import Answer, Frame, Tokens
 
-__all__ = ["StreamingQAPipeline", "QAConfig", "Question", "answer_record", "load_default_qa", "RETENTIONS", "retention_overrides"]
+__all__ = ["StreamingQAPipeline", "QAConfig", "Question", "answer_record", "load_default_qa", "RETENTIONS",
+           "retention_overrides", "Refusal", "QuestionRefused"]
 
 #: pyramid retention rules by name: PyramidConfig overrides.
 RETENTIONS = {"reference": {}, "spread": dict(PYRAMID_SPREAD)}
@@ -136,7 +152,8 @@ class StreamingQAPipeline(HeadBase):
             frame still in memory, for evidence display (bounded: only frames the memory holds).
 
     As a head (:class:`~streammem.pipelines.base.Head`): ``name = "qa"``; ``step`` returns the
-    ``(question, answer)`` pairs resolved at that frame; ``records`` gives one JSON line per
+    ``(question, answer)`` pairs resolved at that frame (an answer may be a
+    :class:`~streammem.models.answerer.refusal.Refusal`: see the module docstring); ``records`` gives one JSON line per
     answer; ``annotate`` writes the latest answer on the frame. A snapshot (``state_dict``)
     holds the memories, the stream time and the counters; questions still pending and
     thumbnails are not part of it.
@@ -192,6 +209,7 @@ class StreamingQAPipeline(HeadBase):
                 fut.cancel()
             self._pending.clear()
             self.time: float | None = None  # timestamp of the newest written frame
+            self._gap = 0.0  # the interval between the two newest frames (0 before the second)
             self.frames = 0
             self.questions = 0
             self.thumbs: dict[int, np.ndarray] = {}
@@ -206,16 +224,18 @@ class StreamingQAPipeline(HeadBase):
     def _load_extra_state(self, extra: dict) -> None:
         with self._lock:
             self.time, self.frames, self.questions = extra["time"], int(extra["frames"]), int(extra["questions"])
+            self._gap = 0.0
             if self._cache is not None:
                 self._cache.clear()
 
-    def records(self, frame: Frame, output: list[tuple[Question, Answer]]) -> list[dict]:
+    def records(self, frame: Frame, output: list[tuple[Question, Answer | Refusal]]) -> list[dict]:
         return [answer_record(q, a) for q, a in output]
 
-    def annotate(self, image: np.ndarray, output: list[tuple[Question, Answer]]) -> np.ndarray:
+    def annotate(self, image: np.ndarray, output: list[tuple[Question, Answer | Refusal]]) -> np.ndarray:
         if output:
             q, a = output[-1]
-            self._last_lines = [f"Q@{q.at:.1f}s {q.question[:60]}", f"A: {a.text} ({a.confidence:.2f})"]
+            said = f"refused: {a.reason[:60]}" if isinstance(a, Refusal) else f"A: {a.text} ({a.confidence:.2f})"
+            self._last_lines = [f"Q@{q.at:.1f}s {q.question[:60]}", said]
         return annotate_text(image, self._last_lines) if self._last_lines else image
 
     def stats(self) -> dict:
@@ -227,14 +247,15 @@ class StreamingQAPipeline(HeadBase):
             return out
 
     # ------------------------------------------------------------------ streaming
-    def step(self, frame: Frame) -> list[tuple[Question, Answer]]:
+    def step(self, frame: Frame) -> list[tuple[Question, Answer | Refusal]]:
         """Answer the scheduled questions whose time comes before ``frame``, then write it.
 
-        Returns the ``(question, answer)`` pairs resolved at this step."""
+        Returns the ``(question, answer)`` pairs resolved at this step (questions due before the
+        first frame are refused: no frame in memory)."""
         tokens = self.encoder(frame)
         return self.write(frame, tokens)
 
-    def write(self, frame: Frame, tokens: Tokens) -> list[tuple[Question, Answer]]:
+    def write(self, frame: Frame, tokens: Tokens) -> list[tuple[Question, Answer | Refusal]]:
         """:meth:`step` with the frame already encoded (for batched encoding; build ``tokens``
         with ``GridEncoder.tokens`` so a salient pyramid gets the tokens' salience)."""
         with self._cv:
@@ -251,12 +272,15 @@ class StreamingQAPipeline(HeadBase):
                 self.dual.write(t)
             if self.keep_thumbnails:
                 self._keep_thumb(frame)
+            if self.time is not None:
+                self._gap = float(frame.timestamp) - self.time
             self.time = float(frame.timestamp)
             self.frames += 1
             self._cv.notify_all()
             return done
 
-    def run(self, frames: Iterable[Frame], questions: Iterable[Question] = ()) -> Iterator[tuple[Question, Answer]]:
+    def run(self, frames: Iterable[Frame],
+            questions: Iterable[Question] = ()) -> Iterator[tuple[Question, Answer | Refusal]]:
         """Stream ``frames`` with ``questions`` scheduled up front; yields answers as they are due."""
         for q in questions:
             self.schedule(q.question, q.candidates, q.at, id=q.id)
@@ -264,16 +288,25 @@ class StreamingQAPipeline(HeadBase):
             yield from self.step(f)
         yield from self.finish()
 
-    def finish(self) -> list[tuple[Question, Answer]]:
-        """End of stream: answer every question still pending, over the final memory."""
+    def finish(self) -> list[tuple[Question, Answer | Refusal]]:
+        """End of stream: answer every question still pending, over the final memory. A question
+        for a time after the last frame plus one frame interval (the last gap between frames) is
+        refused (``"time"``): the stream ended before it."""
         with self._cv:
             return self._resolve_due(float("inf"))
 
     # ------------------------------------------------------------------ questions
-    def schedule(self, question: str, candidates: list[str], at: float, id: Any = None) -> Future:
-        """Answer ``question`` at stream time ``at`` (seconds); returns a Future of :class:`Answer`."""
-        self._check(question, candidates)
-        q = Question(question, list(candidates), float(at), id)
+    def schedule(self, question: str, candidates: list[str] | None, at: float, id: Any = None) -> Future:
+        """Answer ``question`` at stream time ``at`` (seconds); returns a Future of :class:`Answer`
+        or of a :class:`Refusal` that depends on the stream (no frame in memory at ``at``, a
+        stream that ends before ``at``). ``candidates=None`` (or empty): a yes/no question.
+
+        Raises :class:`QuestionRefused` for what :meth:`refusal` refuses, ValueError for a
+        malformed question or a time already streamed past."""
+        refused = self.refusal(question, candidates, at)
+        if refused is not None:
+            raise QuestionRefused(refused)
+        q = Question(question, self.candidates_for(candidates), float(at), id)
         fut: Future = Future()
         with self._cv:
             if self.time is not None and at < self.time:
@@ -282,16 +315,23 @@ class StreamingQAPipeline(HeadBase):
             heapq.heappush(self._pending, (q.at, next(self._seq), q, fut))
         return fut
 
-    def ask(self, question: str, candidates: list[str], at: float | None = None, block: bool = True,
-            timeout: float | None = None) -> Answer:
+    def ask(self, question: str, candidates: list[str] | None = None, at: float | None = None, block: bool = True,
+            timeout: float | None = None) -> Answer | Refusal:
         """Answer now (``at=None``: over every frame written so far) or at a future time.
+        ``candidates=None`` (or empty): a yes/no question (:func:`is_yes_no`).
 
         Safe to call from another thread while :meth:`step` runs in the streaming thread.
+        Raises :class:`QuestionRefused` for what :meth:`refusal` refuses; returns a
+        :class:`Refusal` (``"no_memory"``) when asked now before any frame was written.
         """
-        self._check(question, candidates)
+        refused = self.refusal(question, candidates, at)
+        if refused is not None:
+            raise QuestionRefused(refused)
         if at is None:
             with self._lock:
-                return self._answer([Question(question, list(candidates), self.time or 0.0)], self.time or 0.0)[0]
+                if self.time is None:
+                    return Refusal("no_memory", "no frame in memory yet: nothing has been streamed")
+                return self._answer([Question(question, self.candidates_for(candidates), self.time)], self.time)[0]
         fut = self.schedule(question, candidates, at)
         if not block:
             return fut  # type: ignore[return-value]
@@ -311,16 +351,59 @@ class StreamingQAPipeline(HeadBase):
                 mem = Tokens.cat([mem, d])
         return mem
 
+    def refusal(self, question: str, candidates: list[str] | None = None, at: float | None = None) -> Refusal | None:
+        """The refusal of a question that is known before any frame is read, else None, checked
+        in this order: words the answerer does not know (``"vocabulary"``: the answerer's own
+        ``refusal(question, candidates)``, where it has one), no options for a question that is
+        not yes/no (``"options"``, :func:`is_yes_no`), a negative ``at`` (``"time"``).
+
+        Raises ValueError for a malformed question (empty, or options that are not a list of at
+        least 2 non-empty strings)."""
+        self._check(question, candidates)
+        check = getattr(self.answerer, "refusal", None)
+        refused = check(question, list(candidates or ())) if check is not None else None
+        if refused is not None:
+            return replace(refused, query_time=at)
+        if not candidates and not is_yes_no(question):
+            starts = f"{', '.join(YES_NO_STARTS[:-1])} or {YES_NO_STARTS[-1]}"
+            return Refusal("options", f'"{question}" needs options: a question is answered yes or no without options '
+                           f'only when it starts with {starts} and has no "or" (for example "Is there a cat in view '
+                           'now?"); give this one its options', query_time=at)
+        if at is not None and at < 0:
+            return Refusal("time", f"asked at {at:.2f} s, before the stream starts (stream time begins at 0 s)",
+                           query_time=at)
+        return None
+
     # ------------------------------------------------------------------ internals
     @staticmethod
-    def _check(question: str, candidates: list[str]) -> None:
+    def _check(question: str, candidates: list[str] | None) -> None:
         if not isinstance(question, str) or not question.strip():
             raise ValueError("question must be a non-empty string")
+        if candidates is None or (isinstance(candidates, (list, tuple)) and len(candidates) == 0):
+            return
         if not isinstance(candidates, (list, tuple)) or len(candidates) < 2 or not all(
                 isinstance(c, str) and c.strip() for c in candidates):
-            raise ValueError(f"candidates must be a list of at least 2 non-empty strings, got {candidates!r}")
+            raise ValueError("candidates must be None (a yes/no question) or a list of at least 2 non-empty strings, "
+                             f"got {candidates!r}")
 
-    def _resolve_due(self, before: float) -> list[tuple[Question, Answer]]:
+    @staticmethod
+    def candidates_for(candidates: list[str] | None) -> list[str]:
+        """The options a question is answered with: its candidates, or yes / no."""
+        return list(candidates) if candidates else ["yes", "no"]
+
+    def _stream_refusal(self, at: float, before: float) -> Refusal | None:
+        """The refusal of a question due at ``at`` when the next frame is at ``before`` (``inf``:
+        the stream ended), or None: no frame in memory yet, or a time after the stream's end."""
+        if self.time is None:
+            why = (f"the stream's first frame is at {before:.2f} s" if before != float("inf")
+                   else "no frame was read from the stream")
+            return Refusal("no_memory", f"no frame in memory at {at:.2f} s: {why}", query_time=at)
+        if before == float("inf") and at > self.time + self._gap + 1e-9:
+            return Refusal("time", f"asked at {at:.2f} s, after the end of the stream: its last frame is at "
+                           f"{self.time:.2f} s", query_time=at)
+        return None
+
+    def _resolve_due(self, before: float) -> list[tuple[Question, Answer | Refusal]]:
         due: list[tuple[Question, Future]] = []
         while self._pending and self._pending[0][0] < before:
             _, _, q, fut = heapq.heappop(self._pending)
@@ -334,8 +417,13 @@ class StreamingQAPipeline(HeadBase):
         for q, fut in due:
             groups.setdefault(q.at, []).append((q, fut))
         for at, items in groups.items():
+            refused = self._stream_refusal(at, before)
             try:
-                answers = self._answer([q for q, _ in items], at)
+                if refused is not None:
+                    self.questions += len(items)
+                    answers = [refused] * len(items)
+                else:
+                    answers = self._answer([q for q, _ in items], at)
             except Exception as exc:  # noqa: BLE001 - delivered to the asker
                 for _, fut in items:
                     fut.set_exception(exc)
@@ -345,9 +433,12 @@ class StreamingQAPipeline(HeadBase):
                 out.append((q, a))
         return out
 
-    def _answer(self, qs: list[Question], at: float) -> list[Answer]:
+    def _answer(self, qs: list[Question], at: float) -> list[Answer | Refusal]:
         mem = self.read_memory()
         self.questions += len(qs)
+        if len(mem) == 0:
+            return [Refusal("no_memory", f"no frame in memory at {at:.2f} s: the memory holds no token",
+                            query_time=at)] * len(qs)
         if hasattr(self.answerer, "answer_many"):
             kw = {} if self._cache is None else {"cache": self._cache}
             answers = self.answerer.answer_many(mem, [q.question for q in qs], [q.candidates for q in qs], at, **kw)
@@ -375,17 +466,23 @@ class StreamingQAPipeline(HeadBase):
             del self.thumbs[k]
 
 
-def answer_record(q: Question, a: Answer) -> dict:
+def answer_record(q: Question, a: Answer | Refusal) -> dict:
     """One JSON-able line for an answer: the question, its time, the answer, its confidence and
     evidence (without thumbnails); with the ground truth (``truth``, ``correct``, ``type``) when
-    the question's ``id`` is a StreamWorld question dict."""
+    the question's ``id`` is a StreamWorld question dict. A refusal's line has ``refused``
+    (true), ``kind`` and ``reason`` instead of the answer, and empty evidence (``correct`` is
+    false)."""
     src = q.id if isinstance(q.id, dict) else {}
-    rec = {"at": q.at, "question": q.question, "candidates": q.candidates, "answer": a.text, "letter": a.letter,
-           "confidence": round(a.confidence, 4),
-           "evidence": [{k: v for k, v in e.items() if k != "thumbnail"} for e in a.evidence]}
+    if isinstance(a, Refusal):
+        rec = {"at": q.at, "question": q.question, "candidates": q.candidates, "refused": True, "kind": a.kind,
+               "reason": a.reason, "evidence": []}
+    else:
+        rec = {"at": q.at, "question": q.question, "candidates": q.candidates, "answer": a.text, "letter": a.letter,
+               "confidence": round(a.confidence, 4),
+               "evidence": [{k: v for k, v in e.items() if k != "thumbnail"} for e in a.evidence]}
     if "answer" in src:
         rec["truth"] = src["answer"]
-        rec["correct"] = a.text == src["answer"]
+        rec["correct"] = not isinstance(a, Refusal) and a.text == src["answer"]
         rec["type"] = src.get("sub_answer_type")
     return rec
 

@@ -7,7 +7,9 @@
 - :mod:`~streammem.models.answerer.cache`: :class:`MemoryCache`, what the answerer keeps of
   one stream's memory between questions;
 - :mod:`~streammem.models.answerer.model`: :class:`SmallAnswerer`, the network (its module
-  docstring states the architecture).
+  docstring states the architecture);
+- :mod:`~streammem.models.answerer.refusal`: :class:`Refusal` (no answer, and why),
+  :class:`QuestionRefused` and :func:`is_yes_no` (which questions need no options).
 
 Example:
     >>> import torch
@@ -23,8 +25,10 @@ Example:
 from streammem.models.answerer.cache import MemoryCache
 from streammem.models.answerer.features import _NO_FRAME_S, _support  # noqa: F401  (tests read them here)
 from streammem.models.answerer.model import SmallAnswerer
+from streammem.models.answerer.refusal import KINDS, YES_NO_STARTS, QuestionRefused, Refusal, is_yes_no
 from streammem.models.answerer.text import (CLS, LETTERS, PAD, SEP, SPECIALS, TIME, UNK, WORD_RE, EncodedBatch,
                                             Vocab, encode_questions)
 
 __all__ = ["Vocab", "SmallAnswerer", "EncodedBatch", "encode_questions", "LETTERS", "MemoryCache", "WORD_RE",
-           "SPECIALS", "PAD", "UNK", "CLS", "SEP", "TIME"]
+           "SPECIALS", "PAD", "UNK", "CLS", "SEP", "TIME", "Refusal", "QuestionRefused", "KINDS", "YES_NO_STARTS",
+           "is_yes_no"]

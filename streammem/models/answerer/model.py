@@ -30,6 +30,10 @@ adds what memory holds of that label. With ``signed_time``, ``event_head`` and `
 evidence after it, and adds that evidence to the candidates' logits directly (see the
 arguments of :class:`SmallAnswerer`). Answerers built without labels ignore all of this.
 
+Refusals: the answerer scores whatever it is given (an unknown word reads as ``<unk>``), as
+evaluations need; :meth:`SmallAnswerer.refusal` says which questions it cannot read, and
+``StreamingQAPipeline`` asks it before answering.
+
 Evidence: last-layer cross-attention weights of the chosen candidate's positions and of
 ``[CLS]``, averaged over heads and positions, summed per stored frame; the ``evidence_k``
 heaviest frames are returned.
@@ -46,11 +50,16 @@ from torch import nn
 from streammem.models.answerer.cache import MemoryCache, _checksums, _run_keys, _run_starts
 from streammem.models.answerer.features import (_EMPTY_LSE, _GROUND_V, _SIDE_GAP, _SIGNED_F, _SUPPORT_F,
                                                 _MemoryView, _age_features, _log_dt, _support)
-from streammem.models.answerer.text import LETTERS, PAD, TIME, EncodedBatch, Vocab, encode_questions
+from streammem.models.answerer.refusal import Refusal
+from streammem.models.answerer.text import LETTERS, PAD, SPECIALS, TIME, EncodedBatch, Vocab, encode_questions
 from streammem.models.hub import SafeHubMixin
 from streammem.types import Answer, Tokens
 
 __all__ = ["SmallAnswerer"]
+
+# StreamWorld questions given as examples in a refusal (those the answerer has every word of)
+_EXAMPLES = (("Is there a cat in view now?", "yes / no"),
+             ("Where in the frame is the red star now?", "top left / top right / bottom left / bottom right"))
 
 
 class _Block(nn.Module):
@@ -515,11 +524,34 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         return feats * (at >= 0)[..., None]
 
     # ------------------------------------------------------------------ inference
+    def refusal(self, question: str, candidates=()) -> Refusal | None:
+        """A ``"vocabulary"`` :class:`~streammem.models.answerer.refusal.Refusal` when
+        ``question`` or one of ``candidates`` has words outside this answerer's vocabulary (times
+        such as "37.2" are always read), else None. Its reason names the words, what the
+        answerer knows (StreamWorld's classes and colours, from its labels), an example question
+        of StreamWorld's kind, and the models for real footage."""
+        words = self.vocab.unknown(" ".join([question, *candidates]))
+        if not words:
+            return None
+        named = ", ".join(f'"{w}"' for w in words)
+        knows = f"the {len(self.vocab) - len(SPECIALS)} words of StreamWorld's questions"
+        if self.labels is not None:
+            classes, colours = ([w for w in ws if w in self.vocab.index]
+                                for ws in (self.labels[1:self.num_classes], self.labels[self.num_classes:]))
+            knows += f" (its {len(classes)} object classes {', '.join(classes)}; its colours {', '.join(colours)})"
+        examples = [f'"{q}" ({opts})' for q, opts in _EXAMPLES if not self.vocab.unknown(f"{q} {opts}")]
+        ask = f" It can answer, for example, {' or '.join(examples)}." if examples else ""
+        reason = (f"the answerer does not know the word{'s' if len(words) > 1 else ''} {named}: it was trained "
+                  f"only on StreamWorld and knows {knows}.{ask} For real footage use a vision-language model: "
+                  "LlavaAnswerer in streammem/models/vlm.py (transformers).")
+        return Refusal("vocabulary", reason, unknown_words=tuple(words))
+
     @torch.no_grad()
     def answer_many(self, memory: Tokens, questions: list[str], candidates: list[list[str]], query_time: float,
                     evidence_k: int = 5, cache: MemoryCache | None = None) -> list[Answer]:
         """Answer several questions asked at the same ``query_time`` over ``memory``.
 
+        Every question is answered: unknown words read as ``<unk>`` (see :meth:`refusal`).
         ``cache``: this stream's :class:`MemoryCache` (:meth:`new_cache`), so a question only
         encodes the frames stored since the last one (``StreamingQAPipeline`` keeps one)."""
         # chunk the questions so a batch's attention work stays bounded (~32M query-token pairs)

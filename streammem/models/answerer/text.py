@@ -66,8 +66,25 @@ class Vocab:
                 times.append(float("nan"))
         return ids, times
 
+    def unknown(self, text: str) -> list[str]:
+        """The words of ``text`` (split at spaces, surrounding punctuation stripped) that hold a
+        piece this vocabulary does not know, each once, in order; times are known.
+
+        >>> Vocab.fit(["is there a cat at?"]).unknown("Is there an elephant, or a cat at 2.5?")
+        ['an', 'elephant', 'or']
+        """
+        out: list[str] = []
+        for raw in text.split():
+            word = raw.strip(_PUNCT)
+            if word not in out and any(w not in self.index and not _is_time(w) for w in WORD_RE.findall(word.lower())):
+                out.append(word)
+        return out
+
     def __len__(self) -> int:
         return len(self.words)
+
+
+_PUNCT = ".,;:!?\"'()[]{}"
 
 
 def _is_time(w: str) -> bool:

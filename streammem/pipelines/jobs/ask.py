@@ -4,6 +4,14 @@ question at given stream times, causally (each from the memory as it was at its 
 The stream stops as soon as the last question is answered, so a camera or an endless
 StreamWorld source returns once its questions are due.
 
+Refusals (see :mod:`streammem.models.answerer.refusal`): a question refused before any frame
+is read (words the answerer does not know, no options for a question that is not yes/no, a
+negative time) raises :class:`~streammem.models.answerer.refusal.QuestionRefused` once the
+source is opened (a source that cannot be opened is reported first), before any frame is read
+or anything is written; a time with no frame in memory or after the end of a
+stream that ended gets a :class:`~streammem.models.answerer.refusal.Refusal` in ``answers``
+(and a ``"refused": true`` line in the JSONL file).
+
 Example:
     >>> from streammem.pipelines.jobs import run_ask
     >>> res = run_ask("world:seed=3,size=128", "Is there a cat in view now?", ["yes", "no"], at=[0.5, 1])
@@ -18,6 +26,7 @@ from pathlib import Path
 from typing import Sequence
 
 from streammem.io import JsonlWriter, SourceError, open_source
+from streammem.models.answerer.refusal import QuestionRefused, Refusal
 from streammem.pipelines.qa import StreamingQAPipeline, load_default_qa
 from streammem.types import Answer
 
@@ -26,29 +35,36 @@ __all__ = ["AskResult", "run_ask"]
 
 @dataclass
 class AskResult:
-    """``answers``: ``(time, Answer)`` in time order; ``jsonl``: where they were written (or
-    None); ``error``: the source error that ended the stream early (answers due before it are
-    kept), or None."""
+    """``answers``: ``(time, Answer or Refusal)`` in time order; ``jsonl``: where they were
+    written (or None); ``error``: the source error that ended the stream early (answers due
+    before it are kept), or None."""
 
-    answers: list[tuple[float, Answer]] = field(default_factory=list)
+    answers: list[tuple[float, Answer | Refusal]] = field(default_factory=list)
     jsonl: Path | None = None
     error: SourceError | None = None
 
 
-def run_ask(source: str, question: str, candidates: Sequence[str], at: Sequence[float], memory: str = "ovbench",
+def run_ask(source: str, question: str, candidates: Sequence[str] | None, at: Sequence[float], memory: str = "ovbench",
             retention: str = "spread", max_frames: int | None = None, out: str | Path | None = None,
             pipeline: StreamingQAPipeline | None = None, **source_options) -> AskResult:
-    """Answer ``question`` (with ``candidates``) at each stream time in ``at`` (seconds).
+    """Answer ``question`` (with ``candidates``; None or empty: a yes/no question) at each
+    stream time in ``at`` (seconds).
 
-    Raises ValueError on bad options and SourceError when the source cannot be opened, before
-    anything is written. Questions due after a mid-stream source error are answered over the
-    memory at the error (and the error is returned)."""
+    Raises QuestionRefused (a ValueError) for a refused question, ValueError on bad options and
+    SourceError when the source cannot be opened, all before anything is written. Questions due
+    after a mid-stream source error are answered over the memory at the error when their time
+    is within a frame of it, else refused (and the error is returned)."""
     # 1. check inputs, build the head, open the source
     if not at:
         raise ValueError("give at least one time to ask at")
     pipe = pipeline or load_default_qa(memory=memory, retention=retention, keep_thumbnails=False)
-    futures = [(t, pipe.schedule(question, list(candidates), at=float(t))) for t in sorted(at)]
-    src = open_source(source, **source_options)
+    src = open_source(source, **source_options)  # a source that cannot be opened is reported first
+    options = list(candidates) if candidates else None
+    for t in sorted(at):  # every time checked before any is scheduled
+        refused = pipe.refusal(question, options, float(t))
+        if refused is not None:
+            raise QuestionRefused(refused)
+    futures = [(t, pipe.schedule(question, options, at=float(t))) for t in sorted(at)]
     writer = JsonlWriter(Path(out) / "answers.jsonl") if out is not None else None
     result = AskResult()
     # 2. stream until every question is answered
@@ -67,7 +83,8 @@ def run_ask(source: str, question: str, candidates: Sequence[str], at: Sequence[
         a = fut.result()
         result.answers.append((float(t), a))
         if writer is not None:
-            writer.write({"question": question, "candidates": list(candidates), "at": float(t), **a.to_dict()})
+            writer.write({"question": question, "candidates": pipe.candidates_for(options), "at": float(t),
+                          **a.to_dict()})
     if writer is not None:
         result.jsonl = writer.close()
     return result
