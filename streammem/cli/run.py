@@ -99,6 +99,9 @@ def run(
     if qa is not None:
         typer.echo(f"  ask:     {len(qa['answers'])} answers -> {s['outputs']['qa']}")
         for a in qa["answers"]:
+            if a.get("refused"):
+                typer.echo(f"    @{a['at']:5.1f}s {a['question']} -> refused: {a['reason']}")
+                continue
             ev = ", ".join(f"{e['timestamp']:.1f}s" for e in a["evidence"][:3])
             truth = {True: "  [right]", False: "  [wrong]"}.get(a.get("correct"), "")
             typer.echo(f"    @{a['at']:5.1f}s {a['question']} -> {a['answer']} ({a['confidence']:.2f}){truth}; "
