@@ -2,9 +2,10 @@
 memory aggregation, and the streaming API.
 
 The scenes: a standing-person silhouette (head, torso, arms, legs) textured with the
-astronaut photo's pixels, pasted on skimage photos, walking across the frame. skimage has no
-full-body pedestrian photo, and OpenCV's people detector is trained on full bodies, so the
-person's outline is drawn; every other pixel is a real photo.
+astronaut photo's pixels, pasted on skimage photos, walking across the frame
+(:mod:`streammem.eval.hog`'s test bed). skimage has no full-body pedestrian photo, and
+OpenCV's people detector is trained on full bodies, so the person's outline is drawn; every
+other pixel is a real photo.
 """
 
 from __future__ import annotations
@@ -16,45 +17,13 @@ import supervision as sv
 import torch
 from skimage import data
 
+from streammem.eval.hog import clip_ap50, paste_person, person_clip, record
+from streammem.models.detector import nms
 from streammem.models.hog import HOGPeopleDetector, support
 from streammem.pipelines.detection import HOGConfig, HOGDetectionPipeline
 from streammem.types import Frame
 
 H, W = 240, 320
-
-
-def person_mask(h: int) -> np.ndarray:
-    """A standing person's silhouette, ``h`` pixels tall, as a uint8 mask ``(h, ~0.46 h)``."""
-    w = int(0.46 * h) | 1
-    m = np.zeros((h, w), np.uint8)
-    cx, u = w / 2, h / 100.0
-
-    def poly(pts):
-        return np.array([[int(cx + x * u), int(y * u)] for x, y in pts], np.int32)
-
-    cv2.ellipse(m, (int(cx), int(7 * u)), (max(2, int(5 * u)), max(2, int(6.5 * u))), 0, 0, 360, 255, -1)
-    cv2.fillPoly(m, [poly([(-2.5, 12), (2.5, 12), (2.5, 16), (-2.5, 16)])], 255)
-    cv2.fillPoly(m, [poly([(-11, 16), (11, 16), (12, 20), (9, 52), (-9, 52), (-12, 20)])], 255)
-    for s in (-1, 1):
-        cv2.fillPoly(m, [poly([(s * 11, 16), (s * 15.5, 21), (s * 17, 50), (s * 13.5, 51), (s * 11.5, 26)])], 255)
-        cv2.fillPoly(m, [poly([(s * 1.0, 50), (s * 9, 50), (s * 9.5, 96), (s * 3.5, 96)])], 255)
-        cv2.fillPoly(m, [poly([(s * 2.5, 95), (s * 10.5, 95), (s * 12, 99.5), (s * 2.5, 99.5)])], 255)
-    return m
-
-
-def paste_person(img: np.ndarray, h: int, x: int, y: int) -> tuple[int, int, int, int]:
-    """Paste a person ``h`` tall at top-left ``(x, y)``; returns its box xyxy."""
-    m = person_mask(h)
-    hh, ww = m.shape
-    ast = data.astronaut()[180:480, 120:380].astype(np.float32)
-    lum = cv2.resize(ast, (ww, hh)).mean(-1, keepdims=True) / 255.0
-    rows = np.arange(hh)[:, None, None]
-    tex = np.where(rows < hh // 2, np.float32([40, 50, 90]), np.float32([60, 55, 50])) * (0.6 + 0.8 * lum)
-    tex[: int(0.12 * hh)] = np.float32([200, 160, 130]) * (0.8 + 0.4 * lum[: int(0.12 * hh)])
-    a = (cv2.GaussianBlur(m, (3, 3), 0) / 255.0)[..., None]
-    roi = img[y:y + hh, x:x + ww].astype(np.float32)
-    img[y:y + hh, x:x + ww] = (roi * (1 - a) + tex.clip(0, 255) * a).astype(np.uint8)
-    return x, y, x + ww, y + hh
 
 
 def background(name: str) -> np.ndarray:
@@ -145,8 +114,8 @@ def test_memory_keeps_the_person_through_a_noisy_frame():
 
 def test_memory_finds_the_person_in_more_frames_over_four_scenes():
     """Four photos (chosen before measuring), frames 3 and 6 noisy: the memory finds the person
-    in more frames than HOG alone at the same threshold. Measured: 28 vs 23 of 32 frames for
-    both memories, and one extra false positive (coffee, frame 4) against none."""
+    in more frames than HOG alone at the same threshold. Measured (beta 2): 25 vs 23 of 32 frames
+    for both memories (beta 8, the old default: 28, with one extra false positive)."""
     found = {"none": 0, "feature_bank": 0, "dual": 0}
     fps = dict.fromkeys(found, 0)
     for bg in ("chelsea", "brick", "rocket", "coffee"):
@@ -155,9 +124,9 @@ def test_memory_finds_the_person_in_more_frames_over_four_scenes():
             f, fp = hits(list(HOGDetectionPipeline(config=HOGConfig(memory=memory)).run(frames)), boxes)
             found[memory] += int(f.sum())
             fps[memory] += int(fp.sum())
-    assert found["feature_bank"] >= found["none"] + 4, found
-    assert found["dual"] >= found["none"] + 4, found
-    assert fps["feature_bank"] <= fps["none"] + 1 and fps["dual"] <= fps["none"] + 1, fps
+    assert found["feature_bank"] >= found["none"] + 2, found
+    assert found["dual"] >= found["none"] + 2, found
+    assert fps["feature_bank"] <= fps["none"] and fps["dual"] <= fps["none"], fps
 
 
 def test_writes_follow_the_rules_and_reads_are_causal():
@@ -203,3 +172,97 @@ def test_streaming_api_outputs_and_protocol():
     big = Frame(index=0, timestamp=0.0, image=cv2.resize(frames[1].image, (640, 480)))
     out = HOGDetectionPipeline(config=HOGConfig(memory="none", max_side=320)).step(big)
     assert len(out) and out.xyxy[:, 2].max() <= 640 and out.xyxy[:, 3].max() > 240
+
+
+# ---------------------------------------------------------------------- working size
+def person_frame(size_hw: tuple[int, int], h: int) -> tuple[Frame, tuple]:
+    img = cv2.resize(background("brick"), size_hw[::-1], interpolation=cv2.INTER_LINEAR)
+    box = paste_person(img, h, size_hw[1] // 3, size_hw[0] - 10 - h)
+    return Frame(index=0, timestamp=0.0, image=img), box
+
+
+def test_working_size_follows_the_footage():
+    """Native size below the cap, capped above it; None never resizes; tiny frames are upscaled."""
+    pipe = HOGDetectionPipeline(config=HOGConfig(memory="none"))
+    assert pipe.config.max_side == 1280
+
+    def size(h, w, p=pipe):
+        img, s = p.working_image(Frame(index=0, timestamp=0.0, image=np.zeros((h, w, 3), np.uint8)))
+        return img.shape[:2], s
+
+    assert size(576, 768) == ((576, 768), 1.0)
+    assert size(720, 1280) == ((720, 1280), 1.0)
+    assert size(1080, 1920) == ((720, 1280), 1280 / 1920)
+    assert size(100, 60)[0] == (128, 77)  # too small for one window: upscaled to fit it
+    native = HOGDetectionPipeline(config=HOGConfig(memory="none", max_side=None))
+    assert size(1080, 1920, native) == ((1080, 1920), 1.0)
+    with pytest.raises(ValueError, match="HOGConfig.max_side"):
+        HOGConfig(max_side=100)
+
+
+def test_a_100px_person_on_768x576_footage_is_found_at_the_default_size_not_at_480():
+    """The issue's case: 768x576 footage with a person 100 px tall. At native size (the default)
+    HOG finds the person; shrunk to 480 px the person is ~62 px tall, under the detector's ~96 px."""
+    frame, box = person_frame((576, 768), 100)
+    found = {}
+    for ms in (1280, 480):
+        d = HOGDetectionPipeline(config=HOGConfig(memory="none", max_side=ms)).step(frame)
+        found[ms] = bool(len(d)) and bool((box_iou(d.xyxy, box) >= 0.5).any())
+    assert found == {1280: True, 480: False}
+
+
+def box_iou(xyxy: np.ndarray, box: tuple) -> np.ndarray:
+    from supervision.detection.utils.iou_and_nms import box_iou_batch
+
+    return box_iou_batch(xyxy, np.float32([box]))[:, 0]
+
+
+def test_hog_size_reaches_the_pipeline_through_the_cli(tmp_path):
+    import json
+
+    from typer.testing import CliRunner
+
+    from streammem.cli import app
+
+    runner = CliRunner()
+    src = "world:seed=1,preset=clean,size=160,frames=2"
+    for flag, want in ((["--hog-size", "320"], 320), (["--hog-size", "0"], None), ([], 1280)):
+        out = tmp_path / f"o{want}"
+        r = runner.invoke(app, ["detect", src, "--detector", "hog", "--out", str(out), "--no-progress", *flag])
+        assert r.exit_code == 0, r.output
+        cfg = json.loads((out / "summary.json").read_text())["config"]
+        assert cfg["max_side"] == want
+    r = runner.invoke(app, ["detect", src, "--detector", "hog", "--hog-size", "100", "--out", str(tmp_path / "bad")])
+    assert r.exit_code == 2 and "--hog-size" in r.output
+    r = runner.invoke(app, ["detect", src, "--hog-size", "640", "--out", str(tmp_path / "bad2")])
+    assert r.exit_code == 2 and "--detector hog only" in r.output
+
+
+# ---------------------------------------------------------------------- calibration
+def test_default_rescoring_does_not_lower_clean_frame_ap_on_the_photo_test_bed():
+    """The memory's re-scoring against HOG alone at every number of detections (AP50 of the
+    whole ranking, a threshold far below any margin), on the clean frames of four test-bed
+    clips (photos fixed before measuring; each clip has two 3-frame bursts of corruptions).
+    Measured: clean frames 94.18 for HOG alone and for the default (beta 2; 0.003 below, a tie
+    of AP's interpolation), 90.84 for beta 8 (the old default); degraded frames 73.7 / 79.7 /
+    83.5. The tolerance (0.05 AP points) is far below the old default's loss (3.3)."""
+    pipe = HOGDetectionPipeline(config=HOGConfig())
+    betas = (0.0, pipe.config.beta, 8.0)
+    preds: dict = {b: {"clean": [], "bad": []} for b in betas}
+    gts: dict = {"clean": [], "bad": []}
+    for i, photo in enumerate(("brick", "chelsea", "coffee", "rocket")):
+        kinds = ("noise", "low_light", "motion_blur", "jpeg")
+        frames, boxes, kind = person_clip(photo, n=16, bursts=((6, 9, kinds[i]), (12, 15, kinds[(i + 1) % 4])), seed=i)
+        for ws, g, k in zip(record(pipe, frames), boxes, kind):
+            part = "clean" if k == "none" else "bad"
+            gts[part].append(g)
+            for b in betas:
+                score = ws.raw + ws.memory_term(b)
+                keep = nms(torch.from_numpy(ws.boxes), torch.from_numpy(score), pipe.config.nms_iou).numpy()
+                preds[b][part].append(sv.Detections(xyxy=ws.boxes[keep], confidence=score[keep],
+                                                    class_id=np.zeros(len(keep), int)))
+    ap = {b: {p: clip_ap50(preds[b][p], gts[p]) for p in gts} for b in betas}
+    hog, ours, old = ap[0.0], ap[pipe.config.beta], ap[8.0]
+    assert ours["clean"] >= hog["clean"] - 0.05, ap
+    assert ours["bad"] > hog["bad"] + 3, ap
+    assert old["clean"] < hog["clean"] - 1, ap  # the test bed tells the calibrations apart

@@ -36,6 +36,9 @@ def detect(
     score_threshold: Optional[float] = typer.Option(
         None, help="drop detections below this (default: 0.3 for small, a probability; 0.0 for hog, an SVM margin)"),
     image_size: Optional[int] = typer.Option(None, help="small detector: resize the long side to this"),
+    hog_size: Optional[int] = typer.Option(
+        None, help="hog: longest side HOG works at; smaller frames keep their native size (default 1280; "
+                   "0: always native). People under ~96 px at that size are missed"),
     stride: int = typer.Option(1, help="keep every n-th frame"),
     max_side: Optional[int] = typer.Option(None, help="downscale frames so the longer side is at most this"),
     backend: str = typer.Option("auto", help="video reader: auto, decord or opencv"),
@@ -49,7 +52,7 @@ def detect(
     try:
         res = run_detect(source, out, detector=detector, checkpoint=checkpoint, memory=memory, mode=mode,
                          max_frames=max_frames, score_threshold=score_threshold, image_size=image_size,
-                         progress=progress, **opts)
+                         progress=progress, hog_size=hog_size, **opts)
     except (SourceError, ValueError) as exc:
         fail(str(exc))
     s = res.summary

@@ -34,10 +34,11 @@ DEFAULT_THRESHOLDS = {"small": 0.3, "hog": 0.0}
 
 def build_detection_head(detector: str = "small", checkpoint: str | None = None, memory: str = "feature_bank",
                          mode: str = "causal", score_threshold: float | None = None,
-                         image_size: int | None = None) -> DetectionHead:
+                         image_size: int | None = None, hog_size: int | None = None) -> DetectionHead:
     """The detection head for ``detector`` (``"small"``: the shipped checkpoint or
-    ``checkpoint``; ``"hog"``: OpenCV's people detector). Raises ValueError on bad options or
-    a missing checkpoint, with the fix in the message."""
+    ``checkpoint``; ``"hog"``: OpenCV's people detector, working at the frame's native size up
+    to ``hog_size`` on the longer side: None is ``HOGConfig.max_side``'s default, 0 no cap).
+    Raises ValueError on bad options or a missing checkpoint, with the fix in the message."""
     if detector not in DETECTORS:
         raise ValueError(f"--detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
     if memory not in MEMORIES:
@@ -45,10 +46,19 @@ def build_detection_head(detector: str = "small", checkpoint: str | None = None,
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
     thr = DEFAULT_THRESHOLDS[detector] if score_threshold is None else float(score_threshold)
+    if hog_size is not None and detector != "hog":
+        raise ValueError(f"--hog-size applies to --detector hog only (got --detector {detector})")
     if detector == "hog":
+        from streammem.models.hog import WINDOW
         from streammem.pipelines.detection import HOGConfig, HOGDetectionPipeline
 
-        return HOGDetectionPipeline(config=HOGConfig(memory=memory, mode=mode, score_threshold=thr))
+        kw = {}
+        if hog_size is not None:
+            if hog_size != 0 and hog_size < WINDOW[1]:
+                raise ValueError(f"--hog-size must be 0 (native size, no cap) or >= {WINDOW[1]} (the detector's "
+                                 f"window height), got {hog_size}")
+            kw["max_side"] = hog_size or None
+        return HOGDetectionPipeline(config=HOGConfig(memory=memory, mode=mode, score_threshold=thr, **kw))
     from streammem.models.detector import SmallDetector
     from streammem.pipelines.detection import (
         DetectionConfig,
@@ -69,7 +79,7 @@ def build_detection_head(detector: str = "small", checkpoint: str | None = None,
 def run_detect(source: str, out: str | os.PathLike, detector: str = "small", checkpoint: str | None = None,
                memory: str = "feature_bank", mode: str = "causal", max_frames: int | None = None,
                score_threshold: float | None = None, image_size: int | None = None, progress: bool = False,
-               **source_options) -> JobResult:
+               hog_size: int | None = None, **source_options) -> JobResult:
     """Stream ``source`` through a detection head; write ``OUT/annotated.mp4``,
     ``OUT/detections.jsonl`` (one line per frame) and ``OUT/summary.json``.
 
@@ -82,7 +92,7 @@ def run_detect(source: str, out: str | os.PathLike, detector: str = "small", che
     # 1. check inputs, build the head, open the source
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"--max-frames must be >= 1, got {max_frames}")
-    head = build_detection_head(detector, checkpoint, memory, mode, score_threshold, image_size)
+    head = build_detection_head(detector, checkpoint, memory, mode, score_threshold, image_size, hog_size)
     src = open_source(source, **source_options)
     info = src.info
     out = Path(out)
