@@ -24,7 +24,7 @@ consecutive frames; the ground truth is the pasted boxes (unchanged by corruptio
   memories are the same for every ``beta``).
 
     python -m streammem.eval.hog                 # both tables (docs/results/detection.md)
-    python -m streammem.eval.hog --sizes-only
+    python -m streammem.eval.hog --sizes-only --frame-size 1920x1080
 
 Example:
     >>> frames, boxes, kinds = person_clip("brick", n=3, bursts=())
@@ -225,11 +225,13 @@ def _main() -> None:
     ap.add_argument("--sizes-only", action="store_true")
     ap.add_argument("--rescoring-only", action="store_true")
     ap.add_argument("--memory", default="feature_bank")
+    ap.add_argument("--frame-size", default="1280x720", help="size sweep: frame WxH")
     args = ap.parse_args()
     torch.set_num_threads(1)
     if not args.rescoring_only:
         print("| max_side | recall (IoU 0.5) | recall by person height (px) | s / frame |\n|---|---:|---|---:|")
-        for r in size_sweep():
+        w, h = (int(v) for v in args.frame_size.split("x"))
+        for r in size_sweep(size_hw=(h, w)):
             print(f"| {r['max_side'] or 'native'} | {r['recall']:.2f} | "
                   + ", ".join(f"{h}: {v:.2f}" for h, v in r["recall_by_height"].items())
                   + f" | {r['s_per_frame']:.3f} |")

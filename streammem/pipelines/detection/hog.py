@@ -118,10 +118,12 @@ class HOGConfig:
             64x128 window is upscaled to fit it); None always keeps the native size. Default
             1280: the detector finds people ~96 px tall in its 128-px window and none much
             smaller, so every downscale loses the smallest people. Measured by
-            ``python -m streammem.eval.hog --sizes-only`` (1280x720 photo frames, people 70-240
-            px tall): recall 0.20 / 0.27 / 0.40 / 0.50 / 0.67 at 480 / 640 / 800 / 960 / 1280
-            (native), at 0.18 / 0.28 / 0.51 / 0.80 / ~1.0 s per frame on one CPU thread; 1280
-            keeps 720p and 768x576 footage native and halves 1080p's pixels (~2x faster there).
+            ``python -m streammem.eval.hog --sizes-only`` (photo frames, people 70-240 px tall,
+            one CPU thread): on 1280x720, recall 0.20 / 0.27 / 0.40 / 0.50 / 0.67 at 480 / 640 /
+            800 / 960 / 1280 (= native), 0.06 / 0.14 / 0.23 / 0.26 / 0.71 s per frame; on
+            1920x1080, 0.35 at 1280 (0.84 s) against 0.68 native (1.85 s). 1280 keeps 720p and
+            768x576 footage native and halves 1080p's cost, losing its people under ~140 px;
+            pass None (``--hog-size 0``) to keep them.
         warmup: protocol mode's warm-up frames.
         dual_slots / dual_fifo_frames: DualMemory sizes.
         seed: seed of the memories.
