@@ -264,9 +264,20 @@ def _bad_times(ts: np.ndarray) -> str | None:
     return None
 
 
+#: decord's internal messages, in words (its C++ checks mean nothing to a user)
+_DECORD_WORDS = (("cannot find video stream", "it finds no video stream it can decode"),
+                 ("av_read_frame failed", "its data cannot be read (truncated or corrupt)"),
+                 ("Cannot create buffer source", "it cannot set up decoding (truncated or corrupt)"))
+
+
 def _short(exc: BaseException) -> str:
     lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
     text = lines[-1] if lines else type(exc).__name__
-    # decord prefixes its messages with "[hh:mm:ss] /its/source/file.cc:123: "
+    for internal, words in _DECORD_WORDS:
+        if internal in text:
+            return words
+    # decord prefixes its messages with "[hh:mm:ss] /its/source/file.cc:123: " and states a failed
+    # check as "Check failed: <C++ expression> (<a> vs. <b>)"
     text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+:\s*", "", text)
+    text = re.sub(r"Check failed: .*? \(-?\d+ vs\. -?\d+\)\s*", "", text)
     return text.strip()[-200:]
