@@ -13,9 +13,13 @@ warning says so.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import re
+import tempfile
 import warnings
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import cv2
@@ -27,6 +31,31 @@ from streammem.io.selection import _Selector
 __all__ = ["_Clock", "_FileReader"]
 
 _DEFAULT_FPS = 25.0  # the step of a repair when neither the header nor the file gives a rate
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _stderr_to_log(what: str) -> Iterator[None]:
+    """What native code writes to stderr (file descriptor 2) during the block goes to the log
+    (debug level), not the terminal: decord's C++ ``LOG(ERROR)`` lines, which its
+    ``logging.set_level`` does not reach. Our own message reports the failure."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to redirect
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace").strip()
+            if text:
+                log.debug("%s wrote: %s", what, text)
 
 
 class _Clock:
@@ -118,9 +147,10 @@ class _FileReader:
         except AttributeError:
             pass
         try:
-            vr = decord.VideoReader(self.path, ctx=decord.cpu(0), num_threads=1)
-            n = len(vr)
-            ts = vr.get_frame_timestamp(range(n))[:, 0] if n else np.zeros(0)
+            with _stderr_to_log(f"decord opening {self.path}"):
+                vr = decord.VideoReader(self.path, ctx=decord.cpu(0), num_threads=1)
+                n = len(vr)
+                ts = vr.get_frame_timestamp(range(n))[:, 0] if n else np.zeros(0)
         except Exception as exc:
             raise SourceOpenError(self.path, f"decord cannot open this file: {_short(exc)}") from exc
         if n == 0:
