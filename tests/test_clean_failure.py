@@ -20,7 +20,8 @@ from typer.testing import CliRunner
 
 import streammem
 from streammem.cli import app, train_app
-from streammem.io import ffmpeg_exe
+from streammem.cli.common import job_errors
+from streammem.io import SinkError, SourceOpenError, ffmpeg_exe
 from streammem.pipelines.jobs.base import OutputDir
 
 QUESTION = "Is there a cat in view now?"
@@ -78,10 +79,42 @@ def test_output_dir_keeps_and_finishes_after_the_first_frame(tmp_path):
     assert json.loads((tmp_path / "o" / "frames.jsonl").read_text()) == {"frame": 0}
 
 
-def test_output_dir_refuses_a_file(tmp_path):
+def test_output_dir_refuses_a_file_or_a_folder_it_cannot_make(tmp_path):
     (tmp_path / "f").write_text("x")
     with pytest.raises(ValueError, match="is a file"):
         OutputDir(tmp_path / "f").__enter__()
+    with pytest.raises(ValueError, match="cannot create the output folder"):
+        OutputDir(tmp_path / "f" / "out").__enter__()  # a file on the way
+    assert leftovers(tmp_path) == ["f"]
+
+
+@pytest.mark.parametrize("exc, code", [
+    (ValueError("bad option"), 2), (SourceOpenError("v.mp4", "not a video"), 2), (FileNotFoundError("ck"), 2),
+    (SinkError("ffmpeg stopped"), 1), (PermissionError("disk"), 1),
+], ids=["value", "source", "missing-file", "sink", "os"])
+def test_job_errors_exit_codes(exc, code):
+    with pytest.raises(typer.Exit) as info:
+        with job_errors():
+            raise exc
+    assert info.value.exit_code == code
+
+
+def test_library_notices_go_to_the_log_not_the_terminal(capsys, caplog, monkeypatch):
+    import logging
+    import os
+
+    from streammem.cli import common
+
+    shown = []
+    monkeypatch.setattr(common, "_show", lambda message, *a, **kw: shown.append(str(message)))
+    with caplog.at_level(logging.DEBUG, logger="py.warnings"):
+        common._show_source_warning(FutureWarning("`resume_download` is deprecated"), FutureWarning, "hub.py", 1)
+        common._show_source_warning(UserWarning("weights missing: head.bias"), UserWarning, "hub.py", 2)
+    err = capsys.readouterr().err
+    assert "resume_download" not in err and "resume_download" in caplog.text
+    assert shown == ["weights missing: head.bias"]  # a warning meant for the user is still shown
+    for var in ("TRANSFORMERS_VERBOSITY", "DIFFUSERS_VERBOSITY", "HF_HUB_VERBOSITY"):
+        assert os.environ.get(var), var  # set (to "error" unless the user chose) before the libraries load
 
 
 # ---------------------------------------------------------------------- before anything: exit 2, nothing left

@@ -75,12 +75,16 @@ class OutputDir:
 
     def __enter__(self) -> "OutputDir":
         if self.path.exists() and not self.path.is_dir():
-            raise ValueError(f"{self.path} is a file; the output must be a folder")
+            raise ValueError(f"{self.path} is a file; the output must be a folder")  # a bad --out
         p = self.path.absolute()
         while not p.exists():
             self._made.append(p)
             p = p.parent
-        self.path.mkdir(parents=True, exist_ok=True)
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:  # a bad --out: read-only, a file on the way, ...
+            self.discard()
+            raise ValueError(f"cannot create the output folder {self.path}: {exc.strerror or exc}") from exc
         return self
 
     def jsonl(self, name: str, **kw) -> JsonlWriter:
