@@ -16,8 +16,7 @@ from typing import Optional
 
 import typer
 
-from streammem.cli.common import app, default, eval_app, fail, source_options, train_app
-from streammem.io import SourceError
+from streammem.cli.common import app, default, eval_app, fail, job_errors, source_options, train_app
 from streammem.pipelines.detection import DetectionConfig
 from streammem.pipelines.jobs.base import write_summary
 from streammem.pipelines.jobs.detect import DEFAULT_CHECKPOINT, run_detect
@@ -49,12 +48,10 @@ def detect(
     Writes OUT/annotated.mp4, OUT/detections.jsonl (one line per frame) and OUT/summary.json.
     """
     opts = source_options(stride=stride, max_side=max_side, backend=backend)
-    try:
+    with job_errors():
         res = run_detect(source, out, detector=detector, checkpoint=checkpoint, memory=memory, mode=mode,
                          max_frames=max_frames, score_threshold=score_threshold, image_size=image_size,
                          progress=progress, hog_size=hog_size, **opts)
-    except (SourceError, ValueError) as exc:
-        fail(str(exc))
     s = res.summary
     fps = s.get("fps")
     typer.echo(f"streammem detect: {s['frames_written']} frames, {s['detections']} detections "

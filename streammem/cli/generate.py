@@ -17,7 +17,7 @@ from typing import List, Optional
 
 import typer
 
-from streammem.cli.common import app, default, eval_app, fail, train_app
+from streammem.cli.common import app, default, eval_app, fail, job_errors, train_app
 from streammem.eval.generation import MEMORIES
 from streammem.pipelines.generation import GENERATION_MEMORIES, GenerationConfig
 from streammem.train.generator import TrainConfig
@@ -41,17 +41,17 @@ def generate(
     """Generate a video from a first frame, steered by camera actions and prompts."""
     from streammem.pipelines.jobs import run_generate
 
-    try:
+    with job_errors():
         res = run_generate(out, scene=scene, image=image, actions=actions, prompts=prompt or [""], num_frames=frames,
                            checkpoint=checkpoint, memory=memory, steps=steps, seed=seed, progress=progress)
-    except (ValueError, FileNotFoundError) as exc:
-        fail(str(exc))
     s = res.summary
     typer.echo(f"streammem generate: {s['frames_generated']} frames in {s['chunks']} chunks "
                f"({s['seconds_per_chunk']:.2f} s per chunk), memory {memory} {s['memory_tokens']} tokens")
     typer.echo(f"  video:   {res.video}")
     typer.echo(f"  jsonl:   {res.jsonl}")
     typer.echo(f"  summary: {res.summary_path}")
+    if res.error is not None:
+        fail(f"generation stopped: {res.summary['error']} (the frames made before it were written)", code=1)
 
 
 @train_app.command("generator")

@@ -11,8 +11,8 @@ from typing import Optional
 
 import typer
 
-from streammem.cli.common import app, default, fail, source_options
-from streammem.io import SourceError, probe
+from streammem.cli.common import app, default, fail, job_errors, source_options
+from streammem.io import probe
 from streammem.pipelines.jobs import DEFAULT_SOURCE, run_main_job
 from streammem.pipelines.qa import QAConfig
 
@@ -23,10 +23,8 @@ def info(
     as_json: bool = typer.Option(False, "--json", help="print JSON"),
 ) -> None:
     """Print what a source holds: frames, fps, duration, codec, resolution."""
-    try:
+    with job_errors():
         meta = probe(source)
-    except (SourceError, ValueError) as exc:
-        fail(str(exc))
     if as_json:
         typer.echo(json.dumps(meta.to_dict(), indent=2))
         return
@@ -70,15 +68,13 @@ def run(
     Writes OUT/annotated.mp4, OUT/frames.jsonl, OUT/detections.jsonl, OUT/answers.jsonl,
     OUT/summary.json and OUT/memory.safetensors.
     """
-    try:
+    with job_errors():
         result = run_main_job(
             source, out, realtime=realtime, max_frames=max_frames, progress=progress, memory=memory,
             retention=retention, save_heads=save_heads,
             heads=tuple(h for h, on in (("detection", detection), ("qa", qa)) if on),
             **source_options(stride, start, end, fps, max_side, backend),
         )
-    except (SourceError, ValueError) as exc:
-        fail(str(exc))
     s = result.summary
     typer.echo(
         f"streammem run: {s['frames_processed']} frames in {s['wall_s']:.2f} s "

@@ -14,7 +14,10 @@ import numpy as np
 import typer
 from tqdm import tqdm
 
+from streammem.cli.common import job_errors
 from streammem.io import VideoWriter
+from streammem.io.sinks import atomic_path
+from streammem.pipelines.jobs.base import OutputDir
 from streammem.world import PRESETS, World
 from streammem.world.truth import annotate_truth, gt_to_json
 
@@ -30,28 +33,34 @@ def export(
     fps: float = typer.Option(8.0),
     size: int = typer.Option(256),
 ) -> None:
-    """Write video.mp4, ground_truth.jsonl (one line per delivered frame) and questions.json."""
-    world = World(seed=seed, preset=preset, fps=fps, size=size, seconds=minutes * 60)
-    out.mkdir(parents=True, exist_ok=True)
-    n = world.num_frames
-    last = None
-    with VideoWriter(out / "video.mp4", fps, crf=20) as vw, open(out / "ground_truth.jsonl", "w") as gf:
-        written = 0
-        for f in tqdm(world, total=n, desc="render", unit="frame"):
-            while last is not None and written < f.index:  # dropped frames: hold the last image
+    """Write video.mp4, ground_truth.jsonl (one line per delivered frame), questions.json and
+    meta.json. A bad option exits 2 and writes nothing; a failure part-way keeps the frames
+    written before it (exit 1)."""
+    with job_errors():
+        world = World(seed=seed, preset=preset, fps=fps, size=size, seconds=minutes * 60)
+        with OutputDir(out) as od:
+            n = world.num_frames
+            last = None
+            vw, gf = od.video("video.mp4", fps, crf=20), od.jsonl("ground_truth.jsonl", flush_every=64)
+            written = 0
+            for f in tqdm(world, total=n, desc="render", unit="frame"):
+                while last is not None and written < f.index:  # dropped frames: hold the last image
+                    vw.write(last)
+                    written += 1
+                vw.write(f.image)
+                written += 1
+                last = f.image
+                gf.write(gt_to_json(f))
+                od.keep()
+            while last is not None and written < n:
                 vw.write(last)
                 written += 1
-            vw.write(f.image)
-            written += 1
-            last = f.image
-            gf.write(json.dumps(gt_to_json(f)) + "\n")
-        while last is not None and written < n:
-            vw.write(last)
-            written += 1
-    qs = world.questions()
-    (out / "questions.json").write_text(json.dumps(qs, indent=1))
-    meta = {"seed": seed, "preset": preset, "fps": fps, "size": size, "frames": n, "questions": len(qs)}
-    (out / "meta.json").write_text(json.dumps(meta, indent=1))
+            od.close()
+            qs = world.questions()
+            meta = {"seed": seed, "preset": preset, "fps": fps, "size": size, "frames": n, "questions": len(qs)}
+            for name, content in (("questions.json", qs), ("meta.json", meta)):
+                with atomic_path(out / name) as tmp:
+                    tmp.write_text(json.dumps(content, indent=1))
     typer.echo(f"wrote {out}/video.mp4 ({n} frames), ground_truth.jsonl, questions.json ({len(qs)} questions)")
 
 

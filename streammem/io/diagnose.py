@@ -32,6 +32,8 @@ def _diagnose(path: Path) -> str:
     if "moov atom not found" in text:
         return "the mp4 index (moov atom) is missing: the file is truncated or was never finished"
     if m is None:
+        if re.search(r"Stream #\S+.*: Audio: ", text):
+            return "it has no video stream, only audio"
         if "Invalid data found" in text:
             return "not a video container (unrecognised data)"
         return "no video stream found"

@@ -1,8 +1,9 @@
-"""Sinks: an mp4 writer whose output plays in a browser, and an atomic JSONL writer.
+"""Sinks: an mp4 writer whose output plays in a browser, an atomic JSONL writer, and
+:func:`atomic_path` for any other file.
 
-Both write under a temporary name beside the target and move the file into place only when
+All write under a temporary name beside the target and move the file into place only when
 closed cleanly, so a crash never leaves a half-written file under the final name. What was
-written before a crash stays in ``<name>.partial``.
+written before a crash stays in ``<name>.partial``; ``discard()`` removes it instead.
 
 Example:
     >>> import numpy as np, tempfile, os
@@ -20,15 +21,16 @@ import logging
 import os
 import shutil
 import subprocess
+from contextlib import contextmanager
 from fractions import Fraction
 from pathlib import Path
-from typing import Any
+from typing import Any, Iterator
 
 import numpy as np
 
 from streammem.io.errors import SinkError
 
-__all__ = ["JsonlWriter", "VideoWriter", "ffmpeg_exe", "to_jsonable"]
+__all__ = ["JsonlWriter", "VideoWriter", "atomic_path", "ffmpeg_exe", "to_jsonable"]
 
 log = logging.getLogger(__name__)
 
@@ -60,6 +62,29 @@ def _av_error() -> type[Exception]:
 
 def _partial(path: Path) -> Path:
     return path.with_name(path.name + ".partial")
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """A temporary name beside ``path`` (``<name>.partial``) to write a whole file to: moved to
+    ``path`` when the block ends cleanly, removed when it ends by an exception, so ``path`` is
+    either the old file or the complete new one.
+
+    >>> import tempfile, pathlib
+    >>> target = pathlib.Path(tempfile.mkdtemp()) / "summary.json"
+    >>> with atomic_path(target) as tmp:
+    ...     _ = tmp.write_text("{}")
+    >>> target.read_text(), tmp.exists()
+    ('{}', False)
+    """
+    path = Path(path)
+    tmp = _partial(path)
+    try:
+        yield tmp
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    os.replace(tmp, path)
 
 
 def to_jsonable(value: Any) -> Any:
@@ -113,6 +138,11 @@ class JsonlWriter:
             if commit:
                 os.replace(self.tmp, self.path)
         return self.path if commit else self.tmp
+
+    def discard(self) -> None:
+        """Close without committing and remove the ``.partial`` file: nothing is left."""
+        self.close(commit=False)
+        self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "JsonlWriter":
         return self
@@ -320,6 +350,29 @@ class VideoWriter:
         if self.tmp.exists():
             os.replace(self.tmp, self.path)
         return self.path
+
+    def discard(self) -> None:
+        """Stop encoding and remove the ``.partial`` file; ``path`` is not created or touched."""
+        if self._av is not None:
+            try:
+                self._av[0].close()
+            except _av_error():
+                pass
+            self._av = None
+        if self._proc is not None:
+            self._proc.kill()
+            self._proc.wait()
+            for fh in (self._proc.stdin, self._proc.stderr):
+                try:
+                    fh.close()
+                except OSError:
+                    pass
+            self._proc = None
+        if self._cv is not None:
+            self._cv.release()
+            self._cv = None
+        self._held = None
+        self.tmp.unlink(missing_ok=True)
 
     def __enter__(self) -> "VideoWriter":
         return self

@@ -13,9 +13,13 @@ warning says so.
 
 from __future__ import annotations
 
+import logging
 import math
+import os
 import re
+import tempfile
 import warnings
+from contextlib import contextmanager
 from typing import Callable, Iterator
 
 import cv2
@@ -27,6 +31,31 @@ from streammem.io.selection import _Selector
 __all__ = ["_Clock", "_FileReader"]
 
 _DEFAULT_FPS = 25.0  # the step of a repair when neither the header nor the file gives a rate
+
+log = logging.getLogger(__name__)
+
+
+@contextmanager
+def _stderr_to_log(what: str) -> Iterator[None]:
+    """What native code writes to stderr (file descriptor 2) during the block goes to the log
+    (debug level), not the terminal: decord's C++ ``LOG(ERROR)`` lines, which its
+    ``logging.set_level`` does not reach. Our own message reports the failure."""
+    try:
+        saved = os.dup(2)
+    except OSError:  # no stderr to redirect
+        yield
+        return
+    with tempfile.TemporaryFile() as tmp:
+        os.dup2(tmp.fileno(), 2)
+        try:
+            yield
+        finally:
+            os.dup2(saved, 2)
+            os.close(saved)
+            tmp.seek(0)
+            text = tmp.read().decode(errors="replace").strip()
+            if text:
+                log.debug("%s wrote: %s", what, text)
 
 
 class _Clock:
@@ -118,9 +147,10 @@ class _FileReader:
         except AttributeError:
             pass
         try:
-            vr = decord.VideoReader(self.path, ctx=decord.cpu(0), num_threads=1)
-            n = len(vr)
-            ts = vr.get_frame_timestamp(range(n))[:, 0] if n else np.zeros(0)
+            with _stderr_to_log(f"decord opening {self.path}"):
+                vr = decord.VideoReader(self.path, ctx=decord.cpu(0), num_threads=1)
+                n = len(vr)
+                ts = vr.get_frame_timestamp(range(n))[:, 0] if n else np.zeros(0)
         except Exception as exc:
             raise SourceOpenError(self.path, f"decord cannot open this file: {_short(exc)}") from exc
         if n == 0:
@@ -264,9 +294,20 @@ def _bad_times(ts: np.ndarray) -> str | None:
     return None
 
 
+#: decord's internal messages, in words (its C++ checks mean nothing to a user)
+_DECORD_WORDS = (("cannot find video stream", "it finds no video stream it can decode"),
+                 ("av_read_frame failed", "its data cannot be read (truncated or corrupt)"),
+                 ("Cannot create buffer source", "it cannot set up decoding (truncated or corrupt)"))
+
+
 def _short(exc: BaseException) -> str:
     lines = [ln for ln in str(exc).strip().splitlines() if ln.strip()]
     text = lines[-1] if lines else type(exc).__name__
-    # decord prefixes its messages with "[hh:mm:ss] /its/source/file.cc:123: "
+    for internal, words in _DECORD_WORDS:
+        if internal in text:
+            return words
+    # decord prefixes its messages with "[hh:mm:ss] /its/source/file.cc:123: " and states a failed
+    # check as "Check failed: <C++ expression> (<a> vs. <b>)"
     text = re.sub(r"\[\d\d:\d\d:\d\d\] \S+:\d+:\s*", "", text)
+    text = re.sub(r"Check failed: .*? \(-?\d+ vs\. -?\d+\)\s*", "", text)
     return text.strip()[-200:]

@@ -21,12 +21,14 @@ Example:
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Sequence
 
-from streammem.io import JsonlWriter, SourceError, open_source
+from streammem.io import SourceError, open_source
 from streammem.models.answerer.refusal import QuestionRefused, Refusal
+from streammem.pipelines.jobs.base import OutputDir
 from streammem.pipelines.qa import StreamingQAPipeline, load_default_qa
 from streammem.types import Answer
 
@@ -51,9 +53,11 @@ def run_ask(source: str, question: str, candidates: Sequence[str] | None, at: Se
     stream time in ``at`` (seconds).
 
     Raises QuestionRefused (a ValueError) for a refused question, ValueError on bad options and
-    SourceError when the source cannot be opened, all before anything is written. Questions due
-    after a mid-stream source error are answered over the memory at the error when their time
-    is within a frame of it, else refused (and the error is returned)."""
+    SourceError when the source cannot be opened or fails before its first frame, all leaving
+    nothing behind. Each answer is written to ``OUT/answers.jsonl`` as soon as it is due, so a
+    failure mid-stream keeps the answers given before it. Questions due after a mid-stream
+    source error are answered over the memory at the error when their time is within a frame
+    of it, else refused (and the error is returned)."""
     # 1. check inputs, build the head, open the source
     if not at:
         raise ValueError("give at least one time to ask at")
@@ -65,26 +69,43 @@ def run_ask(source: str, question: str, candidates: Sequence[str] | None, at: Se
         if refused is not None:
             raise QuestionRefused(refused)
     futures = [(t, pipe.schedule(question, options, at=float(t))) for t in sorted(at)]
-    writer = JsonlWriter(Path(out) / "answers.jsonl") if out is not None else None
     result = AskResult()
-    # 2. stream until every question is answered
-    try:
-        for i, frame in enumerate(src):
-            if max_frames is not None and i >= max_frames:
-                break
-            pipe.step(frame)
-            if all(f.done() for _, f in futures):
-                break
-    except SourceError as exc:
-        result.error = exc
-    pipe.finish()
-    # 3. answers
-    for t, fut in futures:
-        a = fut.result()
-        result.answers.append((float(t), a))
+    with OutputDir(out) if out is not None else nullcontext() as od:
+        writer = od.jsonl("answers.jsonl") if od is not None else None
+
+        def take_due(final: bool) -> None:
+            """Record (and write) the answers that are done, in time order."""
+            while len(result.answers) < len(futures):
+                t, fut = futures[len(result.answers)]
+                if not (final or fut.done()):
+                    return
+                a = fut.result()
+                result.answers.append((float(t), a))
+                if writer is not None:
+                    writer.write({"question": question, "candidates": pipe.candidates_for(options), "at": float(t),
+                                  **a.to_dict()})
+
+        # 2. stream until every question is answered, writing each answer when it is due
+        read = 0
+        try:
+            for i, frame in enumerate(src):
+                if max_frames is not None and i >= max_frames:
+                    break
+                pipe.step(frame)
+                read += 1
+                if od is not None:
+                    od.keep()
+                take_due(final=False)
+                if len(result.answers) == len(futures):
+                    break
+        except SourceError as exc:
+            if read == 0:
+                raise  # not one frame: bad input, nothing is left
+            result.error = exc
+        pipe.finish()
+        # 3. the answers due after the end of the stream (or its error)
+        take_due(final=True)
         if writer is not None:
-            writer.write({"question": question, "candidates": pipe.candidates_for(options), "at": float(t),
-                          **a.to_dict()})
-    if writer is not None:
-        result.jsonl = writer.close()
+            od.close()
+            result.jsonl = writer.path
     return result

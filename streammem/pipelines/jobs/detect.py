@@ -18,9 +18,9 @@ from dataclasses import asdict, is_dataclass
 from pathlib import Path
 
 from streammem.checkpoints import ROOT
-from streammem.io import JsonlWriter, SourceError, VideoWriter, open_source
+from streammem.io import SourceError, open_source
 from streammem.pipelines.detection import MEMORIES, MODES, DetectionHead
-from streammem.pipelines.jobs.base import JobResult, drain, output_fps, write_summary
+from streammem.pipelines.jobs.base import JobResult, OutputDir, drain, output_fps, write_summary
 from streammem.pipelines.stream import run_stream
 
 __all__ = ["DEFAULT_CHECKPOINT", "DETECTORS", "DEFAULT_THRESHOLDS", "build_detection_head", "run_detect"]
@@ -84,9 +84,9 @@ def run_detect(source: str, out: str | os.PathLike, detector: str = "small", che
     ``OUT/detections.jsonl`` (one line per frame) and ``OUT/summary.json``.
 
     Raises ValueError (bad options, no checkpoint) and SourceError (the source cannot be
-    opened) before writing anything. A source that fails mid-stream keeps everything before
-    the failure: the video and JSONL are finished, the summary records the error, and the
-    error is returned in ``result.error``. Protocol mode reads the whole video (up to
+    opened, or fails before its first frame), leaving nothing behind. A source that fails
+    mid-stream keeps everything before the failure: the video and JSONL are finished, the
+    summary records the error, and the error is returned in ``result.error``. Protocol mode reads the whole video (up to
     ``max_frames``) before detecting, since its order is shuffled.
     """
     # 1. check inputs, build the head, open the source
@@ -95,26 +95,26 @@ def run_detect(source: str, out: str | os.PathLike, detector: str = "small", che
     head = build_detection_head(detector, checkpoint, memory, mode, score_threshold, image_size, hog_size)
     src = open_source(source, **source_options)
     info = src.info
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    video = VideoWriter(out / "annotated.mp4", fps=output_fps(info, source_options))
-    jsonl = JsonlWriter(out / head.records_file, flush_every=16)
     counts: Counter = Counter()
     n_frames = 0
+    with OutputDir(out) as od:
+        out = od.path
+        video = od.video("annotated.mp4", fps=output_fps(info, source_options))
+        jsonl = od.jsonl(head.records_file, flush_every=16)
 
-    def write(frame, det, latency_ms: float | None) -> None:
-        nonlocal n_frames
-        video.write(head.annotate(frame.image, det), timestamp=frame.timestamp)
-        for rec in head.records(frame, det):
-            if latency_ms is not None:
-                rec["latency_ms"] = round(latency_ms, 3)
-            jsonl.write(rec)
-        counts.update(str(n) for n in (det.data.get("class_name", []) if len(det) else []))
-        n_frames += 1
+        def write(frame, det, latency_ms: float | None) -> None:
+            nonlocal n_frames
+            video.write(head.annotate(frame.image, det), timestamp=frame.timestamp)
+            for rec in head.records(frame, det):
+                if latency_ms is not None:
+                    rec["latency_ms"] = round(latency_ms, 3)
+                jsonl.write(rec)
+            counts.update(str(n) for n in (det.data.get("class_name", []) if len(det) else []))
+            n_frames += 1
+            od.keep()
 
-    # 2. detect, writing as we go
-    error: SourceError | None = None
-    try:
+        # 2. detect, writing as we go
+        error: SourceError | None = None
         if mode == "causal":
             run = run_stream(src, head, sink=lambda it: write(it.frame, it.output, it.latency_ms),
                              max_frames=max_frames, progress=progress)
@@ -128,6 +128,8 @@ def run_detect(source: str, out: str | os.PathLike, detector: str = "small", che
                     if max_frames is not None and len(frames) >= max_frames:
                         break
             except SourceError as exc:
+                if not frames:
+                    raise  # not one frame: bad input, nothing is left
                 error = exc
             t0 = time.perf_counter()
             dets = head.run_protocol(frames)
@@ -137,25 +139,27 @@ def run_detect(source: str, out: str | os.PathLike, detector: str = "small", che
             run_stats = {"frames_processed": len(frames), "wall_s": round(wall, 3),
                          "fps": len(frames) / wall if wall > 0 else float("nan"),
                          "error": None if error is None else f"{type(error).__name__}: {error}"}
-    finally:
-        video_path = video.close()
-        jsonl_path = jsonl.close(commit=True)
-    # 3. summary
-    cfg = head.config
-    summary = {
-        "source": source,
-        "source_info": info.to_dict(),
-        "detector": detector,
-        "checkpoint": None if detector != "small" else str(checkpoint or DEFAULT_CHECKPOINT),
-        "config": asdict(cfg) if is_dataclass(cfg) else str(cfg),
-        "outputs": {"video": str(video_path) if video_path else None, "jsonl": str(jsonl_path)},
-        **run_stats,
-        "frames_written": n_frames,
-        "detections": int(sum(counts.values())),
-        "detections_per_frame": sum(counts.values()) / max(1, n_frames),
-        "per_class": dict(sorted(counts.items())),
-        "pipeline": head.stats(),
-        "error": None if error is None else str(error),
-    }
-    summary_path = write_summary(out / "summary.json", summary)
+        if error is not None and not od.kept:
+            raise error  # not one frame: bad input, nothing is left
+        od.close()
+        video_path = video.path if video.count else None
+        jsonl_path = jsonl.path
+        # 3. summary
+        cfg = head.config
+        summary = {
+            "source": source,
+            "source_info": info.to_dict(),
+            "detector": detector,
+            "checkpoint": None if detector != "small" else str(checkpoint or DEFAULT_CHECKPOINT),
+            "config": asdict(cfg) if is_dataclass(cfg) else str(cfg),
+            "outputs": {"video": str(video_path) if video_path else None, "jsonl": str(jsonl_path)},
+            **run_stats,
+            "frames_written": n_frames,
+            "detections": int(sum(counts.values())),
+            "detections_per_frame": sum(counts.values()) / max(1, n_frames),
+            "per_class": dict(sorted(counts.items())),
+            "pipeline": head.stats(),
+            "error": None if error is None else str(error),
+        }
+        summary_path = write_summary(out / "summary.json", summary)
     return JobResult(summary, video_path, jsonl_path, summary_path, error)

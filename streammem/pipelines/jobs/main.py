@@ -22,16 +22,16 @@ from __future__ import annotations
 
 import os
 from dataclasses import dataclass, field
-from pathlib import Path
 from typing import Any, Sequence
 
 from safetensors.torch import save_file
 
-from streammem.io import JsonlWriter, VideoWriter, open_source
+from streammem.io import open_source
+from streammem.io.sinks import atomic_path
 from streammem.memory import Memory, PyramidMemory
 from streammem.models.encoder import PatchEncoder
 from streammem.pipelines.base import Head, StatsOutput, StatsPipeline, annotate_text
-from streammem.pipelines.jobs.base import JobResult, drain, output_fps, write_summary
+from streammem.pipelines.jobs.base import JobResult, OutputDir, drain, output_fps, write_summary
 from streammem.pipelines.stream import StreamItem, run_stream
 from streammem.types import Frame
 
@@ -176,10 +176,11 @@ def run_main_job(
     """Run the main job over ``heads`` (names of the shipped heads, or head objects); with
     ``save_heads`` also write every head's state to ``heads.safetensors``.
 
-    Raises ValueError (bad options) and SourceError (the source cannot be opened) before writing
-    anything. A source that fails mid-stream keeps everything processed before the failure: the
-    video and JSONL files are finished, the summary records the error, and the error is
-    returned in ``result.error``."""
+    Raises ValueError (bad options) and SourceError (the source cannot be opened, or fails
+    before its first frame) leaving nothing behind (:class:`~streammem.pipelines.jobs.base.OutputDir`).
+    A source that fails mid-stream keeps everything processed before the failure: the video
+    and JSONL files are finished, the summary records the error, and the error is returned in
+    ``result.error``."""
     # 1. check inputs and build the heads
     names = [h for h in heads if isinstance(h, str)]
     if names and len(names) != len(heads):
@@ -192,69 +193,70 @@ def run_main_job(
     else:
         head_objs, notes = list(heads), []
     pipeline = MainPipeline(head_objs, preset=memory, notes=notes)
-    # 2. open the outputs
-    out = Path(out)
-    out.mkdir(parents=True, exist_ok=True)
-    video = VideoWriter(out / "annotated.mp4", fps=output_fps(info, source_options))
-    jsonl = JsonlWriter(out / "frames.jsonl", flush_every=16)
-    head_jsonl = {h.name: JsonlWriter(out / h.records_file, flush_every=16) for h in pipeline.heads}
-    collected: dict[str, list[dict]] = {h.name: [] for h in pipeline.heads}
+    # 2. open the outputs (removed again if the run fails before its first frame)
+    with OutputDir(out) as od:
+        out = od.path
+        video = od.video("annotated.mp4", fps=output_fps(info, source_options))
+        jsonl = od.jsonl("frames.jsonl", flush_every=16)
+        head_jsonl = {h.name: od.jsonl(h.records_file, flush_every=16) for h in pipeline.heads}
+        collected: dict[str, list[dict]] = {h.name: [] for h in pipeline.heads}
 
-    def take(head, frame, output) -> None:
-        for r in head.records(frame, output):
-            head_jsonl[head.name].write(r)
-            if head.name == "qa":
-                collected[head.name].append(r)
+        def take(head, frame, output) -> None:
+            for r in head.records(frame, output):
+                head_jsonl[head.name].write(r)
+                if head.name == "qa":
+                    collected[head.name].append(r)
 
-    def sink(item: StreamItem) -> None:
-        f, o = item.frame, item.output
-        image = f.image
-        for h in pipeline.heads:
-            take(h, f, o.heads[h.name])
-            image = h.annotate(image, o.heads[h.name])
-        s = o.stats
-        lines = [f"frame {f.index}  t={f.timestamp:7.2f}s",
-                 f"latency {item.latency_ms:6.2f} ms" + (f"  dropped {item.dropped}" if item.dropped else ""),
-                 f"motion {s.motion:5.1f}  brightness {s.brightness:5.1f}",
-                 f"memory {s.extra['memory_tokens']} tokens, frames/level {s.extra['memory_frames']}"]
-        video.write(annotate_text(image, lines, corner="bottom"), timestamp=f.timestamp)
-        record = {"frame": f.index, "timestamp": round(f.timestamp, 6), "latency_ms": round(item.latency_ms, 3),
-                  "dropped_before": item.dropped, **s.to_dict()}
-        if item.lag_ms is not None:
-            record["lag_ms"] = round(item.lag_ms, 3)
-        jsonl.write(record)
+        def sink(item: StreamItem) -> None:
+            f, o = item.frame, item.output
+            image = f.image
+            for h in pipeline.heads:
+                take(h, f, o.heads[h.name])
+                image = h.annotate(image, o.heads[h.name])
+            s = o.stats
+            lines = [f"frame {f.index}  t={f.timestamp:7.2f}s",
+                     f"latency {item.latency_ms:6.2f} ms" + (f"  dropped {item.dropped}" if item.dropped else ""),
+                     f"motion {s.motion:5.1f}  brightness {s.brightness:5.1f}",
+                     f"memory {s.extra['memory_tokens']} tokens, frames/level {s.extra['memory_frames']}"]
+            video.write(annotate_text(image, lines, corner="bottom"), timestamp=f.timestamp)
+            record = {"frame": f.index, "timestamp": round(f.timestamp, 6), "latency_ms": round(item.latency_ms, 3),
+                      "dropped_before": item.dropped, **s.to_dict()}
+            if item.lag_ms is not None:
+                record["lag_ms"] = round(item.lag_ms, 3)
+            jsonl.write(record)
+            od.keep()
 
-    # 3. stream, writing as we go
-    run = run_stream(src, pipeline, sink=sink, realtime=realtime, max_frames=max_frames, progress=progress)
-    error = None
-    try:
+        # 3. stream, writing as we go
+        run = run_stream(src, pipeline, sink=sink, realtime=realtime, max_frames=max_frames, progress=progress)
         error = drain(run)
+        if error is not None and not od.kept:
+            raise error  # not one frame: bad input, nothing is left
         if error is None:
             for h in pipeline.heads:
                 take(h, None, h.finish())
-    finally:
-        video_path = video.close()
-        jsonl_path = jsonl.close(commit=True)
-        for w in head_jsonl.values():
-            w.close(commit=True)
-    # 4. snapshots and summary
-    snapshot = out / "memory.safetensors"
-    pipeline.memory.save(snapshot)
-    if save_heads and pipeline.heads:
-        save_file({k: v.contiguous() for k, v in pipeline.state_dict().items()}, str(out / "heads.safetensors"))
-    head_summary = {}
-    for h in pipeline.heads:
-        head_summary[h.name] = h.stats() if h.name != "qa" else {**h.stats(), "answers": collected["qa"]}
-    summary = {
-        "source": source,
-        "source_info": info.to_dict(),
-        "outputs": {"video": str(video_path) if video_path else None, "jsonl": str(jsonl_path), "memory": str(snapshot),
-                    **{h.name: str(out / h.records_file) for h in pipeline.heads}},
-        **run.stats.summary(),
-        "memory": pipeline.memory.stats(),
-        "heads": head_summary,
-        "notes": pipeline.notes,
-    }
-    summary_path = write_summary(out / "summary.json", summary)
+        od.close()
+        video_path = video.path if video.count else None
+        jsonl_path = jsonl.path
+        # 4. snapshots and summary
+        snapshot = out / "memory.safetensors"
+        with atomic_path(snapshot) as tmp:
+            pipeline.memory.save(tmp)
+        if save_heads and pipeline.heads:
+            with atomic_path(out / "heads.safetensors") as tmp:
+                save_file({k: v.contiguous() for k, v in pipeline.state_dict().items()}, str(tmp))
+        head_summary = {}
+        for h in pipeline.heads:
+            head_summary[h.name] = h.stats() if h.name != "qa" else {**h.stats(), "answers": collected["qa"]}
+        summary = {
+            "source": source,
+            "source_info": info.to_dict(),
+            "outputs": {"video": str(video_path) if video_path else None, "jsonl": str(jsonl_path),
+                        "memory": str(snapshot), **{h.name: str(out / h.records_file) for h in pipeline.heads}},
+            **run.stats.summary(),
+            "memory": pipeline.memory.stats(),
+            "heads": head_summary,
+            "notes": pipeline.notes,
+        }
+        summary_path = write_summary(out / "summary.json", summary)
     return JobResult(summary, video_path, jsonl_path, summary_path, error, memory=snapshot)
 
