@@ -132,16 +132,22 @@ def ask(
             src = open_source(source, **opts)
         except (SourceError, ValueError) as exc:
             fail(str(exc))
-        writer = JsonlWriter(out / "answers.jsonl") if out else None
+        writers: list = []  # answers.jsonl, opened at the first answer (no empty file)
+
+        def writer() -> JsonlWriter:
+            if not writers:
+                writers.append(JsonlWriter(out / "answers.jsonl"))
+            return writers[0]
+
         n = 0
         try:
-            n = _interactive(pipe, src, max_frames, writer)
+            n = _interactive(pipe, src, max_frames, writer if out is not None else None)
         except (SourceError, ValueError) as exc:
-            if writer:
-                writer.close()
-            fail(f"{exc} (answers so far: {n})", code=1)
-        if writer:
-            typer.echo(f"{n} answers -> {writer.close()}")
+            for w in writers:
+                w.close()
+            fail(f"{exc} (the answers given before it are kept)", code=1)
+        for w in writers:
+            typer.echo(f"{n} answers -> {w.close()}")
         return
     q, cands = split_options(question, choice)
     try:
@@ -160,6 +166,8 @@ def ask(
 
 
 def _interactive(pipe, src, max_frames, writer) -> int:
+    """Stream in a thread while answering questions typed on stdin; ``writer()`` (or None)
+    gives the JSONL writer, opened on first use."""
     stop = threading.Event()
     err: list[BaseException] = []
 
@@ -192,8 +200,8 @@ def _interactive(pipe, src, max_frames, writer) -> int:
             continue
         t = pipe.time or 0.0
         _print_answer(q, t, a)
-        if writer:
-            writer.write({"question": q, "candidates": pipe.candidates_for(cands), "at": t, **a.to_dict()})
+        if writer is not None:
+            writer().write({"question": q, "candidates": pipe.candidates_for(cands), "at": t, **a.to_dict()})
         n += 1
     stop.set()
     th.join(timeout=5)
