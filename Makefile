@@ -1,5 +1,5 @@
 # Two commands do all set-up on a fresh machine:
-#   make run    stream the default source through streammem and write outputs/
+#   make run    stream the default source through streammem and write outputs/ (and a generated clip)
 #   make test   run the test suite
 # Both create .venv, install a CPU build of PyTorch when none is there, and install streammem.
 
@@ -26,6 +26,7 @@ $(STAMP): pyproject.toml
 
 run: $(STAMP)
 	$(BIN)/streammem run --out outputs
+	$(BIN)/streammem generate --scene 0 --frames 16 --out outputs/generate --no-progress
 
 test: $(STAMP)
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest

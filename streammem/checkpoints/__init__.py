@@ -1,5 +1,5 @@
-"""The shipped small models, one folder each (``config.json`` + ``model.safetensors`` + a model
-card ``README.md``): ``grid_encoder``, ``answerer``, ``detector``.
+"""The shipped small models, one folder each (``config.json`` + weights ``*.safetensors`` + a
+model card ``README.md``): ``grid_encoder``, ``answerer``, ``detector``, ``generator``.
 
 Example:
     >>> path("detector").name
@@ -17,8 +17,8 @@ def path(name: str) -> Path:
     """The folder of the shipped checkpoint ``name``; FileNotFoundError naming the fix when it
     is missing."""
     folder = ROOT / name
-    if not (folder / "config.json").is_file() or not (folder / "model.safetensors").is_file():
-        known = sorted(p.name for p in ROOT.iterdir() if (p / "config.json").is_file())
-        raise FileNotFoundError(f"no shipped checkpoint {name!r} at {folder} (config.json + model.safetensors); "
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
+        known = sorted(p.name for p in ROOT.iterdir() if (p / "config.json").is_file() and any(p.glob("*.safetensors")))
+        raise FileNotFoundError(f"no shipped checkpoint {name!r} at {folder} (config.json + weights .safetensors); "
                                 f"shipped: {known}; `streammem train ...` makes one")
     return folder
