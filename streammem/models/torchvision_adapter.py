@@ -29,14 +29,11 @@ with the ``pip install torchvision`` fix (a torchvision build must match the ins
 
 Example (needs torchvision; a random model, nothing downloaded)::
 
-    import numpy as np
-    from streammem.pipelines.detection import TorchvisionDetectionPipeline
-    from streammem.types import Frame
-
     det = TorchvisionDetector.from_torchvision("fasterrcnn_mobilenet_v3_large_fpn", weights=None,
                                                weights_backbone=None, num_classes=3, min_size=128, max_size=128)
-    pipe = TorchvisionDetectionPipeline(det)
-    d = pipe.step(Frame(0, 0.0, np.zeros((128, 128, 3), np.uint8)))
+
+A detection head over it, with the memory: ``TorchvisionDetectionPipeline(det)`` in
+:mod:`streammem.pipelines.detection`.
 """
 
 from __future__ import annotations

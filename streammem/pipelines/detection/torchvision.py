@@ -4,6 +4,17 @@ memory (the model and its hook: :mod:`streammem.models.torchvision_adapter`).
 Per frame: keys from the :class:`~streammem.memory.FeatureBank` (while it is empty: the
 frame's own top proposals), the model with the GEO hook on its box head, then the top
 ``bank_proposals`` pre-enhancement box-head features are written to the bank (causal).
+
+Example (needs torchvision; a random model, nothing downloaded)::
+
+    import numpy as np
+    from streammem.models.torchvision_adapter import TorchvisionDetector
+    from streammem.types import Frame
+
+    det = TorchvisionDetector.from_torchvision("fasterrcnn_mobilenet_v3_large_fpn", weights=None,
+                                               weights_backbone=None, num_classes=3, min_size=128, max_size=128)
+    pipe = TorchvisionDetectionPipeline(det)
+    d = pipe.step(Frame(0, 0.0, np.zeros((128, 128, 3), np.uint8)))
 """
 
 from __future__ import annotations
