@@ -93,8 +93,8 @@ def run(
                    f"tokens -> {s['outputs']['detection']}")
     qa = s["heads"].get("qa")
     if qa is not None:
-        typer.echo(f"  ask:     {len(qa['answers'])} answers -> {s['outputs']['qa']}")
-        for a in qa["answers"]:
+        typer.echo(f"  ask:     {len(qa['records'])} answers -> {s['outputs']['qa']}")
+        for a in qa["records"]:
             if a.get("refused"):
                 typer.echo(f"    @{a['at']:5.1f}s {a['question']} -> refused: {a['reason']}")
                 continue

@@ -118,6 +118,9 @@ class HeadBase:
 
     name: ClassVar[str] = "head"
     records_file: ClassVar[str] = "records.jsonl"
+    #: the main job also lists this head's records in ``summary["heads"][name]["records"]``
+    #: (for heads with few records, such as answers; not per-frame ones)
+    summary_records: ClassVar[bool] = False
     config: Any = None
 
     def finish(self) -> Any:

@@ -161,6 +161,7 @@ class StreamingQAPipeline(HeadBase):
 
     name = "qa"
     records_file = "answers.jsonl"
+    summary_records = True
 
     def __init__(self, encoder, answerer, memory: Memory | str = "ovbench", dual: DualMemory | None = None,
                  keep_thumbnails: bool = False, thumb_side: int = 96, retention: str = "spread") -> None:

@@ -199,12 +199,13 @@ def run_main_job(
         video = od.video("annotated.mp4", fps=output_fps(info, source_options))
         jsonl = od.jsonl("frames.jsonl", flush_every=16)
         head_jsonl = {h.name: od.jsonl(h.records_file, flush_every=16) for h in pipeline.heads}
-        collected: dict[str, list[dict]] = {h.name: [] for h in pipeline.heads}
+        # heads whose records are few (QA's answers) also list them in the summary
+        collected: dict[str, list[dict]] = {h.name: [] for h in pipeline.heads if getattr(h, "summary_records", False)}
 
         def take(head, frame, output) -> None:
             for r in head.records(frame, output):
                 head_jsonl[head.name].write(r)
-                if head.name == "qa":
+                if head.name in collected:
                     collected[head.name].append(r)
 
         def sink(item: StreamItem) -> None:
@@ -246,7 +247,7 @@ def run_main_job(
                 save_file({k: v.contiguous() for k, v in pipeline.state_dict().items()}, str(tmp))
         head_summary = {}
         for h in pipeline.heads:
-            head_summary[h.name] = h.stats() if h.name != "qa" else {**h.stats(), "answers": collected["qa"]}
+            head_summary[h.name] = {**h.stats(), **({"records": collected[h.name]} if h.name in collected else {})}
         summary = {
             "source": source,
             "source_info": info.to_dict(),
