@@ -219,6 +219,15 @@ class StreamingQAPipeline(HeadBase):
     def memories(self) -> dict:
         return {"memory": self.memory} if self.dual is None else {"memory": self.memory, "dual": self.dual}
 
+    def state_dict(self) -> dict:
+        """A snapshot taken between two frames (the stream's lock is held while it is made)."""
+        with self._lock:
+            return super().state_dict()
+
+    def load_state_dict(self, state: dict) -> None:
+        with self._lock:
+            super().load_state_dict(state)
+
     def _extra_state(self) -> dict:
         return {"time": self.time, "frames": self.frames, "questions": self.questions}
 
