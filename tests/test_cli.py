@@ -126,6 +126,9 @@ def test_generate_writes_the_video_and_per_frame_records(tmp_path):
             base += ["--scene", "1"]
         res = run(app, base + args)
         assert res.exit_code == 2 and message in res.output, (args, res.output)
+    res = run(app, ["generate", "--scene", "1", "--checkpoint", str(tmp_path / "ck"), "--out", str(tmp_path / "bad"),
+                    "-p", "clean", "-p", "sunset", "--no-progress"])  # every prompt is checked before writing
+    assert res.exit_code == 2 and "sunset" in res.output
     assert not (tmp_path / "bad").exists()
     res = run(app, ["generate", "--scene", "1", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "n")])
     assert res.exit_code == 2 and "train generator" in res.output

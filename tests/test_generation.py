@@ -48,11 +48,15 @@ def test_actions_move_the_camera_and_frames_carry_their_pose():
     assert out.frames[2].pose[1, 3] == x0 - 20 and out.frames[3].pose[2, 3] > out.frames[2].pose[2, 3]  # closer
     assert all(f.image.dtype == np.uint8 and f.image.shape == (16, 16, 3) for f in out.frames)
     assert isinstance(p, Head) and p.stats()["frames"] == 5  # the start frame + 4
-    # raw poses work too: the camera goes exactly there
-    target = CameraState(x=800 * 16, y=700 * 16).pose()
-    f = list(p.stream([target], progress=False))
-    assert np.allclose(f[0].pose, target) and f[0].action == "pose"
-    assert camera_from_pose(target) == CameraState(x=800 * 16, y=700 * 16)
+    # raw poses work too: the camera goes exactly there, each pose of a chunk from the one before
+    targets = [CameraState(x=800 * 16, y=700 * 16).pose(), CameraState(x=900 * 16, y=700 * 16).pose()]
+    f = list(p.stream(targets, progress=False))
+    assert all(np.allclose(a.pose, b) for a, b in zip(f, targets)) and f[0].action == "pose"
+    assert f[1].action == "pose"
+    # forward stops at the camera's zoom limit, within a chunk too
+    zoomed = list(p.stream("F" * 40, progress=False))
+    assert camera_from_pose(zoomed[-1].pose).zoom == 30
+    assert camera_from_pose(targets[0]) == CameraState(x=800 * 16, y=700 * 16)
 
 
 def test_the_memory_conditions_each_chunk():

@@ -147,3 +147,44 @@ def test_the_main_job_runs_any_list_of_heads(tmp_path):
         MainPipeline([FrameCounter(), FrameCounter()])
     with pytest.raises(TypeError, match="does not keep the Head contract"):
         MainPipeline([object()])
+
+
+def test_loading_a_snapshot_cancels_the_questions_pending_on_the_old_stream():
+    frames = world_frames(8)
+    src = tiny_qa()
+    for f in frames:
+        src.step(f)
+    state = src.state_dict()
+    head = tiny_qa()
+    fut = head.schedule("is there a cat in view now ?", ["yes", "no"], at=0.3)
+    head.load_state_dict(state)  # the snapshot's stream is already past 0.3 s
+    assert fut.cancelled() and head.stats()["pending"] == 0 and head.thumbs == {}
+
+
+def test_the_main_pipeline_restores_every_head():
+    frames = world_frames(6)
+    cfg = DetectionConfig(image_size=64, pixel_write_score=0.0, max_size=200, key_size=10)
+    a = MainPipeline([StreamingDetectionPipeline(tiny_detector(), cfg), tiny_qa()])
+    for f in frames[:3]:
+        a.step(f)
+    b = MainPipeline([StreamingDetectionPipeline(tiny_detector(), cfg), tiny_qa()])
+    b.load_state_dict(a.state_dict())
+    outs_a, outs_b = [a.step(f) for f in frames[3:]], [b.step(f) for f in frames[3:]]
+    assert all(same_detections(x.heads["detection"], y.heads["detection"]) for x, y in zip(outs_a, outs_b))
+    with pytest.raises(ValueError, match="no state for head 'qa'"):
+        b.load_state_dict({k: v for k, v in a.state_dict().items() if k.startswith("detection.")})
+
+
+def test_a_source_whose_resolution_changes_still_makes_one_annotated_video(tmp_path):
+    import cv2
+
+    from streammem.pipelines.jobs import run_detect
+
+    folder = tmp_path / "imgs"
+    folder.mkdir()
+    for i, (h, w) in enumerate([(120, 160), (120, 160), (240, 320)]):
+        cv2.imwrite(str(folder / f"{i:03d}.png"), np.full((h, w, 3), 60 * i, np.uint8))
+    res = run_detect(str(folder), tmp_path / "out", detector="hog")
+    assert res.error is None and res.summary["frames_written"] == 3
+    cap = cv2.VideoCapture(str(res.video))
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 3 and int(cap.get(cv2.CAP_PROP_FRAME_WIDTH)) == 160

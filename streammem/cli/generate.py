@@ -6,7 +6,7 @@
     streammem eval generation --out outputs/eval_generation
 
 ``generate`` writes ``DIR/generated.mp4`` (the start frame, then the generated ones),
-``DIR/generation.jsonl`` (per frame: action, absolute pose, chunk, seed, prompt) and
+``DIR/generation.jsonl`` (per generated frame: action, absolute pose, chunk, seed, prompt) and
 ``DIR/summary.json``.
 """
 

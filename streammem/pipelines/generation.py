@@ -62,6 +62,7 @@ from streammem.world.scene import (
 __all__ = ["GenerationConfig", "GenerationOutput", "StreamingGenerationPipeline", "ACTION_LETTERS", "GENERATION_MEMORIES"]
 
 GENERATION_MEMORIES = ("posekv", "window", "full")
+PROMPT_WORDS = 4  # CausalVideoDiT.prompt_ids' default length
 #: letter -> (pan x, pan y, zoom, roll) in steps of ``pan_px`` world px / one zoom unit
 ACTION_LETTERS = {"F": (0, 0, 1, 0), "I": (0, 0, 1, 0), "B": (0, 0, -1, 0), "O": (0, 0, -1, 0),
                   "L": (-1, 0, 0, 0), "R": (1, 0, 0, 0), "U": (0, -1, 0, 0), "D": (0, 1, 0, 0), "S": (0, 0, 0, 0)}
@@ -73,7 +74,7 @@ class GenerationConfig:
     memory: ``"posekv"`` (default), ``"window"`` or ``"full"`` (see the module docstring).
     window: frames kept at full resolution (the rolling window).
     history_frames: older frames kept (pooled by RELIC's schedule for ``"posekv"``; a
-        multiple of 18); 0 for ``"window"``.
+        multiple of 18); ignored by ``"window"``, which keeps none.
     num_inference_steps: Euler steps per chunk.
     fps: frame rate of the generated stream (timestamps).
     pan_px: world pixels the camera pans per ``L`` / ``R`` / ``U`` / ``D`` frame (the shipped
@@ -222,7 +223,10 @@ class StreamingGenerationPipeline(HeadBase):
         """``prompt`` if the model knows every word of it; else ValueError naming the unknown
         words and the model's vocabulary (the model would ignore them)."""
         known = [w for w in self.model.config.vocab if not w.startswith("<")]
-        unknown = [w for w in str(prompt).split() if w.lower() not in self.model.word_index]
+        words = str(prompt).split()
+        if len(words) > PROMPT_WORDS:
+            raise ValueError(f"the generator reads at most {PROMPT_WORDS} prompt words, got {len(words)}: {prompt!r}")
+        unknown = [w for w in words if w.lower() not in self.model.word_index]
         if unknown:
             raise ValueError(f"the generator does not know the prompt words {unknown}; it knows {known} "
                              "(StreamWorld's scene styles; an empty prompt is allowed)")
@@ -240,9 +244,9 @@ class StreamingGenerationPipeline(HeadBase):
         return out
 
     # ------------------------------------------------------------------ generation
-    def _delta(self, action) -> tuple[tuple[int, int, int, int], str]:
-        """One action (a letter or a 4x4 pose) -> the integer camera delta and its label."""
-        cam = self.camera
+    def _delta(self, action, cam: CameraState) -> tuple[tuple[int, int, int, int], str]:
+        """One action (a letter or a 4x4 pose) taken from camera ``cam`` -> the integer camera
+        delta and its label."""
         if isinstance(action, str):
             key = action.upper()
             if key not in ACTION_LETTERS:
@@ -288,13 +292,12 @@ class StreamingGenerationPipeline(HeadBase):
                     break
                 if prompt_iter is not None:
                     self.prompt = self.check_prompt(next(prompt_iter, self.prompt))
-                cam, deltas, labels, poses, vecs = self.camera, [], [], [], []
+                cam, labels, poses, vecs = self.camera, [], [], []
                 for a in chunk:
-                    d, label = self._delta(a)
+                    d, label = self._delta(a, cam)
                     vecs.append(action_vector(d, cam))
                     cam = CameraState(cam.x + d[0], cam.y + d[1], cam.zoom + d[2], cam.roll + d[3])
                     poses.append(cam.pose())
-                    deltas.append(d)
                     labels.append(label)
                 # 3. read the memory; denoise the chunk with a fresh seed
                 ctx = ChunkContext.from_tokens([self.memory.read()])

@@ -156,7 +156,8 @@ class StreamingQAPipeline(HeadBase):
     :class:`~streammem.models.answerer.refusal.Refusal`: see the module docstring); ``records`` gives one JSON line per
     answer; ``annotate`` writes the latest answer on the frame. A snapshot (``state_dict``)
     holds the memories, the stream time and the counters; questions still pending and
-    thumbnails are not part of it.
+    thumbnails are not part of it (loading one cancels this stream's pending questions), nor is
+    the dual memory's motion scorer history (it restarts after a load).
     """
 
     name = "qa"
@@ -229,12 +230,21 @@ class StreamingQAPipeline(HeadBase):
             super().load_state_dict(state)
 
     def _extra_state(self) -> dict:
-        return {"time": self.time, "frames": self.frames, "questions": self.questions}
+        return {"time": self.time, "frames": self.frames, "questions": self.questions, "gap": self._gap}
 
     def _load_extra_state(self, extra: dict) -> None:
+        """The snapshot's stream replaces this one: questions pending here are cancelled (their
+        times belong to the other stream) and thumbnails dropped."""
         with self._lock:
             self.time, self.frames, self.questions = extra["time"], int(extra["frames"]), int(extra["questions"])
-            self._gap = 0.0
+            self._gap = float(extra.get("gap", 0.0))
+            for _, _, _, fut in self._pending:
+                fut.cancel()
+            self._pending.clear()
+            self.thumbs.clear()
+            self._last_lines = []
+            if self._scorer is not None:  # its frame history is not in the snapshot: it restarts
+                self._scorer.reset()
             if self._cache is not None:
                 self._cache.clear()
 

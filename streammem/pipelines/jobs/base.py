@@ -24,7 +24,7 @@ from typing import Iterable
 from streammem.io import JsonlWriter, SourceError, VideoWriter
 from streammem.io.sinks import atomic_path, to_jsonable
 
-__all__ = ["JobResult", "OutputDir", "output_fps", "write_summary", "drain"]
+__all__ = ["fit_to", "JobResult", "OutputDir", "output_fps", "write_summary", "drain"]
 
 log = logging.getLogger(__name__)
 
@@ -131,6 +131,16 @@ class OutputDir:
                 w.close()
             except Exception as err:  # noqa: BLE001 - the job's own error is the one raised
                 log.warning("%s: could not finish after %s: %s", w.path, exc_type.__name__, err)
+
+
+def fit_to(image, size_hw: tuple[int, int] | None):
+    """``image`` resized to ``size_hw`` (the annotated video's size, fixed by its first frame)
+    when it differs, so a source whose resolution changes mid-stream still makes one video."""
+    if size_hw is None or tuple(image.shape[:2]) == tuple(size_hw):
+        return image
+    import cv2
+
+    return cv2.resize(image, (size_hw[1], size_hw[0]), interpolation=cv2.INTER_AREA)
 
 
 def output_fps(info, source_options: dict) -> float:

@@ -20,7 +20,7 @@ from pathlib import Path
 from streammem.checkpoints import ROOT
 from streammem.io import SourceError, open_source
 from streammem.pipelines.detection import MEMORIES, MODES, DetectionHead
-from streammem.pipelines.jobs.base import JobResult, OutputDir, drain, output_fps, write_summary
+from streammem.pipelines.jobs.base import JobResult, OutputDir, drain, fit_to, output_fps, write_summary
 from streammem.pipelines.stream import run_stream
 
 __all__ = ["DEFAULT_CHECKPOINT", "DETECTORS", "DEFAULT_THRESHOLDS", "build_detection_head", "run_detect"]
@@ -30,6 +30,8 @@ DETECTORS = ("small", "hog")
 #: default score threshold per detector: a class probability for the small detector, the
 #: (re-scored) SVM margin for HOG.
 DEFAULT_THRESHOLDS = {"small": 0.3, "hog": 0.0}
+#: protocol mode reads the whole video before detecting: the most frames it holds without --max-frames
+PROTOCOL_MAX_FRAMES = 10_000
 
 
 def build_detection_head(detector: str = "small", checkpoint: str | None = None, memory: str = "feature_bank",
@@ -104,7 +106,7 @@ def run_detect(source: str, out: str | os.PathLike, detector: str = "small", che
 
         def write(frame, det, latency_ms: float | None) -> None:
             nonlocal n_frames
-            video.write(head.annotate(frame.image, det), timestamp=frame.timestamp)
+            video.write(fit_to(head.annotate(frame.image, det), video.size), timestamp=frame.timestamp)
             for rec in head.records(frame, det):
                 if latency_ms is not None:
                     rec["latency_ms"] = round(latency_ms, 3)
@@ -122,9 +124,13 @@ def run_detect(source: str, out: str | os.PathLike, detector: str = "small", che
             run_stats = run.stats.summary()
         else:
             frames = []
+            cap = max_frames or PROTOCOL_MAX_FRAMES
             try:
                 for f in src:
                     frames.append(f)
+                    if len(frames) > cap:
+                        raise ValueError(f"protocol mode holds the whole video in memory and {source} has more "
+                                         f"than {cap} frames; pass --max-frames (or use --mode causal)")
                     if max_frames is not None and len(frames) >= max_frames:
                         break
             except SourceError as exc:

@@ -1,9 +1,9 @@
 """The generation job (``streammem generate``): a first frame (a StreamWorld scene or an image
 file), then frames generated chunk by chunk from camera actions and prompts; writes
-``generated.mp4``, ``generation.jsonl`` (one line per frame: action, absolute pose, chunk, seed,
-prompt) and ``summary.json``. A failure before the first generated frame leaves nothing behind;
-one after it keeps the frames made before it, records the error in the summary and returns it
-in ``result.error``.
+``generated.mp4`` (the start frame, then the generated ones), ``generation.jsonl`` (one line
+per generated frame: action, absolute pose, chunk, seed, prompt) and ``summary.json``. A
+failure before the first generated frame leaves nothing behind; one after it keeps the frames
+made before it, records the error in the summary and returns it in ``result.error``.
 """
 
 from __future__ import annotations
@@ -32,7 +32,7 @@ def load_default_generator(checkpoint: str | os.PathLike | None = None,
     from streammem.models.video_dit import CausalVideoDiT
 
     folder = Path(checkpoint) if checkpoint is not None else path("generator")
-    if not (folder / "config.json").is_file():
+    if not (folder / "config.json").is_file() or not any(folder.glob("*.safetensors")):
         raise FileNotFoundError(f"no generator checkpoint at {folder} (config.json + weights); train one with "
                                 f"`streammem train generator --out {folder}`")
     return StreamingGenerationPipeline(CausalVideoDiT.from_pretrained(str(folder)), config)
@@ -70,6 +70,10 @@ def run_generate(out: str | os.PathLike, scene: int | None = None, image: str | 
     if bad:
         raise ValueError(f"unknown action letters {''.join(bad)!r}; use F/B (forward/back), L/R/U/D (pan), "
                          "I/O (zoom in/out), S (stay)")
+    if not prompts:
+        raise ValueError("give at least one prompt (an empty string for none)")
+    for prompt in prompts:  # every prompt before anything is written
+        pipe.check_prompt(prompt)
     start_image, pose = _start_frame(scene, image, pipe.model.config.sample_size)
     n = num_frames or len(actions)
     acts = (actions * (n // len(actions) + 1))[:n]  # the actions repeat when fewer than the frames

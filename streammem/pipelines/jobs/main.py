@@ -31,7 +31,7 @@ from streammem.io.sinks import atomic_path
 from streammem.memory import Memory, PyramidMemory
 from streammem.models.encoder import PatchEncoder
 from streammem.pipelines.base import Head, StatsOutput, StatsPipeline, annotate_text
-from streammem.pipelines.jobs.base import JobResult, OutputDir, drain, output_fps, write_summary
+from streammem.pipelines.jobs.base import JobResult, OutputDir, drain, fit_to, output_fps, write_summary
 from streammem.pipelines.stream import StreamItem, run_stream
 from streammem.types import Frame
 
@@ -105,6 +105,16 @@ class MainPipeline:
     def state_dict(self) -> dict:
         """Every head's state, each under ``"<name>."``."""
         return {f"{h.name}.{k}": v for h in self.heads for k, v in h.state_dict().items()}
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore every head from :meth:`state_dict` (e.g. ``heads.safetensors``); a head the
+        snapshot lacks is an error naming it."""
+        for h in self.heads:
+            prefix = f"{h.name}."
+            part = {k[len(prefix):]: v for k, v in state.items() if k.startswith(prefix)}
+            if not part:
+                raise ValueError(f"the snapshot has no state for head {h.name!r}")
+            h.load_state_dict(part)
 
 
 def default_questions(source: str, duration: float | None, n: int = 6) -> list[dict]:
@@ -219,7 +229,7 @@ def run_main_job(
                      f"latency {item.latency_ms:6.2f} ms" + (f"  dropped {item.dropped}" if item.dropped else ""),
                      f"motion {s.motion:5.1f}  brightness {s.brightness:5.1f}",
                      f"memory {s.extra['memory_tokens']} tokens, frames/level {s.extra['memory_frames']}"]
-            video.write(annotate_text(image, lines, corner="bottom"), timestamp=f.timestamp)
+            video.write(fit_to(annotate_text(image, lines, corner="bottom"), video.size), timestamp=f.timestamp)
             record = {"frame": f.index, "timestamp": round(f.timestamp, 6), "latency_ms": round(item.latency_ms, 3),
                       "dropped_before": item.dropped, **s.to_dict()}
             if item.lag_ms is not None:
@@ -232,9 +242,8 @@ def run_main_job(
         error = drain(run)
         if error is not None and not od.kept:
             raise error  # not one frame: bad input, nothing is left
-        if error is None:
-            for h in pipeline.heads:
-                take(h, None, h.finish())
+        for h in pipeline.heads:  # what is still pending, also after a mid-stream source error
+            take(h, None, h.finish())
         od.close()
         video_path = video.path if video.count else None
         jsonl_path = jsonl.path
