@@ -4,6 +4,7 @@ None), ``reset()``, ``stats()``, ``memories()`` and ``_process(frame) -> sv.Dete
 
 from __future__ import annotations
 
+import functools
 from typing import Iterable, Iterator, Sequence
 
 import numpy as np
@@ -28,6 +29,12 @@ def detection_records(det: sv.Detections) -> list[dict]:
             d["tracker_id"] = int(det.tracker_id[i])
         out.append(d)
     return out
+
+
+@functools.lru_cache(maxsize=8)
+def _annotators(thickness: int) -> tuple[sv.BoxAnnotator, sv.LabelAnnotator]:
+    """supervision's box and label annotators for a line thickness (built once, not per frame)."""
+    return sv.BoxAnnotator(thickness=thickness), sv.LabelAnnotator(text_scale=0.3 * thickness + 0.1, text_padding=2)
 
 
 class DetectionHead(HeadBase):
@@ -92,11 +99,11 @@ class DetectionHead(HeadBase):
         det = output if output.confidence is None else output[output.confidence >= self.display_threshold]
         if not len(det):
             return image
-        thick = max(1, round(max(image.shape[:2]) / 400))
-        img = sv.BoxAnnotator(thickness=thick).annotate(image.copy(), det)
+        boxes, label = _annotators(max(1, round(max(image.shape[:2]) / 400)))
+        img = boxes.annotate(image.copy(), det)
         names = det.data.get("class_name", [str(c) for c in det.class_id])
         labels = [f"{n} {c:.2f}" for n, c in zip(names, det.confidence)]
-        return sv.LabelAnnotator(text_scale=0.3 * thick + 0.1, text_padding=2).annotate(img, det, labels=labels)
+        return label.annotate(img, det, labels=labels)
 
     # ------------------------------------------------------------------ snapshots
     def _extra_state(self) -> dict:
