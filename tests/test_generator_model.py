@@ -215,3 +215,75 @@ def test_bad_inputs_raise():
         m(x, t, a[..., :5], poses, ids)
     with pytest.raises(ValueError, match="no pose"):
         ChunkContext.from_tokens([Tokens.from_grid(torch.zeros(4, 4, 48), frame_index=0, timestamp=0.0)])
+
+
+def test_ground_points_invert_streamworld_projection():
+    from streammem.models.video_dit import ground_points
+    from streammem.world.scene import CameraState, plane_to_image
+
+    cam = CameraState(x=700 * 16, y=810 * 16, zoom=12, roll=57)
+    m = plane_to_image(cam, (64, 64))
+    uv = torch.tensor([[0.0, 0.0], [10.0, 20.0], [63.0, 40.0]])
+    world = ground_points(torch.from_numpy(cam.pose()).float(), uv, focal=125.0, size=64)
+    back = world.double().numpy() @ m[:, :2].T + m[:, 2]
+    assert np.allclose(back, uv.numpy(), atol=1e-3)
+
+
+def test_reproject_follows_the_camera_on_streamworld():
+    from streammem.eval.generation import psnr, render_path
+    from streammem.models.video_dit import reproject
+
+    gt = render_path(20_000, 12, 64)
+    img = lambda f: torch.from_numpy(f.image).permute(2, 0, 1)[None].float()  # noqa: E731
+    pose = lambda f: torch.from_numpy(f.pose)[None].float()  # noqa: E731
+    same, valid = reproject(img(gt[3]), pose(gt[3]), pose(gt[3]), 125.0)
+    assert valid.all() and torch.allclose(same, img(gt[3]), atol=0.02)  # its own pose: identity
+    moved = [t for t in range(1, 12) if not np.array_equal(gt[t].pose, gt[t - 1].pose)]
+    assert len(moved) >= 3
+    gain = []
+    for t in moved:
+        warped, valid = reproject(img(gt[t - 1]), pose(gt[t - 1]), pose(gt[t]), 125.0)
+        out = (warped + img(gt[t - 1]) * (1 - valid))[0].permute(1, 2, 0).round().clamp(0, 255).byte().numpy()
+        gain.append(psnr(out, gt[t].image) - psnr(gt[t - 1].image, gt[t].image))
+    assert np.mean(gain) > 3.0  # the previous view moved with the camera is much closer than the view as is
+
+
+def test_reprojecting_model_starts_from_the_reprojected_anchor():
+    from streammem.models.video_dit import reproject
+
+    torch.manual_seed(0)
+    m = CausalVideoDiT(**TINY, reproject=True, world_bias=True, focal_px=31.25).eval()
+    x, t, actions, poses, prompt = _inputs()
+    anchor = torch.rand(2, 3, 16, 16) * 2 - 1
+    a_pose = poses[:, 0] @ torch.diag(torch.tensor([1.0, 1.0, 1.0, 1.0]))
+    a_pose[:, 0, 3] -= 40.0
+    v = m(x, t, actions, poses, prompt, None, anchor, anchor_pose=a_pose)
+    x0_hat = x - 0.5 * v  # s = 0.5; the output projection starts at zero
+    warped, _ = reproject(anchor.repeat_interleave(2, 0), a_pose.repeat_interleave(2, 0), poses.reshape(4, 4, 4), 31.25)
+    assert torch.allclose(x0_hat, warped.reshape(2, 2, 3, 16, 16), atol=1e-5)
+    with pytest.raises(ValueError, match="anchor_pose"):
+        m(x, t, actions, poses, prompt, None, anchor)
+
+
+def test_ground_distance_bias_prefers_keys_over_the_same_ground():
+    torch.manual_seed(0)
+    m = CausalVideoDiT(**TINY, world_bias=True, focal_px=31.25)
+    _, _, _, poses, _ = _inputs(b=1, f=1)
+    s = m.grid_side
+    ys, xs = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
+    grid = torch.stack([ys.reshape(-1), xs.reshape(-1)], 1).float()
+    # context: the same frame's tokens, and a frame shifted by exactly one token to the right
+    shifted = poses[0, 0].clone()
+    shifted[0, 3] += m.config.patch_size * 1000.0 / 31.25
+    ctx = ChunkContext(torch.zeros(1, 2 * s * s, m.patch_dim),
+                       torch.cat([poses[0, 0].expand(s * s, 4, 4), shifted.expand(s * s, 4, 4)])[None],
+                       torch.cat([grid, grid])[None], torch.ones(1, 2 * s * s, dtype=torch.int64),
+                       torch.ones(1, 2 * s * s, dtype=torch.bool))
+    d = m._ground_distance(poses, grid, ctx)[0]  # (hw, 2 hw + hw)
+    n = s * s
+    assert torch.allclose(d[:, :n].diagonal(), torch.zeros(n), atol=1e-4)  # same pose, same token
+    # token (r, c) of the query sits over token (r, c - 1) of the shifted frame
+    i = 1 * s + 2
+    assert d[i, n:2 * n].argmin().item() == 1 * s + 1 and d[i, n + 1 * s + 1] < 1e-4
+    gamma = torch.nn.functional.softplus(m.blocks[0].world_gamma)
+    assert gamma[0] > gamma[-1] > 0  # heads from local to nearly global

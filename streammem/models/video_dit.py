@@ -30,6 +30,21 @@ Conditioning:
   ``pose_scale``) and of the token's grid position go through an MLP to a pose code, and each
   layer adds its own linear projection of that code to the **queries and keys only**; values
   never see it (RELIC, section 4.1.2). ``use_pose=False`` at call time drops it (ablation);
+- **ground-distance bias** (``world_bias``): every token's centre ray is intersected with
+  the ground plane (``ground_points``: a pinhole of focal ``focal_px`` and the plane
+  ``z = plane_z``, StreamWorld's ground), and each head adds ``-softplus(gamma_h) * |X_q -
+  X_k|^2 / world_sigma^2`` to its attention logits, so a chunk token finds the context tokens
+  that saw the same place, however long ago and from wherever in the frame. ``gamma`` is
+  learned per head and layer (initialised from sharply local to nearly global). Like the pose
+  code it depends on poses only and touches the logits, never the values. This is an addition
+  to RELIC, which relies on the learned pose code alone;
+- **re-projected anchor** (``reproject``): the anchor, seen from ``anchor_pose``, is re-rendered
+  from each chunk frame's pose through the ground plane (``reproject``, a homography), embedded
+  with its coverage mask, and the network predicts ``x0`` as a residual over it: where the
+  camera only moved, the chunk starts from the previous view moved with the camera; what comes
+  into view, what moves and what stands off the ground (StreamWorld's foliage layer) is the
+  network's to fill, from the memory. This departs from RELIC (which denoises from the context
+  alone) in the manner of geometry-conditioned generators (rendered caches as conditioning);
 - **camera action** of each new frame (13-d, ``streammem.world.scene.ACTION_LAYOUT``) is
   embedded and added to that frame's tokens **after self-attention** in every block (RELIC);
 - **flow time** and **prompt** modulate every block (adaLN, as DiT): the prompt is a short
@@ -74,7 +89,7 @@ from torch import nn
 
 from streammem.types import Tokens
 
-__all__ = ["CausalVideoDiT", "ChunkContext", "sample_chunk", "DEFAULT_VOCAB", "ACTION_DIM"]
+__all__ = ["CausalVideoDiT", "ChunkContext", "sample_chunk", "ground_points", "reproject", "DEFAULT_VOCAB", "ACTION_DIM"]
 
 ACTION_DIM = 13
 DEFAULT_VOCAB = ("<empty>", "<unk>", "clean", "medium", "hard")
@@ -85,6 +100,42 @@ def fourier(x: torch.Tensor, n_freq: int) -> torch.Tensor:
     freqs = math.pi * 2.0 ** torch.arange(n_freq, dtype=x.dtype, device=x.device)
     ang = x[..., None] * freqs
     return torch.cat([x, ang.sin().flatten(-2), ang.cos().flatten(-2)], -1)
+
+
+def _intrinsics(focal: float, size: int) -> torch.Tensor:
+    return torch.tensor([[focal, 0.0, size / 2], [0.0, focal, size / 2], [0.0, 0.0, 1.0]])
+
+
+def ground_points(pose: torch.Tensor, uv: torch.Tensor, focal: float, size: int, plane_z: float = 0.0) -> torch.Tensor:
+    """Where the rays through pixels ``uv (..., 2)`` (column, row; pixel centres at integers) of
+    cameras ``pose (..., 4, 4)`` (camera-to-world, pinhole looking along +z, focal length
+    ``focal`` px, principal point at ``size / 2``) meet the plane ``z = plane_z``: ``(..., 2)``
+    world (x, y)."""
+    ki = torch.linalg.inv(_intrinsics(focal, size)).to(uv)
+    ray = torch.cat([uv, torch.ones_like(uv[..., :1])], -1) @ ki.T  # (..., 3) camera frame
+    d = (pose[..., :3, :3] @ ray[..., None])[..., 0]
+    c = pose[..., :3, 3]
+    t = (plane_z - c[..., 2:3]) / d[..., 2:3]
+    return (c + t * d)[..., :2]
+
+
+def reproject(image: torch.Tensor, pose_src: torch.Tensor, pose_dst: torch.Tensor, focal: float,
+              plane_z: float = 0.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Re-render ``image (B, 3, H, W)``, seen from ``pose_src (B, 4, 4)``, from ``pose_dst (B, 4, 4)``
+    through the plane ``z = plane_z`` (a homography; bilinear). Returns the image and a
+    ``(B, 1, H, W)`` mask of the pixels the source view covers (0 elsewhere, where the image is 0)."""
+    b, _, h, w = image.shape
+    v, u = torch.meshgrid(torch.arange(h, dtype=torch.float32), torch.arange(w, dtype=torch.float32), indexing="ij")
+    uv = torch.stack([u, v], -1).reshape(1, -1, 2).expand(b, -1, 2)
+    world = ground_points(pose_dst[:, None].float(), uv, focal, w, plane_z)  # (B, HW, 2)
+    x = torch.cat([world, torch.full_like(world[..., :1], plane_z)], -1) - pose_src[:, None, :3, 3].float()
+    cam = (pose_src[:, None, :3, :3].float().transpose(-1, -2) @ x[..., None])[..., 0]
+    pix = cam @ _intrinsics(focal, w).T
+    pix = pix[..., :2] / pix[..., 2:3]
+    grid = torch.stack([pix[..., 0] / (w - 1) * 2 - 1, pix[..., 1] / (h - 1) * 2 - 1], -1).reshape(b, h, w, 2)
+    out = F.grid_sample(image.float(), grid, mode="bilinear", padding_mode="zeros", align_corners=True)
+    valid = (grid.abs() <= 1 + 1e-4).all(-1)[:, None].float()
+    return out * valid, valid
 
 
 @dataclass
@@ -155,9 +206,10 @@ class _Attention(nn.Module):
         b, n, d = x.shape
         return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
 
-    def forward(self, x, x_pose, ctx, ctx_pose, ctx_mask):
+    def forward(self, x, x_pose, ctx, ctx_pose, ctx_mask, bias=None):
         """``x (B, M, D)`` normalised chunk tokens, ``ctx (B, N, D)`` normalised context tokens,
-        ``*_pose`` their pose codes (or None), ``ctx_mask (B, N)``."""
+        ``*_pose`` their pose codes (or None), ``ctx_mask (B, N)``, ``bias (B, heads, M, N + M)``
+        added to the attention logits (or None)."""
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         if x_pose is not None:
             q, k = q + self.pose_q(x_pose), k + self.pose_k(x_pose)
@@ -170,6 +222,8 @@ class _Attention(nn.Module):
             if not bool(ctx_mask.all()):
                 keep = torch.cat([ctx_mask, ctx_mask.new_ones(x.shape[0], x.shape[1])], 1)
                 attn_mask = keep[:, None, None, :]
+        if bias is not None:
+            attn_mask = bias if attn_mask is None else bias.masked_fill(~attn_mask, float("-inf"))
         out = F.scaled_dot_product_attention(self.split(q), self.split(k), self.split(v), attn_mask=attn_mask)
         return self.to_out(out.transpose(1, 2).reshape(x.shape))
 
@@ -177,8 +231,10 @@ class _Attention(nn.Module):
 class _Block(nn.Module):
     """adaLN-modulated attention + action add + MLP (DiT block with RELIC's action add)."""
 
-    def __init__(self, dim: int, heads: int, mlp_ratio: float):
+    def __init__(self, dim: int, heads: int, mlp_ratio: float, world_bias: bool = False):
         super().__init__()
+        if world_bias:  # heads from sharply local (softplus(2) = 2.1) to nearly global (softplus(-6))
+            self.world_gamma = nn.Parameter(torch.linspace(2.0, -6.0, heads))
         self.norm1 = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.norm_ctx = nn.LayerNorm(dim, eps=1e-6)
         self.attn = _Attention(dim, heads)
@@ -190,11 +246,14 @@ class _Block(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x, x_pose, cond, act, ctx, ctx_pose, ctx_mask):
+    def forward(self, x, x_pose, cond, act, ctx, ctx_pose, ctx_mask, dist=None):
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(cond))[:, None].chunk(6, -1)
         h = self.norm1(x) * (1 + sc1) + sh1
         c = self.norm_ctx(ctx) if ctx is not None else None
-        x = x + g1 * self.attn(h, x_pose, c, ctx_pose, ctx_mask)
+        bias = None
+        if dist is not None:  # ground-distance bias: -softplus(gamma_h) * |X_q - X_k|^2 / sigma^2
+            bias = -F.softplus(self.world_gamma)[None, :, None, None] * dist[:, None]
+        x = x + g1 * self.attn(h, x_pose, c, ctx_pose, ctx_mask, bias)
         x = x + self.action(act)  # camera action, after self-attention
         return x + g2 * self.mlp(self.norm2(x) * (1 + sc2) + sh2)
 
@@ -212,6 +271,14 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
             poses are in canvas pixels: 1/512 makes one unit the view width at zoom 0).
         pose_freqs, grid_freqs: Fourier octaves of the pose and grid-position features.
         min_sigma: the noise level below which ``v = (x_s - x0_hat) / s`` divides by it instead.
+        reproject: re-render the anchor from each chunk frame's pose through the ground plane
+            (needs ``anchor_pose`` at call time; see the module docstring).
+        world_bias: add the ground-distance bias to every attention logit.
+        focal_px, plane_z: the pinhole focal length in pixels (principal point at the image
+            centre) and the ground plane ``z`` used by ``reproject`` and ``world_bias``
+            (StreamWorld at 64 px: 125 px, z = 0).
+        world_sigma: ground distance (world units) that scales the bias (StreamWorld: one
+            8-px patch at zoom 0 spans 64 world px).
     """
 
     @register_to_config
@@ -229,6 +296,11 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
         pose_freqs: int = 6,
         grid_freqs: int = 4,
         min_sigma: float = 0.05,
+        reproject: bool = False,
+        world_bias: bool = False,
+        focal_px: float = 125.0,
+        plane_z: float = 0.0,
+        world_sigma: float = 64.0,
     ):
         super().__init__()
         if sample_size % patch_size:
@@ -241,7 +313,8 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
         self.patch_dim = 3 * patch_size * patch_size
         self.patch_embed = nn.Linear(self.patch_dim, dim)
         self.ctx_embed = nn.Linear(self.patch_dim, dim)
-        self.anchor_embed = nn.Linear(self.patch_dim, dim)
+        # a re-projected anchor comes with its coverage mask (one more channel)
+        self.anchor_embed = nn.Linear(self.patch_dim + (patch_size ** 2 if reproject else 0), dim)
         self.level_embed = nn.Embedding(8, dim)  # pooling factor -> log2 index (1, 2, 4, ... 128)
         gdim = 2 * (1 + 2 * grid_freqs)
         self.grid_embed = nn.Linear(gdim, dim)
@@ -250,7 +323,7 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
         self.time_mlp = nn.Sequential(nn.Linear(256, dim), nn.SiLU(), nn.Linear(dim, dim))
         self.prompt_embed = nn.Embedding(len(vocab), dim)
         self.action_mlp = nn.Sequential(nn.Linear(ACTION_DIM, dim), nn.SiLU(), nn.Linear(dim, dim))
-        self.blocks = nn.ModuleList(_Block(dim, num_heads, mlp_ratio) for _ in range(num_layers))
+        self.blocks = nn.ModuleList(_Block(dim, num_heads, mlp_ratio, world_bias) for _ in range(num_layers))
         self.norm_out = nn.LayerNorm(dim, elementwise_affine=False, eps=1e-6)
         self.ada_out = nn.Linear(dim, 2 * dim)
         self.proj_out = nn.Linear(dim, self.patch_dim)
@@ -311,6 +384,22 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
         mean = (e * keep).sum(1) / n.clamp_min(1)
         return torch.where(n > 0, mean, self.prompt_embed.weight[0].expand_as(mean))
 
+    def _token_ground(self, pose: torch.Tensor, grid: torch.Tensor) -> torch.Tensor:
+        """Ground point ``(..., 2)`` under the centre of each token (``grid`` in full-resolution
+        token units, pooled cells at their centres)."""
+        p = self.config.patch_size
+        uv = grid.flip(-1).float() * p + (p - 1) / 2  # (row, col) -> pixel (u, v)
+        return ground_points(pose.float(), uv, self.config.focal_px, self.config.sample_size, self.config.plane_z)
+
+    def _ground_distance(self, poses: torch.Tensor, grid: torch.Tensor, context: ChunkContext | None) -> torch.Tensor:
+        """Squared ground distance / world_sigma^2 from each chunk token to each key
+        (``[context; chunk]``): ``(B, F*hw, N + F*hw)``."""
+        b, f = poses.shape[:2]
+        hw = grid.shape[0]
+        q = self._token_ground(poses[:, :, None].expand(b, f, hw, 4, 4), grid.expand(b, f, hw, 2)).reshape(b, f * hw, 2)
+        keys = q if context is None else torch.cat([self._token_ground(context.pose, context.grid), q], 1)
+        return torch.cdist(q, keys).square() / self.config.world_sigma ** 2
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -322,9 +411,11 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
         context: ChunkContext | None = None,
         anchor: torch.Tensor | None = None,
         use_pose: bool = True,
+        anchor_pose: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Velocity ``v`` (estimate of ``eps - x0``) for a noisy chunk at ``timestep = 1000 s``
-        (see the module docstring for shapes): ``(sample - x0_hat) / max(s, min_sigma)``."""
+        (see the module docstring for shapes): ``(sample - x0_hat) / max(s, min_sigma)``.
+        ``anchor_pose (B, 4, 4)`` is the anchor's camera pose (needed when ``reproject``)."""
         b, f = sample.shape[:2]
         s, d = self.grid_side, self.config.dim
         if tuple(sample.shape[2:]) != (3, s * self.config.patch_size, s * self.config.patch_size):
@@ -337,10 +428,21 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
         ys, xs = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
         grid = torch.stack([ys.reshape(-1), xs.reshape(-1)], 1).float()  # (hw, 2)
         x = self.patch_embed(self.patchify(sample)) + self.grid_embed(self._grid_features(grid))  # (B, F, hw, D)
+        base = None  # the re-projected anchor: x0_hat is predicted as a residual over it
         if anchor is not None:
             if tuple(anchor.shape) != (b, *sample.shape[2:]):
                 raise ValueError(f"anchor must be {(b, *sample.shape[2:])}, got {tuple(anchor.shape)}")
-            x = x + self.anchor_embed(self.patchify(anchor))[:, None]
+            if self.config.reproject:
+                if anchor_pose is None or tuple(anchor_pose.shape) != (b, 4, 4):
+                    raise ValueError(f"this model re-projects its anchor: pass anchor_pose of shape {(b, 4, 4)}")
+                warped, valid = reproject(anchor.repeat_interleave(f, 0), anchor_pose.repeat_interleave(f, 0),
+                                          poses.reshape(b * f, 4, 4), self.config.focal_px, self.config.plane_z)
+                base = warped.reshape(b, f, *sample.shape[2:])
+                p = self.config.patch_size
+                mask = valid.reshape(b, f, 1, s, p, s, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(b, f, hw, p * p)
+                x = x + self.anchor_embed(torch.cat([self.patchify(base), mask], -1))
+            else:
+                x = x + self.anchor_embed(self.patchify(anchor))[:, None]
         x = x.reshape(b, f * hw, d)
         x_pose = None
         if use_pose:
@@ -357,11 +459,16 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
             ctx_mask = context.mask
             if use_pose:
                 ctx_pose = self.pose_code(context.pose, context.grid)
+        dist = None
+        if self.config.world_bias and use_pose:
+            dist = self._ground_distance(poses, grid, context if ctx is not None else None)
         for blk in self.blocks:
-            x = blk(x, x_pose, cond, act, ctx, ctx_pose, ctx_mask)
+            x = blk(x, x_pose, cond, act, ctx, ctx_pose, ctx_mask, dist)
         sh, sc = self.ada_out(F.silu(cond))[:, None].chunk(2, -1)
         out = self.proj_out(self.norm_out(x) * (1 + sc) + sh)
         x0_hat = self.unpatchify(out.reshape(b, f, hw, self.patch_dim))
+        if base is not None:
+            x0_hat = x0_hat + base
         sigma = (timestep.float() / 1000).clamp_min(self.config.min_sigma).view(b, 1, 1, 1, 1)
         return (sample - x0_hat) / sigma
 
@@ -379,12 +486,14 @@ def sample_chunk(
     scheduler: FlowMatchEulerDiscreteScheduler | None = None,
     use_pose: bool = True,
     callback: Callable[[int, torch.Tensor], None] | None = None,
+    anchor_pose: torch.Tensor | None = None,
 ) -> torch.Tensor:
     """Generate one chunk ``(B, F, 3, H, W)`` in [-1, 1] with Euler flow-matching steps.
 
     ``actions (B, F, 13)`` and ``poses (B, F, 4, 4)`` are the new frames' camera actions and
     absolute poses; ``context`` the clean past (``ChunkContext.from_tokens(memory reads)``);
-    ``anchor (B, 3, H, W)`` the newest clean frame (start image, then the last generated one).
+    ``anchor (B, 3, H, W)`` the newest clean frame (start image, then the last generated one),
+    ``anchor_pose (B, 4, 4)`` its camera pose (for a model that re-projects its anchor).
     ``scheduler`` defaults to ``FlowMatchEulerDiscreteScheduler(shift=1.0)``.
     """
     b, f = actions.shape[:2]
@@ -393,7 +502,7 @@ def sample_chunk(
     sched.set_timesteps(num_inference_steps)
     x = torch.randn(b, f, 3, size, size, generator=generator)
     for i, t in enumerate(sched.timesteps):
-        v = model(x, t.expand(b), actions, poses, prompt_ids, context, anchor, use_pose=use_pose)
+        v = model(x, t.expand(b), actions, poses, prompt_ids, context, anchor, use_pose=use_pose, anchor_pose=anchor_pose)
         x = sched.step(v, t, x).prev_sample
         if callback is not None:
             callback(i, x)

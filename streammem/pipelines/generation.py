@@ -306,7 +306,8 @@ class StreamingGenerationPipeline(HeadBase):
                                  torch.from_numpy(np.stack(poses))[None].float(), model.prompt_ids(self.prompt)[None],
                                  ctx, anchor=self.anchor[None], num_inference_steps=c.num_inference_steps,
                                  generator=torch.Generator().manual_seed(seed), use_pose=c.use_pose,
-                                 callback=self._check_interrupt)
+                                 callback=self._check_interrupt,
+                                 anchor_pose=torch.from_numpy(self.camera.pose())[None].float())
                 # 4. write the new frames, yield them
                 out = []
                 for j in range(len(chunk)):

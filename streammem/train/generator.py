@@ -83,13 +83,15 @@ class TrainConfig:
     stream_frames: int = 192
     reverse_prob: float = 0.5
     prompt_drop: float = 0.1
+    revisit_prob: float = 0.5
     save_every_s: float = 300.0
     log_every: int = 20
     val_every: int = 200
     max_steps: int | None = None
     cache_dir: str = "~/.cache/streammem/generator"
     model: dict = field(default_factory=lambda: dict(sample_size=64, patch_size=8, dim=128, num_layers=4,
-                                                      num_heads=4, mlp_ratio=3.0, chunk_frames=2))
+                                                      num_heads=4, mlp_ratio=3.0, chunk_frames=2, reproject=True,
+                                                      world_bias=True))
 
     def __post_init__(self) -> None:
         self.presets = tuple(self.presets)
@@ -157,27 +159,35 @@ class ClipSampler:
         return PoseKVMemory(dim=self.model.patch_dim, height=g, width=g, window=self.cfg.window,
                             history_frames=18 * math.ceil(self.cfg.clip_frames / 18), retrieval="all")
 
-    def batch(self, k: int | None = None, reverse: bool | None = None, drop_prompt: bool = True) -> dict:
+    def batch(self, k: int | None = None, reverse: bool | None = None, drop_prompt: bool = True,
+              revisit: bool | None = None) -> dict:
         cfg, rng = self.cfg, self.rng
         f = cfg.chunk_frames
         if k is None:
             k = int(rng.integers(1, cfg.clip_frames - f + 1))
-        xs, acts, poses, prompts, ctx, anchors = [], [], [], [], [], []
+        xs, acts, poses, prompts, ctx, anchors, anchor_poses = [], [], [], [], [], [], []
         n_streams, t_stream = self.data["frames"].shape[:2]
         for _ in range(cfg.batch_size):
-            s = int(rng.integers(n_streams))
-            o = int(rng.integers(t_stream - cfg.clip_frames + 1))
-            fr = self.data["frames"][s, o:o + cfg.clip_frames]
-            po = self.data["poses"][s, o:o + cfg.clip_frames]
-            ac = self.data["actions"][s, o:o + cfg.clip_frames]
             rev = bool(rng.random() < cfg.reverse_prob) if reverse is None else reverse
+            want_revisit = bool(rng.random() < cfg.revisit_prob) if revisit is None else revisit
+            for _try in range(40 if want_revisit else 1):
+                s = int(rng.integers(n_streams))
+                o = int(rng.integers(t_stream - cfg.clip_frames + 1))
+                po = self.data["poses"][s, o:o + cfg.clip_frames]
+                if rev:
+                    po = po[::-1]
+                if not want_revisit or self.revisits(po, k):
+                    break
+            fr = self.data["frames"][s, o:o + cfg.clip_frames]
+            ac = self.data["actions"][s, o:o + cfg.clip_frames]
             if rev:
-                fr, po, ac = fr[::-1], po[::-1], reverse_actions(ac)
+                fr, ac = fr[::-1], reverse_actions(ac)
             img = torch.from_numpy(np.ascontiguousarray(fr)).permute(0, 3, 1, 2).float() / 127.5 - 1
             po_t = torch.from_numpy(np.ascontiguousarray(po))
             ctx.append((img[:k], po_t[:k]))
             xs.append(img[k:k + f])
             anchors.append(img[k - 1])
+            anchor_poses.append(po_t[k - 1])
             acts.append(torch.from_numpy(np.ascontiguousarray(ac[k:k + f])))
             poses.append(po_t[k:k + f])
             pid = self.words[int(self.data["preset"][s])]
@@ -186,7 +196,19 @@ class ClipSampler:
             prompts.append(pid)
         context = self.context(torch.stack([c[0] for c in ctx]), torch.stack([c[1] for c in ctx]))
         return {"x0": torch.stack(xs), "actions": torch.stack(acts), "poses": torch.stack(poses),
-                "prompt_ids": torch.stack(prompts), "context": context, "anchor": torch.stack(anchors), "k": k}
+                "prompt_ids": torch.stack(prompts), "context": context, "anchor": torch.stack(anchors),
+                "anchor_pose": torch.stack(anchor_poses), "k": k}
+
+    def revisits(self, poses: np.ndarray, k: int) -> bool:
+        """Whether a chunk starting at ``k`` returns to a pose last seen before the window
+        (frames ``0 .. k - window - 1``) and not seen in the window since."""
+        f, w = self.cfg.chunk_frames, self.cfg.window
+        old, recent = poses[:max(0, k - w)], poses[max(0, k - w):k]
+        for p in poses[k:k + f]:
+            if len(old) and np.abs(old - p).max(axis=(1, 2)).min() < 1e-4 and (
+                    not len(recent) or np.abs(recent - p).max(axis=(1, 2)).min() >= 1e-4):
+                return True
+        return False
 
     def context(self, frames: torch.Tensor, poses: torch.Tensor) -> ChunkContext:
         """What ``self.memory()`` returns from ``read()`` after writing frames ``0 .. k-1`` of
@@ -227,7 +249,7 @@ def flow_loss(model: CausalVideoDiT, batch: dict, sigma: torch.Tensor, noise: to
     s = sigma.view(-1, 1, 1, 1, 1)
     xt = (1 - s) * x0 + s * noise
     v = model(xt, sigma * 1000, batch["actions"], batch["poses"], batch["prompt_ids"],
-              batch["context"] if context is None else context, batch.get("anchor"))
+              batch["context"] if context is None else context, batch.get("anchor"), anchor_pose=batch.get("anchor_pose"))
     return (v - (noise - x0)).square().mean()
 
 
@@ -302,7 +324,7 @@ def train(cfg: TrainConfig) -> Path:
 
     t0 = time.time()
     data = _cached_streams(cfg, list(range(cfg.seed_base, cfg.seed_base + cfg.n_seeds)), "train")
-    val_data = _cached_streams(dataclasses.replace(cfg, stream_frames=cfg.clip_frames),
+    val_data = _cached_streams(dataclasses.replace(cfg, stream_frames=2 * cfg.clip_frames),
                                list(range(cfg.seed_base - 4, cfg.seed_base)), "val")
     write({"event": "resume" if resume else "start", "step": step, "elapsed_s": elapsed,
            "render_s": round(time.time() - t0, 1), "params": sum(p.numel() for p in model.parameters())})
@@ -310,7 +332,9 @@ def train(cfg: TrainConfig) -> Path:
     val_rng = np.random.default_rng(12345)
     val_sampler = ClipSampler(dataclasses.replace(cfg, batch_size=8), val_data, model, val_rng)
     val_k = cfg.clip_frames - cfg.chunk_frames
-    val_batch = val_sampler.batch(k=val_k, reverse=False, drop_prompt=False)
+    val_batch = val_sampler.batch(k=val_k, reverse=False, drop_prompt=False, revisit=False)
+    # chunks that return to a place last seen before the window: where the memory must pay
+    val_rev = val_sampler.batch(k=val_k, reverse=False, drop_prompt=False, revisit=True)
     vg = torch.Generator().manual_seed(7)
     val_sigma = torch.linspace(0.1, 0.9, 8)
     val_noise = torch.randn(val_batch["x0"].shape, generator=vg)
@@ -318,6 +342,8 @@ def train(cfg: TrainConfig) -> Path:
     # the same clips with only their first frame as context (schedule[0] = 1 keeps it at full resolution)
     first_only = ChunkContext.from_tokens([_first_frame_tokens(val_batch["context"], i, g)
                                            for i in range(val_batch["x0"].shape[0])])
+    first_rev = ChunkContext.from_tokens([_first_frame_tokens(val_rev["context"], i, g)
+                                          for i in range(val_rev["x0"].shape[0])])
 
     last_save = time.time()
     window: list[float] = []
@@ -331,8 +357,11 @@ def train(cfg: TrainConfig) -> Path:
             with torch.no_grad():
                 vl = flow_loss(model, val_batch, val_sigma, val_noise).item()
                 vf = flow_loss(model, val_batch, val_sigma, val_noise, context=first_only).item()
+                rl = flow_loss(model, val_rev, val_sigma, val_noise).item()
+                rf = flow_loss(model, val_rev, val_sigma, val_noise, context=first_rev).item()
             model.train()
-            write({"step": step, "elapsed_s": round(elapsed, 1), "val_loss_memory": vl, "val_loss_first_frame": vf})
+            write({"step": step, "elapsed_s": round(elapsed, 1), "val_loss_memory": vl, "val_loss_first_frame": vf,
+                   "val_revisit_loss_memory": rl, "val_revisit_loss_first_frame": rf})
         ts = time.time()
         batch = sampler.batch()
         tb = time.time() - ts
