@@ -103,7 +103,7 @@ def test_memory_is_bounded_over_a_long_rollout():
     assert p.memory.stats()["frames_held"] == 2 + 18
 
 
-@pytest.mark.parametrize("memory", ["posekv", "window", "full"])
+@pytest.mark.parametrize("memory", ["posekv", "window", "full", "dual"])
 def test_snapshot_mid_rollout_continues_exactly(memory):
     actions = "RRUULLDDFB" * 2
     whole = pipe(memory=memory)
@@ -118,6 +118,37 @@ def test_snapshot_mid_rollout_continues_exactly(memory):
     assert all(np.array_equal(a.image, b.image) and np.allclose(a.pose, b.pose) for a, b in zip(ref[8:], rest))
     with pytest.raises(ValueError, match="another configuration"):
         pipe(memory="window" if memory != "window" else "full").load_state_dict(state)
+
+
+def test_dual_memory_is_bounded_keeps_poses_and_routes_what_moved():
+    from streammem.eval.generation import render_path
+    from streammem.memory import DualMemory
+
+    p = pipe(memory="dual", window=2, history_frames=18)
+    ref = pipe(memory="posekv", window=2, history_frames=18)
+    assert isinstance(p.memory, DualMemory) and p.memory.capacity == ref.memory.capacity  # the same budget
+    p.start(image())
+    sizes = []
+    for _ in p.stream("LRUD" * 20, callback=lambda k, fr: sizes.append(p.memory.num_tokens), progress=False):
+        pass
+    assert max(sizes) <= p.memory.capacity and sizes[-1] == sizes[-5]
+    got = p.memory.read()
+    assert got.pose is not None and len({tuple(q[:2, 3].tolist()) for q in got.pose}) > 2  # poses of many frames
+
+    # static scores on a real StreamWorld pan: the ground explained by the previous frame moved
+    # with the camera scores high; a patch painted over (something that moved) scores low
+    torch.manual_seed(0)
+    big = StreamingGenerationPipeline(CausalVideoDiT(sample_size=64, patch_size=8, dim=32, num_layers=1, num_heads=2),
+                                      GenerationConfig(memory="dual"))
+    gt = render_path(20_000, 12, 64)
+    t = next(i for i in range(1, 12) if not np.array_equal(gt[i].pose, gt[i - 1].pose))
+    x = lambda a: torch.from_numpy(a).permute(2, 0, 1).float() / 127.5 - 1  # noqa: E731
+    big._last = (x(gt[t - 1].image), gt[t - 1].pose)
+    moved = gt[t].image.copy()
+    moved[24:32, 24:32] = 255 - moved[24:32, 24:32]
+    scores = big.static_scores(x(moved), gt[t].pose)
+    assert scores.shape == (64,)
+    assert scores[3 * 8 + 3] < 0.2 and float(scores.median()) > 0.6
 
 
 def test_a_world_frame_starts_at_its_pose():

@@ -19,7 +19,8 @@ packages fetch network weights at first use, which this machine cannot.
 
 Memories compared: ``window`` (rolling window only), ``full`` (every frame of the history
 unpooled, up to the memory's bound), ``posekv`` (RELIC's pooled history), ``posekv_nopose``
-(the same without the pose embedding).
+(the same without the pose embedding), ``dual`` (Mem4D's static / dynamic split at the
+same token budget as ``posekv``).
 """
 
 from __future__ import annotations
@@ -37,7 +38,7 @@ from streammem.world import PRESETS, World
 
 __all__ = ["MEMORIES", "evaluate_generation", "format_table", "psnr", "render_path"]
 
-MEMORIES = ("window", "full", "posekv", "posekv_nopose")
+MEMORIES = ("window", "full", "posekv", "posekv_nopose", "dual")
 
 
 def psnr(a: np.ndarray, b: np.ndarray) -> float:

@@ -76,6 +76,8 @@ class DualConfig(MemoryConfig):
     missing_score: what to do with tokens without a static score: ``"error"``, ``"static"``,
         ``"dynamic"``.
     query_k: tokens returned by ``read(FeatureQuery(q))`` (a query's own ``k`` wins).
+    keep_pose: store each token's camera pose (``Tokens.pose``, 4x4) and return it in reads, for
+        readers that need it (the generation head); a merged slot keeps its first token's pose.
     """
 
     dim: int = 256
@@ -87,6 +89,7 @@ class DualConfig(MemoryConfig):
     skip_cos: float = 0.95
     missing_score: str = "error"
     query_k: int = 256
+    keep_pose: bool = False
 
     def __post_init__(self) -> None:
         super().__post_init__()
@@ -112,11 +115,11 @@ class DualMemory(Memory):
 
     def _allocate(self) -> None:
         c = self.config
-        self.static = TokenSlots(self, "static", c.slots, c.dim)
+        self.static = TokenSlots(self, "static", c.slots, c.dim, with_pose=c.keep_pose)
         self.mass = self.buffer("static.mass", torch.zeros(c.slots))  # tokens merged into a slot
         self.usage = self.buffer("static.attention", torch.zeros(c.slots))  # accumulated attention
         self.birth = self.buffer("static.birth", torch.zeros(c.slots, dtype=torch.int64))
-        self.fifo = TokenSlots(self, "fifo", c.fifo_frames * c.max_tokens_per_frame, c.dim)
+        self.fifo = TokenSlots(self, "fifo", c.fifo_frames * c.max_tokens_per_frame, c.dim, with_pose=c.keep_pose)
         self.fifo_len = self.buffer("fifo.len", torch.zeros(c.fifo_frames, dtype=torch.int64))
         self._meta = self.buffer("meta.sizes", torch.zeros(2, dtype=torch.int64))  # static count, frames
         # derived, not saved: the slots' unit-norm features (a write compares its tokens with all)
@@ -260,12 +263,14 @@ class DualMemory(Memory):
         self.counters["merges"] += len(idx)
 
     def _prune(self, tokens: Tokens, score: torch.Tensor, idx: torch.Tensor) -> None:
-        """Replace the slots of lowest attention-per-age (XMem/Spann3R usage) by new tokens."""
+        """Replace the slots of lowest attention-per-age (XMem/Spann3R usage) by new tokens; among
+        slots of equal usage (e.g. none ever queried) the oldest goes first."""
         k = self.config.slots
         if len(idx) > k:
             idx = idx[len(idx) - k:]
         age = (self.counters["writes"] - self.birth + 1).float()
-        victims = torch.topk(self.usage / age, len(idx), largest=False).indices
+        oldest_first = torch.argsort(age, descending=True, stable=True)
+        victims = oldest_first[torch.argsort((self.usage / age)[oldest_first], stable=True)[:len(idx)]]
         self.static.put(victims, tokens, idx)
         self._touch(victims)
         self.static.score[victims] = score[idx]

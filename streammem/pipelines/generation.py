@@ -22,7 +22,16 @@ Actions: letters, one per frame: ``F`` forward and ``B`` back (the camera moves 
 from the ground: zoom in / out; ``I`` / ``O`` are the same), ``L`` / ``R`` / ``U`` / ``D`` pan
 left / right / up / down, ``S`` stay; or raw camera-to-world 4x4 poses. Memories:
 ``"posekv"`` (RELIC: window + pooled history), ``"window"`` (the rolling window only),
-``"full"`` (the history unpooled, as many frames as ``"posekv"`` keeps).
+``"full"`` (the history unpooled, as many frames as ``"posekv"`` keeps), ``"dual"``
+(:class:`~streammem.memory.DualMemory`, Mem4D's split: the window's frames whole in the
+transient FIFO, and the patches that stayed put under the camera's motion in persistent slots,
+as many tokens in all as ``"posekv"`` holds; no pooling). For ``"dual"`` a patch's static score
+is ``1 - min(1, d / 0.25)``, ``d`` the mean absolute difference (in [-1, 1] units) between the
+patch and the previous frame re-projected to this frame's pose through the ground plane
+(:func:`~streammem.models.video_dit.reproject`), over the pixels the previous frame covers; a
+patch it covers less than half of is new ground, scored 1 (static). Slots are replaced oldest
+first once full (``compress="prune"``: generation reads the whole memory, so no slot gathers
+more attention than another); every token keeps its pose.
 
 Example:
     >>> import numpy as np
@@ -46,8 +55,8 @@ import numpy as np
 import torch
 from tqdm.auto import tqdm
 
-from streammem.memory import PoseKVMemory
-from streammem.models.video_dit import CausalVideoDiT, ChunkContext, sample_chunk
+from streammem.memory import DualMemory, PoseKVMemory
+from streammem.models.video_dit import CausalVideoDiT, ChunkContext, reproject, sample_chunk
 from streammem.pipelines.base import HeadBase, annotate_text
 from streammem.types import Frame, field_checker
 from streammem.world.scene import (
@@ -61,7 +70,7 @@ from streammem.world.scene import (
 
 __all__ = ["GenerationConfig", "GenerationOutput", "StreamingGenerationPipeline", "ACTION_LETTERS", "GENERATION_MEMORIES"]
 
-GENERATION_MEMORIES = ("posekv", "window", "full")
+GENERATION_MEMORIES = ("posekv", "window", "full", "dual")
 PROMPT_WORDS = 4  # CausalVideoDiT.prompt_ids' default length
 #: letter -> (pan x, pan y, zoom, roll) in steps of ``pan_px`` world px / one zoom unit
 ACTION_LETTERS = {"F": (0, 0, 1, 0), "I": (0, 0, 1, 0), "B": (0, 0, -1, 0), "O": (0, 0, -1, 0),
@@ -71,7 +80,7 @@ ACTION_LETTERS = {"F": (0, 0, 1, 0), "I": (0, 0, 1, 0), "B": (0, 0, -1, 0), "O":
 @dataclass
 class GenerationConfig:
     """Attributes:
-    memory: ``"posekv"`` (default), ``"window"`` or ``"full"`` (see the module docstring).
+    memory: ``"posekv"`` (default), ``"window"``, ``"full"`` or ``"dual"`` (see the module docstring).
     window: frames kept at full resolution (the rolling window).
     history_frames: older frames kept (pooled by RELIC's schedule for ``"posekv"``; a
         multiple of 18); ignored by ``"window"``, which keeps none.
@@ -164,6 +173,11 @@ class StreamingGenerationPipeline(HeadBase):
         kw = {} if schedule is None else {"schedule": schedule}
         self.memory = PoseKVMemory(dim=model.patch_dim, height=model.grid_side, width=model.grid_side, window=c.window,
                                    history_frames=history, retrieval="all", seed=c.seed, **kw)
+        if c.memory == "dual":  # the same token budget as "posekv"
+            hw = model.grid_side ** 2
+            self.memory = DualMemory(dim=model.patch_dim, slots=max(1, self.memory.capacity - c.window * hw),
+                                     fifo_frames=c.window, max_tokens_per_frame=hw, compress="prune",
+                                     keep_pose=True, skip_cos=1.0)
         self.interrupt = threading.Event()
         self.reset()
 
@@ -174,6 +188,7 @@ class StreamingGenerationPipeline(HeadBase):
         self.interrupt.clear()
         self.camera: CameraState | None = None
         self.anchor: torch.Tensor | None = None
+        self._last: tuple[torch.Tensor, np.ndarray] | None = None  # the newest written frame and pose ("dual")
         self.frames = 0
         self.chunks = 0
         self.prompt = ""
@@ -192,6 +207,8 @@ class StreamingGenerationPipeline(HeadBase):
         self.camera = None if extra["camera"] is None else CameraState(*extra["camera"])
         self.frames, self.chunks, self.prompt = int(extra["frames"]), int(extra["chunks"]), extra["prompt"]
         self.anchor = extra.get("anchor")
+        # between chunks the newest written frame is the anchor, at the camera's pose
+        self._last = None if self.anchor is None or self.camera is None else (self.anchor, self.camera.pose())
 
     def stats(self) -> dict:
         s = self.memory.stats()
@@ -236,12 +253,36 @@ class StreamingGenerationPipeline(HeadBase):
         x = _to_tensor(image, self.model.config.sample_size)
         pose = self.camera.pose()
         t = self.frames / self.config.fps
-        self.memory.write(self.model.frame_tokens(x, pose, self.frames, t))
+        self._write(x, pose, t)
         self.anchor = x
         out = Frame(index=self.frames, timestamp=t, image=_to_image(x), pose=pose, action=action,
                     info={"observed": True})
         self.frames += 1
         return out
+
+    def _write(self, x: torch.Tensor, pose: np.ndarray, t: float) -> None:
+        """Write frame ``x (3, H, W)`` (the next index) to the memory, with static scores for "dual"."""
+        tokens = self.model.frame_tokens(x, pose, self.frames, t)
+        if isinstance(self.memory, DualMemory):
+            tokens.extras["static"] = self.static_scores(x, pose)
+            self._last = (x, np.asarray(pose))
+        self.memory.write(tokens)
+
+    def static_scores(self, x: torch.Tensor, pose: np.ndarray) -> torch.Tensor:
+        """Per patch (row-major, ``(h*w,)``): how well frame ``x`` is explained by the newest
+        written frame moved with the camera (see the module docstring); all 1 for a first frame."""
+        m = self.model
+        p, s = m.config.patch_size, m.grid_side
+        if self._last is None:
+            return torch.ones(s * s)
+        prev, prev_pose = self._last
+        warped, valid = reproject(prev[None], torch.as_tensor(prev_pose)[None].float(),
+                                  torch.as_tensor(np.asarray(pose))[None].float(), m.config.focal_px, m.config.plane_z)
+        diff = (x[None].float() - warped).abs().mean(1, keepdim=True) * valid
+        pool = lambda a: torch.nn.functional.avg_pool2d(a, p)[0, 0].reshape(-1)  # noqa: E731
+        cover = pool(valid)
+        d = pool(diff) / cover.clamp_min(1e-6)
+        return torch.where(cover < 0.5, torch.ones_like(d), 1 - (d / 0.25).clamp(max=1.0))
 
     # ------------------------------------------------------------------ generation
     def _delta(self, action, cam: CameraState) -> tuple[tuple[int, int, int, int], str]:
@@ -312,7 +353,7 @@ class StreamingGenerationPipeline(HeadBase):
                 out = []
                 for j in range(len(chunk)):
                     t = self.frames / c.fps
-                    self.memory.write(model.frame_tokens(x[0, j], poses[j], self.frames, t))
+                    self._write(x[0, j], poses[j], t)
                     out.append(Frame(index=self.frames, timestamp=t, image=_to_image(x[0, j]), pose=poses[j],
                                      action=labels[j], info={"chunk": self.chunks, "seed": seed, "prompt": self.prompt}))
                     self.frames += 1
