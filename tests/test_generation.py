@@ -193,8 +193,8 @@ def test_eval_classes_revisits_and_scores_every_memory():
     img = np.full((4, 4, 3), 100, np.uint8)
     assert psnr(img, img) == 100.0 and abs(psnr(img, img + 1) - 48.13) < 0.01
     res = evaluate_generation(tiny(), seeds=(5,), frames=12, steps=1, window=2, history_frames=18, progress=False)
-    assert set(res["summary"]) == {"window", "full", "posekv", "posekv_nopose"}
-    assert len(res["records"]) == 4 * 11 and all(np.isfinite(r["psnr"]) for r in res["records"])
+    assert set(res["summary"]) == {"window", "full", "posekv", "posekv_nopose", "dual"}
+    assert len(res["records"]) == 5 * 11 and all(np.isfinite(r["psnr"]) for r in res["records"])
     assert res["summary"]["window"]["tokens_max"] < res["summary"]["full"]["tokens_max"]
     assert "| posekv |" in format_table(res["summary"])
 
