@@ -29,6 +29,7 @@ run: $(STAMP)
 	$(BIN)/streammem generate --scene 0 --frames 16 --out outputs/generate --no-progress
 
 test: $(STAMP)
+	@bash scripts/system_deps.sh
 	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest
 
 bench: $(STAMP)
