@@ -310,9 +310,12 @@ class PoseKVCache:
 
     def embed_pose(self, pose: torch.Tensor) -> torch.Tensor:
         """``(N, 4, 4) -> (N, head_dim)`` pose embedding, added to queries and keys only; zeros
-        when ``pose_embed="none"`` and no module is plugged in."""
+        when ``pose_embed="none"`` and no module is plugged in (a plugged-in module gets the
+        poses on its parameters' device and dtype)."""
         if self.pose_embed_fn is not None:
-            return self.pose_embed_fn(pose)
+            param = next(iter(self.pose_embed_fn.parameters()), None) if isinstance(self.pose_embed_fn,
+                                                                                    torch.nn.Module) else None
+            return self.pose_embed_fn(pose if param is None else pose.to(param.device, param.dtype))
         if self.config.pose_embed == "none" or pose.shape[0] == 0:
             return torch.zeros(pose.shape[0], self.config.head_dim)
         return sinusoidal_pose_embedding(pose, self.config.head_dim)

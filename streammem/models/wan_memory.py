@@ -44,6 +44,8 @@ What the processor does, precisely:
 - Not handled: a self-attention mask from the caller (Wan passes none) and context
   parallelism; fused QKV projections (``attn.fuse_projections()``) are.
 
+Needs diffusers >= 0.35 (``WanAttnProcessor``, ``dispatch_attention_fn``); written against 0.42.
+
 Plumbing departure: diffusers 0.42's ``WanTransformer3DModel.forward`` takes
 ``attention_kwargs`` but does not pass them on to its blocks (pull request 13681 is the change
 that threads a cache through). :func:`pose_kv_attention` therefore adds one forward pre-hook
