@@ -36,6 +36,7 @@ from streammem.memory.error_bank import ErrorBank, ErrorBankConfig
 from streammem.memory.feature_bank import FeatureBank, FeatureBankConfig
 from streammem.memory.kvcache import KVCacheConfig, KVCacheMemory
 from streammem.memory.posekv import RELIC_SCHEDULE, PoseKVConfig, PoseKVMemory
+from streammem.memory.posekv_cache import PoseKVCache
 from streammem.memory.presses import (
     PRESSES, ComposedPress, H2OPress, KVMergerPress, MiKVPress, Press, SinkWindowPress, build_press,
 )
@@ -58,7 +59,7 @@ __all__ = [
     "Memory", "MemoryConfig", "MEMORY_KINDS", "build_memory",
     "PyramidMemory", "PyramidConfig", "PYRAMID_PRESETS", "PYRAMID_SPREAD",
     "DualMemory", "DualConfig",
-    "PoseKVMemory", "PoseKVConfig", "RELIC_SCHEDULE",
+    "PoseKVMemory", "PoseKVConfig", "RELIC_SCHEDULE", "PoseKVCache",
     "FeatureBank", "FeatureBankConfig",
     "ErrorBank", "ErrorBankConfig",
     "KVCacheMemory", "KVCacheConfig",
