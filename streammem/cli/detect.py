@@ -41,11 +41,11 @@ def detect(
                    "none: the detector's own output (the default for small and hog)"),
     device: Optional[str] = typer.Option(None, help="hf: models: cpu, cuda, mps or auto (default: accelerate's choice)"),
     checkpoint: Optional[str] = typer.Option(None, help="small detector folder (default: the shipped one)"),
-    memory: str = typer.Option(default(DetectionConfig, "memory"), help="feature_bank, dual or none (the detector alone)"),
+    memory: str = typer.Option(default(DetectionConfig, "memory"), help="feature_bank, dual or none (the detector alone); hf: models take feature_bank (where the model has per-box features) or none"),
     mode: str = typer.Option(default(DetectionConfig, "mode"), help="causal (streaming) or protocol (MAMBA's shuffled whole-video test)"),
     max_frames: Optional[int] = typer.Option(None, help="stop after this many frames"),
     score_threshold: Optional[float] = typer.Option(
-        None, help="drop detections below this (default: 0.3 for small, a probability; 0.0 for hog, an SVM margin)"),
+        None, help="drop detections below this (default: 0.3 for small and hf:, a probability; 0.0 for hog, an SVM margin)"),
     image_size: Optional[int] = typer.Option(None, help="small detector: resize the long side to this"),
     hog_size: Optional[int] = typer.Option(
         None, help="hog: longest side HOG works at; smaller frames keep their native size (default 1280; "
