@@ -1,7 +1,8 @@
 """Detection commands:
 
     streammem detect SOURCE --out DIR     detections with memory aggregation: annotated mp4,
-                                          per-frame JSONL, summary.json
+                                          per-frame JSONL, summary.json (--detector small,
+                                          hog or hf:<model id or folder>)
     streammem train detector              train the shipped small detector on StreamWorld
     streammem eval detection              AP50 tables on StreamWorld (single / smoother / banks)
 
@@ -27,13 +28,24 @@ from streammem.train.detector import TrainConfig
 def detect(
     source: str = typer.Argument(..., help="video file, image folder, camera:N, URL or world:..."),
     out: str = typer.Option("outputs/detect", "--out", "-o", help="output folder"),
-    detector: str = typer.Option("small", help="small (the shipped checkpoint) or hog (OpenCV people detector)"),
+    detector: str = typer.Option(
+        "small", help="small: the shipped checkpoint, trained on StreamWorld only (its 11 classes: person, cat, cup, "
+                      "rocket, shuttle, motorcycle, horse, circle, square, triangle, star; on real footage its labels "
+                      "mislead); hog: OpenCV's people detector; hf:<model id or folder>: a transformers detector for "
+                      "real footage (DETR, RT-DETR, YOLOS, or OWLv2 with --classes), e.g. hf:PekingU/rtdetr_r18vd "
+                      "(downloaded from the Hugging Face hub on first use)"),
+    classes: Optional[str] = typer.Option(
+        None, help='open-vocabulary hf: models (OWLv2): comma-separated classes to find, e.g. "person,car"'),
+    rescore: Optional[str] = typer.Option(
+        None, help="track: blend each box's score with its track's past scores (any detector; the default for hf:); "
+                   "none: the detector's own output (the default for small and hog)"),
+    device: Optional[str] = typer.Option(None, help="hf: models: cpu, cuda, mps or auto (default: accelerate's choice)"),
     checkpoint: Optional[str] = typer.Option(None, help="small detector folder (default: the shipped one)"),
-    memory: str = typer.Option(default(DetectionConfig, "memory"), help="feature_bank, dual or none (the detector alone)"),
+    memory: str = typer.Option(default(DetectionConfig, "memory"), help="feature_bank, dual or none (the detector alone); hf: models take feature_bank (where the model has per-box features) or none"),
     mode: str = typer.Option(default(DetectionConfig, "mode"), help="causal (streaming) or protocol (MAMBA's shuffled whole-video test)"),
     max_frames: Optional[int] = typer.Option(None, help="stop after this many frames"),
     score_threshold: Optional[float] = typer.Option(
-        None, help="drop detections below this (default: 0.3 for small, a probability; 0.0 for hog, an SVM margin)"),
+        None, help="drop detections below this (default: 0.3 for small and hf:, a probability; 0.0 for hog, an SVM margin)"),
     image_size: Optional[int] = typer.Option(None, help="small detector: resize the long side to this"),
     hog_size: Optional[int] = typer.Option(
         None, help="hog: longest side HOG works at; smaller frames keep their native size (default 1280; "
@@ -45,15 +57,28 @@ def detect(
 ) -> None:
     """Detect objects in SOURCE with memory aggregation.
 
+    The shipped detector (--detector small) knows StreamWorld's 11 classes only; for real
+    footage use --detector hf:<model id or folder> (needs the model from the Hugging Face hub,
+    or a folder holding it) or --detector hog (people).
+
     Writes OUT/annotated.mp4, OUT/detections.jsonl (one line per frame) and OUT/summary.json.
     """
+    from streammem.models.hf import HubUnavailable
+
     opts = source_options(stride=stride, max_side=max_side, backend=backend)
-    with job_errors():
-        res = run_detect(source, out, detector=detector, checkpoint=checkpoint, memory=memory, mode=mode,
-                         max_frames=max_frames, score_threshold=score_threshold, image_size=image_size,
-                         progress=progress, hog_size=hog_size, **opts)
+    try:
+        with job_errors():
+            res = run_detect(source, out, detector=detector, checkpoint=checkpoint, memory=memory, mode=mode,
+                             max_frames=max_frames, score_threshold=score_threshold, image_size=image_size,
+                             progress=progress, hog_size=hog_size, classes=classes, rescore=rescore, device=device,
+                             **opts)
+    except HubUnavailable as exc:  # nothing was written: bad input, as job_errors' rule says
+        fail(str(exc), code=2)
     s = res.summary
     fps = s.get("fps")
+    if detector == "small":
+        typer.echo("note: the shipped detector was trained on StreamWorld (11 synthetic classes); for real footage "
+                   "use --detector hf:<model> or --detector hog", err=True)
     typer.echo(f"streammem detect: {s['frames_written']} frames, {s['detections']} detections "
                f"({s['detections_per_frame']:.2f} per frame), detector {detector}, memory {memory}, mode {mode}"
                + (f", {fps:.1f} fps" if isinstance(fps, float) and fps == fps else ""))

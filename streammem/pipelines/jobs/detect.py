@@ -19,38 +19,89 @@ from pathlib import Path
 
 from streammem.checkpoints import ROOT
 from streammem.io import SourceError, open_source
-from streammem.pipelines.detection import MEMORIES, MODES, DetectionHead
+from streammem.pipelines.detection import MEMORIES, MODES, DetectionHead, TrackRescorer
 from streammem.pipelines.jobs.base import JobResult, OutputDir, drain, fit_to, output_fps, write_summary
 from streammem.pipelines.stream import run_stream
 
-__all__ = ["DEFAULT_CHECKPOINT", "DETECTORS", "DEFAULT_THRESHOLDS", "build_detection_head", "run_detect"]
+__all__ = ["DEFAULT_CHECKPOINT", "DETECTORS", "DEFAULT_THRESHOLDS", "CANDIDATE_THRESHOLDS", "build_detection_head",
+           "run_detect"]
 
 DEFAULT_CHECKPOINT = str(ROOT / "detector")
+#: ``--detector`` choices besides ``hf:<model id or folder>`` (a transformers detector)
 DETECTORS = ("small", "hog")
-#: default score threshold per detector: a class probability for the small detector, the
-#: (re-scored) SVM margin for HOG.
-DEFAULT_THRESHOLDS = {"small": 0.3, "hog": 0.0}
+#: default score threshold per detector: a class probability for the small detector and hf:
+#: models, the (re-scored) SVM margin for HOG.
+DEFAULT_THRESHOLDS = {"small": 0.3, "hog": 0.0, "hf": 0.3}
+#: with ``--rescore track``, the head passes its candidates down to this score, so that the
+#: track re-scoring can lift a weak box of a confident track above the requested threshold
+CANDIDATE_THRESHOLDS = {"small": 0.1, "hog": -0.5, "hf": 0.05}
 #: protocol mode reads the whole video before detecting: the most frames it holds without --max-frames
 PROTOCOL_MAX_FRAMES = 10_000
 
 
 def build_detection_head(detector: str = "small", checkpoint: str | None = None, memory: str = "feature_bank",
                          mode: str = "causal", score_threshold: float | None = None,
-                         image_size: int | None = None, hog_size: int | None = None) -> DetectionHead:
-    """The detection head for ``detector`` (``"small"``: the shipped checkpoint or
-    ``checkpoint``; ``"hog"``: OpenCV's people detector, working at the frame's native size up
-    to ``hog_size`` on the longer side: None is ``HOGConfig.max_side``'s default, 0 no cap).
-    Raises ValueError on bad options or a missing checkpoint, with the fix in the message."""
-    if detector not in DETECTORS:
-        raise ValueError(f"--detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
+                         image_size: int | None = None, hog_size: int | None = None,
+                         classes: str | None = None, rescore: str | None = None,
+                         device: str | None = None) -> DetectionHead:
+    """The detection head for ``detector``: ``"small"`` (the shipped checkpoint or
+    ``checkpoint``; trained on StreamWorld's 11 classes), ``"hog"`` (OpenCV's people detector,
+    working at the frame's native size up to ``hog_size`` on the longer side: None is
+    ``HOGConfig.max_side``'s default, 0 no cap) or ``"hf:<model id or folder>"`` (a
+    ``transformers`` detector; ``classes`` names what an open-vocabulary one looks for).
+
+    ``rescore``: ``"track"`` adds :class:`~streammem.pipelines.detection.TrackRescorer` (the
+    head then passes candidates down to ``CANDIDATE_THRESHOLDS`` and the re-scored detections
+    are cut at the score threshold), ``"none"`` leaves the head's output as it is; None is
+    ``"track"`` for hf: models and ``"none"`` for the others. ``device``: hf: models only (None:
+    accelerate's choice). Raises ValueError on bad options or a missing checkpoint, with the fix
+    in the message, and HubUnavailable when an hf: model cannot be fetched."""
+    from streammem.models.hf import parse_spec
+    from streammem.pipelines.detection import RESCORERS, TrackRescoreConfig
+
+    hf_name = parse_spec(detector)
+    kind = "hf" if hf_name is not None else detector
+    if kind not in DETECTORS + ("hf",):
+        raise ValueError(f"--detector must be one of {', '.join(DETECTORS)} or hf:<model id or folder>, "
+                         f"got {detector!r}")
     if memory not in MEMORIES:
         raise ValueError(f"--memory must be one of {', '.join(MEMORIES)}, got {memory!r}")
     if mode not in MODES:
         raise ValueError(f"--mode must be one of {', '.join(MODES)}, got {mode!r}")
-    thr = DEFAULT_THRESHOLDS[detector] if score_threshold is None else float(score_threshold)
-    if hog_size is not None and detector != "hog":
+    rescore = rescore or ("track" if kind == "hf" else "none")
+    if rescore not in RESCORERS:
+        raise ValueError(f"--rescore must be one of {', '.join(RESCORERS)}, got {rescore!r}")
+    if rescore == "track" and mode != "causal":
+        raise ValueError("--rescore track follows tracks through the stream's order; use it with --mode causal "
+                         "(or pass --rescore none with --mode protocol)")
+    thr = DEFAULT_THRESHOLDS[kind] if score_threshold is None else float(score_threshold)
+    if hog_size is not None and kind != "hog":
         raise ValueError(f"--hog-size applies to --detector hog only (got --detector {detector})")
-    if detector == "hog":
+    if classes is not None and kind != "hf":
+        raise ValueError(f"--classes applies to open-vocabulary hf: models (e.g. hf:google/owlv2-base-patch16-ensemble),"
+                         f" not to --detector {detector}")
+    if device is not None and kind != "hf":
+        raise ValueError(f"--device applies to hf: models only (got --detector {detector})")
+    tracker = None
+    head_thr = thr
+    if rescore == "track":
+        tracker = TrackRescorer(TrackRescoreConfig(score_threshold=thr))
+        head_thr = min(thr, CANDIDATE_THRESHOLDS[kind])
+    if kind == "hf":
+        from streammem.pipelines.detection import HF_MEMORIES, HFConfig, HFDetectionPipeline
+
+        if memory not in HF_MEMORIES:
+            raise ValueError(f"hf: detectors take --memory {' or '.join(HF_MEMORIES)}, got {memory!r}")
+        if image_size is not None:
+            raise ValueError("--image-size applies to --detector small; an hf: model's image processor sets its size")
+        if not 0.0 <= thr <= 1.0:
+            raise ValueError(f"--score-threshold of an hf: detector is a probability in [0, 1], got {thr}")
+        cfg = HFConfig(memory=memory, mode=mode, score_threshold=head_thr,
+                       candidate_threshold=min(head_thr, HFConfig.candidate_threshold))
+        head = HFDetectionPipeline.from_pretrained(hf_name, classes=classes, config=cfg, tracker=tracker, device=device)
+        head.display_threshold = thr
+        return head
+    if kind == "hog":
         from streammem.models.hog import WINDOW
         from streammem.pipelines.detection import HOGConfig, HOGDetectionPipeline
 
@@ -60,7 +111,8 @@ def build_detection_head(detector: str = "small", checkpoint: str | None = None,
                 raise ValueError(f"--hog-size must be 0 (native size, no cap) or >= {WINDOW[1]} (the detector's "
                                  f"window height), got {hog_size}")
             kw["max_side"] = hog_size or None
-        return HOGDetectionPipeline(config=HOGConfig(memory=memory, mode=mode, score_threshold=thr, **kw))
+        return HOGDetectionPipeline(config=HOGConfig(memory=memory, mode=mode, score_threshold=head_thr, **kw),
+                                    tracker=tracker)
     from streammem.models.detector import SmallDetector
     from streammem.pipelines.detection import (
         DetectionConfig,
@@ -72,16 +124,17 @@ def build_detection_head(detector: str = "small", checkpoint: str | None = None,
         raise ValueError(f"no detector checkpoint at {path} (config.json + model.safetensors); train one with "
                          f"`streammem train detector --out {path}`, pass --checkpoint, or use --detector hog")
     det = SmallDetector.from_pretrained(str(path)).eval()
-    kw = {"memory": memory, "mode": mode, "score_threshold": thr}
+    kw = {"memory": memory, "mode": mode, "score_threshold": head_thr}
     if image_size is not None:
         kw["image_size"] = image_size
-    return StreamingDetectionPipeline(det, DetectionConfig(**kw), display_threshold=thr)
+    return StreamingDetectionPipeline(det, DetectionConfig(**kw), tracker=tracker, display_threshold=thr)
 
 
 def run_detect(source: str, out: str | os.PathLike, detector: str = "small", checkpoint: str | None = None,
                memory: str = "feature_bank", mode: str = "causal", max_frames: int | None = None,
                score_threshold: float | None = None, image_size: int | None = None, progress: bool = False,
-               hog_size: int | None = None, **source_options) -> JobResult:
+               hog_size: int | None = None, classes: str | None = None, rescore: str | None = None,
+               device: str | None = None, **source_options) -> JobResult:
     """Stream ``source`` through a detection head; write ``OUT/annotated.mp4``,
     ``OUT/detections.jsonl`` (one line per frame) and ``OUT/summary.json``.
 
@@ -94,7 +147,8 @@ def run_detect(source: str, out: str | os.PathLike, detector: str = "small", che
     # 1. check inputs, build the head, open the source
     if max_frames is not None and max_frames < 1:
         raise ValueError(f"--max-frames must be >= 1, got {max_frames}")
-    head = build_detection_head(detector, checkpoint, memory, mode, score_threshold, image_size, hog_size)
+    head = build_detection_head(detector, checkpoint, memory, mode, score_threshold, image_size, hog_size,
+                                classes=classes, rescore=rescore, device=device)
     src = open_source(source, **source_options)
     info = src.info
     counts: Counter = Counter()
@@ -152,12 +206,15 @@ def run_detect(source: str, out: str | os.PathLike, detector: str = "small", che
         jsonl_path = jsonl.path
         # 3. summary
         cfg = head.config
+        tracker = getattr(head, "tracker", None)
         summary = {
             "source": source,
             "source_info": info.to_dict(),
             "detector": detector,
-            "checkpoint": None if detector != "small" else str(checkpoint or DEFAULT_CHECKPOINT),
+            "checkpoint": str(checkpoint or DEFAULT_CHECKPOINT) if detector == "small" else (
+                detector[3:] if detector.startswith("hf:") else None),
             "config": asdict(cfg) if is_dataclass(cfg) else str(cfg),
+            "rescore": {"rule": "TrackRescorer", **asdict(tracker.config)} if isinstance(tracker, TrackRescorer) else None,
             "outputs": {"video": str(video_path) if video_path else None, "jsonl": str(jsonl_path)},
             **run_stats,
             "frames_written": n_frames,
