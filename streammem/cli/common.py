@@ -83,14 +83,17 @@ def fail(message: str, code: int = 2) -> NoReturn:
 @contextmanager
 def job_errors() -> Iterator[None]:
     """Run a job under the exit-code rule: bad input or options found before anything is
-    written (``ValueError``, ``SourceError``, a missing file) exit 2 with ``error: <message>``;
+    written (``ValueError``, ``SourceError``, a missing file, an ``hf:`` model the hub cannot
+    give) exit 2 with ``error: <message>``;
     a failure to write the outputs (:class:`SinkError`, ``OSError``) exits 1. Any other error is
     a bug and is raised (exit 1, with its traceback). Jobs leave nothing behind on the first
     kind (:class:`~streammem.pipelines.jobs.base.OutputDir`); a job's mid-stream error comes
     back in its result, for :func:`fail` with code 1."""
+    from streammem.models.hf import HubUnavailable
+
     try:
         yield
-    except (SourceError, ValueError, FileNotFoundError) as exc:
+    except (SourceError, ValueError, FileNotFoundError, HubUnavailable) as exc:
         fail(str(exc), code=2)
     except (SinkError, OSError) as exc:
         fail(str(exc), code=1)
