@@ -197,6 +197,13 @@ def test_eval_classes_revisits_and_scores_every_memory():
     assert len(res["records"]) == 5 * 11 and all(np.isfinite(r["psnr"]) for r in res["records"])
     assert res["summary"]["window"]["tokens_max"] < res["summary"]["full"]["tokens_max"]
     assert "| posekv |" in format_table(res["summary"])
+    from streammem.eval.generation import frame_strip
+
+    assert set(res["frames"]) == {"truth", "window", "full", "posekv", "posekv_nopose", "dual"}
+    assert all(len(v) == 12 for v in res["frames"].values())
+    strip = frame_strip(res["frames"], columns=4, scale=2)
+    assert strip.shape == (6 * (32 + 4) + 20, 120 + 4 * (32 + 4), 3)
+    assert np.array_equal(strip[20:52, 120:152], np.kron(res["frames"]["truth"][0], np.ones((2, 2, 1), np.uint8)))
 
 
 def test_the_shipped_generator_continues_a_world_seeded():

@@ -114,5 +114,13 @@ def eval_generation(
     (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in res["records"] + res["chunks"]))
     write_summary(out / "summary.json", {"summary": res["summary"], "setup": res["setup"]})
     (out / "table.md").write_text(table + "\n")
+    import cv2
+
+    from streammem.eval.generation import classify, frame_strip, render_path
+
+    gt = render_path(seeds[0], frames, model.config.sample_size)
+    kinds = classify([f.info["gt"]["camera"]["state"] for f in gt], window=res["setup"]["window"])
+    strip = frame_strip(res["frames"], kinds)
+    cv2.imwrite(str(out / "strip.png"), cv2.cvtColor(strip, cv2.COLOR_RGB2BGR))
     typer.echo(table)
-    typer.echo(f"-> {out / 'table.md'}")
+    typer.echo(f"-> {out / 'table.md'}, {out / 'strip.png'} (seed {seeds[0]}: truth and each memory)")

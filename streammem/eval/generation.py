@@ -36,7 +36,7 @@ from streammem.models.video_dit import CausalVideoDiT
 from streammem.pipelines.generation import GenerationConfig, StreamingGenerationPipeline
 from streammem.world import PRESETS, World
 
-__all__ = ["MEMORIES", "evaluate_generation", "format_table", "psnr", "render_path"]
+__all__ = ["MEMORIES", "evaluate_generation", "format_table", "frame_strip", "psnr", "render_path"]
 
 MEMORIES = ("window", "full", "posekv", "posekv_nopose", "dual")
 
@@ -80,6 +80,7 @@ def evaluate_generation(model: CausalVideoDiT, seeds=(20_000, 20_001, 20_002, 20
     size = model.config.sample_size
     records, chunks = [], []
     worlds = {s: render_path(s, frames, size) for s in seeds}
+    shown: dict[str, list[np.ndarray]] = {"truth": [f.image for f in worlds[seeds[0]]]}  # the first seed's frames
     bar = tqdm(total=len(seeds) * len(memories), desc="eval generation", disable=not progress)
     for name in memories:
         mem = "posekv" if name == "posekv_nopose" else name
@@ -108,11 +109,41 @@ def evaluate_generation(model: CausalVideoDiT, seeds=(20_000, 20_001, 20_002, 20
                     rec["psnr_self"] = psnr(f.image, made[last_visit[states[t]]])
                 last_visit[states[t]] = t
                 records.append(rec)
+            if seed == seeds[0]:
+                shown[name] = [made[t] for t in sorted(made)]
             bar.update(1)
     bar.close()
-    return {"summary": summarise(records, chunks), "records": records, "chunks": chunks,
+    return {"summary": summarise(records, chunks), "records": records, "chunks": chunks, "frames": shown,
             "setup": {"seeds": list(seeds), "frames": frames, "steps": steps, "window": window,
                       "history_frames": history_frames, "size": size}}
+
+
+def frame_strip(frames: dict[str, list[np.ndarray]], kinds: list[str] | None = None, columns: int = 12,
+                scale: int = 2) -> np.ndarray:
+    """One RGB image: a row per entry of ``frames`` (name -> the rollout's frames, the same count
+    each), ``columns`` frames spread evenly over the rollout, each ``scale`` times larger, the
+    row's name on the left and, with ``kinds`` (per frame, :func:`classify`), "beyond" revisits
+    outlined in green."""
+    import cv2
+
+    names = list(frames)
+    n = min(len(v) for v in frames.values())
+    cols = np.linspace(0, n - 1, min(columns, n)).round().astype(int)
+    h, w = frames[names[0]][0].shape[:2]
+    h, w, label, pad = h * scale, w * scale, 120, 4
+    out = np.full((len(names) * (h + pad) + 20, label + len(cols) * (w + pad), 3), 255, np.uint8)
+    for j, t in enumerate(cols):
+        x = label + j * (w + pad)
+        cv2.putText(out, f"{t}", (x + 2, 14), cv2.FONT_HERSHEY_SIMPLEX, 0.4, (0, 0, 0), 1, cv2.LINE_AA)
+        for i, name in enumerate(names):
+            y = 20 + i * (h + pad)
+            out[y:y + h, x:x + w] = cv2.resize(frames[name][t], (w, h), interpolation=cv2.INTER_NEAREST)
+            if kinds is not None and kinds[t] == "beyond":
+                cv2.rectangle(out, (x, y), (x + w - 1, y + h - 1), (0, 170, 0), 2)
+    for i, name in enumerate(names):
+        cv2.putText(out, name, (4, 20 + i * (h + pad) + h // 2), cv2.FONT_HERSHEY_SIMPLEX, 0.45, (0, 0, 0), 1,
+                    cv2.LINE_AA)
+    return out
 
 
 def summarise(records: list[dict], chunks: list[dict]) -> dict:
