@@ -35,6 +35,16 @@ The adapter does what VideoChat-Online does with its backbone (InternVL2) for LL
    logsumexp) are softmaxed over the candidates -> ``probs``; ``confidence`` is the chosen
    option's probability. With ``generate_tokens > 0`` the model also decodes greedily and the
    text goes into ``Answer.extra["generated"]``.
+   **Free form**: a question asked without candidates (``"{question}\\n{free_form_instruction}"``)
+   is answered by greedy decoding over the prompt's key-value cache (at most
+   ``max_new_tokens``, up to an end-of-sequence token): ``text`` is the generated answer,
+   ``confidence`` the geometric mean of its tokens' probabilities, ``index`` -1, ``letter`` and
+   ``probs`` empty, ``extra["token_probs"]`` per token.
+   **Press**: with ``press`` (a :class:`~streammem.models.vlm_press.CachePress`) the prompt up to
+   the question is prefilled, each layer's cache is compressed over the memory tokens' entries,
+   and the question (and a free-form answer) is decoded over the compressed cache;
+   ``extra["memory_tokens_kept"]`` and ``extra["cache_tokens"]`` say how much was kept. These
+   passes read evidence with hooks (``evidence_mode`` applies to the one-pass scoring only).
 4. **Evidence**: the attention of the last position over the memory positions, averaged over
    heads and layers, summed per stored frame and normalised over the memory (weights of all
    stored frames sum to 1); the ``evidence_top_k`` heaviest frames are reported.
@@ -45,6 +55,10 @@ The adapter does what VideoChat-Online does with its backbone (InternVL2) for LL
    of each layer: ``output_attentions=True`` (``evidence_mode="output_attentions"``, same
    result) keeps every layer's full ``(heads, S, S)`` matrix, which for a 9,984-token memory is
    tens of GB.
+
+:func:`load_answerer` builds the answerer for ``hf:<model id or folder>`` from the checkpoint's
+``config.model_type`` (this class for the LLaVA family, :class:`~streammem.models.smolvlm.SmolVLMAnswerer`
+for SmolVLM / SmolVLM2 / Idefics3), loading through :func:`~streammem.models.hf.load_hf`.
 
 The answer depends only on the memory passed in, the question and the candidates: the adapter
 keeps no state between calls (causality is the pipeline's business).

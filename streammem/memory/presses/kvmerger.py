@@ -20,6 +20,8 @@ Example:
     >>> k = torch.tensor([[1., 0], [1, 0.01], [0, 1], [-1, 0]])
     >>> len(KVMergerPress(threshold=0.9)(Tokens.from_grid(k[None], 0, 0.0)))
     3
+    >>> len(KVMergerPress(keep=2)(Tokens.from_grid(k[None], 0, 0.0)))
+    2
 """
 
 from __future__ import annotations
