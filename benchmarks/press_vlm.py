@@ -146,8 +146,11 @@ def main() -> None:
         "compare the option probabilities with the uncompressed answer. `mikv` keeps every entry, the ones outside "
         "its H2O choice quantized to 4 bits, so its cache does not shrink. CPU, one thread.\n\n"
         + text + "\n\nRandom weights: this measures how far each press moves a model's answer, not accuracy; a "
-        "random LM's option probabilities are close to uniform, so absolute changes are small and a trained "
-        "VLM's will differ. Ratio 1 gives the uncompressed answer (TV 0).\n")
+        "random LM's option probabilities are close to uniform, so absolute changes are small, the chosen "
+        "option flips easily, and a trained VLM's figures will differ. Ratio 1 keeps the cache as it is: its TV "
+        "(below 1e-7) is float rounding between one pass and prefill + question. h2o, kvmerger and mikv read "
+        "the attention each memory entry received during the prefill, so that pass runs with eager attention "
+        "and costs more; sink_window needs no scores.\n")
     print(f"-> {args.out}")
 
 
