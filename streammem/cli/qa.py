@@ -13,6 +13,16 @@ not know, a question without options that is not yes/no, a negative ``--at``), `
 frame in memory at that time, a time after the end of a stream that ended), the refusal is
 printed in place of the answer (``-> refused: <reason>``), written to answers.jsonl with
 ``"refused": true``, and ``ask`` exits 0, as it does when every question is answered.
+
+``ask --answerer hf:<model id or folder>`` answers with a vision-language model from
+``transformers`` instead (:func:`~streammem.pipelines.qa.load_hf_qa`: LLaVA, LLaVA-OneVision,
+SmolVLM2, Idefics3): multiple choice with options, a generated free-form answer without, each
+with the stored frames it attended to; ``--press NAME --press-ratio R`` compresses its
+key-value cache over the memory before the question is decoded. A model the hub cannot
+deliver is one line, ``error: could not fetch ...``, and exit 2.
+
+    streammem ask street.mp4 --at 12 --answerer hf:HuggingFaceTB/SmolVLM2-256M-Video-Instruct \\
+        --press h2o --press-ratio 0.25 "What is the person in the red coat doing?"
 """
 
 from __future__ import annotations
@@ -70,7 +80,10 @@ def _print_answer(q: str, at: float, a) -> None:
         typer.echo(f"[{at:7.2f}s] {q}\n           -> {_refusal_text(a)}")
         return
     ev = ", ".join(f"frame {e['frame_index']} @ {e['timestamp']:.1f}s ({e['weight']:.2f})" for e in a.evidence[:3])
-    typer.echo(f"[{at:7.2f}s] {q}\n           -> ({a.letter}) {a.text}  confidence {a.confidence:.2f}; evidence: {ev}")
+    said = f'"{a.text}"' if a.extra.get("free_form") else f"({a.letter}) {a.text}"
+    press = (f"; {a.extra['press']} press kept {a.extra['memory_tokens_kept']} of {a.extra['memory_tokens']} memory "
+             "tokens" if "press" in a.extra else "")
+    typer.echo(f"[{at:7.2f}s] {q}\n           -> {said}  confidence {a.confidence:.2f}; evidence: {ev}{press}")
 
 
 def _refuse(r: Refusal) -> None:
@@ -98,8 +111,26 @@ def ask(
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="write answers.jsonl here"),
     max_frames: Optional[int] = typer.Option(None, help="stop after this many frames"),
     fps: Optional[float] = typer.Option(8.0, help="resample the source to this frame rate (8 as VideoChat-Online)"),
+    answerer: Optional[str] = typer.Option(None, help="hf:<model id or folder>: a vision-language model from "
+                                           "transformers (LLaVA, LLaVA-OneVision, SmolVLM2, Idefics3) instead of "
+                                           "the shipped answerer; answers free-form questions too (downloads the "
+                                           "model unless it is a local folder)"),
+    press: Optional[str] = typer.Option(None, help="with --answerer hf:...: compress the model's key-value cache "
+                                        "over the memory with sink_window, h2o, kvmerger or mikv"),
+    press_ratio: float = typer.Option(0.5, help="fraction of memory tokens the press keeps (mikv: keeps exact)"),
+    device: Optional[str] = typer.Option(None, help="with --answerer hf:...: cuda, mps, cpu or auto "
+                                         "(default: accelerate's choice)"),
+    max_new_tokens: int = typer.Option(48, help="with --answerer hf:...: longest free-form answer, in tokens"),
 ) -> None:
     """Stream SOURCE into the Pyramid Memory Bank and answer questions at given times.
+
+    With --answerer hf:<model id or folder> a vision-language model from transformers reads the
+    memory (LLaVA, LLaVA-OneVision, SmolVLM2, Idefics3; e.g.
+    hf:HuggingFaceTB/SmolVLM2-256M-Video-Instruct, downloaded on first use, or a folder holding
+    it): options give a multiple-choice answer, no options a generated free-form answer, both
+    with the frames it attended to. --press sink_window|h2o|kvmerger|mikv --press-ratio R
+    compresses its key-value cache over the memory to R of the memory tokens before the
+    question is decoded. Without hub access: one-line error, exit 2.
 
     The shipped answerer was trained only on StreamWorld (its 11 object classes, its colours and
     the wording of its questions, e.g. "Is there a cat in view now?"); it is not meant for real
@@ -121,11 +152,17 @@ def ask(
 
     if not interactive and (question is None or not at):
         raise typer.BadParameter("give a QUESTION and at least one --at, or use --interactive")
-    try:
-        pipe = load_default_qa(memory=memory, keep_thumbnails=False, retention=retention)
-    except (FileNotFoundError, ValueError) as exc:
-        fail(str(exc))
-    typer.echo(f"streammem ask: {SHIPPED_NOTE}")
+    if answerer is None:
+        if press is not None:
+            raise typer.BadParameter("--press compresses a vision-language model's cache: give --answerer hf:...",
+                                     param_hint="--press")
+        try:
+            pipe = load_default_qa(memory=memory, keep_thumbnails=False, retention=retention)
+        except (FileNotFoundError, ValueError) as exc:
+            fail(str(exc))
+        typer.echo(f"streammem ask: {SHIPPED_NOTE}")
+    else:
+        pipe = _load_hf(answerer, memory, retention, press, press_ratio, device, max_new_tokens)
     opts = {"fps": fps} if fps and not source.startswith("world:") else {}
     if interactive:
         try:
@@ -163,6 +200,36 @@ def ask(
         typer.echo(f"{len(res.answers)} answers{f' ({refused} refused)' if refused else ''} -> {res.jsonl}")
     if res.error is not None:
         fail(f"{res.error} (the answers due before it are kept)", code=1)
+
+
+def _load_hf(spec: str, memory: str, retention: str, press: str | None, press_ratio: float, device: str | None,
+             max_new_tokens: int):
+    """The ``hf:`` answerer's pipeline; a model that cannot be fetched or loaded, a bad press:
+    one line, exit 2."""
+    from streammem.models.hf import HubUnavailable, parse_spec
+    from streammem.pipelines.qa import load_hf_qa
+
+    try:
+        name = parse_spec(spec)
+    except ValueError as exc:
+        raise typer.BadParameter(str(exc), param_hint="--answerer") from None
+    if name is None:
+        raise typer.BadParameter(f"{spec!r}: give hf:<model id or local folder>", param_hint="--answerer")
+    from transformers.utils import logging as hf_logging
+
+    bars = hf_logging.is_progress_bar_enabled()
+    hf_logging.disable_progress_bar()  # transformers' "Loading weights" bars and the hub's stay off the terminal
+    try:
+        pipe = load_hf_qa(spec, memory=memory, retention=retention, keep_thumbnails=False, press=press,
+                          press_ratio=press_ratio, device=device, answerer_options={"max_new_tokens": max_new_tokens})
+    except (HubUnavailable, FileNotFoundError, ValueError, OSError) as exc:
+        fail(str(exc).splitlines()[0] if str(exc) else type(exc).__name__)
+    finally:
+        if bars:
+            hf_logging.enable_progress_bar()
+    how = f", {press} press keeping {press_ratio:g} of the memory's cache" if press else ""
+    typer.echo(f"streammem ask: answering with {name} ({type(pipe.answerer).__name__}, transformers){how}")
+    return pipe
 
 
 def _interactive(pipe, src, max_frames, writer) -> int:

@@ -35,6 +35,16 @@ The adapter does what VideoChat-Online does with its backbone (InternVL2) for LL
    logsumexp) are softmaxed over the candidates -> ``probs``; ``confidence`` is the chosen
    option's probability. With ``generate_tokens > 0`` the model also decodes greedily and the
    text goes into ``Answer.extra["generated"]``.
+   **Free form**: a question asked without candidates (``"{question}\\n{free_form_instruction}"``)
+   is answered by greedy decoding over the prompt's key-value cache (at most
+   ``max_new_tokens``, up to an end-of-sequence token): ``text`` is the generated answer,
+   ``confidence`` the geometric mean of its tokens' probabilities, ``index`` -1, ``letter`` and
+   ``probs`` empty, ``extra["token_probs"]`` per token.
+   **Press**: with ``press`` (a :class:`~streammem.models.vlm_press.CachePress`) the prompt up to
+   the question is prefilled, each layer's cache is compressed over the memory tokens' entries,
+   and the question (and a free-form answer) is decoded over the compressed cache;
+   ``extra["memory_tokens_kept"]`` and ``extra["cache_tokens"]`` say how much was kept. These
+   passes read evidence with hooks (``evidence_mode`` applies to the one-pass scoring only).
 4. **Evidence**: the attention of the last position over the memory positions, averaged over
    heads and layers, summed per stored frame and normalised over the memory (weights of all
    stored frames sum to 1); the ``evidence_top_k`` heaviest frames are reported.
@@ -45,6 +55,10 @@ The adapter does what VideoChat-Online does with its backbone (InternVL2) for LL
    of each layer: ``output_attentions=True`` (``evidence_mode="output_attentions"``, same
    result) keeps every layer's full ``(heads, S, S)`` matrix, which for a 9,984-token memory is
    tens of GB.
+
+:func:`load_answerer` builds the answerer for ``hf:<model id or folder>`` from the checkpoint's
+``config.model_type`` (this class for the LLaVA family, :class:`~streammem.models.smolvlm.SmolVLMAnswerer`
+for SmolVLM / SmolVLM2 / Idefics3), loading through :func:`~streammem.models.hf.load_hf`.
 
 The answer depends only on the memory passed in, the question and the candidates: the adapter
 keeps no state between calls (causality is the pipeline's business).
@@ -83,6 +97,7 @@ Example (needs a machine that can download ~2 GB; nothing is downloaded in this 
 
 from __future__ import annotations
 
+import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from typing import Any, Iterator, Sequence
@@ -92,9 +107,12 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from streammem.models.hf import load_hf, parse_spec, pick_device, pick_dtype
+from streammem.models.vlm_press import CachePress
 from streammem.types import Answer, Frame, Tokens
 
-__all__ = ["LlavaAnswerer", "PromptLayout", "FrameSpan", "require_transformers"]
+__all__ = ["LlavaAnswerer", "PromptLayout", "FrameSpan", "VLMFrameEncoder", "load_answerer", "require_transformers",
+           "CachePress"]
 
 #: OpenAI CLIP normalisation (LLaVA-1.5's image processor).
 CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
@@ -112,12 +130,6 @@ PROMPT_FORMATS = {
 DEFAULT_PROMPT_FORMAT = PROMPT_FORMATS["llava"]
 DEFAULT_INSTRUCTION = "Answer with the option's letter from the given choices directly."
 
-_MODEL_CLASSES = {
-    "llava": "LlavaForConditionalGeneration",
-    "llava_onevision": "LlavaOnevisionForConditionalGeneration",
-    "llava_next": "LlavaNextForConditionalGeneration",
-    "llava_next_video": "LlavaNextVideoForConditionalGeneration",
-}
 _SENTINEL = "\x00VIDEO\x00"
 
 
@@ -205,7 +217,22 @@ class LlavaAnswerer:
         generate_tokens: if > 0, also decode this many tokens greedily into ``extra["generated"]``.
         batch_size: frames per vision-tower batch in :meth:`encode_frames`.
         store_dtype: dtype of the features handed to the memory (kept on the CPU).
+        press: a :class:`~streammem.models.vlm_press.CachePress` compressing the cache of the
+            memory prefix before the question is decoded, or None (one pass, no cache).
+        max_new_tokens: longest free-form answer, in tokens (greedy decoding).
+        free_form_instruction: the line after a question asked without options.
     """
+
+    _MODEL_CLASSES = {
+        "llava": "LlavaForConditionalGeneration",
+        "llava_onevision": "LlavaOnevisionForConditionalGeneration",
+        "llava_next": "LlavaNextForConditionalGeneration",
+        "llava_next_video": "LlavaNextVideoForConditionalGeneration",
+    }
+    _PROMPT_FORMATS = PROMPT_FORMATS
+
+    #: answers questions without options with generated text (the QA pipeline then asks it so)
+    free_form = True
 
     model: Any
     tokenizer: Any
@@ -221,6 +248,9 @@ class LlavaAnswerer:
     generate_tokens: int = 0
     batch_size: int = 8
     store_dtype: torch.dtype = torch.float32
+    press: CachePress | None = None
+    max_new_tokens: int = 48
+    free_form_instruction: str = "Answer the question briefly."
     _letter_ids: dict = field(default_factory=dict, init=False, repr=False)
 
     # ------------------------------------------------------------------ set-up
@@ -236,6 +266,8 @@ class LlavaAnswerer:
             raise ValueError(f"evidence_mode must be 'hooks' or 'output_attentions', got {self.evidence_mode!r}")
         if self.generate_tokens < 0:
             raise ValueError(f"generate_tokens must be >= 0, got {self.generate_tokens}")
+        if self.max_new_tokens < 1:
+            raise ValueError(f"max_new_tokens must be >= 1, got {self.max_new_tokens}")
         if self.batch_size < 1:
             raise ValueError(f"batch_size must be >= 1, got {self.batch_size}")
         if len(set(self.letters)) != len(self.letters) or len(self.letters) < 2:
@@ -243,6 +275,17 @@ class LlavaAnswerer:
         if self.prompt_format is not None and self.prompt_format.count("{video}") != 1:
             raise ValueError("prompt_format must contain '{video}' exactly once (and '{text}')")
 
+        self._init_parts()
+        self.model.eval()
+
+        # Does the tokenizer put a BOS in front of a prompt? (Llama yes, Qwen2 no.)
+        plain = self.tokenizer("A", add_special_tokens=False)["input_ids"]
+        full = self.tokenizer("A", add_special_tokens=True)["input_ids"]
+        bos = self.tokenizer.bos_token_id
+        self._add_bos = bos is not None and len(full) > len(plain) and full[0] == bos and (not plain or plain[0] != bos)
+
+    def _init_parts(self) -> None:
+        """Find the vision tower, projector and LM, and read the vision geometry off the config."""
         self.vision_tower = _part(self.model, "vision_tower")
         self.projector = _part(self.model, "multi_modal_projector")
         self.language_model = _part(self.model, "language_model")
@@ -262,13 +305,6 @@ class LlavaAnswerer:
                 f"grid={self.grid} exceeds the vision tower's {self.patch_side}x{self.patch_side} patch grid"
             )
         self.vision_hidden = int(vcfg.hidden_size)
-        self.model.eval()
-
-        # Does the tokenizer put a BOS in front of a prompt? (Llama yes, Qwen2 no.)
-        plain = self.tokenizer("A", add_special_tokens=False)["input_ids"]
-        full = self.tokenizer("A", add_special_tokens=True)["input_ids"]
-        bos = self.tokenizer.bos_token_id
-        self._add_bos = bos is not None and len(full) > len(plain) and full[0] == bos and (not plain or plain[0] != bos)
 
     @property
     def dim(self) -> int:
@@ -294,7 +330,8 @@ class LlavaAnswerer:
             model_id_or_path: e.g. ``"llava-hf/llava-onevision-qwen2-0.5b-ov-hf"`` or
                 ``"llava-hf/llava-1.5-7b-hf"``, or a folder holding such a checkpoint.
             device: ``"cuda"``, ``"cpu"``, ``"auto"`` (accelerate's ``device_map="auto"``,
-                spreading a large model over the GPUs and the CPU); default: CUDA if present.
+                spreading a large model over the GPUs and the CPU); default: accelerate's
+                choice (CUDA, MPS, else CPU; :func:`~streammem.models.hf.pick_device`).
             dtype: default bfloat16 on a GPU that supports it (float16 otherwise), float32 on CPU.
             attn_implementation: passed to transformers (``"sdpa"`` by default there); the
                 evidence pass switches the LM to eager by itself.
@@ -306,31 +343,27 @@ class LlavaAnswerer:
             qa.dim, qa.grid   # (1024, 16): CLIP ViT-L/14-336 features of layer -2 on a 16x16 grid
         """
         transformers = require_transformers()
-        config = transformers.AutoConfig.from_pretrained(model_id_or_path)
-        name = _MODEL_CLASSES.get(config.model_type)
-        if name is None or not hasattr(transformers, name):
+        name = model_id_or_path
+        config = load_hf(name, transformers.AutoConfig.from_pretrained)
+        class_name = cls._MODEL_CLASSES.get(config.model_type)
+        if class_name is None or not hasattr(transformers, class_name):
             raise ValueError(
-                f"{model_id_or_path} is a {config.model_type!r} model; LlavaAnswerer supports "
-                f"{sorted(_MODEL_CLASSES)} (available in transformers {transformers.__version__})"
+                f"{name} is a {config.model_type!r} model; {cls.__name__} supports "
+                f"{sorted(cls._MODEL_CLASSES)} (available in transformers {transformers.__version__})"
             )
-        if device is None:
-            device = "cuda" if torch.cuda.is_available() else "cpu"
-        on_gpu = str(device) == "auto" and torch.cuda.is_available() or str(device).startswith("cuda")
-        if dtype is None:
-            dtype = (torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16) if on_gpu else torch.float32
-        elif isinstance(dtype, str):
-            dtype = getattr(torch, dtype)
+        device = pick_device(device)
+        dtype = pick_dtype(device, dtype)
         load: dict[str, Any] = {"dtype": dtype} if _version_at_least(transformers.__version__, "4.56") else {"torch_dtype": dtype}
         if attn_implementation is not None:
             load["attn_implementation"] = attn_implementation
         if str(device) == "auto":
             load["device_map"] = "auto"
-        model = getattr(transformers, name).from_pretrained(model_id_or_path, **load)
+        model = load_hf(name, getattr(transformers, class_name).from_pretrained, **load)
         if str(device) != "auto":
             model = model.to(device)
-        tokenizer = transformers.AutoTokenizer.from_pretrained(model_id_or_path)
-        mean, std = _image_stats(transformers, model_id_or_path, config)
-        kwargs.setdefault("prompt_format", PROMPT_FORMATS.get(config.model_type))
+        tokenizer = load_hf(name, transformers.AutoTokenizer.from_pretrained)
+        mean, std = _image_stats(transformers, name, config)
+        kwargs.setdefault("prompt_format", cls._PROMPT_FORMATS.get(config.model_type))
         kwargs.setdefault("image_mean", mean)
         kwargs.setdefault("image_std", std)
         return cls(model=model, tokenizer=tokenizer, **kwargs)
@@ -402,8 +435,16 @@ class LlavaAnswerer:
         prefix, suffix = text.split(_SENTINEL)
         return prefix, suffix
 
+    def project(self, features: torch.Tensor) -> torch.Tensor:
+        """``(N, dim)`` memory tokens -> ``(N, H)`` LM input embeddings (the multimodal projector)."""
+        p = next(self.projector.parameters())
+        return self.projector(features.to(p.device, p.dtype))
+
     def question_text(self, question: str, candidates: Sequence[str]) -> str:
-        """``"{question}\\nA. ...\\nB. ...\\n{instruction}"``."""
+        """``"{question}\\nA. ...\\nB. ...\\n{instruction}"``; without candidates (a free-form
+        question) ``"{question}\\n{free_form_instruction}"``."""
+        if not candidates:
+            return f"{question}\n{self.free_form_instruction}" if self.free_form_instruction else question
         self._check_candidates(candidates)
         options = "\n".join(f"{self.letters[i]}. {c}" for i, c in enumerate(candidates))
         return f"{question}\n{options}\n{self.instruction}"
@@ -450,8 +491,7 @@ class LlavaAnswerer:
         prefix = add_text(prefix_text, bos=bos)
         spans: list[FrameSpan] = []
         if len(mem):
-            pdev = next(self.projector.parameters())
-            projected = self.projector(mem.features.to(pdev.device, pdev.dtype)).to(dev, dt)  # N, H
+            projected = self.project(mem.features).to(dev, dt)  # N, H
             _, counts = torch.unique_consecutive(mem.frame_index, return_counts=True)
             start_tok = 0
             for k, n in enumerate(counts.tolist(), start=1):
@@ -519,10 +559,32 @@ class LlavaAnswerer:
             for h in handles:
                 h.remove()
 
+    @contextmanager
+    def _attention_columns(self, cols: list[torch.Tensor]) -> Iterator[int]:
+        """Collect, per LM layer, the attention each position received (summed over heads and queries)."""
+
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+            w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if isinstance(w, torch.Tensor) and w.dim() == 4:
+                cols.append(w[0].float().sum((0, 1)))
+
+        mods = [m for n, m in self.language_model.named_modules() if n.rsplit(".", 1)[-1] == "self_attn"]
+        handles = [m.register_forward_hook(hook) for m in mods]
+        try:
+            yield len(mods)
+        finally:
+            for h in handles:
+                h.remove()
+
     @torch.no_grad()
-    def answer(self, memory: Tokens, question: str, candidates: Sequence[str], query_time: float | None = None) -> Answer:
-        """Choose among ``candidates`` given the memory tokens (``(N, dim)`` pre-projector features)."""
+    def answer(self, memory: Tokens, question: str, candidates: Sequence[str] | None = None,
+               query_time: float | None = None) -> Answer:
+        """Choose among ``candidates`` given the memory tokens (``(N, dim)`` pre-projector features),
+        or, with no candidates, generate a free-form answer (see :meth:`_answer_cached`)."""
+        candidates = list(candidates or [])
         embeds, mask, layout = self.build_inputs(memory, question, candidates)
+        if not candidates or self.press is not None:
+            return self._answer_cached(memory, embeds, mask, layout, candidates, query_time)
         rows: list[torch.Tensor] = []
         note = None
         want = self.evidence_top_k > 0 and bool(layout.frames)
@@ -537,15 +599,29 @@ class LlavaAnswerer:
             else:
                 out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=False)
         logits = out.logits[0, -1].float().cpu()
-        scores = torch.stack([torch.logsumexp(logits[self.letter_ids(self.letters[i])], 0) for i in range(len(candidates))])
-        probs = torch.softmax(scores, 0)
-        idx = int(torch.argmax(probs))
+        scores, probs, idx = self._letter_probs(logits, len(candidates))
 
         extra: dict[str, Any] = {"letter_logits": scores.tolist(), "prompt_tokens": layout.length,
                                  "memory_tokens": len(memory), "memory_frames": len(layout.frames)}
+        evidence = self._evidence(torch.stack(rows).mean(0) if rows else None, layout, want, note, extra)
+        if self.generate_tokens > 0:
+            gen = self.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=self.generate_tokens,
+                                      do_sample=False)
+            extra["generated"] = self.tokenizer.decode(gen[0], skip_special_tokens=True)
+        return Answer(index=idx, letter=self.letters[idx], text=str(candidates[idx]), confidence=float(probs[idx]),
+                      probs=probs.tolist(), evidence=evidence, query_time=query_time, extra=extra)
+
+    def _letter_probs(self, logits: torch.Tensor, n: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+        """Option scores (logsumexp over each letter's spellings), their softmax and the argmax."""
+        scores = torch.stack([torch.logsumexp(logits[self.letter_ids(self.letters[i])], 0) for i in range(n)])
+        probs = torch.softmax(scores, 0)
+        return scores, probs, int(torch.argmax(probs))
+
+    def _evidence(self, att: torch.Tensor | None, layout: PromptLayout, want: bool, note: str | None,
+                  extra: dict) -> list[dict]:
+        """The heaviest stored frames by the last position's attention ``att`` (``(S,)``, prompt positions)."""
         evidence: list[dict] = []
-        if want and rows:
-            att = torch.stack(rows).mean(0)  # S
+        if want and att is not None:
             per_frame = torch.stack([att[f.tokens[0]:f.tokens[1]].sum() for f in layout.frames])
             total = float(per_frame.sum())
             extra["memory_attention"] = total
@@ -557,12 +633,168 @@ class LlavaAnswerer:
                                  "weight": float(weights[j]), "level": f.level})
         elif want:
             extra["evidence_note"] = note or "the LM's attention modules returned no weights"
-        if self.generate_tokens > 0:
-            gen = self.model.generate(inputs_embeds=embeds, attention_mask=mask, max_new_tokens=self.generate_tokens,
-                                      do_sample=False)
-            extra["generated"] = self.tokenizer.decode(gen[0], skip_special_tokens=True)
-        return Answer(index=idx, letter=self.letters[idx], text=str(candidates[idx]), confidence=float(probs[idx]),
-                      probs=probs.tolist(), evidence=evidence, query_time=query_time, extra=extra)
+        return evidence
+
+    def _answer_cached(self, memory: Tokens, embeds: torch.Tensor, mask: torch.Tensor, layout: PromptLayout,
+                       candidates: list[str], query_time: float | None) -> Answer:
+        """Answer over a key-value cache: with ``press``, prefill the memory prefix, compress the
+        cache and run the question over it (:mod:`streammem.models.vlm_press`); without, one
+        cached pass. With candidates the option letters are scored as in :meth:`answer`; without,
+        the answer is decoded greedily (at most ``max_new_tokens``, up to an end-of-sequence
+        token): ``text`` is the generated text, ``confidence`` the geometric mean of the chosen
+        tokens' probabilities, ``index`` -1, ``letter`` and ``probs`` empty."""
+        want = self.evidence_top_k > 0 and bool(layout.frames)
+        scored = self.press is not None and self.press.needs_scores and bool(layout.frames)
+        extra: dict[str, Any] = {"prompt_tokens": layout.length, "memory_tokens": len(memory),
+                                 "memory_frames": len(layout.frames)}
+        with self._eager_lm() if (want or scored) else _null() as why:
+            if scored and why is not None:
+                raise RuntimeError(f"the {self.press.name} press needs the LM's attention weights: {why}")
+            logits, att, cache, info = self._cached_pass(embeds, mask, layout, want and why is None, scored)
+        extra.update(info)
+        evidence = self._evidence(att, layout, want, why, extra)
+        if candidates:
+            scores, probs, idx = self._letter_probs(logits, len(candidates))
+            extra["letter_logits"] = scores.tolist()
+            return Answer(index=idx, letter=self.letters[idx], text=str(candidates[idx]),
+                          confidence=float(probs[idx]), probs=probs.tolist(), evidence=evidence,
+                          query_time=query_time, extra=extra)
+        ids, logps = self._greedy(logits, cache, layout.length)
+        text = self.tokenizer.decode(ids, skip_special_tokens=True).strip()
+        conf = float(torch.tensor(logps).mean().exp()) if logps else 0.0
+        extra.update(free_form=True, generated_tokens=len(ids), token_probs=[float(torch.tensor(lp).exp()) for lp in logps])
+        return Answer(index=-1, letter="", text=text, confidence=conf, probs=[], evidence=evidence,
+                      query_time=query_time, extra=extra)
+
+    def _cached_pass(self, embeds: torch.Tensor, mask: torch.Tensor, layout: PromptLayout, rows_wanted: bool,
+                     scored: bool) -> tuple[torch.Tensor, torch.Tensor | None, Any, dict]:
+        """``(next-token logits (V,), last-position attention over prompt positions (S,) or None,
+        the cache, info)``; the cache holds the (compressed) prompt, ready for decoding."""
+        rows: list[torch.Tensor] = []
+        if self.press is None or not layout.frames:
+            with self._attention_rows(rows) if rows_wanted else _null():
+                out = self.model(inputs_embeds=embeds, attention_mask=mask, use_cache=True)
+            att = torch.stack(rows).mean(0) if rows else None
+            return out.logits[0, -1].float().cpu(), att, _out_cache(out), {}
+        # 1. prefill the memory prefix (everything before the question)
+        s, p = layout.length, layout.suffix[0]
+        cols: list[torch.Tensor] = []
+        with self._attention_columns(cols) if scored else _null():
+            pre = self.model(inputs_embeds=embeds[:, :p], attention_mask=mask[:, :p], use_cache=True)
+        cache = _out_cache(pre)
+        # 2. compress each layer's cache over the memory positions
+        mem_pos = layout.memory_positions
+        kept: list[torch.Tensor] = []
+        for i, layer in enumerate(cache.layers):
+            layer.keys, layer.values, pos = self.press.compress_layer(layer.keys, layer.values, mem_pos,
+                                                                      cols[i].cpu() if cols else None)
+            kept.append(pos)
+        # 3. the question over the compressed cache, at its uncompressed positions
+        c = cache.get_seq_length()
+        dev = embeds.device
+        with self._attention_rows(rows) if rows_wanted else _null():
+            out = self.model(inputs_embeds=embeds[:, p:], attention_mask=torch.ones(1, c + s - p, dtype=torch.long, device=dev),
+                             position_ids=torch.arange(p, s, device=dev)[None], use_cache=True, **self._cache_arg(cache))
+        att = None
+        if rows:  # each layer's row is over its own kept entries: back to prompt positions
+            att = torch.zeros(s)
+            for r, pos in zip(rows, kept):
+                att.index_add_(0, pos, r[:len(pos)])
+                att[p:] += r[len(pos):]
+            att /= len(rows)
+        info = {"press": self.press.name, "press_ratio": self.press.ratio,
+                "memory_tokens_kept": self.press.kept(len(mem_pos)), "cache_tokens": c}
+        return out.logits[0, -1].float().cpu(), att, cache, info
+
+    def _cache_arg(self, cache: Any) -> dict:
+        """``{"cache": cache}`` (transformers >= 5.25) or ``{"past_key_values": cache}``."""
+        if not hasattr(self, "_cache_kw"):
+            params = inspect.signature(self.model.forward).parameters
+            self._cache_kw = "cache" if "cache" in params else "past_key_values"
+        return {self._cache_kw: cache}
+
+    def _stop_ids(self) -> set[int]:
+        ids = {self.tokenizer.eos_token_id}
+        gen = getattr(self.model, "generation_config", None)
+        eos = getattr(gen, "eos_token_id", None)
+        ids |= set(eos) if isinstance(eos, (list, tuple)) else {eos}
+        return {int(i) for i in ids if i is not None}
+
+    def _greedy(self, logits: torch.Tensor, cache: Any, position: int) -> tuple[list[int], list[float]]:
+        """Greedy decoding from ``logits`` over ``cache``; the first new token sits at ``position``.
+        Returns the token ids (without the stop token) and their log-probabilities."""
+        stop, embed = self._stop_ids(), self.model.get_input_embeddings()
+        dev = embed.weight.device
+        ids: list[int] = []
+        logps: list[float] = []
+        for step in range(self.max_new_tokens):
+            lp = torch.log_softmax(logits.float(), -1)
+            tok = int(torch.argmax(lp))
+            if tok in stop:
+                break
+            ids.append(tok)
+            logps.append(float(lp[tok]))
+            if step + 1 == self.max_new_tokens:
+                break
+            out = self.model(inputs_embeds=embed(torch.tensor([[tok]], device=dev)),
+                             attention_mask=torch.ones(1, cache.get_seq_length() + 1, dtype=torch.long, device=dev),
+                             position_ids=torch.tensor([[position + step]], device=dev), use_cache=True,
+                             **self._cache_arg(cache))
+            logits = out.logits[0, -1].cpu()
+        return ids, logps
+
+
+@dataclass(eq=False)
+class VLMFrameEncoder:
+    """A VLM answerer's frame encoder as the QA pipeline's ``encoder``: ``Frame -> Tokens``
+    (``grid*grid`` vision features, :meth:`LlavaAnswerer.encode_frames`), with ``dim`` and ``grid``."""
+
+    answerer: LlavaAnswerer
+
+    @property
+    def dim(self) -> int:
+        return self.answerer.dim
+
+    @property
+    def grid(self) -> int:
+        return self.answerer.grid
+
+    def __call__(self, frame: Frame) -> Tokens:
+        return self.answerer.encode_frames([frame])[0]
+
+
+def load_answerer(spec: str, device: str | torch.device | None = None, dtype: torch.dtype | str | None = None,
+                  **kwargs: Any) -> LlavaAnswerer:
+    """The VLM answerer for ``hf:<model id or folder>``, chosen by the checkpoint's ``config.model_type``:
+    LLaVA, LLaVA-NeXT(-Video), LLaVA-OneVision -> :class:`LlavaAnswerer`; SmolVLM / SmolVLM2,
+    Idefics3 -> :class:`~streammem.models.smolvlm.SmolVLMAnswerer`. ``kwargs`` are the answerer's
+    fields (``grid``, ``press``, ``max_new_tokens`` ...).
+
+    Raises :class:`~streammem.models.hf.HubUnavailable` (one line) when a hub id cannot be
+    fetched, ValueError for a spec that is not ``hf:...`` or a model of another family.
+
+    Example (downloads ~0.5 GB)::
+
+        qa = load_answerer("hf:HuggingFaceTB/SmolVLM2-256M-Video-Instruct")
+    """
+    from streammem.models.smolvlm import SmolVLMAnswerer
+
+    name = parse_spec(spec)
+    if name is None:
+        raise ValueError(f"a VLM answerer is named hf:<model id or folder>, got {spec!r}")
+    transformers = require_transformers()
+    config = load_hf(name, transformers.AutoConfig.from_pretrained)
+    for cls in (LlavaAnswerer, SmolVLMAnswerer):
+        if config.model_type in cls._MODEL_CLASSES:
+            return cls.from_pretrained(name, device=device, dtype=dtype, **kwargs)
+    known = sorted({*LlavaAnswerer._MODEL_CLASSES, *SmolVLMAnswerer._MODEL_CLASSES})
+    raise ValueError(f"{name} is a {config.model_type!r} model; hf: answerers support {', '.join(known)}")
+
+
+def _out_cache(out: Any) -> Any:
+    """The key-value cache of a model output (``cache`` from transformers 5.25, else ``past_key_values``)."""
+    cache = getattr(out, "cache", None)
+    return cache if cache is not None else out.past_key_values
 
 
 @contextmanager
@@ -590,7 +822,7 @@ def _image_stats(transformers: Any, path: str, config: Any) -> tuple[tuple[float
             return mean, std
     except Exception:  # noqa: BLE001 - a missing or unloadable processor config falls back below
         pass
-    if getattr(config.vision_config, "model_type", "") == "siglip_vision_model":
+    if getattr(config.vision_config, "model_type", "") in ("siglip_vision_model", "smolvlm_vision", "idefics3_vision"):
         return (0.5, 0.5, 0.5), (0.5, 0.5, 0.5)
     return CLIP_MEAN, CLIP_STD
 

@@ -25,7 +25,9 @@ What is known before any frame is read is bad input, raised by ``schedule`` / ``
 :meth:`StreamingQAPipeline.refusal`): words the answerer does not know (an answerer with a
 ``refusal(question, candidates)`` method, as ``SmallAnswerer`` has), a question without options
 that is not a yes/no question (:func:`~streammem.models.answerer.refusal.is_yes_no`; a yes/no
-question without options gets ``["yes", "no"]``), a negative time. What depends on the stream
+question without options gets ``["yes", "no"]``; an answerer with ``free_form = True``, the
+``hf:`` VLMs of :func:`load_hf_qa`, answers any question without options with generated
+text instead), a negative time. What depends on the stream
 comes back in place of the answer (a scheduled question's future resolves with it, ``ask``
 returns it, ``step`` / ``finish`` / ``run`` yield it, ``records`` writes it with
 ``"refused": true``): no frame in memory at the question's time (``"no_memory"``), or, at
@@ -75,7 +77,7 @@ from streammem.models.answerer.refusal import YES_NO_STARTS, QuestionRefused, Re
 from streammem.pipelines.base import HeadBase, annotate_text
 from streammem.types import Answer, Frame, Tokens
 
-__all__ = ["StreamingQAPipeline", "QAConfig", "Question", "answer_record", "load_default_qa", "RETENTIONS",
+__all__ = ["StreamingQAPipeline", "QAConfig", "Question", "answer_record", "load_default_qa", "load_hf_qa", "RETENTIONS",
            "retention_overrides", "Refusal", "QuestionRefused"]
 
 #: pyramid retention rules by name: PyramidConfig overrides.
@@ -167,6 +169,7 @@ class StreamingQAPipeline(HeadBase):
     def __init__(self, encoder, answerer, memory: Memory | str = "ovbench", dual: DualMemory | None = None,
                  keep_thumbnails: bool = False, thumb_side: int = 96, retention: str = "spread") -> None:
         self.encoder, self.answerer = encoder, answerer
+        self.free_form = bool(getattr(answerer, "free_form", False))
         dim = getattr(encoder, "dim", None)
         overrides = retention_overrides(retention)
         self.config = QAConfig(memory=memory if isinstance(memory, str) else type(memory).__name__,
@@ -384,7 +387,7 @@ class StreamingQAPipeline(HeadBase):
         refused = check(question, list(candidates or ())) if check is not None else None
         if refused is not None:
             return replace(refused, query_time=at)
-        if not candidates and not is_yes_no(question):
+        if not candidates and not self.free_form and not is_yes_no(question):
             starts = f"{', '.join(YES_NO_STARTS[:-1])} or {YES_NO_STARTS[-1]}"
             return Refusal("options", f'"{question}" needs options: a question is answered yes or no without options '
                            f'only when it starts with {starts} and has no "or" (for example "Is there a cat in view '
@@ -406,10 +409,10 @@ class StreamingQAPipeline(HeadBase):
             raise ValueError("candidates must be None (a yes/no question) or a list of at least 2 non-empty strings, "
                              f"got {candidates!r}")
 
-    @staticmethod
-    def candidates_for(candidates: list[str] | None) -> list[str]:
-        """The options a question is answered with: its candidates, or yes / no."""
-        return list(candidates) if candidates else ["yes", "no"]
+    def candidates_for(self, candidates: list[str] | None) -> list[str]:
+        """The options a question is answered with: its candidates, or yes / no (none: a free-form
+        question, for a free-form answerer)."""
+        return list(candidates) if candidates else [] if self.free_form else ["yes", "no"]
 
     def _stream_refusal(self, at: float, before: float) -> Refusal | None:
         """The refusal of a question due at ``at`` when the next frame is at ``before`` (``inf``:
@@ -516,3 +519,28 @@ def load_default_qa(memory: Memory | str = "ovbench", **kw) -> StreamingQAPipeli
     enc = GridEncoder.from_pretrained(str(path("grid_encoder"))).eval()
     ans = SmallAnswerer.from_pretrained(str(path("answerer"))).eval()
     return StreamingQAPipeline(enc, ans, memory=memory, **kw)
+
+
+def load_hf_qa(spec: str, memory: Memory | str = "ovbench", press: str | None = None, press_ratio: float = 0.5,
+               device: str | None = None, dtype: str | None = None, answerer_options: dict | None = None,
+               **kw) -> StreamingQAPipeline:
+    """A QA pipeline whose encoder and answerer are the VLM named ``hf:<model id or folder>``
+    (:func:`~streammem.models.vlm.load_answerer`: LLaVA, LLaVA-OneVision, SmolVLM2, Idefics3):
+    its vision tower writes the memory, its LM answers multiple-choice questions and, without
+    options, free-form ones. ``press`` (``sink_window``, ``h2o``, ``kvmerger``, ``mikv``)
+    compresses the key-value cache of the memory prefix to ``press_ratio`` of its memory
+    entries before the question is decoded (:class:`~streammem.models.vlm_press.CachePress`).
+
+    Raises :class:`~streammem.models.hf.HubUnavailable` when a hub id cannot be fetched,
+    ValueError for an unknown press, ratio or model family.
+
+    Example (downloads ~0.5 GB)::
+
+        pipe = load_hf_qa("hf:HuggingFaceTB/SmolVLM2-256M-Video-Instruct", press="h2o", press_ratio=0.25)
+    """
+    from streammem.models.vlm import VLMFrameEncoder, load_answerer
+    from streammem.models.vlm_press import CachePress
+
+    cache_press = CachePress(press, press_ratio) if press is not None else None  # checked before any load
+    qa = load_answerer(spec, device=device, dtype=dtype, press=cache_press, **(answerer_options or {}))
+    return StreamingQAPipeline(VLMFrameEncoder(qa), qa, memory=memory, **kw)

@@ -6,7 +6,9 @@ set; in each set the pivot is the token with the most accumulated attention, and
 becomes one token, the weighted average with ``w_i = exp(-||k_i - k_p||^2 / (2 sigma^2))``
 (values with the same weights). The paper picks the threshold to meet a budget; here the
 threshold is given, and if ``budget`` is set and merging leaves more tokens than that, the
-``budget`` most recent are kept (ours). The merged token takes the pivot's provenance (frame,
+``budget`` most recent are kept (ours). With ``keep`` set, the threshold is the one that meets
+that budget, as the paper picks it: the ``N - keep`` most similar adjacent pairs are merged
+(ties: the older pair first), so exactly ``min(N, keep)`` tokens come out. The merged token takes the pivot's provenance (frame,
 time, grid, pose) and the summed score of its set. Without scores the pivot is the newest
 token of the set (ours). ``sigma`` default 1.0 is ours (the paper tunes it).
 
@@ -18,6 +20,8 @@ Example:
     >>> k = torch.tensor([[1., 0], [1, 0.01], [0, 1], [-1, 0]])
     >>> len(KVMergerPress(threshold=0.9)(Tokens.from_grid(k[None], 0, 0.0)))
     3
+    >>> len(KVMergerPress(keep=2)(Tokens.from_grid(k[None], 0, 0.0)))
+    2
 """
 
 from __future__ import annotations
@@ -41,6 +45,7 @@ class KVMergerPress(Press):
     threshold: float = 0.9
     sigma: float = 1.0
     budget: int | None = None
+    keep: int | None = None
 
     def __post_init__(self) -> None:
         check_field(isinstance(self.threshold, (int, float)) and -1 <= self.threshold <= 1, "KVMergerPress",
@@ -49,13 +54,20 @@ class KVMergerPress(Press):
                     "a number > 0", self.sigma)
         check_field(self.budget is None or (isinstance(self.budget, int) and self.budget >= 1), "KVMergerPress",
                     "budget", "None or an int >= 1", self.budget)
+        check_field(self.keep is None or (isinstance(self.keep, int) and self.keep >= 1), "KVMergerPress",
+                    "keep", "None or an int >= 1", self.keep)
 
     def runs(self, tokens: Tokens) -> torch.Tensor:
         """``(N,)`` run id of each token (consecutive tokens with cosine > threshold share one)."""
         k = tokens.features.float()
         if len(tokens) < 2:
             return torch.zeros(len(tokens), dtype=torch.int64)
-        same = F.cosine_similarity(k[1:], k[:-1], dim=-1) > self.threshold
+        sim = F.cosine_similarity(k[1:], k[:-1], dim=-1)
+        if self.keep is None:
+            same = sim > self.threshold
+        else:  # the N - keep most similar adjacent pairs: the threshold that meets the budget
+            same = torch.zeros(len(sim), dtype=torch.bool)
+            same[torch.argsort(-sim, stable=True)[:max(0, len(tokens) - self.keep)]] = True
         return torch.cat([torch.zeros(1, dtype=torch.int64), torch.cumsum((~same).long(), 0)])
 
     def compress(self, tokens, values=None):
@@ -87,4 +99,5 @@ class KVMergerPress(Press):
         return out, values
 
     def max_kept(self):
-        return self.budget
+        bounds = [b for b in (self.budget, self.keep) if b is not None]
+        return min(bounds) if bounds else None
