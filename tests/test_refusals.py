@@ -67,7 +67,7 @@ def test_unknown_words_are_refused_naming_them(pipe):
     r = exc.value.refusal
     assert r.kind == "vocabulary" and r.unknown_words == ("an", "elephant") and r.refused and not r.evidence
     assert '"elephant"' in r.reason and '"Is there a cat in view now?"' in r.reason
-    assert "StreamWorld" in r.reason and "LlavaAnswerer" in r.reason and "streammem/models/vlm.py" in r.reason
+    assert "StreamWorld" in r.reason and "--answerer hf:" in r.reason
     # the options are read too, and schedule refuses the same way (nothing is scheduled)
     with pytest.raises(QuestionRefused, match='"van"') as exc:
         pipe.schedule("What colour is the van?", ["white", "red", "green"], at=1.0)
@@ -169,11 +169,11 @@ def ask(*args: str):
 def test_cli_says_it_was_trained_on_streamworld_and_points_to_vlms():
     res = CliRunner().invoke(app, ["ask", "--help"], terminal_width=200)
     assert res.exit_code == 0
-    assert "trained only on StreamWorld" in res.output and "LlavaAnswerer" in res.output
+    assert "trained only on StreamWorld" in res.output and "--answerer" in res.output
     res = ask(WORLD, "--at", "1", "Is there a cat in view now?")
     assert res.exit_code == 0, res.output
     first = res.output.splitlines()[0]
-    assert "trained only on StreamWorld" in first and "LlavaAnswerer in streammem/models/vlm.py" in first
+    assert "trained only on StreamWorld" in first and "--answerer hf:" in first
     assert "-> (A) yes" in res.output or "-> (B) no" in res.output  # a yes/no question needs no options
 
 

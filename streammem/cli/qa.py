@@ -49,7 +49,7 @@ _OPT_RE = re.compile(r"\(?([A-E])[).:]\s*")
 #: the first line of ``ask``'s output (and part of its --help)
 SHIPPED_NOTE = ("the shipped answerer was trained only on StreamWorld (its 11 object classes, its colours and the "
                 "wording of its questions) and refuses other questions; for real footage use a vision-language "
-                "model: LlavaAnswerer in streammem/models/vlm.py (transformers)")
+                "model: --answerer hf:<model id or folder> (e.g. hf:HuggingFaceTB/SmolVLM2-256M-Video-Instruct)")
 _OPTIONS_HINT = " (options: -c OPTION, repeated, or '(A) x (B) y' in the question)"
 
 
@@ -134,8 +134,8 @@ def ask(
 
     The shipped answerer was trained only on StreamWorld (its 11 object classes, its colours and
     the wording of its questions, e.g. "Is there a cat in view now?"); it is not meant for real
-    footage. For real footage use a vision-language model: LlavaAnswerer in
-    streammem/models/vlm.py (transformers).
+    footage. For real footage use a vision-language model from transformers:
+    --answerer hf:<model id or folder> (SmolVLM2, LLaVA, LLaVA-OneVision).
 
     A question without options is answered yes or no only if it starts with is, are, was, were,
     has, have, had, do, does, did, can, could, will or would and has no "or"; any other needs

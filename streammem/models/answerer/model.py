@@ -543,7 +543,7 @@ class SmallAnswerer(nn.Module, SafeHubMixin):
         ask = f" It can answer, for example, {' or '.join(examples)}." if examples else ""
         reason = (f"the answerer does not know the word{'s' if len(words) > 1 else ''} {named}: it was trained "
                   f"only on StreamWorld and knows {knows}.{ask} For real footage use a vision-language model: "
-                  "LlavaAnswerer in streammem/models/vlm.py (transformers).")
+                  "streammem ask --answerer hf:<model id or folder> (e.g. hf:HuggingFaceTB/SmolVLM2-256M-Video-Instruct).")
         return Refusal("vocabulary", reason, unknown_words=tuple(words))
 
     @torch.no_grad()
