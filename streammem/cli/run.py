@@ -66,7 +66,8 @@ def run(
     """The main job: stream SOURCE through the memory and the heads.
 
     Writes OUT/annotated.mp4, OUT/frames.jsonl, OUT/detections.jsonl, OUT/answers.jsonl,
-    OUT/summary.json and OUT/memory.safetensors.
+    OUT/summary.json, OUT/report.html (self-contained: answers with evidence thumbnails, the
+    detection table, memory occupancy plots) and OUT/memory.safetensors.
     """
     with job_errors():
         result = run_main_job(
@@ -107,5 +108,7 @@ def run(
     typer.echo(f"  video:   {result.video}")
     typer.echo(f"  stats:   {result.jsonl}")
     typer.echo(f"  summary: {result.summary_path}")
+    if s["outputs"].get("report"):
+        typer.echo(f"  report:  {s['outputs']['report']}")
     if result.error is not None:
         fail(f"{result.error} (everything before it was written)", code=1)
