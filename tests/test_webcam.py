@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import io
 import json
+import signal
+import threading
 import time
 
 import numpy as np
@@ -18,7 +20,7 @@ from streammem.io import SourceOpenError, SourceReadError, open_source
 from streammem.memory import PyramidMemory
 from streammem.models.answerer import SmallAnswerer, Vocab
 from streammem.pipelines import HeadBase
-from streammem.pipelines.jobs.webcam import Backoff, display_available, run_webcam
+from streammem.pipelines.jobs.webcam import Backoff, display_available, run_webcam, stop_on_sigint
 from streammem.pipelines.qa import StreamingQAPipeline
 from streammem.types import Frame, Tokens
 
@@ -186,6 +188,29 @@ def test_questions_typed_while_it_runs_are_answered_at_the_current_time(tmp_path
     assert [q for q, _, _ in said] == [a["question"] for a in res.answers]
     lines_written = (tmp_path / "answers.jsonl").read_text().splitlines()
     assert len(lines_written) == 3 and res.summary["answers"] == 3
+
+
+@pytest.mark.parametrize("presses", [1, 2])
+def test_ctrl_c_stops_and_writes_the_summary(tmp_path, presses):
+    """A first Ctrl-C stops after the current frame; a second one stops at once. Both write
+    the summary and keep the video."""
+
+    class CtrlC(Recorder):
+        def step(self, frame):
+            if frame.index == 5:
+                for _ in range(presses):
+                    signal.raise_signal(signal.SIGINT)
+            return super().step(frame)
+
+    interrupt = threading.Event()
+    with stop_on_sigint(interrupt):
+        res = run_webcam(CtrlC(), "camera:9", tmp_path, view="file", interrupt=interrupt,
+                         opener=scripted(FakeCamera(1000)), realtime=False)
+    assert signal.getsignal(signal.SIGINT) is signal.default_int_handler  # put back
+    assert res.summary["stopped"] == "interrupt" and interrupt.is_set()
+    assert res.summary["frames_processed"] == (6 if presses == 1 else 5)
+    assert json.loads((tmp_path / "summary.json").read_text())["stopped"] == "interrupt"
+    assert (tmp_path / "annotated.mp4").stat().st_size > 0
 
 
 def test_questions_need_a_qa_head(tmp_path):

@@ -22,7 +22,7 @@ import typer
 from streammem.cli.common import app, default, fail, job_errors
 from streammem.cli.qa import SHIPPED_NOTE, _print_answer, _refusal_text, split_options
 from streammem.pipelines.detection import DetectionConfig
-from streammem.pipelines.jobs.webcam import Backoff, display_available, run_webcam, stop_on_sigint
+from streammem.pipelines.jobs.webcam import VIEWS, Backoff, display_available, run_webcam, stop_on_sigint
 from streammem.pipelines.qa import QAConfig
 
 TASKS = ("detect", "qa")
@@ -74,6 +74,11 @@ def webcam(
         fail(f"--task must be one of {', '.join(TASKS)}, got {task!r}")
     uri = source or f"camera:{camera}"
     interrupt = threading.Event()
+    shown, why = display_available()
+    if view not in VIEWS:
+        fail(f"--view must be one of {', '.join(VIEWS)}, got {view!r}")
+    if view == "window" and not shown:
+        fail(f"cannot show a window: {why}; use --view file")
     with job_errors():
         backoff = Backoff(retry_initial, retry_factor, retry_max_wait, max_retries)
         if task == "detect":
@@ -84,7 +89,6 @@ def webcam(
             from streammem.pipelines.qa import load_default_qa
 
             head = load_default_qa(memory=memory)
-        shown, why = display_available()
         if view == "auto" and not shown:
             typer.echo(f"streammem webcam: {why}; the overlay goes to {out}/annotated.mp4", err=True)
         if task == "qa":

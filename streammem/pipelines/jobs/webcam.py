@@ -60,7 +60,7 @@ from streammem.pipelines.jobs.base import OutputDir, fit_to, write_summary
 from streammem.pipelines.stream import StreamItem, run_stream
 from streammem.types import Frame
 
-__all__ = ["Backoff", "WebcamResult", "display_available", "parse_question", "run_webcam", "stop_on_sigint"]
+__all__ = ["VIEWS", "Backoff", "WebcamResult", "display_available", "parse_question", "run_webcam", "stop_on_sigint"]
 
 VIEWS = ("auto", "window", "file")
 
