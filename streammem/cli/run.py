@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -109,6 +110,6 @@ def run(
     typer.echo(f"  stats:   {result.jsonl}")
     typer.echo(f"  summary: {result.summary_path}")
     if s["outputs"].get("report"):
-        typer.echo(f"  report:  {s['outputs']['report']}")
+        typer.echo(f"  report:  {Path(s['outputs']['report']).resolve()}  (self-contained HTML: open it in a browser)")
     if result.error is not None:
         fail(f"{result.error} (everything before it was written)", code=1)
