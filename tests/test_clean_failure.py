@@ -144,7 +144,7 @@ def test_a_failure_before_the_first_frame_keeps_an_earlier_runs_files(broken, tm
 # ---------------------------------------------------------------------- mid-stream: exit 1, kept
 def test_run_and_detect_keep_their_outputs_after_a_mid_stream_error(broken, tmp_path):
     for command, files in (("run", {"annotated.mp4", "frames.jsonl", "detections.jsonl", "memory.safetensors",
-                                    "summary.json"}),
+                                    "summary.json", "report.html"}),
                            ("detect", {"annotated.mp4", "detections.jsonl", "summary.json"})):
         out = tmp_path / command
         res = cli(*STREAM_COMMANDS[command](broken["truncated"], out))

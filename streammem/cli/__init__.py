@@ -8,13 +8,14 @@
 ``generate.py``  ``streammem generate``, ``train generator``
 ``routing.py``   ``streammem eval routing``
 ``world.py``     ``streammem world export|gallery``
+``webcam.py``    ``streammem webcam`` (live detection or questions on a camera)
 ===============  =====================================================================
 
 Commands are thin: they parse options and call the jobs in :mod:`streammem.pipelines.jobs`,
 the trainers in :mod:`streammem.train` and the evaluations in :mod:`streammem.eval`.
 """
 
-from streammem.cli import detect, generate, qa, routing, run  # noqa: F401  (each module adds its commands)
+from streammem.cli import detect, generate, qa, routing, run, webcam  # noqa: F401  (each module adds its commands)
 from streammem.cli.common import app, eval_app, train_app
 from streammem.cli.world import app as world_app
 

@@ -7,6 +7,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 from typing import Optional
 
 import typer
@@ -66,7 +67,8 @@ def run(
     """The main job: stream SOURCE through the memory and the heads.
 
     Writes OUT/annotated.mp4, OUT/frames.jsonl, OUT/detections.jsonl, OUT/answers.jsonl,
-    OUT/summary.json and OUT/memory.safetensors.
+    OUT/summary.json, OUT/report.html (self-contained: answers with evidence thumbnails, the
+    detection table, memory occupancy plots) and OUT/memory.safetensors.
     """
     with job_errors():
         result = run_main_job(
@@ -107,5 +109,7 @@ def run(
     typer.echo(f"  video:   {result.video}")
     typer.echo(f"  stats:   {result.jsonl}")
     typer.echo(f"  summary: {result.summary_path}")
+    if s["outputs"].get("report"):
+        typer.echo(f"  report:  {Path(s['outputs']['report']).resolve()}  (self-contained HTML: open it in a browser)")
     if result.error is not None:
         fail(f"{result.error} (everything before it was written)", code=1)

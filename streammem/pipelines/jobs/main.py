@@ -13,6 +13,8 @@ objects keeping the :class:`~streammem.pipelines.base.Head` contract can be run 
 ``run_main_job(source, out, heads=[my_head, ...])``.
 
 Outputs: ``annotated.mp4``, ``frames.jsonl``, one JSONL per head, ``summary.json``,
+``report.html`` (self-contained: the answers with their evidence thumbnails, the detection table,
+every memory's occupancy over time; :mod:`streammem.pipelines.jobs.report`),
 ``memory.safetensors`` (the main memory: the QA head's pyramid, or a PatchEncoder pyramid
 when no head has one) and, with ``save_heads``, ``heads.safetensors`` (every head's
 ``state_dict``, each under ``"<name>."``; tens of MB with the default detection banks).
@@ -32,6 +34,7 @@ from streammem.memory import Memory, PyramidMemory
 from streammem.models.encoder import PatchEncoder
 from streammem.pipelines.base import Head, StatsOutput, StatsPipeline, annotate_text
 from streammem.pipelines.jobs.base import JobResult, OutputDir, drain, fit_to, output_fps, write_summary
+from streammem.pipelines.jobs.report import ReportCollector, write_report
 from streammem.pipelines.stream import StreamItem, run_stream
 from streammem.types import Frame
 
@@ -162,7 +165,7 @@ def default_heads(names: Sequence[str] = DEFAULT_HEADS, memory: str = "ovbench",
         try:
             from streammem.pipelines.qa import load_default_qa
 
-            qa = load_default_qa(memory=memory, retention=retention)
+            qa = load_default_qa(memory=memory, retention=retention, keep_thumbnails=True)  # the report's evidence
             for q in questions:
                 qa.schedule(q["question"], q["candidates"], float(q["middle_frame_timestamp"]), id=q)
             heads.append(qa)
@@ -181,10 +184,14 @@ def run_main_job(
     heads: Sequence[str] | Sequence[Head] = DEFAULT_HEADS,
     retention: str = "spread",
     save_heads: bool = False,
+    report: bool | ReportCollector = True,
     **source_options,
 ) -> JobResult:
     """Run the main job over ``heads`` (names of the shipped heads, or head objects); with
-    ``save_heads`` also write every head's state to ``heads.safetensors``.
+    ``save_heads`` also write every head's state to ``heads.safetensors``; with ``report``
+    (True, or a :class:`~streammem.pipelines.jobs.report.ReportCollector` to choose its plotter
+    and sizes), ``report.html`` (its path in ``summary["outputs"]["report"]``; evidence
+    thumbnails appear for a QA head built with ``keep_thumbnails=True``, as the shipped one is here).
 
     Raises ValueError (bad options) and SourceError (the source cannot be opened, or fails
     before its first frame) leaving nothing behind (:class:`~streammem.pipelines.jobs.base.OutputDir`).
@@ -211,12 +218,18 @@ def run_main_job(
         head_jsonl = {h.name: od.jsonl(h.records_file, flush_every=16) for h in pipeline.heads}
         # heads whose records are few (QA's answers) also list them in the summary
         collected: dict[str, list[dict]] = {h.name: [] for h in pipeline.heads if getattr(h, "summary_records", False)}
+        collector = report if isinstance(report, ReportCollector) else ReportCollector()
+        memories = {f"{h.name}.{role}": m for h in pipeline.heads for role, m in getattr(h, "memories", dict)().items()}
+        if all(m is not pipeline.memory for m in memories.values()):
+            memories["main.pyramid"] = pipeline.memory
 
         def take(head, frame, output) -> None:
-            for r in head.records(frame, output):
+            recs = head.records(frame, output)
+            for r in recs:
                 head_jsonl[head.name].write(r)
                 if head.name in collected:
                     collected[head.name].append(r)
+            collector.take(head, output, recs)
 
         def sink(item: StreamItem) -> None:
             f, o = item.frame, item.output
@@ -235,6 +248,7 @@ def run_main_job(
             if item.lag_ms is not None:
                 record["lag_ms"] = round(item.lag_ms, 3)
             jsonl.write(record)
+            collector.sample(f.timestamp, memories)
             od.keep()
 
         # 3. stream, writing as we go
@@ -261,12 +275,15 @@ def run_main_job(
             "source": source,
             "source_info": info.to_dict(),
             "outputs": {"video": str(video_path) if video_path else None, "jsonl": str(jsonl_path),
-                        "memory": str(snapshot), **{h.name: str(out / h.records_file) for h in pipeline.heads}},
+                        "memory": str(snapshot), **{h.name: str(out / h.records_file) for h in pipeline.heads},
+                        "report": str(out / "report.html") if report is not False else None},
             **run.stats.summary(),
             "memory": pipeline.memory.stats(),
             "heads": head_summary,
             "notes": pipeline.notes,
         }
         summary_path = write_summary(out / "summary.json", summary)
+        if report is not False:
+            write_report(out / "report.html", summary, collector, title=f"streammem run: {source}")
     return JobResult(summary, video_path, jsonl_path, summary_path, error, memory=snapshot)
 
