@@ -19,6 +19,7 @@ from streammem.train.grid_encoder import EncoderTrainConfig
 CHECKED = [
     (("run",), QAConfig, {}),
     (("ask",), QAConfig, {}),
+    (("webcam",), QAConfig, {}),
     (("detect",), DetectionConfig, {"score_threshold": "per detector (small 0.3, hog 0.0), see DEFAULT_THRESHOLDS",
                                     "image_size": "None: the detector's own"}),
     (("train", "detector"), TrainConfig, {"model": "JSON text on the command line",
@@ -73,7 +74,7 @@ def test_a_changed_default_is_caught():
     cmd = command(("detect",))
     param = next(p for p in cmd.params if p.name == "memory")
     param.default = "dual"
-    bad, _ = mismatches(cmd, DetectionConfig, CHECKED[2][2])
+    bad, _ = mismatches(cmd, DetectionConfig, CHECKED[3][2])
     assert bad == ["--memory defaults to 'dual', DetectionConfig.memory to 'feature_bank'"]
 
 
