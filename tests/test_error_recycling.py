@@ -261,3 +261,42 @@ def test_recycle_command_options_default_to_the_config():
     checked = [p.name for p in cmd.params if p.name in fields]
     assert len(checked) >= 10
     assert all(p.default == fields[p.name] for p in cmd.params if p.name in fields)
+
+
+def test_the_batched_context_is_the_samplers_context():
+    from streammem.train.error_recycling import batch_context
+    from streammem.train.generator import ClipSampler, TrainConfig
+
+    m = tiny_dit(0, 32, 8)
+    sampler = ClipSampler(TrainConfig(batch_size=2), {}, m, np.random.default_rng(0))
+    g = torch.Generator().manual_seed(0)
+    for k in (1, 5, 23):
+        frames, poses = torch.rand(2, k, 3, 32, 32, generator=g), torch.randn(2, k, 4, 4, generator=g)
+        a, b = sampler.context(frames, poses), batch_context(m, frames, poses, 4)
+        for name in ("tokens", "pose", "grid", "level", "mask"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (k, name)
+
+
+def test_a_resumed_fine_tune_continues_exactly(tmp_path):
+    """Stopped after 3 steps and resumed to 6 (model, optimiser, generators and error bank
+    restored) equals 6 steps in one go; the folder gets a model card."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from streammem.train.error_recycling import finetune
+
+    base = tmp_path / "base"
+    tiny_dit(0, 32, 8).save_pretrained(base)
+    (base / "training.json").write_text(json.dumps({"config": {"size": 32, "n_seeds": 1, "stream_frames": 12,
+                                                               "clip_frames": 8, "window": 2, "seed_base": 30_000}}))
+    kw = dict(base=str(base), batch_size=2, cache_dir=str(tmp_path / "cache"), bank_mb=8, log_every=2,
+              recycling={"clean_bank_prob": 1.0})
+    finetune(RecycleTrainConfig(out=str(tmp_path / "a"), max_steps=6, **kw))
+    finetune(RecycleTrainConfig(out=str(tmp_path / "b"), max_steps=3, **kw))
+    finetune(RecycleTrainConfig(out=str(tmp_path / "b"), max_steps=6, **kw))
+    a, b = CausalVideoDiT.from_pretrained(tmp_path / "a"), CausalVideoDiT.from_pretrained(tmp_path / "b")
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    ba, bb = load_file(tmp_path / "a" / "error_bank.safetensors"), load_file(tmp_path / "b" / "error_bank.safetensors")
+    assert ba["count"].sum() > 0 and all(torch.equal(ba[k], bb[k]) for k in ba)
+    assert "6 steps" in (tmp_path / "b" / "README.md").read_text()

@@ -81,7 +81,7 @@ from streammem.types import field_checker
 
 __all__ = ["ErrorRecyclingConfig", "ErrorRecycler", "RecycleOutput", "FlowAdapter", "DiTAdapter",
            "RecyclingClipSampler", "RecycleTrainConfig", "finetune", "draw_injections", "residual_errors",
-           "make_accelerator", "MODES"]
+           "make_accelerator", "train_step", "batch_context", "sample_sigma", "model_card", "MODES"]
 
 MODES = ("recycle", "plain")
 
@@ -250,7 +250,7 @@ class ErrorRecycler:
         cfg, ad = self.config, self.adapter
         x0 = ad.clean(batch)
         b = x0.shape[0]
-        bank = self._bank_for(x0)
+        self._bank_for(x0)
         weight = torch.ones(b)
         if sigma is None:
             sigma, weight = sample_sigma(cfg, b, self.generator)
@@ -338,30 +338,69 @@ def train_step(recycler: ErrorRecycler, batch: Any, optimizer: torch.optim.Optim
 
 
 # ---------------------------------------------------------------------------- the small generator
+def batch_context(model: CausalVideoDiT, frames: torch.Tensor, poses: torch.Tensor, window: int) -> ChunkContext:
+    """What ``streammem.train.generator.ClipSampler.context`` computes (the memory context of
+    frames ``0 .. k-1``: history frames pooled per axis by ``RELIC_SCHEDULE[i % 18]``, oldest
+    first, then the last ``window`` frames at full resolution), with the frames of each pooling
+    factor pooled in one call: ``frames (B, k, 3, H, W)``, ``poses (B, k, 4, 4)``."""
+    from streammem.memory import RELIC_SCHEDULE
+    from streammem.memory.posekv import _cells
+
+    b, k = frames.shape[:2]
+    s = model.grid_side
+    patches = model.patchify(frames).reshape(b, k, s, s, -1)
+    factor = [1 if i >= k - window else RELIC_SCHEDULE[i % len(RELIC_SCHEDULE)] for i in range(k)]
+    per_frame: list = [None] * k
+    for f in sorted(set(factor)):
+        idx = [i for i in range(k) if factor[i] == f]
+        o = math.ceil(s / f)
+        t = patches[:, idx]
+        if o != s:
+            t = t.reshape(b * len(idx), s, s, -1).permute(0, 3, 1, 2)
+            t = torch.nn.functional.adaptive_avg_pool2d(t, (o, o)).permute(0, 2, 3, 1).reshape(b, len(idx), o, o, -1)
+            gy, gx = torch.meshgrid(_cells(s, o), _cells(s, o), indexing="ij")
+        else:
+            gy, gx = (g.float() for g in torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij"))
+        grid = torch.stack([gy.reshape(-1), gx.reshape(-1)], 1)
+        for j, i in enumerate(idx):
+            per_frame[i] = (t[:, j].reshape(b, o * o, -1), grid, f)
+    tokens = torch.cat([p[0] for p in per_frame], 1)
+    pose = torch.cat([poses[:, i, None].expand(b, len(p[1]), 4, 4) for i, p in enumerate(per_frame)], 1)
+    grid = torch.cat([p[1] for p in per_frame], 0).expand(b, -1, 2)
+    level = torch.cat([torch.full((len(p[1]),), p[2], dtype=torch.int64) for p in per_frame]).expand(b, -1)
+    return ChunkContext(tokens, pose, grid, level, torch.ones(tokens.shape[:2], dtype=torch.bool))
+
+
 class RecyclingClipSampler:
     """Batches of :class:`streammem.train.generator.ClipSampler` plus the raw conditioning:
     ``context_frames (B, k, 3, H, W)`` and ``context_poses (B, k, 4, 4)`` (frames ``0 .. k-1``
     of each clip; the anchor is the last of them), so that errors can be added to them and the
-    memory context rebuilt (``context(frames, poses)``)."""
+    memory context rebuilt (``context(frames, poses)``: :func:`batch_context`, the sampler's
+    context computed a pooling factor at a time)."""
 
     def __init__(self, cfg, data: dict, model: CausalVideoDiT, rng: np.random.Generator) -> None:
         from streammem.train.generator import ClipSampler
 
         sampler = ClipSampler(cfg, data, model, rng)
         seen: dict = {}
-        build = sampler.context
 
-        def context(frames: torch.Tensor, poses: torch.Tensor) -> ChunkContext:
+        def keep(frames: torch.Tensor, poses: torch.Tensor) -> None:
             seen["frames"], seen["poses"] = frames, poses
-            return build(frames, poses)
 
-        sampler.context = context  # a wrapper on this instance only: the sampler's own code is unchanged
-        self.sampler, self._seen, self.context = sampler, seen, build
+        sampler.context = keep  # on this instance only: the sampler's own code is unchanged
+        self.sampler, self._seen = sampler, seen
+        self.context = lambda frames, poses: batch_context(model, frames, poses, cfg.window)
 
     def batch(self, **kw) -> dict:
+        """A batch whose ``context`` is None until :meth:`with_context` (or the adapter, after
+        errors entered the frames) builds it: one context per step, in either mode."""
         b = self.sampler.batch(**kw)
         b["context_frames"], b["context_poses"] = self._seen["frames"], self._seen["poses"]
         return b
+
+    def with_context(self, batch: dict) -> dict:
+        """``batch`` with its memory context built from its context frames."""
+        return {**batch, "context": self.context(batch["context_frames"], batch["context_poses"])}
 
 
 class DiTAdapter:
@@ -369,8 +408,8 @@ class DiTAdapter:
     batches. The clean latent is the chunk ``x0 (B, F, 3, H, W)`` in pixels; the conditioning is
     the context frames and the anchor: ``ceil(k / F)`` clean-side errors per sample, laid end to
     end, are added to the ``k`` context frames (the newest frame, the anchor, gets the last
-    error frame), clamped to [-1, 1] as generated frames are, and the memory context is rebuilt
-    from them (``context_fn``, the sampler's)."""
+    error frame), clamped to [-1, 1] as generated frames are; the memory context is built from
+    the frames as they reach the model (``context_fn``, the sampler's) where the batch has none."""
 
     def __init__(self, model: CausalVideoDiT, context_fn) -> None:
         self.model, self.context_fn = model, context_fn
@@ -384,15 +423,17 @@ class DiTAdapter:
     def inject_condition(self, batch: dict, errors: torch.Tensor, mask: torch.Tensor) -> dict:
         frames = batch["context_frames"]
         b, k = frames.shape[:2]
-        e = errors.reshape(b, -1, *frames.shape[2:])[:, -k:]
-        m = mask.view(b, 1, 1, 1, 1)
-        noisy = torch.where(m, (frames + e).clamp(-1, 1), frames)
-        return {**batch, "context_frames": noisy, "anchor": noisy[:, -1],
-                "context": self.context_fn(noisy, batch["context_poses"])}
+        idx = mask.nonzero().flatten()
+        noisy = frames.clone()
+        e = errors[idx].reshape(len(idx), -1, *frames.shape[2:])[:, -k:]
+        noisy[idx] = (frames[idx] + e).clamp_(-1, 1)
+        return {**batch, "context_frames": noisy, "anchor": noisy[:, -1], "context": None}
 
     def predict(self, batch: dict, x_t: torch.Tensor, timestep: torch.Tensor) -> torch.Tensor:
-        return self.model(x_t, timestep, batch["actions"], batch["poses"], batch["prompt_ids"], batch["context"],
-                          batch["anchor"])
+        ctx = batch.get("context")
+        if ctx is None:
+            ctx = self.context_fn(batch["context_frames"], batch["context_poses"])
+        return self.model(x_t, timestep, batch["actions"], batch["poses"], batch["prompt_ids"], ctx, batch["anchor"])
 
 
 @dataclass
@@ -411,7 +452,9 @@ class RecycleTrainConfig:
         threads, batch_size, seed: torch threads, clips per step, data / noise seed (keep it the
             same for both modes: they then see the same clips, noise levels and noise).
         lr, warmup: AdamW peak learning rate (cosine decay over ``max_steps`` to 0.1 of it).
-        bank_mb: cap on the error bank (MiB); ``bank_dtype`` its storage.
+        bank_mb: cap on the error bank (MiB; 512 holds 54 errors per bin and side of the shipped
+            generator's 2-frame 64 px chunks); ``bank_dtype`` its storage (float16 halves the
+            bytes but makes every write several times slower on a CPU).
         bank_shift: the bins' schedule shift (1: the small generator's own sampler).
         timestep_sampling: ``"logit_normal"`` (the base's training) or ``"shifted"`` (SVI).
         mixed_precision: accelerate's ``"no"``, ``"fp16"``, ``"bf16"``.
@@ -430,8 +473,8 @@ class RecycleTrainConfig:
     seed: int = 0
     lr: float = 1e-4
     warmup: int = 20
-    bank_mb: int = 256
-    bank_dtype: str = "float16"
+    bank_mb: int = 512
+    bank_dtype: str = "float32"
     bank_shift: float = 1.0
     timestep_sampling: str = "logit_normal"
     mixed_precision: str = "no"
@@ -531,6 +574,7 @@ def finetune(cfg: RecycleTrainConfig, progress: bool = False) -> Path:
     bank = rcfg.make_bank(data_cfg.chunk_frames * 3 * data_cfg.size ** 2, seed=cfg.seed)
     recycler = ErrorRecycler(DiTAdapter(model, sampler.context), rcfg, bank, seed=cfg.seed, accelerator=accelerator)
     step, elapsed = 0, 0.0
+    stats = {"injected": 0, "banked": 0, "samples": 0, "loss": None}
     if resume:
         meta = json.loads((out / "training.json").read_text())
         tensors = load_file(str(out / "training_state.safetensors"))
@@ -547,6 +591,7 @@ def finetune(cfg: RecycleTrainConfig, progress: bool = False) -> Path:
         if (out / "error_bank.safetensors").is_file():
             bank.load_state_dict(load_file(str(out / "error_bank.safetensors")))
         step, elapsed = int(meta["step"]), float(meta["elapsed_s"])
+        stats = meta["stats"]
     out.mkdir(parents=True, exist_ok=True)
     log = open(out / "train_log.jsonl", "a")
 
@@ -558,7 +603,7 @@ def finetune(cfg: RecycleTrainConfig, progress: bool = False) -> Path:
            "base": str(base)})
     params = [p for p in model.parameters() if p.requires_grad]
     start_wall = time.time() - elapsed
-    last_save, window, stats = time.time(), [], {"injected": 0, "banked": 0, "samples": 0}
+    last_save, window = time.time(), []
     while step < cfg.max_steps and time.time() - start_wall < cfg.minutes * 60:
         ts = time.time()
         batch = sampler.batch()
@@ -571,39 +616,40 @@ def finetune(cfg: RecycleTrainConfig, progress: bool = False) -> Path:
             stats[k] += rec[k]
         stats["samples"] += cfg.batch_size
         if step % cfg.log_every == 0:
-            write({"step": step, "elapsed_s": round(time.time() - start_wall, 1), "loss": float(np.mean(window)),
-                   "grad_norm": round(rec["grad_norm"], 3), "lr": opt.param_groups[0]["lr"],
-                   "step_s": round(time.time() - ts, 3), **stats, "bank_errors": bank.num_tokens})
+            stats["loss"] = float(np.mean(window))
+            write({"step": step, "elapsed_s": round(time.time() - start_wall, 1), "grad_norm": round(rec["grad_norm"], 3),
+                   "lr": opt.param_groups[0]["lr"], "step_s": round(time.time() - ts, 3), **stats,
+                   "bank_errors": bank.num_tokens})
             if progress:
                 print(f"step {step}/{cfg.max_steps} loss {np.mean(window):.4f} bank {bank.num_tokens}", flush=True)
             window = []
         if time.time() - last_save >= cfg.save_every_s:
-            _save(out, accelerator.unwrap_model(model), opt, recycler, step, time.time() - start_wall, cfg, rng, {})
+            _save(out, accelerator.unwrap_model(model), opt, recycler, step, time.time() - start_wall, cfg, rng,
+                  {"stats": stats})
             write({"event": "save", "step": step, "elapsed_s": round(time.time() - start_wall, 1)})
             last_save = time.time()
+    if window:
+        stats["loss"] = float(np.mean(window))
     elapsed = time.time() - start_wall
-    _save(out, accelerator.unwrap_model(model), opt, recycler, step, elapsed, cfg, rng,
-          {"bank": bank.stats() if cfg.mode == "recycle" else None})
+    stats["bank_errors"] = bank.num_tokens
+    _save(out, accelerator.unwrap_model(model), opt, recycler, step, elapsed, cfg, rng, {"stats": stats})
     write({"event": "done", "step": step, "elapsed_s": round(elapsed, 1)})
     log.close()
-    (out / "README.md").write_text(model_card(cfg, base, step, elapsed, out))
+    (out / "README.md").write_text(model_card(cfg, base, step, elapsed, stats))
     return out
 
 
-def model_card(cfg: RecycleTrainConfig, base: Path, step: int, elapsed: float, out: Path) -> str:
+def model_card(cfg: RecycleTrainConfig, base: Path, step: int, elapsed: float, stats: dict) -> str:
     """The fine-tuned checkpoint's card: base, mode, steps, wall time, step configuration, the
-    last logged losses and the bank's fill (figures read from ``train_log.jsonl``)."""
-    lines = [json.loads(x) for x in (out / "train_log.jsonl").read_text().splitlines() if x.strip()]
-    losses = [x for x in lines if "loss" in x]
-    last = losses[-1] if losses else {}
+    last loss (mean over the last logged steps) and the bank's fill."""
     rcfg = cfg.recycling_config()
     what = ("error-recycling fine-tune (Stable Video Infinity): banked errors of the model's own predictions "
             "replayed into its conditioning frames, clean chunk and noise" if cfg.mode == "recycle" else
             "plain fine-tune: the same steps, data, noise levels and noise as the error-recycling fine-tune, "
             "nothing injected (the equal-compute baseline)")
     bank = (f"- Error bank: {rcfg.num_bins} bins (inference timesteps, shift {rcfg.bank_shift}), "
-            f"{cfg.bank_mb} MiB cap ({cfg.bank_dtype}), {rcfg.replace} replacement; {last.get('bank_errors', 0)} "
-            f"errors held at the end; {last.get('injected', 0)} of {last.get('samples', 0)} samples had an error "
+            f"{cfg.bank_mb} MiB cap ({cfg.bank_dtype}), {rcfg.replace} replacement; {stats.get('bank_errors', 0)} "
+            f"errors held at the end (both sides); {stats['injected']} of {stats['samples']} samples had an error "
             "injected.\n" if cfg.mode == "recycle" else "")
     return f"""---
 tags:
@@ -630,7 +676,7 @@ data: the base's StreamWorld training worlds and clips.
 - Step: conditioning-frame error p={rcfg.cond_prob}, clean-latent error p={rcfg.latent_prob}, noise error
   p={rcfg.noise_prob}, nothing injected p={rcfg.clean_prob}, clean-input samples banked p={rcfg.clean_bank_prob};
   target v = eps' - x0.
-{bank}- Last logged loss {last.get('loss', float('nan')):.4f} (step {last.get('step', 0)}).
+{bank}- Loss over the last logged steps: {stats['loss'] if stats['loss'] is not None else float('nan'):.4f}.
 
 `training.json` has the configuration; `train_log.jsonl` the losses.
 """
