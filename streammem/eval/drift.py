@@ -21,7 +21,8 @@ Metrics per chunk (the mean over the chunk's frames, then over seeds), images ui
 Degradation, per metric and model: the first chunk minus the last chunk, signed so that a
 positive value is a loss (``psnr`` and ``consistency``: first - last; ``colour_drift``: last -
 first); ``edge`` > 1 averages the first and last ``edge`` chunks. Cost: the median seconds per
-chunk of each model (rollouts interleaved seed by seed so that both see the same machine load).
+chunk of each model (rollouts interleaved seed by seed, the order alternating, so that both
+see the same machine load).
 Outputs (:func:`write_results`): a PNG per metric against chunk index, ``results.md``,
 ``summary.json`` and ``chunks.jsonl``.
 """
@@ -111,8 +112,9 @@ def evaluate_drift(models: dict[str, CausalVideoDiT], seeds=(20_000, 20_001), ch
     worlds = {s: render_path(s, chunks * f + 1, size) for s in seeds}
     rows: list[dict] = []
     bar = tqdm(total=len(seeds) * len(models), desc="eval drift", disable=not progress)
-    for seed, gt in worlds.items():
-        for label, model in models.items():
+    for n, (seed, gt) in enumerate(worlds.items()):
+        order = list(models.items())
+        for label, model in (order if n % 2 == 0 else order[::-1]):  # alternate who goes first
             rows += [{"model": label, "seed": seed, **r} for r in _rollout(model, cfg, gt, chunks)]
             bar.update(1)
     bar.close()

@@ -32,10 +32,11 @@ errors enter the conditioning, how the model is called. :class:`DiTAdapter` serv
 and the anchor); ``streammem.train.wan_lora.WanI2VAdapter`` serves diffusers' Wan
 image-to-video transformer with a LoRA.
 
-Departures from SVI's released code: errors are drawn per sample of a batch (see above); a bin
-without errors yet injects nothing (the sample counts as clean input); the bank is
-:class:`~streammem.memory.ErrorBank`, whose byte cap lowers the per-bin capacity below SVI's 500
-when set.
+Departures from SVI's released code: errors are drawn, and banked, per sample of a batch (see
+above); a bin without errors yet injects nothing (the sample counts as clean input); the bank
+is :class:`~streammem.memory.ErrorBank` with a byte cap (4 GiB by default; the small
+generator's fine-tune uses 512 MiB, 54 errors per bin and side), which lowers the per-bin
+capacity below SVI's 500 for large errors.
 
 Fine-tuning the small generator from a checkpoint (:func:`finetune`, ``streammem train
 recycle``), with error recycling or with the same steps plain (every probability 0, nothing
@@ -101,7 +102,9 @@ class ErrorRecyclingConfig:
         shift: the shift of ``"shifted"`` sampling.
         num_bins, bank_shift, num_train_timesteps: the bank's bins, the inference timesteps of a
             flow-matching schedule with that shift (SVI: 50, 5, 1000).
-        per_bin: errors per bin and side (SVI: 500); ``bank_max_bytes`` caps the whole bank.
+        per_bin: errors per bin and side (SVI: 500); ``bank_max_bytes`` caps the whole bank
+            (default 4 GiB, which lowers ``per_bin`` for errors over 10 MB: SVI keeps 500
+            full-size errors per bin, 100 bins, about 420 GB at 480p; None lifts the cap).
         replace: ``"l2"`` (SVI), ``"random"`` or ``"fifo"`` when a bin is full.
         bank_dtype: ``"float32"`` or ``"float16"`` storage.
         gather_steps: steps whose errors are gathered from every process (multi-process runs).
@@ -118,7 +121,7 @@ class ErrorRecyclingConfig:
     bank_shift: float = 5.0
     num_train_timesteps: int = 1000
     per_bin: int = 500
-    bank_max_bytes: int | None = None
+    bank_max_bytes: int | None = 4 * 2 ** 30
     replace: str = "l2"
     bank_dtype: str = "float32"
     gather_steps: int = 50

@@ -145,7 +145,8 @@ class WanI2VAdapter:
     def encode(self, video: torch.Tensor) -> torch.Tensor:
         """``(B, 3, T, H, W)`` in [-1, 1] -> normalised latents ``(B, z, T', h, w)`` (posterior mode)."""
         cfg = self.vae.config
-        z = self.vae.encode(video.to(next(self.vae.parameters()).dtype)).latent_dist.mode()
+        p = next(self.vae.parameters())
+        z = self.vae.encode(video.to(p.device, p.dtype)).latent_dist.mode()
         mean = torch.tensor(cfg.latents_mean, dtype=z.dtype, device=z.device).view(1, -1, 1, 1, 1)
         std = torch.tensor(cfg.latents_std, dtype=z.dtype, device=z.device).view(1, -1, 1, 1, 1)
         return (z - mean) / std
@@ -177,8 +178,11 @@ class WanI2VAdapter:
         pad = video[:, :, :1] if self.ref_pad else torch.zeros_like(video[:, :, :1])
         cond[:, :, self.cond_frames:] = pad
         latents, cond_lat = self.encode(video), self.encode(cond)
-        return {"latents": latents, "cond_latents": cond_lat, "mask": self.mask(b, t, tuple(latents.shape[2:])),
-                "prompt_embeds": prompt_embeds, "image_embeds": image_embeds}
+        dev = latents.device
+        return {"latents": latents, "cond_latents": cond_lat,
+                "mask": self.mask(b, t, tuple(latents.shape[2:])).to(dev, latents.dtype),
+                "prompt_embeds": prompt_embeds.to(dev),
+                "image_embeds": None if image_embeds is None else image_embeds.to(dev)}
 
     # ------------------------------------------------------------------ FlowAdapter
     def clean(self, batch: dict) -> torch.Tensor:
