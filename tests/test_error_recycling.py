@@ -223,6 +223,15 @@ def test_clip_chaining_drops_the_overlap_and_conditions_on_the_last_frames():
     # chunk reads: clip 0 sees its own past; clips 1 and 2 start from the reference + the last 2 frames of
     # the clip before (then the window of 4 rolls on within the clip)
     assert reads == [[0], [0, 1, 2], [0, 2, 3], [2, 3, 4, 5], [0, 5, 6]]
+    # a snapshot taken mid-clip (the last frames and the reference with it) continues exactly
+    a = StreamingGenerationPipeline(tiny_dit(), cfg)
+    a.start(img)
+    list(a.stream("R" * 5, progress=False))
+    b = StreamingGenerationPipeline(tiny_dit(), cfg)
+    b.load_state_dict(a.state_dict())
+    rest_a, rest_b = list(a.stream("R" * 5, progress=False)), list(b.stream("R" * 5, progress=False))
+    assert [f.info["clip"] for f in rest_a] == [1, 2, 2, 2, 3]
+    assert all(np.array_equal(x.image, y.image) and x.index == y.index for x, y in zip(rest_a, rest_b))
     # chaining off: the prompt stream is per chunk, as before
     plain = StreamingGenerationPipeline(tiny_dit(), GenerationConfig(num_inference_steps=1))
     out = plain(img, actions="R" * 4, prompt=["clean", "hard"], progress=False)
