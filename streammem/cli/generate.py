@@ -4,6 +4,8 @@
     streammem generate --image photo.png --actions FFFFBBBB --frames 16 --out DIR
     streammem train generator --minutes 60
     streammem eval generation --out outputs/eval_generation
+    streammem train recycle --mode recycle --max-steps 1500 --out outputs/checkpoints/generator-recycled
+    streammem eval drift --plain DIR --recycled DIR --out outputs/eval_drift
 
 ``generate`` writes ``DIR/generated.mp4`` (the start frame, then the generated ones),
 ``DIR/generation.jsonl`` (per generated frame: action, absolute pose, chunk, seed, prompt) and
@@ -20,6 +22,7 @@ import typer
 from streammem.cli.common import app, default, eval_app, fail, job_errors, train_app
 from streammem.eval.generation import MEMORIES
 from streammem.pipelines.generation import GENERATION_MEMORIES, GenerationConfig
+from streammem.train.error_recycling import RecycleTrainConfig
 from streammem.train.generator import TrainConfig
 
 
@@ -124,3 +127,92 @@ def eval_generation(
     cv2.imwrite(str(out / "strip.png"), cv2.cvtColor(strip, cv2.COLOR_RGB2BGR))
     typer.echo(table)
     typer.echo(f"-> {out / 'table.md'}, {out / 'strip.png'} (seed {seeds[0]}: truth and each memory)")
+
+
+@train_app.command("recycle")
+def train_recycle(
+    mode: str = typer.Option(default(RecycleTrainConfig, "mode"), help="recycle (error recycling) or plain (the "
+                             "same steps, nothing injected: the equal-compute baseline)"),
+    base: str = typer.Option(default(RecycleTrainConfig, "base"), help="base generator folder (default: the "
+                             "shipped one)"),
+    out: str = typer.Option(default(RecycleTrainConfig, "out"), "--out", "-o", help="checkpoint folder; an existing "
+                            "one is resumed"),
+    max_steps: int = typer.Option(default(RecycleTrainConfig, "max_steps"), help="steps (the same for both modes)"),
+    minutes: float = typer.Option(default(RecycleTrainConfig, "minutes"), help="wall-clock cap (a resumed run "
+                                  "counts the time already spent)"),
+    threads: int = typer.Option(default(RecycleTrainConfig, "threads"), help="torch threads"),
+    batch_size: int = typer.Option(default(RecycleTrainConfig, "batch_size"), help="clips per step"),
+    lr: float = typer.Option(default(RecycleTrainConfig, "lr"), help="peak learning rate"),
+    seed: int = typer.Option(default(RecycleTrainConfig, "seed"), help="data and noise seed (keep it equal "
+                             "across modes)"),
+    bank_mb: int = typer.Option(default(RecycleTrainConfig, "bank_mb"), help="error bank cap (MiB)"),
+    timestep_sampling: str = typer.Option(default(RecycleTrainConfig, "timestep_sampling"),
+                                          help="logit_normal (the base's) or shifted (SVI's)"),
+    mixed_precision: str = typer.Option(default(RecycleTrainConfig, "mixed_precision"), help="no, fp16 or bf16 "
+                                        "(accelerate)"),
+    save_every_s: float = typer.Option(default(RecycleTrainConfig, "save_every_s"), help="checkpoint period (s)"),
+    cache_dir: str = typer.Option(default(RecycleTrainConfig, "cache_dir"), help="where rendered streams are cached"),
+    progress: bool = typer.Option(False, help="print a line per logged step"),
+) -> None:
+    """Fine-tune a generator checkpoint with Stable Video Infinity's error recycling (or the same
+    steps plain); resumable; writes a model card."""
+    from streammem.train.error_recycling import finetune
+
+    try:
+        cfg = RecycleTrainConfig(mode=mode, base=base, out=out, max_steps=max_steps, minutes=minutes, threads=threads,
+                                 batch_size=batch_size, lr=lr, seed=seed, bank_mb=bank_mb,
+                                 timestep_sampling=timestep_sampling, mixed_precision=mixed_precision,
+                                 save_every_s=save_every_s, cache_dir=cache_dir)
+    except ValueError as exc:
+        fail(str(exc))
+    try:
+        finetune(cfg, progress=progress)
+    except FileNotFoundError as exc:
+        fail(str(exc))
+    typer.echo(f"streammem train recycle ({mode}): saved to {out}")
+
+
+@eval_app.command("drift")
+def eval_drift(
+    plain: Path = typer.Option(..., help="the plain fine-tune's folder"),
+    recycled: Path = typer.Option(..., help="the error-recycled fine-tune's folder"),
+    base: Optional[Path] = typer.Option(None, help="also roll out this checkpoint (e.g. the base)"),
+    seeds: List[int] = typer.Option([20_000, 20_001], "--seed", help="held-out world seeds"),
+    chunks: int = typer.Option(50, help="chunks per rollout"),
+    steps: int = typer.Option(default(GenerationConfig, "num_inference_steps"), help="denoising steps per chunk"),
+    edge: int = typer.Option(1, help="chunks averaged at each end for the degradation"),
+    chain_clip_frames: Optional[int] = typer.Option(None, help="chain clips of this many frames (SVI) instead of "
+                                                    "the memory"),
+    chain_frames: int = typer.Option(default(GenerationConfig, "chain_frames"), help="frames that condition the "
+                                     "next clip"),
+    chain_ref_pad: bool = typer.Option(default(GenerationConfig, "chain_ref_pad"), help="the first image "
+                                       "conditions every clip"),
+    threads: int = typer.Option(1, help="torch threads"),
+    out: Path = typer.Option(Path("outputs/eval_drift"), "--out", "-o", help="results folder"),
+    progress: bool = typer.Option(True, help="show a progress bar"),
+) -> None:
+    """Drift of a plain against an error-recycled fine-tune over long rollouts on held-out worlds:
+    per-chunk PSNR, colour drift and consistency with the first frame, plots, degradation, cost."""
+    import torch
+
+    from streammem.eval.drift import evaluate_drift, write_results
+    from streammem.models.video_dit import CausalVideoDiT
+
+    folders = {"plain": plain, "recycled": recycled, **({"base": base} if base is not None else {})}
+    missing = [f"{k}: {p}" for k, p in folders.items() if not (p / "config.json").is_file()]
+    if missing:
+        fail(f"no generator checkpoint (config.json + weights) at {'; '.join(missing)}")
+    try:
+        cfg = GenerationConfig(num_inference_steps=steps, chain_clip_frames=chain_clip_frames,
+                               chain_frames=chain_frames, chain_ref_pad=chain_ref_pad)
+    except ValueError as exc:
+        fail(str(exc))
+    torch.set_num_threads(threads)
+    models = {k: CausalVideoDiT.from_pretrained(str(p)).eval() for k, p in folders.items()}
+    try:
+        res = evaluate_drift(models, seeds=tuple(seeds), chunks=chunks, edge=edge, config=cfg, progress=progress)
+    except ValueError as exc:
+        fail(str(exc))
+    paths = write_results(res, out)
+    typer.echo(paths["results"].read_text())
+    typer.echo(f"-> {paths['results']}")

@@ -33,6 +33,14 @@ patch it covers less than half of is new ground, scored 1 (static). Slots are re
 first once full (``compress="prune"``: generation reads the whole memory, so no slot gathers
 more attention than another); every token keeps its pose.
 
+Clip chaining (Stable Video Infinity; off by default): with ``chain_clip_frames = n`` the
+stream is made of clips of ``n`` new frames each. A clip starts from a fresh memory that holds
+only the last ``chain_frames`` generated frames (with their own indices, times and poses) and,
+with ``chain_ref_pad``, the reference image (the first frame) before them; those conditioning
+frames were already yielded by the clip before, so they are not generated or yielded again
+(SVI generates them again as the clip's first frames and drops the overlap: the same output).
+Every chunk has its own seed, so every clip does; a prompt stream gives one prompt per clip.
+
 Example:
     >>> import numpy as np
     >>> from streammem.models.video_dit import CausalVideoDiT
@@ -45,6 +53,7 @@ Example:
 
 from __future__ import annotations
 
+import itertools
 import math
 import threading
 from dataclasses import dataclass, field
@@ -90,6 +99,11 @@ class GenerationConfig:
         model was trained on StreamWorld pans of about 20 px per frame).
     use_pose: the pose embedding on (off: the ablation without it).
     seed: chunk ``k`` is sampled with seed ``seed + k``.
+    chain_clip_frames: frames per clip when chaining clips (None: no chaining, one endless
+        clip on the memory; see the module docstring).
+    chain_frames: the last generated frames that condition the next clip (SVI: 1, or 5 for
+        film).
+    chain_ref_pad: the reference (first) image conditions every clip too (SVI's ``ref_pad``).
     """
 
     memory: str = "posekv"
@@ -100,6 +114,9 @@ class GenerationConfig:
     pan_px: float = 20.0
     use_pose: bool = True
     seed: int = 0
+    chain_clip_frames: int | None = None
+    chain_frames: int = 1
+    chain_ref_pad: bool = False
 
     def __post_init__(self) -> None:
         need = field_checker(self)
@@ -112,6 +129,10 @@ class GenerationConfig:
         need(self.fps > 0, "fps", "> 0")
         need(self.pan_px > 0, "pan_px", "> 0")
         need(isinstance(self.seed, int) and self.seed >= 0, "seed", "an int >= 0")
+        need(self.chain_clip_frames is None or (isinstance(self.chain_clip_frames, int) and self.chain_clip_frames >= 1),
+             "chain_clip_frames", "None or an int >= 1")
+        need(isinstance(self.chain_frames, int) and 1 <= self.chain_frames <= self.window + self.history_frames,
+             "chain_frames", f"an int in [1, window + history_frames = {self.window + self.history_frames}]")
 
 
 @dataclass
@@ -192,6 +213,10 @@ class StreamingGenerationPipeline(HeadBase):
         self.frames = 0
         self.chunks = 0
         self.prompt = ""
+        # clip chaining: clip index, frames made in it, the last frames (x, pose, index, time), the reference
+        self.clip, self.clip_made = 0, 0
+        self.recent: list[tuple[torch.Tensor, np.ndarray, int, float]] = []
+        self.reference: tuple[torch.Tensor, np.ndarray] | None = None
 
     def memories(self) -> dict:
         return {"memory": self.memory}
@@ -201,6 +226,12 @@ class StreamingGenerationPipeline(HeadBase):
         out: dict[str, Any] = {"camera": cam, "frames": self.frames, "chunks": self.chunks, "prompt": self.prompt}
         if self.anchor is not None:
             out["anchor"] = self.anchor
+        if self.config.chain_clip_frames is not None:
+            out["clip"], out["clip_made"] = self.clip, self.clip_made
+            out["recent"] = [[np.asarray(p).tolist(), i, t] for _, p, i, t in self.recent]
+            out.update({f"recent_{j}": r[0] for j, r in enumerate(self.recent)})
+            if self.reference is not None:
+                out["reference"], out["reference_pose"] = self.reference[0], np.asarray(self.reference[1]).tolist()
         return out
 
     def _load_extra_state(self, extra: dict) -> None:
@@ -209,6 +240,12 @@ class StreamingGenerationPipeline(HeadBase):
         self.anchor = extra.get("anchor")
         # between chunks the newest written frame is the anchor, at the camera's pose
         self._last = None if self.anchor is None or self.camera is None else (self.anchor, self.camera.pose())
+        if self.config.chain_clip_frames is not None:
+            self.clip, self.clip_made = int(extra["clip"]), int(extra["clip_made"])
+            self.recent = [(extra[f"recent_{j}"], np.asarray(p), int(i), float(t))
+                           for j, (p, i, t) in enumerate(extra["recent"])]
+            ref = extra.get("reference")
+            self.reference = None if ref is None else (ref, np.asarray(extra["reference_pose"]))
 
     def stats(self) -> dict:
         s = self.memory.stats()
@@ -255,14 +292,19 @@ class StreamingGenerationPipeline(HeadBase):
         t = self.frames / self.config.fps
         self._write(x, pose, t)
         self.anchor = x
+        if self.config.chain_clip_frames is not None:
+            self._remember(x, pose, self.frames, t)
+            if self.reference is None:
+                self.reference = (x, pose)
         out = Frame(index=self.frames, timestamp=t, image=_to_image(x), pose=pose, action=action,
                     info={"observed": True})
         self.frames += 1
         return out
 
-    def _write(self, x: torch.Tensor, pose: np.ndarray, t: float) -> None:
-        """Write frame ``x (3, H, W)`` (the next index) to the memory, with static scores for "dual"."""
-        tokens = self.model.frame_tokens(x, pose, self.frames, t)
+    def _write(self, x: torch.Tensor, pose: np.ndarray, t: float, index: int | None = None) -> None:
+        """Write frame ``x (3, H, W)`` (index ``index``, default the next one) to the memory, with
+        static scores for "dual"."""
+        tokens = self.model.frame_tokens(x, pose, self.frames if index is None else index, t)
         if isinstance(self.memory, DualMemory):
             tokens.extras["static"] = self.static_scores(x, pose)
             self._last = (x, np.asarray(pose))
@@ -331,8 +373,15 @@ class StreamingGenerationPipeline(HeadBase):
                         break
                 if not chunk:
                     break
-                if prompt_iter is not None:
+                chaining = c.chain_clip_frames is not None
+                if chaining and self.clip_made >= c.chain_clip_frames:
+                    self._next_clip()
+                if prompt_iter is not None and (not chaining or self.clip_made == 0):
                     self.prompt = self.check_prompt(next(prompt_iter, self.prompt))
+                if chaining:
+                    # the clip's frames left in this chunk
+                    chunk, rest = chunk[:c.chain_clip_frames - self.clip_made], chunk[c.chain_clip_frames - self.clip_made:]
+                    acts = itertools.chain(rest, acts)
                 cam, labels, poses, vecs = self.camera, [], [], []
                 for a in chunk:
                     d, label = self._delta(a, cam)
@@ -354,9 +403,15 @@ class StreamingGenerationPipeline(HeadBase):
                 for j in range(len(chunk)):
                     t = self.frames / c.fps
                     self._write(x[0, j], poses[j], t)
+                    info = {"chunk": self.chunks, "seed": seed, "prompt": self.prompt}
+                    if chaining:
+                        info["clip"] = self.clip
+                        self._remember(x[0, j].clone(), poses[j], self.frames, t)
                     out.append(Frame(index=self.frames, timestamp=t, image=_to_image(x[0, j]), pose=poses[j],
-                                     action=labels[j], info={"chunk": self.chunks, "seed": seed, "prompt": self.prompt}))
+                                     action=labels[j], info=info))
                     self.frames += 1
+                if chaining:
+                    self.clip_made += len(chunk)
                 self.camera, self.anchor = cam, x[0, len(chunk) - 1].clone()
                 self.chunks += 1
                 if callback is not None:
@@ -368,6 +423,24 @@ class StreamingGenerationPipeline(HeadBase):
             return
         finally:
             bar.close()
+
+    def _remember(self, x: torch.Tensor, pose: np.ndarray, index: int, t: float) -> None:
+        """Keep the last ``chain_frames`` frames (the next clip's conditioning)."""
+        self.recent = (self.recent + [(x, pose, index, t)])[-self.config.chain_frames:]
+
+    def _next_clip(self) -> None:
+        """Start a clip: a fresh memory holding the reference image (``chain_ref_pad``) and the
+        last ``chain_frames`` frames, with their own indices, times and poses; the anchor is
+        the newest of them."""
+        self.memory.reset()
+        self._last = None
+        if self.config.chain_ref_pad and self.reference is not None:
+            self._write(self.reference[0], self.reference[1], 0.0, index=0)
+        for x, pose, index, t in self.recent:
+            self._write(x, pose, t, index=index)
+        self.anchor = self.recent[-1][0]
+        self.clip += 1
+        self.clip_made = 0
 
     def _check_interrupt(self, step: int, x: torch.Tensor) -> None:
         if self.interrupt.is_set():

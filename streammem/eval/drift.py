@@ -1,0 +1,236 @@
+"""Does a generator drift when fed its own frames? (``streammem eval drift``)
+
+Protocol. Each generator (for the error-recycling issue: a plain fine-tune and an error-recycled
+fine-tune of the same base, trained with equal compute) starts from the first frame of a
+held-out StreamWorld world (:func:`streammem.eval.generation.render_path`: the training's camera
+program, so the true continuation is known) and follows the world's camera path (its poses, as
+raw pose actions) for ``chunks`` chunks, fed only its own generated frames
+(:class:`~streammem.pipelines.generation.StreamingGenerationPipeline`, default memory, or clip
+chaining with ``chain_clip_frames``). Every model sees the same worlds, poses and seeds.
+
+Metrics per chunk (the mean over the chunk's frames, then over seeds), images uint8 RGB:
+
+- ``psnr``: PSNR against the ground-truth render (data range 255, per frame, then averaged);
+- ``colour_drift``: colour statistics drift from the first frame, the mean over the R, G, B
+  channels of ``|mean_c(frame) - mean_c(first)| + |std_c(frame) - std_c(first)|`` (0-255
+  units; the ground truth's own value is reported beside it, since the true view changes too);
+- ``consistency``: consistency with the first frame, the histogram intersection of the frame's
+  and the first frame's per-channel colour histograms (32 bins, averaged over channels; 1 is
+  the same colour distribution; the ground truth's own value beside it).
+
+Degradation, per metric and model: the first chunk minus the last chunk, signed so that a
+positive value is a loss (``psnr`` and ``consistency``: first - last; ``colour_drift``: last -
+first); ``edge`` > 1 averages the first and last ``edge`` chunks. Cost: the median seconds per
+chunk of each model (rollouts interleaved seed by seed, the order alternating, so that both
+see the same machine load).
+Outputs (:func:`write_results`): a PNG per metric against chunk index, ``results.md``,
+``summary.json`` and ``chunks.jsonl``.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+from streammem.eval.generation import psnr, render_path
+from streammem.models.video_dit import CausalVideoDiT
+from streammem.pipelines.generation import GenerationConfig, StreamingGenerationPipeline
+
+__all__ = ["METRICS", "evaluate_drift", "colour_drift", "consistency", "write_results", "plot_metric"]
+
+#: metric -> (title, True when higher is better)
+METRICS = {"psnr": ("PSNR vs ground truth (dB)", True),
+           "colour_drift": ("colour statistics drift from the first frame (0-255)", False),
+           "consistency": ("colour consistency with the first frame (histogram intersection)", True)}
+
+
+def _stats(img: np.ndarray) -> np.ndarray:
+    x = img.reshape(-1, 3).astype(np.float64)
+    return np.concatenate([x.mean(0), x.std(0)])
+
+
+def colour_drift(img: np.ndarray, first: np.ndarray) -> float:
+    """Mean over channels of ``|mean_c - mean_c(first)| + |std_c - std_c(first)|`` (0-255)."""
+    d = np.abs(_stats(img) - _stats(first))
+    return float((d[:3] + d[3:]).mean())
+
+
+def _hist(img: np.ndarray) -> np.ndarray:
+    return np.stack([np.bincount(img[..., c].reshape(-1) // 8, minlength=32) / img[..., c].size for c in range(3)])
+
+
+def consistency(img: np.ndarray, first: np.ndarray) -> float:
+    """Histogram intersection (per channel, 32 bins, averaged) of ``img`` and ``first`` in [0, 1]."""
+    return float(np.minimum(_hist(img), _hist(first)).sum(1).mean())
+
+
+def _rollout(model: CausalVideoDiT, cfg: GenerationConfig, gt: list, chunks: int) -> list[dict]:
+    pipe = StreamingGenerationPipeline(model, cfg)
+    first = pipe.start(gt[0].image, pose=gt[0].pose).image
+    f = model.config.chunk_frames
+    rows: list[dict] = []
+    frames: dict[int, list] = {}
+    t0 = [time.perf_counter()]
+
+    def on_chunk(k, out):
+        now = time.perf_counter()
+        rows.append({"chunk": k, "seconds": now - t0[0]})
+        t0[0] = now
+
+    for fr in pipe.stream([g.pose for g in gt[1:chunks * f + 1]], callback=on_chunk, progress=False):
+        frames.setdefault((fr.index - 1) // f, []).append(fr)
+    for row in rows:
+        mine = frames[row["chunk"]]
+        truth = [gt[fr.index].image for fr in mine]
+        row["psnr"] = float(np.mean([psnr(fr.image, g) for fr, g in zip(mine, truth)]))
+        row["colour_drift"] = float(np.mean([colour_drift(fr.image, first) for fr in mine]))
+        row["consistency"] = float(np.mean([consistency(fr.image, first) for fr in mine]))
+        row["gt_colour_drift"] = float(np.mean([colour_drift(g, gt[0].image) for g in truth]))
+        row["gt_consistency"] = float(np.mean([consistency(g, gt[0].image) for g in truth]))
+    return rows
+
+
+def evaluate_drift(models: dict[str, CausalVideoDiT], seeds=(20_000, 20_001), chunks: int = 50, steps: int = 8,
+                   edge: int = 1, config: GenerationConfig | None = None, progress: bool = True) -> dict:
+    """Roll out every model on every seed for ``chunks`` chunks (see the module docstring).
+    ``models``: label -> model, all with the same frame size and chunk length. Returns
+    ``{"curves": {label: {metric: [per chunk]}}, "summary": {label: {...}}, "chunks": rows,
+    "setup": {...}}``."""
+    if not models:
+        raise ValueError("evaluate_drift needs at least one model")
+    if chunks < 1 or edge < 1 or 2 * edge > chunks + 1:
+        raise ValueError(f"need chunks >= 1 and 1 <= edge <= (chunks + 1) / 2, got chunks={chunks}, edge={edge}")
+    sizes = {(m.config.sample_size, m.config.chunk_frames) for m in models.values()}
+    if len(sizes) != 1:
+        raise ValueError(f"the models differ in frame size or chunk length: {sorted(sizes)}")
+    size, f = sizes.pop()
+    cfg = config or GenerationConfig(num_inference_steps=steps)
+    worlds = {s: render_path(s, chunks * f + 1, size) for s in seeds}
+    rows: list[dict] = []
+    bar = tqdm(total=len(seeds) * len(models), desc="eval drift", disable=not progress)
+    for n, (seed, gt) in enumerate(worlds.items()):
+        order = list(models.items())
+        for label, model in (order if n % 2 == 0 else order[::-1]):  # alternate who goes first
+            rows += [{"model": label, "seed": seed, **r} for r in _rollout(model, cfg, gt, chunks)]
+            bar.update(1)
+    bar.close()
+    curves, summary = {}, {}
+    for label in models:
+        mine = [r for r in rows if r["model"] == label]
+        curve = {}
+        for key in (*METRICS, "gt_colour_drift", "gt_consistency", "seconds"):
+            curve[key] = [float(np.mean([r[key] for r in mine if r["chunk"] == k])) for k in range(chunks)]
+        curves[label] = curve
+        row = {"seconds_per_chunk": float(np.median([r["seconds"] for r in mine]))}
+        for key, (_, higher) in METRICS.items():
+            first, last = float(np.mean(curve[key][:edge])), float(np.mean(curve[key][-edge:]))
+            row[f"{key}_first"], row[f"{key}_last"] = first, last
+            row[f"{key}_degradation"] = first - last if higher else last - first
+            row[f"{key}_mean"] = float(np.mean(curve[key]))
+        summary[label] = row
+    setup = {"seeds": list(seeds), "chunks": chunks, "chunk_frames": f, "steps": cfg.num_inference_steps,
+             "edge": edge, "size": size, "memory": cfg.memory, "chain_clip_frames": cfg.chain_clip_frames,
+             "chain_frames": cfg.chain_frames, "chain_ref_pad": cfg.chain_ref_pad}
+    return {"curves": curves, "summary": summary, "chunks": rows, "setup": setup}
+
+
+def plot_metric(curves: dict, metric: str, path: Path) -> Path:
+    """A PNG of ``metric`` against chunk index, one line per model (and the ground truth's own
+    value where there is one): matplotlib if installed, else a plain pillow drawing."""
+    title, _ = METRICS[metric]
+    lines = {label: c[metric] for label, c in curves.items()}
+    gt_key = f"gt_{metric}"
+    if any(gt_key in c for c in curves.values()):
+        lines["ground truth"] = next(iter(curves.values()))[gt_key]
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+        import matplotlib.ticker
+    except ImportError:
+        return _plot_pillow(lines, title, path)
+    fig, ax = plt.subplots(figsize=(6.4, 3.6), dpi=100)
+    for label, ys in lines.items():
+        ax.plot(range(len(ys)), ys, label=label, linestyle="--" if label == "ground truth" else "-")
+    ax.set_xlabel("chunk index")
+    ax.xaxis.set_major_locator(matplotlib.ticker.MaxNLocator(integer=True))
+    ax.set_title(title, fontsize=10)
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+    return path
+
+
+def _plot_pillow(lines: dict, title: str, path: Path) -> Path:
+    from PIL import Image, ImageDraw
+
+    w, h, m = 640, 360, 40
+    img = Image.new("RGB", (w, h), "white")
+    d = ImageDraw.Draw(img)
+    vals = [v for ys in lines.values() for v in ys]
+    lo, hi = min(vals), max(vals)
+    hi = hi if hi > lo else lo + 1
+    d.rectangle([m, m, w - m, h - m], outline="black")
+    d.text((m, 10), title, fill="black")
+    colours = ["#1f77b4", "#d62728", "#2ca02c", "#7f7f7f"]
+    for i, (label, ys) in enumerate(lines.items()):
+        n = max(len(ys) - 1, 1)
+        pts = [(m + (w - 2 * m) * k / n, h - m - (h - 2 * m) * (y - lo) / (hi - lo)) for k, y in enumerate(ys)]
+        d.line(pts, fill=colours[i % 4], width=2)
+        d.text((w - m - 120, m + 5 + 12 * i), label, fill=colours[i % 4])
+    d.text((m, h - m + 5), f"chunk 0 .. {len(next(iter(lines.values()))) - 1}   y {lo:.3g} .. {hi:.3g}", fill="black")
+    img.save(path)
+    return path
+
+
+def format_results(res: dict, plots: dict[str, str]) -> str:
+    """The results markdown: the setup, a table per model, the targets' ratios and the plots."""
+    s, summary = res["setup"], res["summary"]
+    edge = "first / last chunk" if s["edge"] == 1 else f"mean of the first / last {s['edge']} chunks"
+    lines = [f"Held-out StreamWorld seeds {', '.join(map(str, s['seeds']))}; {s['chunks']} chunks of "
+             f"{s['chunk_frames']} frames ({s['size']} px, {s['steps']} steps, memory {s['memory']}"
+             + (f", clips of {s['chain_clip_frames']} frames chained on the last {s['chain_frames']}"
+                f"{' + the reference image' if s['chain_ref_pad'] else ''}" if s["chain_clip_frames"] else "")
+             + f"); each model fed only its own frames. Columns: {edge}, degradation (positive = worse).", "",
+             "| model | PSNR (dB) | PSNR degradation | colour drift | colour drift degradation | consistency | "
+             "consistency degradation | s / chunk |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+    for label, r in summary.items():
+        lines.append(f"| {label} | {r['psnr_first']:.2f} / {r['psnr_last']:.2f} | {r['psnr_degradation']:+.2f} | "
+                     f"{r['colour_drift_first']:.2f} / {r['colour_drift_last']:.2f} | "
+                     f"{r['colour_drift_degradation']:+.2f} | {r['consistency_first']:.3f} / "
+                     f"{r['consistency_last']:.3f} | {r['consistency_degradation']:+.3f} | "
+                     f"{r['seconds_per_chunk']:.3f} |")
+    if "plain" in summary and "recycled" in summary:
+        p, r = summary["plain"], summary["recycled"]
+        lines.append("")
+        for key in METRICS:
+            if p[f"{key}_degradation"] > 0:
+                target = " (target: <= 0.5)" if key == "psnr" else ""
+                lines.append(f"- {key} degradation, recycled / plain: "
+                             f"{r[f'{key}_degradation'] / p[f'{key}_degradation']:.2f}{target}")
+            else:
+                lines.append(f"- {key}: the plain fine-tune does not degrade ({p[f'{key}_degradation']:+.3f}); no ratio")
+        lines.append(f"- time per chunk, recycled / plain: {r['seconds_per_chunk'] / p['seconds_per_chunk']:.3f} "
+                     "(target: within 5%)")
+    if plots:
+        lines.append("")
+        lines += [f"![{key}]({name})" for key, name in plots.items()]
+    return "\n".join(lines)
+
+
+def write_results(res: dict, out: Path) -> dict[str, Path]:
+    """Write one PNG per metric, ``results.md``, ``summary.json`` and ``chunks.jsonl`` to ``out``."""
+    out.mkdir(parents=True, exist_ok=True)
+    plots = {key: plot_metric(res["curves"], key, out / f"drift_{key}.png") for key in METRICS}
+    (out / "results.md").write_text(format_results(res, {k: p.name for k, p in plots.items()}) + "\n")
+    (out / "summary.json").write_text(json.dumps({"summary": res["summary"], "setup": res["setup"],
+                                                  "curves": res["curves"]}, indent=1))
+    (out / "chunks.jsonl").write_text("".join(json.dumps(r) + "\n" for r in res["chunks"]))
+    return {"results": out / "results.md", **plots}

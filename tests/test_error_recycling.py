@@ -1,0 +1,311 @@
+"""Error recycling (Stable Video Infinity): each injection site at its probability, the residual
+formulas, what the step banks and where, the clean path, LoRA steps on diffusers' tiny Wan,
+clip chaining's overlap handling, and the drift evaluation on a tiny model."""
+
+from __future__ import annotations
+
+import numpy as np
+import pytest
+import torch
+import typer.main
+
+from streammem.memory import ErrorBank
+from streammem.models.video_dit import CausalVideoDiT
+from streammem.pipelines.generation import GenerationConfig, StreamingGenerationPipeline
+from streammem.train.error_recycling import (
+    ErrorRecycler,
+    ErrorRecyclingConfig,
+    RecycleTrainConfig,
+    draw_injections,
+    make_accelerator,
+    residual_errors,
+    train_step,
+)
+
+N = 2000  # draws for the statistical checks
+DIM = 3
+
+
+def tol(p: float, n: int = N) -> float:
+    """Five binomial standard deviations of a fraction (a seeded draw; generous but not vacuous)."""
+    return 5 * (p * (1 - p) / n) ** 0.5 + 1e-9
+
+
+class Probe:
+    """A toy adapter: x0 from the batch, the model a constant velocity; it records what reached
+    the conditioning and the model's input."""
+
+    def __init__(self, velocity: float = 0.0, cond_draws: int = 1):
+        self.model = torch.nn.Linear(1, 1)
+        self.velocity, self.cond_draws = velocity, cond_draws
+        self.cond_mask = self.cond_errors = self.x_t = None
+
+    def clean(self, batch):
+        return batch["x0"]
+
+    def condition_draws(self, batch):
+        return self.cond_draws
+
+    def inject_condition(self, batch, errors, mask):
+        self.cond_mask, self.cond_errors = mask.clone(), errors.clone()
+        return batch
+
+    def predict(self, batch, x_t, timestep):
+        self.x_t = x_t.detach().clone()
+        return torch.full_like(x_t, self.velocity) + 0 * self.model.weight.sum()
+
+
+def filled_bank() -> ErrorBank:
+    """Clean-side errors of bin b are all ``b + 1``; noise-side ones all ``1000``."""
+    bank = ErrorBank(dim=DIM, num_bins=50, per_bin=2)
+    t = bank.bin_timesteps
+    for b in range(50):
+        bank.add(torch.full((2, DIM), float(b + 1)), torch.full((2,), float(t[b])), side="clean")
+        bank.add(torch.full((2, DIM), 1000.0), torch.full((2,), float(t[b])), side="noise")
+    return bank
+
+
+def test_draws_are_independent_at_the_configured_probabilities():
+    cfg = ErrorRecyclingConfig()
+    d = draw_injections(cfg, N, torch.Generator().manual_seed(0))
+    frac = {k: v.float().mean().item() for k, v in d.items()}
+    assert abs(frac["clean"] - 0.2) < tol(0.2)
+    for site, p in (("cond", 0.9), ("latent", 0.9), ("noise", 0.01)):
+        assert abs(frac[site] - 0.8 * p) < tol(0.8 * p), (site, frac[site])
+        assert not bool((d[site] & d["clean"]).any())
+    both = (d["cond"] & d["latent"]).float().mean().item()
+    assert abs(both - 0.8 * 0.81) < tol(0.648)  # independent draws
+
+
+def test_each_site_gets_its_error_at_its_rate_from_the_right_bins():
+    """Through the step itself: x0 = 0, noise = 0, s fixed per sample, so the model's input is
+    ``(1 - s) e_clean + s e_noise``: which sites were hit (and from which bin) is read off it."""
+    probe = Probe()
+    bank = filled_bank()
+    rec = ErrorRecycler(probe, ErrorRecyclingConfig(), bank, seed=1)
+    sigma = torch.rand(N, generator=torch.Generator().manual_seed(2)) * 0.9 + 0.05
+    out = rec.loss({"x0": torch.zeros(N, DIM)}, sigma=sigma, noise=torch.zeros(N, DIM))
+    s = sigma[:, None]
+    noise_hit = (probe.x_t >= 500 * s).all(1)
+    latent_part = (probe.x_t - noise_hit[:, None] * 1000 * s) / (1 - s)
+    latent_hit = (latent_part > 0.5).all(1)
+    frac = {"cond": probe.cond_mask.float().mean().item(), "latent": latent_hit.float().mean().item(),
+            "noise": noise_hit.float().mean().item()}
+    assert abs(frac["cond"] - 0.72) < tol(0.72) and abs(frac["latent"] - 0.72) < tol(0.72)
+    assert abs(frac["noise"] - 0.008) < tol(0.008)
+    nothing = ~(probe.cond_mask | latent_hit | noise_hit)
+    assert abs(nothing.float().mean().item() - (0.2 + 0.8 * 0.1 * 0.1 * 0.99)) < tol(0.208)
+    assert torch.equal(out.injected, ~nothing)
+    # (b) the clean-latent error comes from the bin of the sample's own timestep
+    want = bank.bin_of(sigma * 1000).float() + 1
+    assert torch.allclose(latent_part[latent_hit, 0], want[latent_hit], atol=1e-3)
+    # (a) the conditioning errors come from every bin
+    drawn = probe.cond_errors[probe.cond_mask][:, 0, 0]
+    assert len(torch.unique(drawn)) > 40
+    # the target is the velocity toward the clean latent: eps' - x0, with the noise error in eps'
+    assert torch.allclose(out.v[noise_hit], torch.full((int(noise_hit.sum()), DIM), 1000.0))
+    assert torch.equal(out.v[~noise_hit], torch.zeros(int((~noise_hit).sum()), DIM))
+
+
+def test_residuals_match_a_hand_computation():
+    v_hat, v, s = torch.tensor([[3.0, -1.0]]), torch.tensor([[1.0, 1.0]]), torch.tensor([0.25])
+    e_noise, e_clean = residual_errors(v_hat, v, s)
+    assert torch.allclose(e_noise, torch.tensor([[1.5, -1.5]]))  # (1 - 0.25) * (2, -2)
+    assert torch.allclose(e_clean, torch.tensor([[-0.5, 0.5]]))  # -0.25 * (2, -2)
+    # they are the errors of one Euler step from x_t to either end
+    x0, eps = torch.tensor([[0.2, -0.4]]), torch.tensor([[1.2, 0.6]])
+    x_t = 0.75 * x0 + 0.25 * eps
+    assert torch.allclose(x_t + 0.75 * v_hat - eps, e_noise)
+    assert torch.allclose(x_t - 0.25 * v_hat - x0, e_clean)
+
+
+def test_the_step_banks_its_errors_in_the_nearest_bin():
+    probe = Probe(velocity=2.0, cond_draws=0)
+    cfg = ErrorRecyclingConfig(clean_bank_prob=1.0)
+    rec = ErrorRecycler(probe, cfg, ErrorBank(dim=DIM, per_bin=4), seed=0)
+    sigma = torch.tensor([0.1, 0.3, 0.6, 0.9])
+    x0, noise = torch.randn(4, DIM), torch.randn(4, DIM)
+    out = rec.loss({"x0": x0}, sigma=sigma, noise=noise)
+    assert not bool(out.injected.any())  # an empty bank has nothing to inject
+    assert rec.bank(out) == 4
+    bank = rec.error_bank
+    d = 2.0 - (noise - x0)
+    for i, s in enumerate(sigma.tolist()):
+        b = int(bank.bin_of(1000 * s))
+        assert bank.stats()["fill_noise"][b] == 1 and bank.stats()["fill_clean"][b] == 1
+        assert torch.allclose(bank.errors[0, b, 0], (1 - s) * d[i], atol=1e-6)
+        assert torch.allclose(bank.errors[1, b, 0], -s * d[i], atol=1e-6)
+        assert bank.timesteps[1, b, 0].item() == pytest.approx(1000 * s)
+
+
+def test_clean_input_is_banked_at_its_probability_and_injected_input_always():
+    rec = ErrorRecycler(Probe(1.0, cond_draws=0), ErrorRecyclingConfig(clean_prob=1.0), ErrorBank(dim=DIM, per_bin=500),
+                        seed=3)
+    out = rec.loss({"x0": torch.zeros(N, DIM)})
+    assert abs(rec.bank(out) / N - 0.1) < tol(0.1)
+    cfg = ErrorRecyclingConfig(clean_prob=0.0, latent_prob=1.0, clean_bank_prob=0.0)
+    rec = ErrorRecycler(Probe(1.0, cond_draws=0), cfg, filled_bank(), seed=3)
+    out = rec.loss({"x0": torch.zeros(64, DIM)})
+    assert bool(out.injected.all()) and rec.bank(out) == 64
+
+
+def test_the_clean_path_injects_nothing_and_is_the_plain_loss():
+    cfg = ErrorRecyclingConfig(clean_prob=1.0, cond_prob=1.0, latent_prob=1.0, noise_prob=1.0)
+    probe = Probe(velocity=0.5)
+    rec = ErrorRecycler(probe, cfg, filled_bank(), seed=0)
+    x0, noise, sigma = torch.randn(32, DIM), torch.randn(32, DIM), torch.rand(32)
+    out = rec.loss({"x0": x0}, sigma=sigma, noise=noise)
+    assert probe.cond_mask is None and not bool(out.injected.any())
+    assert torch.allclose(probe.x_t, (1 - sigma[:, None]) * x0 + sigma[:, None] * noise)
+    assert out.loss.item() == pytest.approx(((0.5 - (noise - x0)) ** 2).mean().item(), rel=1e-5)
+    plain = RecycleTrainConfig(mode="plain").recycling_config()
+    assert (plain.cond_prob, plain.latent_prob, plain.noise_prob, plain.clean_prob, plain.clean_bank_prob) == \
+        (0, 0, 0, 1, 0)
+
+
+def test_lora_steps_on_the_tiny_wan_change_only_the_lora():
+    from streammem.train.wan_lora import WanI2VAdapter, WanLoRAConfig, add_lora, tiny_wan_components
+
+    parts = tiny_wan_components()
+    tr = parts["transformer"]
+    params = add_lora(tr, WanLoRAConfig(rank=4, alpha=4))
+    lora = {n for n, p in tr.named_parameters() if "lora_" in n}
+    assert lora and {n for n, p in tr.named_parameters() if p.requires_grad} == lora
+    assert any(".attn1.to_q.lora_A" in n for n in lora) and any("ffn.net.2.lora_B" in n for n in lora)
+    before = {n: p.detach().clone() for n, p in tr.named_parameters()}
+    ad = WanI2VAdapter(tr, parts["vae"])
+    g = torch.Generator().manual_seed(0)
+    batch = ad.prepare(torch.rand(2, 3, 5, 16, 16, generator=g) * 2 - 1, torch.randn(2, 8, 32, generator=g))
+    cfg = ErrorRecyclingConfig(clean_prob=0.0, cond_prob=1.0, clean_bank_prob=1.0)
+    rec = ErrorRecycler(ad, cfg, seed=0)
+    acc = make_accelerator()
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    logs = [train_step(rec, batch, opt, acc, params) for _ in range(3)]
+    assert all(np.isfinite(r["loss"]) for r in logs)
+    assert logs[0]["injected"] == 0 and logs[1]["injected"] == 2  # step 1 fills the bank, step 2 replays it
+    assert rec.error_bank.config.dim == batch["latents"][0].numel()
+    changed = {n for n, p in tr.named_parameters() if not torch.equal(p, before[n])}
+    assert changed and changed <= lora
+
+
+def tiny_dit(seed: int = 0, size: int = 16, patch: int = 4) -> CausalVideoDiT:
+    torch.manual_seed(seed)
+    m = CausalVideoDiT(sample_size=size, patch_size=patch, dim=16, num_layers=1, num_heads=2,
+                       vocab=("<empty>", "<unk>", "clean", "medium", "hard"))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return m.eval()
+
+
+def test_clip_chaining_drops_the_overlap_and_conditions_on_the_last_frames():
+    cfg = GenerationConfig(num_inference_steps=1, window=4, history_frames=0, chain_clip_frames=3, chain_frames=2,
+                           chain_ref_pad=True)
+    pipe = StreamingGenerationPipeline(tiny_dit(), cfg)
+    reads = []
+    read = pipe.memory.read
+
+    def spy(query=None):
+        out = read(query)
+        reads.append(sorted(set(out.frame_index.tolist())))
+        return out
+
+    pipe.memory.read = spy
+    img = np.random.default_rng(0).integers(0, 255, (16, 16, 3), dtype=np.uint8)
+    out = pipe(img, actions="R" * 8, prompt=["clean", "medium", "hard"], progress=False)
+    idx = [f.index for f in out.frames]
+    assert idx == list(range(1, 9))  # no frame twice, none missing
+    assert [f.timestamp for f in out.frames] == [i / cfg.fps for i in idx]
+    assert [f.info["clip"] for f in out.frames] == [0, 0, 0, 1, 1, 1, 2, 2]
+    assert [f.info["prompt"] for f in out.frames] == ["clean"] * 3 + ["medium"] * 3 + ["hard"] * 2
+    assert len({f.info["seed"] for f in out.frames}) == out.chunks == 5  # clips of 3, 3, 2: chunks 2+1, 2+1, 2
+    # chunk reads: clip 0 sees its own past; clips 1 and 2 start from the reference + the last 2 frames of
+    # the clip before (then the window of 4 rolls on within the clip)
+    assert reads == [[0], [0, 1, 2], [0, 2, 3], [2, 3, 4, 5], [0, 5, 6]]
+    # a snapshot taken mid-clip (the last frames and the reference with it) continues exactly
+    a = StreamingGenerationPipeline(tiny_dit(), cfg)
+    a.start(img)
+    list(a.stream("R" * 5, progress=False))
+    b = StreamingGenerationPipeline(tiny_dit(), cfg)
+    b.load_state_dict(a.state_dict())
+    rest_a, rest_b = list(a.stream("R" * 5, progress=False)), list(b.stream("R" * 5, progress=False))
+    assert [f.info["clip"] for f in rest_a] == [1, 2, 2, 2, 3]
+    assert all(np.array_equal(x.image, y.image) and x.index == y.index for x, y in zip(rest_a, rest_b))
+    # chaining off: the prompt stream is per chunk, as before
+    plain = StreamingGenerationPipeline(tiny_dit(), GenerationConfig(num_inference_steps=1))
+    out = plain(img, actions="R" * 4, prompt=["clean", "hard"], progress=False)
+    assert [f.info["prompt"] for f in out.frames] == ["clean", "clean", "hard", "hard"]
+    assert "clip" not in out.frames[0].info
+
+
+def test_drift_eval_on_a_tiny_model_writes_metrics_and_plots(tmp_path):
+    from streammem.eval.drift import METRICS, colour_drift, consistency, evaluate_drift, write_results
+
+    a = np.random.default_rng(0).integers(0, 240, (8, 8, 3), dtype=np.uint8)
+    assert colour_drift(a, a) == 0 and consistency(a, a) == pytest.approx(1.0)
+    assert colour_drift(a + 10, a) == pytest.approx(10.0)  # means shift by 10, stds unchanged
+    res = evaluate_drift({"plain": tiny_dit(0, 32, 8), "recycled": tiny_dit(1, 32, 8)}, seeds=(20_000,), chunks=3,
+                         steps=1, progress=False)
+    for label in ("plain", "recycled"):
+        for key in METRICS:
+            assert len(res["curves"][label][key]) == 3 and np.isfinite(res["curves"][label][key]).all()
+        r = res["summary"][label]
+        assert r["psnr_degradation"] == pytest.approx(r["psnr_first"] - r["psnr_last"])
+        assert r["colour_drift_degradation"] == pytest.approx(r["colour_drift_last"] - r["colour_drift_first"])
+        assert r["seconds_per_chunk"] > 0
+    assert len(res["chunks"]) == 2 * 3
+    paths = write_results(res, tmp_path)
+    for key in METRICS:
+        assert paths[key].stat().st_size > 1000 and paths[key].read_bytes()[:4] == b"\x89PNG"
+    text = paths["results"].read_text()
+    assert "| plain |" in text and "time per chunk, recycled / plain" in text
+
+
+def test_recycle_command_options_default_to_the_config():
+    from streammem.cli import app
+
+    cmd = typer.main.get_command(app).commands["train"].commands["recycle"]
+    fields = {k: v for k, v in vars(RecycleTrainConfig()).items()}
+    checked = [p.name for p in cmd.params if p.name in fields]
+    assert len(checked) >= 10
+    assert all(p.default == fields[p.name] for p in cmd.params if p.name in fields)
+
+
+def test_the_batched_context_is_the_samplers_context():
+    from streammem.train.error_recycling import batch_context
+    from streammem.train.generator import ClipSampler, TrainConfig
+
+    m = tiny_dit(0, 32, 8)
+    sampler = ClipSampler(TrainConfig(batch_size=2), {}, m, np.random.default_rng(0))
+    g = torch.Generator().manual_seed(0)
+    for k in (1, 5, 23):
+        frames, poses = torch.rand(2, k, 3, 32, 32, generator=g), torch.randn(2, k, 4, 4, generator=g)
+        a, b = sampler.context(frames, poses), batch_context(m, frames, poses, 4)
+        for name in ("tokens", "pose", "grid", "level", "mask"):
+            assert torch.equal(getattr(a, name), getattr(b, name)), (k, name)
+
+
+def test_a_resumed_fine_tune_continues_exactly(tmp_path):
+    """Stopped after 3 steps and resumed to 6 (model, optimiser, generators and error bank
+    restored) equals 6 steps in one go; the folder gets a model card."""
+    import json
+
+    from safetensors.torch import load_file
+
+    from streammem.train.error_recycling import finetune
+
+    base = tmp_path / "base"
+    tiny_dit(0, 32, 8).save_pretrained(base)
+    (base / "training.json").write_text(json.dumps({"config": {"size": 32, "n_seeds": 1, "stream_frames": 12,
+                                                               "clip_frames": 8, "window": 2, "seed_base": 30_000}}))
+    kw = dict(base=str(base), batch_size=2, cache_dir=str(tmp_path / "cache"), bank_mb=8, log_every=2,
+              recycling={"clean_bank_prob": 1.0})
+    finetune(RecycleTrainConfig(out=str(tmp_path / "a"), max_steps=6, **kw))
+    finetune(RecycleTrainConfig(out=str(tmp_path / "b"), max_steps=3, **kw))
+    finetune(RecycleTrainConfig(out=str(tmp_path / "b"), max_steps=6, **kw))
+    a, b = CausalVideoDiT.from_pretrained(tmp_path / "a"), CausalVideoDiT.from_pretrained(tmp_path / "b")
+    assert all(torch.equal(x, y) for x, y in zip(a.parameters(), b.parameters()))
+    ba, bb = load_file(tmp_path / "a" / "error_bank.safetensors"), load_file(tmp_path / "b" / "error_bank.safetensors")
+    assert ba["count"].sum() > 0 and all(torch.equal(ba[k], bb[k]) for k in ba)
+    assert "6 steps" in (tmp_path / "b" / "README.md").read_text()
