@@ -172,7 +172,7 @@ def test_bad_input_gets_clear_errors():
     with pytest.raises(ValueError, match=r"does not know the prompt words \['sunset'\]; it knows \['clean', 'hard'\]"):
         p.start(image(), prompt="clean sunset")
     with pytest.raises(ValueError, match="GenerationConfig.memory"):
-        GenerationConfig(memory="dual")
+        GenerationConfig(memory="mem4d")
     with pytest.raises(ValueError, match="GenerationConfig.history_frames"):
         GenerationConfig(history_frames=20)
 
