@@ -31,7 +31,9 @@ Executors:
   already initialised; ``ray="ADDRESS"`` joins a cluster (``ray.init(address=...)``). Each video
   is its own block, mapped by :class:`VideoWorker` (a callable class, so one instance, with its
   heads, per Ray actor) in an actor pool of ``workers`` actors (default: the cluster's CPUs),
-  one video in flight per actor. On a cluster, the video paths and ``OUT`` must be on a file
+  one video in flight per actor. A dead actor (a lost node, a video that crashes its process) is
+  restarted and its video retried up to :data:`RAY_RETRIES` times; past that, the videos not
+  yet finished are recorded as failed. On a cluster, the video paths and ``OUT`` must be on a file
   system every node can reach, and streammem must be installed on every node.
 
 A video that fails (a corrupt file, a decoding error midway) is recorded as ``failed`` with its
@@ -80,6 +82,9 @@ TASKS = {"detect": "detection", "qa": "qa"}
 VIDEO_SUFFIXES = (".mp4", ".avi", ".mkv", ".mov", ".webm", ".m4v", ".mpg", ".mpeg", ".ts", ".wmv", ".flv")
 MANIFEST = "manifest.jsonl"
 LOCK = ".batch.lock"
+#: how often Ray restarts a dead actor and retries its video (Ray Data's default, forever, would
+#: loop on a video that crashes its process)
+RAY_RETRIES = 2
 #: source options a batch passes on to every video
 SOURCE_OPTIONS = ("stride", "max_side", "backend")
 
@@ -384,7 +389,8 @@ def _run_ray(items, tasks, options, workers, threads, address) -> Iterator[dict]
         mapped = ds.map_batches(
             VideoWorker, batch_size=1, fn_constructor_kwargs={"tasks": tasks, "options": options, "threads": threads,
                                                               "sys_path": _code_path()},
-            compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1), num_cpus=1)
+            compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1), num_cpus=1,
+            max_restarts=RAY_RETRIES, max_task_retries=RAY_RETRIES)
         seen: set[str] = set()
         try:
             for row in mapped.iter_rows():
