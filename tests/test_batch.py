@@ -128,7 +128,8 @@ def test_names_are_safe_unique_and_kept_across_runs():
     assert names[Path("/v/a/x.mp4")].startswith("x-") and names[Path("/v/manifest.jsonl.mp4")] != "manifest.jsonl"
     # a video the manifest knows keeps its folder even when a new video takes its stem
     again = assign_names([Path("/v/c/x.mp4"), *vids], known={"/v/a/x.mp4": names[Path("/v/a/x.mp4")]})
-    assert again[Path("/v/a/x.mp4")] == names[Path("/v/a/x.mp4")] and again[Path("/v/c/x.mp4")] != again[Path("/v/a/x.mp4")]
+    assert again[Path("/v/a/x.mp4")] == names[Path("/v/a/x.mp4")]
+    assert again[Path("/v/c/x.mp4")] != again[Path("/v/a/x.mp4")]
 
 
 @pytest.mark.parametrize("args, says", [

@@ -19,7 +19,8 @@ from streammem.pipelines.qa import QAConfig
 def batch(
     patterns: List[str] = typer.Argument(..., help="video files, folders or glob patterns (quote them: "
                                                    "\"videos/*.mp4\"; ** recurses)"),
-    out: str = typer.Option(..., "--out", "-o", help="output folder: OUT/<video name>/ per video and OUT/manifest.jsonl"),
+    out: str = typer.Option(..., "--out", "-o",
+                            help="output folder: OUT/<video name>/ per video and OUT/manifest.jsonl"),
     task: str = typer.Option("detect,qa", "--task", "-t", help="comma-separated heads to run: detect, qa"),
     workers: Optional[int] = typer.Option(None, help="worker processes or Ray actors (default: one per CPU, at most "
                                                      "one per video; 0: in this process)"),

@@ -57,12 +57,13 @@ import glob
 import hashlib
 import json
 import logging
+import math
 import os
 import re
 import shutil
 import socket
-import sys
 import time
+import warnings
 from concurrent.futures import ProcessPoolExecutor, as_completed
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
@@ -211,7 +212,8 @@ class _Lock:
             fcntl.flock(self._fh.fileno(), fcntl.LOCK_EX | fcntl.LOCK_NB)
         except OSError:
             self._fh.close()
-            raise ValueError(f"another streammem batch is writing to {self.path.parent}; wait for it or use another --out")
+            raise ValueError(f"another streammem batch is writing to {self.path.parent}; wait for it or use "
+                             f"another --out")
         return self
 
     def __exit__(self, *exc) -> None:
@@ -246,15 +248,9 @@ class VideoWorker:
         options: the main job's ``memory``, ``retention``, ``max_frames`` and the source options
             (:data:`SOURCE_OPTIONS`).
         threads: torch intra-op threads of this worker (None: leave torch's setting).
-        sys_path: entries put in front of ``sys.path`` before the heads are imported (so a
-            Ray worker imports the same streammem as the driver).
     """
 
-    def __init__(self, tasks: Sequence[str], options: dict, threads: int | None = None,
-                 sys_path: Sequence[str] = ()) -> None:
-        for p in reversed(list(sys_path)):
-            if p not in sys.path:
-                sys.path.insert(0, p)
+    def __init__(self, tasks: Sequence[str], options: dict, threads: int | None = None) -> None:
         if threads is not None:
             import torch
 
@@ -296,7 +292,8 @@ class VideoWorker:
             s = res.summary
             rec["outputs"] = {k: os.path.relpath(v, root) for k, v in s["outputs"].items() if v}
             rec["outputs"]["summary"] = os.path.relpath(res.summary_path, root)
-            rec.update(frames=s["frames_processed"], fps=s["fps"])
+            fps = s["fps"]
+            rec.update(frames=s["frames_processed"], fps=round(fps, 3) if math.isfinite(fps) else None)
             if res.error is not None:
                 rec["error"] = f"{res.error} (the frames before it were written)"
             else:
@@ -319,9 +316,9 @@ class VideoWorker:
 _worker: VideoWorker | None = None
 
 
-def _init_pool_worker(tasks, options, threads, sys_path) -> None:
+def _init_pool_worker(tasks, options, threads) -> None:
     global _worker
-    _worker = VideoWorker(tasks, options, threads, sys_path)
+    _worker = VideoWorker(tasks, options, threads)
 
 
 def _pool_process(item: dict) -> dict:
@@ -351,7 +348,7 @@ def _run_pool(items, tasks, options, workers, threads) -> Iterator[dict]:
     import multiprocessing as mp
 
     with ProcessPoolExecutor(workers, mp_context=mp.get_context("spawn"), initializer=_init_pool_worker,
-                             initargs=(tasks, options, threads, _code_path())) as pool:
+                             initargs=(tasks, options, threads)) as pool:
         futures = {pool.submit(_pool_process, it): it for it in items}
         try:
             for fut in as_completed(futures):
@@ -370,27 +367,33 @@ def _run_ray(items, tasks, options, workers, threads, address) -> Iterator[dict]
         import ray.data
     except ImportError as exc:
         raise ValueError("--ray needs Ray Data: pip install 'ray[data]' (or streammem[ray])") from exc
-    started = False
+    started, runtime_env = False, None
     if not ray.is_initialized():
         kw: dict[str, Any] = {"include_dashboard": False, "configure_logging": False, "log_to_driver": False}
         if address and address != "local":
             ray.init(address=address, **kw)
         else:
             ray.init(num_cpus=workers or os.cpu_count() or 1, **kw)
+            # local workers import the streammem this process runs, wherever it was imported from
+            path = os.pathsep.join([_code_root(), os.environ.get("PYTHONPATH", "")])
+            runtime_env = {"env_vars": {"PYTHONPATH": path}}
         started = True
     ctx = ray.data.DataContext.get_current()
-    ctx.enable_progress_bars = False  # the batch's own bar counts videos
-    ctx.print_on_execution_start = False
+    before = ctx.enable_progress_bars, ctx.print_on_execution_start
+    ctx.enable_progress_bars = ctx.print_on_execution_start = False  # the batch's own bar counts videos
     logging.getLogger("ray.data").setLevel(logging.WARNING)
+    logging.getLogger("ray.data._internal.progress").setLevel(logging.ERROR)  # "progress bars disabled"
     try:
         size = workers or max(1, int(ray.cluster_resources().get("CPU", 1)))
         size = max(1, min(size, len(items)))
         ds = ray.data.from_items([{"item": json.dumps(it)} for it in items], override_num_blocks=len(items))
-        mapped = ds.map_batches(
-            VideoWorker, batch_size=1, fn_constructor_kwargs={"tasks": tasks, "options": options, "threads": threads,
-                                                              "sys_path": _code_path()},
-            compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1), num_cpus=1,
-            max_restarts=RAY_RETRIES, max_task_retries=RAY_RETRIES)
+        with warnings.catch_warnings():  # Ray 2.60 takes the actors' retry limits only as (deprecated) extra kwargs
+            warnings.filterwarnings("ignore", message=".*ray_remote_args.* is deprecated")
+            mapped = ds.map_batches(
+                VideoWorker, batch_size=1, fn_constructor_kwargs={"tasks": tasks, "options": options,
+                                                                  "threads": threads}, runtime_env=runtime_env,
+                compute=ray.data.ActorPoolStrategy(size=size, max_tasks_in_flight_per_actor=1), num_cpus=1,
+                max_restarts=RAY_RETRIES, max_task_retries=RAY_RETRIES)
         seen: set[str] = set()
         try:
             for row in mapped.iter_rows():
@@ -402,16 +405,16 @@ def _run_ray(items, tasks, options, workers, threads, address) -> Iterator[dict]
                 if it["video"] not in seen:
                     yield _failed(it, options, f"Ray failed: {type(exc).__name__}: {exc}")
     finally:
+        ctx.enable_progress_bars, ctx.print_on_execution_start = before
         if started:
             ray.shutdown()
 
 
-def _code_path() -> list[str]:
-    """The folder this streammem is imported from, for workers that start without this
-    process's ``sys.path``."""
+def _code_root() -> str:
+    """The folder this streammem is imported from."""
     import streammem
 
-    return [str(Path(streammem.__file__).resolve().parent.parent)]
+    return str(Path(streammem.__file__).resolve().parent.parent)
 
 
 # ---------------------------------------------------------------------------- the job
@@ -440,15 +443,16 @@ class BatchResult:
         n = len(self.records)
         lines = [f"streammem batch: {n} video{'s' if n != 1 else ''}: {self.done} done, {self.skipped} skipped "
                  f"(done before), {self.failed} failed, in {self.wall_s:.1f} s ({self.executor})"]
-        lines += [f"  failed: {r['video']}: {r['error']}" for r in self.failures]
+        lines += [f"  failed: {r['error'] if r['video'] in (r['error'] or '') else r['video'] + ': ' + str(r['error'])}"
+                  for r in self.failures]
         lines.append(f"  manifest: {self.manifest}")
         return "\n".join(lines)
 
 
-def run_batch(patterns: Sequence[str | os.PathLike] | str, out: str | os.PathLike, tasks: Sequence[str] = ("detect", "qa"),
-              workers: int | None = None, ray: bool | str = False, memory: str = "ovbench", retention: str = "spread",
-              max_frames: int | None = None, progress: bool = True, threads: int = 1,
-              **source_options) -> BatchResult:
+def run_batch(patterns: Sequence[str | os.PathLike] | str, out: str | os.PathLike,
+              tasks: Sequence[str] = ("detect", "qa"), workers: int | None = None, ray: bool | str = False,
+              memory: str = "ovbench", retention: str = "spread", max_frames: int | None = None,
+              progress: bool = True, threads: int = 1, **source_options) -> BatchResult:
     """Process every video matched by ``patterns`` (:func:`find_videos`) with the heads of
     ``tasks`` into ``OUT/<name>/``, recording each in ``OUT/manifest.jsonl`` (see the module
     docstring); videos already done are skipped.
@@ -468,7 +472,8 @@ def run_batch(patterns: Sequence[str | os.PathLike] | str, out: str | os.PathLik
     tasks = list(dict.fromkeys(tasks))
     bad = [t for t in tasks if t not in TASKS]
     if not tasks or bad:
-        raise ValueError(f"--task must be a comma-separated list of {', '.join(TASKS)}; got {','.join(tasks) or 'none'}")
+        raise ValueError(f"--task must be a comma-separated list of {', '.join(TASKS)}; "
+                         f"got {','.join(tasks) or 'none'}")
     if threads < 1:
         raise ValueError(f"--threads must be >= 1, got {threads}")
     if workers is not None and workers < 0:
