@@ -2,7 +2,7 @@
 once with a correct manifest; a corrupt video among good ones is recorded and the rest go on;
 Ray Data on a local two-CPU Ray writes the same detections and answers as the process pool.
 
-The videos are tiny (96x72, 16 to 64 frames), each a different ffmpeg test pattern so that
+The videos are tiny (96x72, 16 to 40 frames), each a different ffmpeg test pattern so that
 outputs swapped between videos would show.
 """
 
@@ -39,7 +39,7 @@ def videos(tmp_path_factory) -> Path:
     broken.mp4: text. In path order: a, b, broken, c."""
     root = tmp_path_factory.mktemp("batch_videos")
     _video(root / "a.mp4", "testsrc2", 16)
-    _video(root / "b.mp4", "mandelbrot", 64)
+    _video(root / "b.mp4", "mandelbrot", 40)
     _video(root / "c.mp4", "smptebars", 16)
     (root / "broken.mp4").write_text("not a video\n" * 20)
     return root
@@ -90,7 +90,7 @@ def test_a_killed_run_started_again_finishes_every_video_once(videos, pool_run):
     for stem in GOOD:
         rec = by_name[stem]
         assert rec["status"] == "done" and rec["error"] is None and rec["name"] == stem
-        assert rec["frames"] == (64 if stem == "b" else 16) and rec["wall_s"] > 0
+        assert rec["frames"] == (40 if stem == "b" else 16) and rec["wall_s"] > 0
         assert {Path(p).name for p in rec["outputs"].values()} == OUTPUTS
         assert all((out / p).is_file() for p in rec["outputs"].values())
         assert {p.name for p in (out / stem).iterdir()} == OUTPUTS  # no .partial left by the kill, nothing twice
@@ -137,8 +137,23 @@ def test_names_are_safe_unique_and_kept_across_runs():
     (["{videos}/a.mp4", "--task", "detect,segment"], "--task must be"),
     (["{videos}/a.mp4", "--workers", "-1"], "--workers must be"),
     (["{videos}/a.mp4", "--workers", "0", "--ray"], "exclude each other"),
+    (["{videos}/a.mp4", "--stride", "0"], "stride must be"),
 ])
 def test_bad_options_exit_2_and_write_nothing(videos, tmp_path, args, says):
     result = CliRunner().invoke(app, ["batch", *(a.format(videos=videos) for a in args), "--out", str(tmp_path / "o")])
     assert result.exit_code == 2 and says in result.output, result.output
     assert not (tmp_path / "o").exists()
+
+
+def test_a_rerun_redoes_what_lost_an_output_and_retries_what_failed(videos, pool_run):
+    """Runs last: it changes the pool run's folder (c is made again, the same)."""
+    out = pool_run[0]
+    before = {p: (out / p).read_text() for p in ("a/detections.jsonl", "c/detections.jsonl", "c/answers.jsonl")}
+    a_record = read_manifest(out / "manifest.jsonl")[str(videos / "a.mp4")]
+    (out / "c" / "detections.jsonl").unlink()
+    res = run_batch([videos], out, workers=0, progress=False)  # a folder: its videos; in this process
+    assert (res.done, res.skipped, res.failed) == (1, 2, 1)  # c again; a and b skipped; broken retried
+    lines = _lines(out / "manifest.jsonl")
+    records = {Path(r["video"]).stem: r for r in lines}
+    assert len(lines) == len(records) == 4 and records["a"] == a_record and records["c"]["status"] == "done"
+    assert {p: (out / p).read_text() for p in before} == before  # the same outputs in this process as in the pool

@@ -33,6 +33,7 @@ def batch(
     max_frames: Optional[int] = typer.Option(None, help="stop each video after this many frames"),
     stride: int = typer.Option(1, help="keep every n-th frame"),
     max_side: Optional[int] = typer.Option(None, help="downscale frames so the longer side is at most this"),
+    backend: str = typer.Option("auto", help="video reader: auto, decord or opencv"),
     threads: int = typer.Option(1, help="torch threads per worker (the parallelism is across videos)"),
     progress: bool = typer.Option(True, help="show a progress bar over videos"),
 ) -> None:
@@ -51,7 +52,7 @@ def batch(
         res = run_batch(patterns, out, tasks=tasks, workers=workers,
                         ray=ray_address or ray, memory=memory,
                         retention=retention, max_frames=max_frames, progress=progress, threads=threads,
-                        stride=stride, max_side=max_side)
+                        stride=stride, max_side=max_side, backend=backend)
     typer.echo(res.summary())
     if res.failed:
         fail(f"{res.failed} of {len(res.records)} videos failed (see {res.manifest}); rerun to retry them", code=1)

@@ -498,8 +498,12 @@ def run_batch(patterns: Sequence[str | os.PathLike] | str, out: str | os.PathLik
     out = Path(out).absolute()
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; the output must be a folder")
-    options = {"tasks": tasks, "memory": memory, "retention": retention, "max_frames": max_frames,
-               **{k: v for k, v in sorted(source_options.items()) if v is not None}}
+    from streammem.io.options import SourceOptions
+
+    src = {k: getattr(SourceOptions(), k) for k in SOURCE_OPTIONS}  # every one, so that reruns compare alike
+    src.update({k: v for k, v in source_options.items() if v is not None})
+    SourceOptions(**src)  # a bad value fails here, before anything is written
+    options = {"tasks": tasks, "memory": memory, "retention": retention, "max_frames": max_frames, **src}
     out.mkdir(parents=True, exist_ok=True)
     t0 = time.perf_counter()
     with _Lock(out):
