@@ -464,8 +464,9 @@ def run_batch(patterns: Sequence[str | os.PathLike] | str, out: str | os.PathLik
     CPUs slow every worker down). ``source_options``: ``stride``,
     ``max_side``, ``backend``.
 
-    Raises ValueError on bad options, no matching video, or another batch writing to ``out``,
-    before anything is written."""
+    Videos inside ``out`` (a batch's own ``annotated.mp4``, matched by a ``**`` pattern) are
+    left out. Raises ValueError on bad options, no matching video, or another batch writing to
+    ``out``, before anything is written."""
     # 1. check inputs
     if isinstance(patterns, (str, os.PathLike)):
         patterns = [patterns]
@@ -498,6 +499,9 @@ def run_batch(patterns: Sequence[str | os.PathLike] | str, out: str | os.PathLik
     out = Path(out).absolute()
     if out.exists() and not out.is_dir():
         raise ValueError(f"{out} is a file; the output must be a folder")
+    videos = [v for v in videos if out not in v.parents]  # never a batch's own annotated.mp4
+    if not videos:
+        raise ValueError(f"every video matched is inside the output folder {out}")
     from streammem.io.options import SourceOptions
 
     src = {k: getattr(SourceOptions(), k) for k in SOURCE_OPTIONS}  # every one, so that reruns compare alike
