@@ -16,7 +16,6 @@ from streammem.pipelines.jobs.detect import (
     build_detection_head,
     run_detect,
 )
-from streammem.pipelines.jobs.generate import load_default_generator, run_generate
 from streammem.pipelines.jobs.main import (
     DEFAULT_HEADS,
     DEFAULT_SOURCE,
@@ -30,3 +29,12 @@ from streammem.pipelines.jobs.main import (
 __all__ = ["AskResult", "run_ask", "JobResult", "DEFAULT_CHECKPOINT", "build_detection_head", "run_detect",
            "DEFAULT_HEADS", "DEFAULT_SOURCE", "MainOutput", "MainPipeline", "default_heads", "default_questions",
            "run_main_job", "load_default_generator", "run_generate"]
+
+
+def __getattr__(name: str):
+    """The generation job loads on first use (it imports diffusers, which the other jobs do not need)."""
+    if name in ("load_default_generator", "run_generate"):
+        from streammem.pipelines.jobs import generate
+
+        return getattr(generate, name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")
