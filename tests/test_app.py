@@ -6,6 +6,8 @@ import socket
 import threading
 from pathlib import Path
 
+import gradio as gr
+import httpx
 import numpy as np
 import pytest
 from gradio_client import Client, handle_file
@@ -172,7 +174,7 @@ def test_memory_plots_and_snapshots(server, files):
 
 
 def test_bad_requests_get_clear_messages_and_the_session_stays_usable(server, files):
-    _, url = server
+    demo, url = server
     c = client(url)
     with pytest.raises(AppError, match="no video in memory yet"):
         c.predict("Is there a cat in view now?", "", api_name="/ask_question")
@@ -180,8 +182,15 @@ def test_bad_requests_get_clear_messages_and_the_session_stays_usable(server, fi
         c.predict(handle_file(str(files["text"])), api_name="/ask_process")
     with pytest.raises(AppError, match=r"long.mp4 is 6 s long; this demo takes videos up to 4.5 s"):
         c.predict(handle_file(str(files["long"])), "small", "none", api_name="/detect_video")
-    with pytest.raises(Exception, match=r"(?i)exceeds the maximum|too large|max"):  # Gradio's max_file_size
+    # an oversized upload: gradio_client refuses to send it, the server refuses to take it (launch's
+    # max_file_size), and the handler itself refuses a file over the limit that got through anyway
+    with pytest.raises(ValueError, match=r"big.mp4 exceeds the maximum file size of 300000 bytes"):
         c.predict(handle_file(str(files["big"])), api_name="/ask_process")
+    r = httpx.post(url + "gradio_api/upload", files={"files": ("big.mp4", files["big"].read_bytes(), "video/mp4")})
+    assert r.status_code == 413 and "maximum allowed size of 300000 bytes" in r.text
+    me = type("Request", (), {"session_hash": c.session_hash})()
+    with pytest.raises(gr.Error, match=r"big.mp4 is 0.5 MB; this demo takes uploads up to 0.3 MB"):
+        list(demo.streammem.ask_process(str(files["big"]), None, me, lambda *a, **k: None))
     with pytest.raises(AppError, match="junk.safetensors was not loaded: junk.safetensors is not a safetensors"):
         c.predict(handle_file(str(files["junk"])), "ask", "small", "none", api_name="/snapshot_load")
     with pytest.raises(AppError, match="nothing to save yet"):
