@@ -407,7 +407,8 @@ def pyramid_view(session: Session) -> tuple[str, list, dict]:
     """Status line, gallery (thumbnail, caption) and JSON of what the QA memory holds."""
     qa = session.qa
     if qa is None or qa.frames == 0:
-        return "No video yet: upload one and press **Process**, or start the webcam.", [], {"source": None, "levels": []}
+        return ("No video yet: upload one and press **Process**, or start the webcam.", [],
+                {"source": None, "levels": []})
     with qa._lock:
         held = qa.memory.frames()
         thumbs = dict(qa.thumbs)
@@ -730,19 +731,20 @@ def build_app(models: Models | None = None, limits: Limits | None = None) -> gr.
         with gr.Tab("Ask", id="ask"):
             with gr.Row():
                 with gr.Column():
-                    ask_video = gr.Video(label="video", sources=["upload"])
-                    ask_go = gr.Button("Process", variant="primary")
+                    ask_video = gr.Video(label="video", sources=["upload"], elem_id="ask-video")
+                    ask_go = gr.Button("Process", variant="primary", elem_id="ask-process")
                     ask_cam = gr.Image(label="or stream the webcam", sources=["webcam"], streaming=True,
-                                       type="numpy")
+                                       type="numpy", elem_id="ask-webcam")
                 with gr.Column():
-                    question = gr.Textbox(label="question", placeholder="Is there a cat in view now?")
+                    question = gr.Textbox(label="question", placeholder="Is there a cat in view now?",
+                                          elem_id="question")
                     options = gr.Textbox(label="options (comma-separated; empty for a yes/no question)",
                                          placeholder="top left, top right, bottom left, bottom right")
-                    ask_btn = gr.Button("Ask", variant="primary")
-                    answer_md = gr.Markdown()
+                    ask_btn = gr.Button("Ask", variant="primary", elem_id="ask-button")
+                    answer_md = gr.Markdown(elem_id="answer")
                     evidence = gr.Gallery(label="evidence", columns=4, height=160)
                     answer_json = gr.JSON(label="answer", open=False)
-            ask_status = gr.Markdown("No video yet.")
+            ask_status = gr.Markdown("No video yet.", elem_id="ask-status")
             pyramid = gr.Gallery(label="memory pyramid: the frames each level holds", columns=8, height=260)
             pyramid_json = gr.JSON(label="pyramid levels", open=False)
             refresh_pyr = gr.Button("Refresh pyramid", size="sm")
@@ -754,25 +756,25 @@ def build_app(models: Models | None = None, limits: Limits | None = None) -> gr.
         with gr.Tab("Detect", id="detect"):
             with gr.Row():
                 with gr.Column():
-                    det_video = gr.Video(label="video", sources=["upload"])
+                    det_video = gr.Video(label="video", sources=["upload"], elem_id="det-video")
                     detector = gr.Dropdown(DETECTOR_LABELS, value="small", label="detector")
                     memory = gr.Dropdown(DETECT_MEMORIES, value="feature_bank", label="memory")
-                    det_go = gr.Button("Detect", variant="primary")
+                    det_go = gr.Button("Detect", variant="primary", elem_id="det-go")
                     det_cam = gr.Image(label="or stream the webcam", sources=["webcam"], streaming=True,
-                                       type="numpy")
+                                       type="numpy", elem_id="det-webcam")
                 with gr.Column():
-                    det_image = gr.Image(label="annotated", type="numpy", format="jpeg")
+                    det_image = gr.Image(label="annotated", type="numpy", format="jpeg", elem_id="det-image")
                     det_file = gr.File(label="annotated mp4")
-                    det_stats = gr.JSON(label="memory banks")
+                    det_stats = gr.JSON(label="memory banks", elem_id="det-stats")
 
         with gr.Tab("Memory", id="memory") as mem_tab:
-            mem_btn = gr.Button("Refresh")
+            mem_btn = gr.Button("Refresh", elem_id="mem-refresh")
             with gr.Row():
                 tokens_plot = gr.LinePlot(x="frame", y="tokens", color="memory", title="tokens held",
                                           x_title="frames written", y_title="tokens")
                 bytes_plot = gr.LinePlot(x="frame", y="bytes", color="memory", title="bytes held",
                                          x_title="frames written", y_title="bytes")
-            mem_json = gr.JSON(label="current statistics", open=False)
+            mem_json = gr.JSON(label="current statistics", open=False, elem_id="mem-json")
             gr.Markdown("**Snapshots** of your own memory (safetensors). A snapshot loads only into the head "
                         "it came from, with the same settings; anything else is refused.")
             with gr.Row():

@@ -80,6 +80,7 @@ def test_two_visitors_get_answers_about_their_own_video(server, files):
     held_a = [f["frame_index"] for lvl in levels_a["levels"] for f in lvl["frames"]]
     held_b = [f["frame_index"] for lvl in levels_b["levels"] for f in lvl["frames"]]
     assert max(held_a) == A_FRAMES - 1 and max(held_b) == B_FRAMES - 1 and len(pyr_a) == len(held_a)
+    assert len(pyr_b) == len(held_b)
 
     # questions at the same time: each is answered at its own stream's time, from its own frames
     qa = ca.submit("Is there a cat in view now?", "", api_name="/ask_question")
@@ -91,7 +92,7 @@ def test_two_visitors_get_answers_about_their_own_video(server, files):
         assert ans["text"] in ("yes", "no") and 0.5 <= ans["confidence"] <= 1.0
         assert ans["evidence"] and len(ev) == len(ans["evidence"])  # one thumbnail per evidence frame
         assert all(e["frame_index"] < n and e["timestamp"] <= (n - 1) / FPS for e in ans["evidence"])
-    assert "confidence" in md_a and "a.mp4" in md_a
+    assert "confidence" in md_a and "a.mp4" in md_a and "b.mp4" in md_b
     # the memory tab shows each visitor only its own memories
     stats_a, stats_b = ca.predict(api_name="/memory_stats")[2], cb.predict(api_name="/memory_stats")[2]
     assert stats_a["ask"]["frames"] == A_FRAMES and stats_b["ask"]["frames"] == B_FRAMES
