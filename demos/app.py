@@ -84,7 +84,7 @@ _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16"
 #: the most elements a snapshot's variable-length tensor (JSON text, a detector's temporal state) may have
 _MAX_EXTRA = 2 ** 24
 #: a webcam frame arriving this long after the previous one starts a new stream
-WEBCAM_GAP_S = 3.0
+WEBCAM_GAP_S = 10.0
 
 MODEL_NOTES = """\
 **What the shipped models know.** They are small models this project trains on its own procedural
@@ -771,7 +771,7 @@ def build_app(models: Models | None = None, limits: Limits | None = None) -> gr.
             mem_btn = gr.Button("Refresh", elem_id="mem-refresh")
             with gr.Row():
                 tokens_plot = gr.LinePlot(x="frame", y="tokens", color="memory", title="tokens held",
-                                          x_title="frames written", y_title="tokens")
+                                          x_title="frames written", y_title="tokens", elem_id="tokens-plot")
                 bytes_plot = gr.LinePlot(x="frame", y="bytes", color="memory", title="bytes held",
                                          x_title="frames written", y_title="bytes")
             mem_json = gr.JSON(label="current statistics", open=False, elem_id="mem-json")
