@@ -15,6 +15,7 @@ from gradio_client.exceptions import AppError
 
 from demos.app import Limits, build_app
 from streammem.io import VideoWriter
+from streammem.memory import PyramidMemory
 from streammem.world import World
 
 FPS = 8
@@ -169,7 +170,12 @@ def test_memory_plots_and_snapshots(server, files):
     assert c.predict(api_name="/memory_stats")[2]["ask"]["frames"] == B_FRAMES  # ... and the snapshot restores it
     ans = c.predict("Is there a cat in view now?", "", api_name="/ask_question")[2]
     assert ans["query_time"] == pytest.approx((B_FRAMES - 1) / FPS)
-    # an Ask snapshot is refused by the Detect head, with the file named
+    # a bare memory file (Memory.save) is not a head snapshot; an Ask snapshot is refused by the
+    # Detect head; both with the file named, and the session goes on
+    bare = Path(path).with_name("bare_pyramid.safetensors")
+    PyramidMemory.from_preset("ovbench", dim=16).save(bare)
+    with pytest.raises(AppError, match=r"bare_pyramid.safetensors is not a streammem head snapshot"):
+        c.predict(handle_file(str(bare)), "ask", "small", "none", api_name="/snapshot_load")
     with pytest.raises(AppError, match=r"streammem_ask_snapshot.safetensors.*'qa' head"):
         c.predict(handle_file(path), "detect", "small", "none", api_name="/snapshot_load")
 
