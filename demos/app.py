@@ -43,6 +43,7 @@ import logging
 import math
 import os
 import shutil
+import sys
 import tempfile
 import threading
 import time
@@ -61,6 +62,7 @@ from safetensors.torch import load_file, save_file
 
 from streammem.io import SourceError, VideoWriter, open_source
 from streammem.models.answerer.refusal import QuestionRefused, Refusal
+from streammem.models.hf import HubUnavailable
 from streammem.pipelines.base import tensor_json
 from streammem.pipelines.jobs.base import fit_to
 from streammem.pipelines.jobs.detect import DETECTORS, build_detection_head
@@ -245,15 +247,15 @@ class Session:
             self.qa_source, self.qa_run = source, self.qa_run + 1
             return qa
 
-    def detection_head(self, detector: str, memory: str, source: str | None = None):
-        """The detection head for these settings; a new ``source`` (or other settings) starts
-        a fresh one."""
+    def detection_head(self, detector: str, memory: str, source: str | None = None, restart: bool = False):
+        """The detection head for these settings; other settings build a new one, and another
+        ``source`` (or ``restart``) starts a new stream on it."""
         with self.lock:
             key = (detector, memory)
             if self.det is None or self.det_key != key:
                 self.det, self.det_key = self.models.detection_head(detector, memory), key
                 self.det_source = None
-            if source is not None and source != self.det_source:
+            if source is not None and (restart or source != self.det_source):
                 self.det.reset()
                 self.det_source, self.det_run = source, self.det_run + 1
             return self.det
@@ -529,9 +531,9 @@ class App:
         n = 0
         try:
             for frame in src:
-                if session.closed or session.qa_run != run:
-                    return  # the visitor started another stream: this one is over
                 with session.lock:
+                    if session.closed or session.qa_run != run:
+                        return  # the visitor started another stream: this one is over
                     qa.step(frame)
                     session.record("ask", qa)
                 n += 1
@@ -585,7 +587,7 @@ class App:
         detector, memory = self._detect_settings(detector, memory)
         src = open_video(video, self.limits)
         name = _name(video)
-        head = session.detection_head(detector, memory, source=f"video {name}#{time.monotonic()}")
+        head = session.detection_head(detector, memory, source=f"video {name}", restart=True)
         run = session.det_run
         total = src.info.selected_frames or src.info.num_frames
         out = session.dir / f"{Path(name).stem}_annotated.mp4"
@@ -594,10 +596,10 @@ class App:
         image = None
         try:
             for frame in src:
-                if session.closed or session.det_run != run:
-                    writer.discard()
-                    return
                 with session.lock:
+                    if session.closed or session.det_run != run:
+                        writer.discard()
+                        return  # the visitor started another stream: this one is over
                     det = head.step(frame)
                     session.record("detect", head)
                 image = head.annotate(frame.image, det)
@@ -627,8 +629,7 @@ class App:
         img = _webcam_image(image, self.limits.max_side)
         index, t, new = session.webcam_clock("detect")
         with session.lock:
-            source = f"webcam#{session.webcam['detect'][0]}"
-            head = session.detection_head(detector, memory, source=source)
+            head = session.detection_head(detector, memory, source="webcam", restart=new)
             det = head.step(Frame(index=index, timestamp=t, image=img))
             session.record("detect", head)
         return head.annotate(img, det), self._detect_stats(head, head.counters.get("frames", index + 1),
@@ -852,8 +853,8 @@ def main(argv: list[str] | None = None) -> int:
         limits = Limits(max_upload_mb=args.max_upload_mb, max_video_s=args.max_video_s,
                         concurrency=args.concurrency, max_sessions=args.max_sessions)
         models = Models.load(args.answerer, args.detector_checkpoint)
-    except (ValueError, OSError, ImportError) as exc:
-        print(f"serve.py: {exc}", file=__import__("sys").stderr)
+    except (ValueError, OSError, ImportError, HubUnavailable) as exc:
+        print(f"serve.py: {exc}", file=sys.stderr)
         return 2
     demo = build_app(models, limits)
     launch(demo, limits, server_name=args.host, server_port=args.port, share=args.share)
