@@ -4,6 +4,7 @@ clear message while the session stays usable."""
 
 import socket
 import threading
+import time
 from pathlib import Path
 
 import gradio as gr
@@ -228,3 +229,24 @@ def test_server_survives_concurrent_failures(server, files):
         t.join(120)
     assert isinstance(results[0], AppError) and "not a video" in str(results[0])
     assert all(f"{B_FRAMES} frames" in results[i] for i in (1, 2))
+
+
+def test_an_idle_session_is_freed_after_its_time_to_live(server, files):
+    """Gradio's state sweep calls the State's delete_callback once the session has been idle for
+    its time to live: the session's memories and files are freed and it leaves the registry."""
+    demo, url = server
+    state = next(b for b in demo.blocks.values() if isinstance(b, gr.State))
+    ttl = state.time_to_live
+    state.time_to_live = 0.5  # for this test only (the default is Limits.session_ttl_s, an hour)
+    try:
+        c = client(url)
+        c.predict(handle_file(str(files["b"])), api_name="/ask_process")
+        me = type("Request", (), {"session_hash": c.session_hash})()
+        session = demo.streammem.sessions.get(me)
+        assert session.qa is not None and session.dir.exists()
+        time.sleep(0.6)
+        demo.state_holder.delete_all_expired_state()
+        assert session.closed and session.qa is None and not session.dir.exists()
+        assert c.session_hash not in demo.streammem.sessions
+    finally:
+        state.time_to_live = ttl
