@@ -1,25 +1,23 @@
-"""Launch the streammem web demo: ``python serve.py``.
+"""Launch the streammem web demo: ``python serve.py [--host H] [--port P] [--share] [--answerer SPEC]``.
 
-The Gradio app itself (demos/app.py, per-session memories) comes with the web-demo issue;
-until then this launcher says so instead of failing obscurely.
+The Gradio app itself is ``demos/app.py`` (importable: ``build_app()`` returns the Blocks);
+``python serve.py --help`` lists the options (upload and video-length limits, concurrency).
+``--share`` (a public gradio.live link) is off by default; ``--host 0.0.0.0`` serves every
+interface of this machine.
 """
 
 from __future__ import annotations
 
 import sys
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))  # `demos` next to this file, from any folder
 
 
-def main() -> int:
-    try:
-        from demos.app import main as app_main  # noqa: F401
-    except ImportError:
-        print(
-            "streammem: the web demo (demos/app.py) is not built yet. "
-            "Use `streammem run SOURCE --out DIR` for the main job.",
-            file=sys.stderr,
-        )
-        return 1
-    return app_main()
+def main(argv: list[str] | None = None) -> int:
+    from demos.app import main as app_main
+
+    return app_main(argv)
 
 
 if __name__ == "__main__":

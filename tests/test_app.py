@@ -1,0 +1,252 @@
+"""The web demo (demos/app.py) launched in-process and driven through gradio_client: every
+tab's API, two visitors with different videos at once, and each bad request answered with a
+clear message while the session stays usable."""
+
+import socket
+import threading
+import time
+from pathlib import Path
+
+import gradio as gr
+import httpx
+import numpy as np
+import pytest
+from gradio_client import Client, handle_file
+from gradio_client.exceptions import AppError
+
+from demos.app import Limits, build_app
+from streammem.io import VideoWriter
+from streammem.memory import PyramidMemory
+from streammem.world import World
+
+FPS = 8
+A_FRAMES, B_FRAMES, LONG_FRAMES = 32, 20, 48  # 3.9 s, 2.4 s and 5.9 s at 8 fps
+LIMITS = Limits(max_upload_mb=0.3, max_video_s=4.5, concurrency=2)
+
+
+def render(path: Path, seed: int, frames: int, size: int = 96) -> Path:
+    """A StreamWorld stream as an mp4 (8 fps): what a visitor would upload."""
+    w = VideoWriter(path, fps=FPS)
+    for f in World(seed=seed, preset="clean", size=size, frames=frames):
+        w.write(f.image)
+    return w.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def files(tmp_path_factory):
+    root = tmp_path_factory.mktemp("app")
+    out = {"a": render(root / "a.mp4", 1, A_FRAMES), "b": render(root / "b.mp4", 2, B_FRAMES),
+           "long": render(root / "long.mp4", 3, LONG_FRAMES, size=64)}
+    (root / "notes.mp4").write_text("this is a text file, not a video\n" * 20)
+    out["text"] = root / "notes.mp4"
+    big = root / "big.mp4"
+    big.write_bytes(np.random.default_rng(0).bytes(int(LIMITS.max_upload_bytes * 1.5)))
+    out["big"] = big
+    (root / "junk.safetensors").write_bytes(b"\x80\x04pickle-ish bytes, not a snapshot" * 10)
+    out["junk"] = root / "junk.safetensors"
+    return out
+
+
+@pytest.fixture(scope="module")
+def server():
+    demo = build_app(limits=LIMITS)
+    demo.queue(default_concurrency_limit=LIMITS.concurrency)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                            show_error=True, max_file_size=LIMITS.max_upload_bytes)
+    yield demo, url
+    demo.close()
+
+
+def client(url: str) -> Client:
+    return Client(url, verbose=False, download_files=False)
+
+
+def test_two_visitors_get_answers_about_their_own_video(server, files):
+    demo, url = server
+    ca, cb = client(url), client(url)
+    assert {"/ask_process", "/ask_question", "/ask_webcam", "/ask_pyramid", "/detect_video", "/detect_webcam",
+            "/memory_stats", "/snapshot_save", "/snapshot_load"} <= set(ca.view_api(print_info=False,
+                                                                                 return_format="dict")["named_endpoints"])
+    # both videos stream in at the same time, each into its visitor's memory
+    ja = ca.submit(handle_file(str(files["a"])), api_name="/ask_process")
+    jb = cb.submit(handle_file(str(files["b"])), api_name="/ask_process")
+    (status_a, pyr_a, levels_a), (status_b, pyr_b, levels_b) = ja.result(timeout=120), jb.result(timeout=120)
+    assert "a.mp4" in status_a and f"{A_FRAMES} frames" in status_a
+    assert "b.mp4" in status_b and f"{B_FRAMES} frames" in status_b
+    held_a = [f["frame_index"] for lvl in levels_a["levels"] for f in lvl["frames"]]
+    held_b = [f["frame_index"] for lvl in levels_b["levels"] for f in lvl["frames"]]
+    assert max(held_a) == A_FRAMES - 1 and max(held_b) == B_FRAMES - 1 and len(pyr_a) == len(held_a)
+    assert len(pyr_b) == len(held_b)
+
+    # questions at the same time: each is answered at its own stream's time, from its own frames
+    qa = ca.submit("Is there a cat in view now?", "", api_name="/ask_question")
+    qb = cb.submit("Is there a cat in view now?", "", api_name="/ask_question")
+    (md_a, ev_a, ans_a), (md_b, ev_b, ans_b) = qa.result(timeout=60), qb.result(timeout=60)
+    assert ans_a["query_time"] == pytest.approx((A_FRAMES - 1) / FPS) and ans_a["source"] == "video a.mp4"
+    assert ans_b["query_time"] == pytest.approx((B_FRAMES - 1) / FPS) and ans_b["source"] == "video b.mp4"
+    for ans, ev, n in ((ans_a, ev_a, A_FRAMES), (ans_b, ev_b, B_FRAMES)):
+        assert ans["text"] in ("yes", "no") and 0.5 <= ans["confidence"] <= 1.0
+        assert ans["evidence"] and len(ev) == len(ans["evidence"])  # one thumbnail per evidence frame
+        assert all(e["frame_index"] < n and e["timestamp"] <= (n - 1) / FPS for e in ans["evidence"])
+    assert "confidence" in md_a and "a.mp4" in md_a and "b.mp4" in md_b
+    # the memory tab shows each visitor only its own memories
+    stats_a, stats_b = ca.predict(api_name="/memory_stats")[2], cb.predict(api_name="/memory_stats")[2]
+    assert stats_a["ask"]["frames"] == A_FRAMES and stats_b["ask"]["frames"] == B_FRAMES
+    assert stats_a["ask_source"] == "video a.mp4" and stats_b["ask_source"] == "video b.mp4"
+    sessions = demo.streammem.sessions
+    assert len({sessions.get(type("R", (), {"session_hash": c.session_hash})()).id for c in (ca, cb)}) == 2
+
+    # a question the shipped answerer does not know is refused with its reason, not answered
+    md, ev, ans = ca.predict("What is the man doing?", "", api_name="/ask_question")
+    assert ans["refused"] and ans["kind"] == "vocabulary" and "man" in ans["unknown_words"]
+    assert md.startswith("**Refused**") and "does not know" in md and ev == []
+    # options are taken; the pyramid view is there on request
+    md, ev, ans = ca.predict("Where in the frame is the red star now?", "top left, top right, bottom left, "
+                             "bottom right", api_name="/ask_question")
+    assert ans.get("refused") or ans["text"] in ("top left", "top right", "bottom left", "bottom right")
+    assert ca.predict(api_name="/ask_pyramid")[2]["frames"] == A_FRAMES
+
+    # closing the page frees the session: its folder is removed and a later request starts afresh
+    sa = sessions.get(type("R", (), {"session_hash": ca.session_hash})())
+    demo.streammem.unload(type("R", (), {"session_hash": ca.session_hash})())
+    assert sa.closed and not sa.dir.exists() and ca.session_hash not in sessions
+    assert cb.predict(api_name="/memory_stats")[2]["ask"]["frames"] == B_FRAMES  # the other visitor untouched
+
+
+def test_detect_streams_frames_and_writes_the_video(server, files):
+    _, url = server
+    c = client(url)
+    job = c.submit(handle_file(str(files["b"])), "small", "feature_bank", api_name="/detect_video")
+    image, stats, video = job.result(timeout=120)
+    outputs = job.outputs()
+    assert len(outputs) >= 2 and all(o[0] is not None for o in outputs)  # annotated frames came back as processed
+    assert stats["frames"] == B_FRAMES and stats["pipeline"]["memory"] == "feature_bank"
+    assert stats["pipeline"]["instance_memory"]["num_tokens"] > 0  # the bank filled
+    assert video["path"].endswith("b_annotated.mp4")
+    # HOG without memory
+    image, stats, video = c.predict(handle_file(str(files["a"])), "hog", "none", api_name="/detect_video")
+    assert stats["frames"] == A_FRAMES and stats["pipeline"]["detector"] == "hog"
+
+
+def test_webcam_frames_go_into_the_visitors_own_memory(server):
+    """The webcam events are Gradio streams (the browser test drives them for real); here their
+    handlers get frames in-process under a client's session, and the client then sees them."""
+    demo, url = server
+    c = client(url)
+    me = type("Request", (), {"session_hash": c.session_hash})()
+    app = demo.streammem
+    frames = list(World(seed=5, preset="clean", size=96, frames=4))
+    for f in frames[:3]:
+        status, gallery, levels, _ = app.ask_webcam(f.image, None, me)
+    assert "webcam" in status and levels["frames"] == 3 and len(gallery) == 3
+    ans = c.predict("Is there a cat in view now?", "", api_name="/ask_question")[2]
+    assert ans["source"] == "webcam" and ans["evidence"]
+    for f in frames[:2]:
+        annotated, stats, _ = app.detect_webcam(f.image, "small", "dual", None, me)
+    assert annotated.shape == frames[0].image.shape and stats["pipeline"]["memory"] == "dual"
+    assert stats["pipeline"]["frames"] == 2
+    assert c.predict(api_name="/memory_stats")[2]["detect"]["frames"] == 2
+
+
+def test_memory_plots_and_snapshots(server, files):
+    _, url = server
+    c = client(url)
+    c.predict(handle_file(str(files["b"])), api_name="/ask_process")
+    tokens, nbytes, stats = c.predict(api_name="/memory_stats")
+    rows = tokens["data"]
+    assert [r[0] for r in rows] == list(range(1, B_FRAMES + 1))  # one row per frame written
+    assert len({r[3] for r in rows}) == 1 and rows[-1][2] <= 832  # bytes flat, tokens bounded
+    snap, msg = c.predict("ask", api_name="/snapshot_save")
+    path = snap["path"]  # the file the browser downloads (the server runs on this machine)
+    assert path.endswith(".safetensors") and Path(path).is_file() and "Saved" in msg
+    c.predict(handle_file(str(files["a"])), api_name="/ask_process")  # another stream replaces the memory ...
+    msg = c.predict(handle_file(path), "ask", "small", "feature_bank", api_name="/snapshot_load")
+    assert "Loaded" in msg
+    assert c.predict(api_name="/memory_stats")[2]["ask"]["frames"] == B_FRAMES  # ... and the snapshot restores it
+    ans = c.predict("Is there a cat in view now?", "", api_name="/ask_question")[2]
+    assert ans["query_time"] == pytest.approx((B_FRAMES - 1) / FPS)
+    # a bare memory file (Memory.save) is not a head snapshot; an Ask snapshot is refused by the
+    # Detect head; both with the file named, and the session goes on
+    bare = Path(path).with_name("bare_pyramid.safetensors")
+    PyramidMemory.from_preset("ovbench", dim=16).save(bare)
+    with pytest.raises(AppError, match=r"bare_pyramid.safetensors is not a streammem head snapshot"):
+        c.predict(handle_file(str(bare)), "ask", "small", "none", api_name="/snapshot_load")
+    with pytest.raises(AppError, match=r"streammem_ask_snapshot.safetensors.*'qa' head"):
+        c.predict(handle_file(path), "detect", "small", "none", api_name="/snapshot_load")
+
+
+def test_bad_requests_get_clear_messages_and_the_session_stays_usable(server, files):
+    demo, url = server
+    c = client(url)
+    with pytest.raises(AppError, match="no video in memory yet"):
+        c.predict("Is there a cat in view now?", "", api_name="/ask_question")
+    with pytest.raises(AppError, match="notes.mp4 is not a video"):
+        c.predict(handle_file(str(files["text"])), api_name="/ask_process")
+    with pytest.raises(AppError, match=r"long.mp4 is 6 s long; this demo takes videos up to 4.5 s"):
+        c.predict(handle_file(str(files["long"])), "small", "none", api_name="/detect_video")
+    # an oversized upload: gradio_client refuses to send it, the server refuses to take it (launch's
+    # max_file_size), and the handler itself refuses a file over the limit that got through anyway
+    with pytest.raises(ValueError, match=r"big.mp4 exceeds the maximum file size of 300000 bytes"):
+        c.predict(handle_file(str(files["big"])), api_name="/ask_process")
+    r = httpx.post(url + "gradio_api/upload", files={"files": ("big.mp4", files["big"].read_bytes(), "video/mp4")})
+    assert r.status_code == 413 and "maximum allowed size of 300000 bytes" in r.text
+    me = type("Request", (), {"session_hash": c.session_hash})()
+    with pytest.raises(gr.Error, match=r"big.mp4 is 0.5 MB; this demo takes uploads up to 0.3 MB"):
+        list(demo.streammem.ask_process(str(files["big"]), None, me, lambda *a, **k: None))
+    with pytest.raises(AppError, match="junk.safetensors was not loaded: junk.safetensors is not a safetensors"):
+        c.predict(handle_file(str(files["junk"])), "ask", "small", "none", api_name="/snapshot_load")
+    with pytest.raises(AppError, match="nothing to save yet"):
+        c.predict("detect", api_name="/snapshot_save")
+    # after all that, the same session works
+    status = c.predict(handle_file(str(files["b"])), api_name="/ask_process")[0]
+    assert f"{B_FRAMES} frames" in status
+    assert c.predict("Is there a cat in view now?", "", api_name="/ask_question")[2]["text"] in ("yes", "no")
+
+
+def test_server_survives_concurrent_failures(server, files):
+    """Failing and good requests at once from several visitors: all answered, none lost."""
+    _, url = server
+    clients = [client(url) for _ in range(3)]
+    results: dict[int, object] = {}
+
+    def go(i: int, c: Client) -> None:
+        try:
+            src = files["text"] if i == 0 else files["b"]
+            results[i] = c.predict(handle_file(str(src)), api_name="/ask_process")[0]
+        except AppError as exc:
+            results[i] = exc
+
+    threads = [threading.Thread(target=go, args=(i, c)) for i, c in enumerate(clients)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(120)
+    assert isinstance(results[0], AppError) and "not a video" in str(results[0])
+    assert all(f"{B_FRAMES} frames" in results[i] for i in (1, 2))
+
+
+def test_an_idle_session_is_freed_after_its_time_to_live(server, files):
+    """Gradio's state sweep calls the State's delete_callback once the session has been idle for
+    its time to live: the session's memories and files are freed and it leaves the registry."""
+    demo, url = server
+    state = next(b for b in demo.blocks.values() if isinstance(b, gr.State))
+    ttl = state.time_to_live
+    state.time_to_live = 0.5  # for this test only (the default is Limits.session_ttl_s, an hour)
+    try:
+        c = client(url)
+        c.predict(handle_file(str(files["b"])), api_name="/ask_process")
+        me = type("Request", (), {"session_hash": c.session_hash})()
+        session = demo.streammem.sessions.get(me)
+        assert session.qa is not None and session.dir.exists()
+        time.sleep(0.6)
+        demo.state_holder.delete_all_expired_state()
+        assert session.closed and session.qa is None and not session.dir.exists()
+        assert c.session_hash not in demo.streammem.sessions
+    finally:
+        state.time_to_live = ttl
