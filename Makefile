@@ -11,6 +11,8 @@ STAMP  := $(VENV)/.streammem-installed
 # index on machines where the default registry would hand out a large CUDA build.
 TORCH_VERSION ?= 2.13.0
 TORCH_INDEX   ?=
+# test processes (pytest-xdist; each test file runs whole in one of them)
+TEST_WORKERS  ?= auto
 
 .PHONY: setup run test bench clean
 
@@ -30,7 +32,7 @@ run: $(STAMP)
 
 test: $(STAMP)
 	@bash scripts/system_deps.sh
-	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/python -m pytest -n $(TEST_WORKERS) --dist loadfile
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/decode.py
