@@ -1,6 +1,6 @@
 """The streammem web demo: a Gradio 6 app over the shipped heads (``python serve.py``).
 
-Three tabs, each on the visitor's own memories:
+Four tabs, each on the visitor's own memories:
 
 - **Ask**: upload a video (or stream the webcam) into a Pyramid Memory Bank and ask questions
   at any moment; an answer comes with its confidence, the frames it rested on (thumbnails and
@@ -10,13 +10,20 @@ Three tabs, each on the visitor's own memories:
   detector or OpenCV's HOG people detector) with a memory (none, FeatureBank, DualMemory);
   annotated frames stream back as they are processed, with the memory banks' statistics, and
   the annotated mp4 can be downloaded.
+- **Generate**: from a start image (an upload, or a StreamWorld scene by seed), the generation
+  head (:class:`~streammem.pipelines.generation.StreamingGenerationPipeline` on the shipped
+  small causal video model) generates frames chunk by chunk from camera actions (letters
+  F/B/L/R/U/D/I/O/S) and a prompt, on a memory picked from posekv, window, full, dual; frames
+  stream back as they are made, *Stop* ends the run at once (the pipeline's interrupt), and
+  *Continue* goes on from where the visitor's stream stopped, its memory intact. The stream so
+  far is offered as an mp4.
 - **Memory**: tokens and bytes of every memory over the frames written (bounded memories stay
-  flat), and a snapshot (safetensors) of the visitor's own Ask or Detect head to download or
-  upload; an upload is checked against the head's own tensors (names, shapes, dtypes, bytes)
+  flat), and a snapshot (safetensors) of the visitor's own Ask, Detect or Generate head to
+  download or upload; an upload is checked against the head's own tensors (names, shapes, dtypes, bytes)
   from the file's header before anything is read, and refused with a message naming the file.
 
 Sessions: every browser session (every ``gradio_client.Client``) gets its own :class:`Session`
-(its own pipelines, stream times and history), found by Gradio's ``session_hash`` and kept in
+(its own pipelines, stream times and history; its own generation pipeline too), found by Gradio's ``session_hash`` and kept in
 a ``gr.State`` whose ``time_to_live`` and ``delete_callback`` free it when idle; closing the
 page frees it at once (``demo.unload``). The models' weights are loaded once and shared
 read-only. Handlers run in Gradio's queue with concurrency limits (heavy work: ``Limits.concurrency``
@@ -27,7 +34,8 @@ failure is logged and reported the same way, and the session stays usable.
 
 API (``gradio_client``): every event has a stable ``api_name``: ``ask_process``,
 ``ask_question``, ``ask_webcam``, ``ask_pyramid``, ``detect_video``, ``detect_webcam``,
-``memory_stats``, ``snapshot_save``, ``snapshot_load``.
+``generate``, ``generate_continue``, ``generate_stop``, ``generate_prompt``, ``memory_stats``,
+``snapshot_save``, ``snapshot_load``.
 
 Example::
 
@@ -48,7 +56,7 @@ import tempfile
 import threading
 import time
 from collections import deque
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
@@ -64,6 +72,12 @@ from streammem.io import SourceError, VideoWriter, open_source
 from streammem.models.answerer.refusal import QuestionRefused, Refusal
 from streammem.models.hf import HubUnavailable
 from streammem.pipelines.base import tensor_json
+from streammem.pipelines.generation import (
+    ACTION_LETTERS,
+    GENERATION_MEMORIES,
+    GenerationConfig,
+    StreamingGenerationPipeline,
+)
 from streammem.pipelines.jobs.base import fit_to
 from streammem.pipelines.jobs.detect import DETECTORS, build_detection_head
 from streammem.pipelines.qa import StreamingQAPipeline
@@ -78,7 +92,12 @@ DETECT_MEMORIES = [("none (single frame)", "none"), ("FeatureBank (MAMBA)", "fea
                    ("DualMemory (Mem4D)", "dual")]
 DETECTOR_LABELS = [("shipped small detector (StreamWorld's 11 classes)", "small"),
                    ("OpenCV HOG people detector (real footage)", "hog")]
-SNAPSHOT_HEADS = ("ask", "detect")
+#: Generate tab's memory choices: (label, ``GenerationConfig.memory``)
+GENERATE_MEMORIES = [("PoseKVMemory (RELIC: window + pooled history)", "posekv"), ("rolling window only", "window"),
+                     ("full history (unpooled)", "full"), ("DualMemory (Mem4D)", "dual")]
+ACTION_HELP = ("F/B forward/back (zoom in/out), L/R/U/D pan left/right/up/down, I/O zoom in/out, S stay; "
+               "one letter per frame, repeated when fewer than the frames")
+SNAPSHOT_HEADS = ("ask", "detect", "generate")
 #: torch dtype -> the dtype names of a safetensors header
 _ST_DTYPES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64",
               torch.int64: "I64", torch.int32: "I32", torch.int16: "I16", torch.int8: "I8", torch.uint8: "U8",
@@ -102,8 +121,23 @@ world, StreamWorld, on a CPU:
 - the **small detector** (Detect) knows StreamWorld's 11 classes; for people in real footage pick the
   **OpenCV HOG people detector**. Bigger detectors plug in as detection heads
   (`TorchvisionDetectionPipeline` in streammem/pipelines/detection/torchvision.py).
+- the **generator** (Generate) is a 1.5 M-parameter causal video model trained here on StreamWorld: it makes
+  64 x 64 frames, 2 per chunk, from camera actions and a prompt of StreamWorld's scene styles (`clean`,
+  `medium`, `hard`, or none); any start image is continued as if it were a StreamWorld ground seen from
+  above. Its frames are blurry and blocky, and it does not yet use its memory on revisits (its model card,
+  streammem/checkpoints/generator/README.md); the memory choice changes what it is given, not yet what
+  it makes of it.
 - Memories are bounded: their tokens and bytes stay flat however long the stream (Memory tab).
 """
+
+GENERATE_NOTES = """\
+The shipped generator makes **64 x 64 StreamWorld-like frames** (shown enlarged), two per chunk, each
+chunk conditioned on the memory, the newest frame, the camera actions and the prompt. Start from a
+StreamWorld scene (its seed) or upload any image (continued as if it were a StreamWorld ground).
+*Continue* goes on from where your stream stopped, with its memory intact; *Stop* ends a run at once.
+Prompt words: `clean`, `medium`, `hard` (StreamWorld's scene styles) or none; press Enter in the prompt
+box to change the prompt of a running stream from its next chunk. It is a small model that runs on a
+CPU, not a model to judge the memory by (see its model card)."""
 
 
 @dataclass
@@ -124,6 +158,11 @@ class Limits:
         history: rows of the memory-over-time plot kept per session.
         yield_every_s: least time between two annotated frames streamed back (Detect).
         view_every_s: least time between two pyramid views streamed back (Ask).
+        max_gen_frames: most frames one Generate or Continue press makes.
+        max_gen_steps: most denoising steps per chunk a visitor may ask for.
+        gen_keep_frames: frames of a generated stream kept for its mp4 (the newest; the stream's
+            memory is bounded on its own).
+        gen_view_side: side of the generated frame shown (nearest-neighbour enlargement).
     """
 
     max_upload_mb: float = 50.0
@@ -139,6 +178,10 @@ class Limits:
     history: int = 6000
     yield_every_s: float = 0.1
     view_every_s: float = 1.0
+    max_gen_frames: int = 64
+    max_gen_steps: int = 16
+    gen_keep_frames: int = 1024
+    gen_view_side: int = 256
 
     def __post_init__(self) -> None:
         for name in ("max_upload_mb", "max_video_s", "ask_fps", "stream_every_s", "yield_every_s",
@@ -146,7 +189,8 @@ class Limits:
             if not getattr(self, name) > 0:
                 raise ValueError(f"Limits.{name} must be > 0, got {getattr(self, name)!r}")
         for name in ("max_side", "session_ttl_s", "max_sessions", "concurrency", "question_concurrency",
-                     "webcam_time_limit_s", "history"):
+                     "webcam_time_limit_s", "history", "max_gen_frames", "max_gen_steps", "gen_keep_frames",
+                     "gen_view_side"):
             if not (isinstance(getattr(self, name), int) and getattr(self, name) >= 1):
                 raise ValueError(f"Limits.{name} must be an int >= 1, got {getattr(self, name)!r}")
 
@@ -168,9 +212,10 @@ class VLMFrameEncoder:
 
 @dataclass
 class Models:
-    """What every session shares, read-only: the QA encoder and answerer, and where the small
+    """What every session shares, read-only: the QA encoder and answerer, where the small
     detector's checkpoint is (each session builds its own detection head from it: a head holds
-    stream state).
+    stream state), and the generator's model (loaded on first use, once; each session builds its
+    own generation pipeline on it).
 
     ``answerer``: None for the shipped one, a checkpoint folder of a ``SmallAnswerer``, or
     ``hf:<model id or folder>`` for a LLaVA-family vision-language model."""
@@ -179,9 +224,13 @@ class Models:
     answerer: Any
     answerer_name: str = "shipped"
     detector_checkpoint: str | None = None
+    generator_checkpoint: str | None = None
+    _generator: Any = field(default=None, repr=False)
+    _generator_lock: Any = field(default_factory=threading.Lock, repr=False)
 
     @classmethod
-    def load(cls, answerer: str | None = None, detector_checkpoint: str | None = None) -> "Models":
+    def load(cls, answerer: str | None = None, detector_checkpoint: str | None = None,
+             generator_checkpoint: str | None = None) -> "Models":
         from streammem.checkpoints import path
         from streammem.models.answerer import SmallAnswerer
         from streammem.models.grid_encoder import GridEncoder
@@ -193,14 +242,15 @@ class Models:
 
             with hub_errors(hf):
                 ans = LlavaAnswerer.from_pretrained(os.path.expanduser(hf) if Path(hf).expanduser().is_dir() else hf)
-            return cls(VLMFrameEncoder(ans), ans, answerer, detector_checkpoint)
+            return cls(VLMFrameEncoder(ans), ans, answerer, detector_checkpoint, generator_checkpoint)
         folder = Path(answerer) if answerer else path("answerer")
         if not (folder / "config.json").is_file():
             raise ValueError(f"--answerer: no answerer checkpoint (config.json) in {folder}; give a folder written by "
                              "`streammem train answerer` or hf:<model id or folder>")
         enc = GridEncoder.from_pretrained(str(path("grid_encoder"))).eval()
         ans = SmallAnswerer.from_pretrained(str(folder)).eval()
-        return cls(enc, ans, "shipped" if answerer is None else str(folder), detector_checkpoint)
+        return cls(enc, ans, "shipped" if answerer is None else str(folder), detector_checkpoint,
+                   generator_checkpoint)
 
     def qa_pipeline(self) -> StreamingQAPipeline:
         """A fresh QA head on the shared models: a Pyramid Memory Bank of the OVBench budget
@@ -209,6 +259,20 @@ class Models:
 
     def detection_head(self, detector: str, memory: str):
         return build_detection_head(detector, self.detector_checkpoint if detector == "small" else None, memory)
+
+    def generator(self):
+        """The generator's :class:`~streammem.models.video_dit.CausalVideoDiT`, loaded once (the
+        shipped checkpoint, or ``generator_checkpoint``) and shared read-only by every session."""
+        with self._generator_lock:
+            if self._generator is None:
+                from streammem.pipelines.jobs.generate import load_default_generator
+
+                self._generator = load_default_generator(self.generator_checkpoint).model
+            return self._generator
+
+    def generation_pipeline(self, config: GenerationConfig) -> StreamingGenerationPipeline:
+        """A fresh generation head (its own memory, camera and anchor) on the shared model."""
+        return StreamingGenerationPipeline(self.generator(), config)
 
 
 class Session:
@@ -227,9 +291,14 @@ class Session:
         self.det_key: tuple[str, str] | None = None
         self.det_source: str | None = None
         self.det_run = 0
+        self.gen: StreamingGenerationPipeline | None = None
+        self.gen_source: str | None = None
+        self.gen_run = 0
+        self.gen_prompt = ""  # the prompt a running stream reads at its next chunk
+        self.gen_frames: deque[np.ndarray] = deque(maxlen=limits.gen_keep_frames)  # the stream, for its mp4
         self.webcam: dict[str, list[float]] = {}  # "ask" / "detect" -> [t0, last arrival, frames]
         self.history: deque[dict] = deque(maxlen=limits.history)
-        self.steps: dict[str, int] = {"ask": 0, "detect": 0}
+        self.steps: dict[str, int] = {"ask": 0, "detect": 0, "generate": 0}
         self.closed = False
         self.created = time.time()
 
@@ -272,9 +341,9 @@ class Session:
         return index, now - clock[0], new
 
     # ------------------------------------------------------------------ memory over time
-    def record(self, kind: str, head) -> None:
-        """Append one row per memory of ``head`` (tokens and bytes after this frame)."""
-        self.steps[kind] += 1
+    def record(self, kind: str, head, frames: int = 1) -> None:
+        """Append one row per memory of ``head`` (tokens and bytes after these ``frames`` frames)."""
+        self.steps[kind] += frames
         for role, m in head.memories().items():
             self.history.append({"frame": self.steps[kind], "memory": f"{kind}: {type(m).__name__} ({role})",
                                  "tokens": int(m.num_tokens), "bytes": int(m.nbytes)})
@@ -284,8 +353,11 @@ class Session:
             if self.closed:
                 return
             self.closed = True
-            self.qa = self.det = None
+            if self.gen is not None:
+                self.gen.interrupt.set()
+            self.qa = self.det = self.gen = None
             self.history.clear()
+            self.gen_frames.clear()
             shutil.rmtree(self.dir, ignore_errors=True)
 
 
@@ -352,12 +424,10 @@ def open_video(path: str | None, limits: Limits, **options):
     return src
 
 
-def check_snapshot(path: str | os.PathLike, head, max_bytes: int) -> dict:
-    """Read a head snapshot (safetensors, written by the Memory tab) for ``head``, checking it
-    before anything is loaded: the file's size, that it is a safetensors file, that it is a
-    streammem head snapshot of this head's kind, and that its tensors are exactly ``head``'s
-    own (names, shapes, dtypes) from the header. Returns the state dict; raises ValueError
-    naming the file and what is wrong. ``head.load_state_dict`` then checks the configuration."""
+def _snapshot_header(path: str | os.PathLike, max_bytes: int) -> tuple[dict, dict]:
+    """``({tensor: (shape, dtype)}, head.meta)`` of a head snapshot, read from the file's header
+    (and its small ``head.meta`` tensor) only; ValueError naming the file when it is too large,
+    not a safetensors file or not a streammem head snapshot."""
     name = _name(path)
     size = os.path.getsize(path)
     if size > max_bytes:
@@ -374,9 +444,49 @@ def check_snapshot(path: str | os.PathLike, head, max_bytes: int) -> dict:
         raise ValueError(f"{name} is not a streammem head snapshot (no 'head.meta' tensor); upload a snapshot "
                          "saved from the Memory tab")
     try:
-        kind = tensor_json(meta).get("name")
+        meta = tensor_json(meta)
+        if not isinstance(meta, dict):
+            raise TypeError
     except Exception:  # noqa: BLE001 - anything unreadable is a malformed file
         raise ValueError(f"{name}: its 'head.meta' is not readable; it is not a streammem snapshot") from None
+    return header, meta
+
+
+def generation_config_of(path: str | os.PathLike, max_bytes: int, limits: Limits) -> GenerationConfig:
+    """The :class:`GenerationConfig` a Generate snapshot was made with, from its header: only
+    what the Generate tab lets a visitor choose (memory, seed, denoising steps, within
+    ``limits``) may differ from the defaults, so nothing larger than the tab builds is ever
+    allocated. ValueError naming the file otherwise."""
+    name = _name(path)
+    _, meta = _snapshot_header(path, max_bytes)
+    if meta.get("name") != StreamingGenerationPipeline.name:
+        raise ValueError(f"{name} is a snapshot of the {meta.get('name')!r} head; this is the "
+                         f"{StreamingGenerationPipeline.name!r} head (pick the other head to load it)")
+    config = meta.get("config")
+    default = GenerationConfig().__dict__
+    if not isinstance(config, dict) or set(config) != set(default):
+        raise ValueError(f"{name}: its generation config is not this demo's (fields {sorted(config or {})})")
+    other = sorted(k for k in default if k not in ("memory", "seed", "num_inference_steps") and config[k] != default[k])
+    if other:
+        raise ValueError(f"{name} was made with generation settings this demo does not offer (fields {other})")
+    steps = config["num_inference_steps"]
+    if not (isinstance(steps, int) and 1 <= steps <= limits.max_gen_steps):
+        raise ValueError(f"{name}: num_inference_steps must be an int in [1, {limits.max_gen_steps}], got {steps!r}")
+    try:
+        return GenerationConfig(**config)
+    except ValueError as exc:
+        raise ValueError(f"{name}: {exc}") from None
+
+
+def check_snapshot(path: str | os.PathLike, head, max_bytes: int) -> dict:
+    """Read a head snapshot (safetensors, written by the Memory tab) for ``head``, checking it
+    before anything is loaded: the file's size, that it is a safetensors file, that it is a
+    streammem head snapshot of this head's kind, and that its tensors are exactly ``head``'s
+    own (names, shapes, dtypes) from the header. Returns the state dict; raises ValueError
+    naming the file and what is wrong. ``head.load_state_dict`` then checks the configuration."""
+    name = _name(path)
+    header, meta = _snapshot_header(path, max_bytes)
+    kind = meta.get("name")
     if kind != head.name:
         raise ValueError(f"{name} is a snapshot of the {kind!r} head; this is the {head.name!r} head "
                          f"(pick the other head to load it)")
@@ -470,6 +580,44 @@ def _webcam_image(image: Any, max_side: int) -> np.ndarray:
         s = max_side / max(h, w)
         img = cv2.resize(img, (max(1, round(w * s)), max(1, round(h * s))), interpolation=cv2.INTER_AREA)
     return img
+
+
+def check_actions(actions: str | None) -> str:
+    """The action letters typed (spaces and commas ignored, any case), upper-cased; gr.Error
+    naming the unknown letters otherwise."""
+    acts = "".join(ch for ch in str(actions or "") if not ch.isspace() and ch != ",").upper()
+    if not acts:
+        raise gr.Error(f"type at least one action letter ({ACTION_HELP})")
+    bad = sorted({a for a in acts if a not in ACTION_LETTERS})
+    if bad:
+        raise gr.Error(f"unknown action letters {''.join(bad)!r} in {acts!r}; use {ACTION_HELP}")
+    return acts
+
+
+def _int_in(value, name: str, lo: int, hi: int) -> int:
+    """``value`` as an int in ``[lo, hi]`` (a whole float is taken), or gr.Error naming ``name``."""
+    try:
+        v = float(value)
+    except (TypeError, ValueError):
+        raise gr.Error(f"{name} must be a whole number in [{lo}, {hi}], got {value!r}") from None
+    if not (v == int(v) and lo <= v <= hi):
+        raise gr.Error(f"{name} must be a whole number in [{lo}, {hi}], got {value!r}")
+    return int(v)
+
+
+def _start_image(image: Any) -> np.ndarray:
+    """An uploaded start image as RGB uint8 (grey and RGBA converted), or gr.Error."""
+    img = np.asarray(image)
+    if img.ndim == 2:
+        img = np.repeat(img[..., None], 3, axis=2)
+    if img.ndim != 3 or img.shape[2] not in (3, 4) or img.dtype != np.uint8 or min(img.shape[:2]) < 1:
+        raise gr.Error(f"the start image must be an RGB image, got {img.dtype} {img.shape}")
+    return np.ascontiguousarray(img[..., :3])
+
+
+def _enlarge(image: np.ndarray, side: int) -> np.ndarray:
+    """A generated frame shown at ``side`` pixels (nearest neighbour: the pixels as made)."""
+    return cv2.resize(image, (side, side), interpolation=cv2.INTER_NEAREST) if image.shape[0] < side else image
 
 
 # ---------------------------------------------------------------------- failures
@@ -651,6 +799,138 @@ class App:
                **({"detections_in_frame": last} if last is not None else {}), "pipeline": head.stats()}
         return json.loads(json.dumps(out, default=str))
 
+    # ------------------------------------------------------------------ Generate
+    def generate(self, image, scene, actions, prompt, memory, frames, seed, steps, state, request: gr.Request,
+                 progress=gr.Progress()):
+        """Start a new stream from the uploaded ``image`` (or, without one, StreamWorld scene
+        ``scene``) and generate ``frames`` frames; yields each chunk's newest frame as it is made,
+        then the stream's mp4."""
+        session = self.sessions.get(request)
+        acts, n, steps = self._generate_inputs(actions, frames, steps)
+        memory = memory or "posekv"
+        if memory not in GENERATION_MEMORIES:
+            raise gr.Error(f"memory must be one of {', '.join(GENERATION_MEMORIES)}, got {memory!r}")
+        seed = _int_in(0 if seed is None else seed, "seed", 0, 2 ** 31 - 1)
+        head = self.models.generation_pipeline(GenerationConfig(memory=memory, num_inference_steps=steps, seed=seed))
+        prompt = head.check_prompt(prompt or "")
+        if image is not None:
+            start, pose, source = _start_image(image), None, "uploaded image"
+        else:
+            from streammem.world import World
+
+            scene = _int_in(0 if scene is None else scene, "scene seed", 0, 2 ** 31 - 1)
+            first = next(iter(World(seed=scene, preset="clean", size=head.model.config.sample_size, frames=1)))
+            start, pose, source = first.image, first.pose, f"StreamWorld scene {scene}"
+        with session.lock:
+            if session.gen is not None:
+                session.gen.interrupt.set()  # an older run stops at once
+            first = head.start(start, pose=pose, prompt=prompt)
+            session.gen, session.gen_source, session.gen_prompt = head, source, prompt
+            session.gen_run += 1
+            session.gen_frames.clear()
+            session.gen_frames.append(first.image)
+            session.record("generate", head)
+        yield from self._generate_run(session, head, acts, n, progress)
+
+    def generate_continue(self, actions, prompt, frames, steps, state, request: gr.Request, progress=gr.Progress()):
+        """Go on from where this visitor's stream stopped (its memory, camera and newest frame
+        intact), ``frames`` more frames; the stream's memory and seed stay as they were."""
+        session = self.sessions.get(request)
+        acts, n, steps = self._generate_inputs(actions, frames, steps)
+        with session.lock:
+            head = session.gen
+            if head is None or head.anchor is None:
+                raise gr.Error("nothing to continue yet: press Generate first (or load a Generate snapshot)")
+            prompt = head.check_prompt(prompt or "")
+            head.interrupt.set()  # a run still going stops at its next step
+            head.config.num_inference_steps = steps
+            session.gen_prompt = prompt
+            session.gen_run += 1
+        yield from self._generate_run(session, head, acts, n, progress)
+
+    def _generate_inputs(self, actions, frames, steps) -> tuple[str, int, int]:
+        acts = check_actions(actions)
+        n = _int_in(frames, "frames", 1, self.limits.max_gen_frames)
+        steps = _int_in(8 if steps is None else steps, "steps", 1, self.limits.max_gen_steps)
+        return acts, n, steps
+
+    def _generate_run(self, session: Session, head: StreamingGenerationPipeline, acts: str, n: int, progress):
+        """Generate ``n`` frames on ``head`` (the actions repeating), a chunk per step under the
+        session lock; the prompt is read per chunk from ``session.gen_prompt``."""
+        run = session.gen_run
+        seq = (acts * (n // len(acts) + 1))[:n]
+        prompts = iter(lambda: session.gen_prompt, None)  # endless: read when each chunk starts
+        frames = head.stream(seq, prompts, num_frames=n, progress=False)
+        made, chunk, t0, image = 0, [], time.perf_counter(), None
+        while True:
+            with session.lock:
+                if session.closed or session.gen_run != run or session.gen is not head:
+                    return  # the visitor started another run: this one is over
+                chunk = []
+                for frame in frames:  # one chunk (made at once): min(chunk_frames, frames left) frames
+                    chunk.append(frame)
+                    session.gen_frames.append(frame.image)
+                    if len(chunk) >= head.model.config.chunk_frames or made + len(chunk) >= n:
+                        break
+                if chunk:
+                    session.record("generate", head, frames=len(chunk))
+            if not chunk:
+                break
+            made += len(chunk)
+            image = _enlarge(chunk[-1].image, self.limits.gen_view_side)
+            progress((made, n), desc="generating", unit="frames")
+            yield image, self._generate_stats(session, head, made, n, t0), None, session
+            if made >= n:
+                break
+        interrupted = head.interrupt.is_set() and made < n
+        with session.lock:
+            if session.gen_run != run:
+                return
+            images = list(session.gen_frames)
+        path = self._write_stream(session, images, head.config.fps, run)
+        if image is None and images:
+            image = _enlarge(images[-1], self.limits.gen_view_side)
+        yield image, self._generate_stats(session, head, made, n, t0, interrupted), str(path) if path else None, session
+
+    @staticmethod
+    def _write_stream(session: Session, images: list[np.ndarray], fps: float, run: int) -> Path | None:
+        """The stream so far (the newest ``gen_keep_frames`` frames) as ``generated_<run>.mp4``;
+        older runs' files are removed."""
+        for old in session.dir.glob("generated_*.mp4"):
+            old.unlink(missing_ok=True)
+        writer = VideoWriter(session.dir / f"generated_{run}.mp4", fps=fps)
+        for img in images:
+            writer.write(img)
+        return writer.close()
+
+    @staticmethod
+    def _generate_stats(session: Session, head: StreamingGenerationPipeline, made: int, n: int, t0: float,
+                        interrupted: bool = False) -> dict:
+        out = {"source": session.gen_source, "generated": made, "asked": n, "interrupted": interrupted,
+               "prompt": head.prompt, "seconds": round(time.perf_counter() - t0, 3),
+               "num_inference_steps": head.config.num_inference_steps, "seed": head.config.seed,
+               "pipeline": head.stats()}
+        return json.loads(json.dumps(out, default=str))
+
+    def generate_stop(self, state, request: gr.Request):
+        """Stop this visitor's running generation now (the pipeline's interrupt, checked between
+        denoising steps); the stream keeps what was made and can be continued."""
+        session = self.sessions.get(request)
+        head = session.gen
+        if head is None:
+            return "Nothing is being generated.", session
+        head.interrupt.set()
+        return f"Stopped after {head.frames} frames in the stream; press Continue to go on.", session
+
+    def generate_prompt(self, prompt, state, request: gr.Request):
+        """Change the prompt of this visitor's stream from its next chunk (checked first)."""
+        session = self.sessions.get(request)
+        head = session.gen
+        if head is None:
+            raise gr.Error("no stream yet: press Generate first")
+        session.gen_prompt = head.check_prompt(prompt or "")
+        return f"Prompt {session.gen_prompt!r} from the next chunk.", session
+
     # ------------------------------------------------------------------ Memory
     def memory_stats(self, state, request: gr.Request):
         """Tokens and bytes over the frames written, per memory of this session, and current stats."""
@@ -659,12 +939,14 @@ class App:
             rows = list(session.history)
             stats = {"ask": session.qa.stats() if session.qa is not None else None,
                      "detect": session.det.stats() if session.det is not None else None,
-                     "ask_source": session.qa_source, "detect_source": session.det_source}
+                     "generate": session.gen.stats() if session.gen is not None else None,
+                     "ask_source": session.qa_source, "detect_source": session.det_source,
+                     "generate_source": session.gen_source}
         df = pd.DataFrame(rows, columns=["frame", "memory", "tokens", "bytes"])
         return df, df, json.loads(json.dumps(stats, default=str)), session
 
     def snapshot_save(self, head_name, state, request: gr.Request):
-        """This session's Ask or Detect head as a safetensors snapshot to download."""
+        """This session's Ask, Detect or Generate head as a safetensors snapshot to download."""
         session = self.sessions.get(request)
         head = self._snapshot_head(session, head_name)
         if head is None:
@@ -677,7 +959,9 @@ class App:
         return str(path), f"Saved the {head_name} head's memory ({size / 1e6:.2f} MB).", session
 
     def snapshot_load(self, file, head_name, detector, memory, state, request: gr.Request):
-        """Restore this session's Ask or Detect head from an uploaded snapshot (checked first)."""
+        """Restore this session's Ask, Detect or Generate head from an uploaded snapshot (checked
+        first). Detect takes the tab's detector and memory; Generate builds its head from the
+        snapshot's own settings (only those the Generate tab offers)."""
         session = self.sessions.get(request)
         if not file:
             raise gr.Error("no snapshot: upload a .safetensors file saved from this tab")
@@ -685,17 +969,35 @@ class App:
             raise gr.Error(f"head must be one of {SNAPSHOT_HEADS}, got {head_name!r}")
         path = file if isinstance(file, str) else getattr(file, "name", file)
         with session.lock:
-            if head_name == "ask":
-                head = session.qa_head()
-            else:
-                head = session.detection_head(*self._detect_settings(detector, memory))
             try:
+                if head_name == "ask":
+                    head = session.qa_head()
+                elif head_name == "detect":
+                    head = session.detection_head(*self._detect_settings(detector, memory))
+                else:
+                    config = generation_config_of(path, self.limits.max_upload_bytes, self.limits)
+                    head = self.models.generation_pipeline(config)
                 state_dict = check_snapshot(path, head, self.limits.max_upload_bytes)
+                if head_name == "generate":
+                    side = head.model.config.sample_size
+                    anchor = state_dict.get("extra.anchor")
+                    if anchor is not None and (tuple(anchor.shape) != (3, side, side) or anchor.dtype != torch.float32):
+                        raise ValueError(f"{_name(path)}: its newest frame is {tuple(anchor.shape)} {anchor.dtype}, "
+                                         f"not (3, {side}, {side}) float32")
                 head.load_state_dict(state_dict)
             except ValueError as exc:
                 raise gr.Error(f"{_name(path)} was not loaded: {exc}") from None
             if head_name == "ask":
                 session.qa_source, session.qa_run = f"snapshot {_name(path)}", session.qa_run + 1
+            elif head_name == "generate":
+                if session.gen is not None:
+                    session.gen.interrupt.set()
+                session.gen, session.gen_source, session.gen_prompt = head, f"snapshot {_name(path)}", head.prompt
+                session.gen_run += 1
+                session.gen_frames.clear()
+                if head.anchor is not None:  # the stream's video starts at its newest frame
+                    session.gen_frames.append(((head.anchor.clamp(-1, 1) + 1) * 127.5).round().byte()
+                                              .permute(1, 2, 0).numpy())
             else:
                 session.det_source, session.det_run = f"snapshot {_name(path)}", session.det_run + 1
         return f"Loaded {_name(path)} into your {head_name} head.", session
@@ -704,7 +1006,7 @@ class App:
     def _snapshot_head(session: Session, head_name: str):
         if head_name not in SNAPSHOT_HEADS:
             raise gr.Error(f"head must be one of {SNAPSHOT_HEADS}, got {head_name!r}")
-        return session.qa if head_name == "ask" else session.det
+        return {"ask": session.qa, "detect": session.det, "generate": session.gen}[head_name]
 
     def unload(self, request: gr.Request) -> None:
         self.sessions.close(getattr(request, "session_hash", None))
@@ -768,6 +1070,44 @@ def build_app(models: Models | None = None, limits: Limits | None = None) -> gr.
                     det_file = gr.File(label="annotated mp4")
                     det_stats = gr.JSON(label="memory banks", elem_id="det-stats")
 
+        with gr.Tab("Generate", id="generate"):
+            gr.Markdown(GENERATE_NOTES)
+            with gr.Row():
+                with gr.Column():
+                    gen_start = gr.Image(label="start image (optional; without one, the StreamWorld scene below)",
+                                         sources=["upload"], type="numpy", image_mode="RGB", elem_id="gen-start")
+                    gen_scene = gr.Number(value=0, precision=0, minimum=0, label="StreamWorld scene seed",
+                                          elem_id="gen-scene")
+                    gen_actions = gr.Textbox(value="RRRRUUUULLLLDDDD", label=f"camera actions ({ACTION_HELP})",
+                                             elem_id="gen-actions")
+                    with gr.Row():
+                        letters = {"F": "forward", "B": "back", "L": "left", "R": "right", "U": "up", "D": "down",
+                                   "S": "stay"}
+                        for letter, what in letters.items():
+                            gr.Button(f"{letter} ({what})", size="sm", min_width=60).click(
+                                None, [gen_actions], [gen_actions], js=f"(a) => (a || '') + '{letter}'",
+                                api_visibility="private")
+                        gr.Button("clear", size="sm", min_width=60).click(
+                            None, [gen_actions], [gen_actions], js="(a) => ''", api_visibility="private")
+                    gen_prompt = gr.Textbox(value="clean", label="prompt (clean, medium, hard or empty; press Enter "
+                                            "to change it while a stream runs)", elem_id="gen-prompt")
+                    gen_memory = gr.Dropdown(GENERATE_MEMORIES, value="posekv", label="memory")
+                    with gr.Row():
+                        gen_frames = gr.Slider(1, limits.max_gen_frames, value=min(16, limits.max_gen_frames), step=1,
+                                               label="frames")
+                        gen_seed = gr.Number(value=0, precision=0, minimum=0, label="seed")
+                        gen_steps = gr.Slider(1, limits.max_gen_steps, value=8, step=1,
+                                              label="denoising steps per chunk")
+                    with gr.Row():
+                        gen_go = gr.Button("Generate", variant="primary", elem_id="gen-go")
+                        gen_cont = gr.Button("Continue", elem_id="gen-continue")
+                        gen_stop = gr.Button("Stop", variant="stop", elem_id="gen-stop")
+                with gr.Column():
+                    gen_image = gr.Image(label="generated (64 x 64, enlarged)", type="numpy", elem_id="gen-image")
+                    gen_msg = gr.Markdown(elem_id="gen-msg")
+                    gen_file = gr.File(label="the stream so far (mp4)", elem_id="gen-file")
+                    gen_stats = gr.JSON(label="stream", elem_id="gen-stats")
+
         with gr.Tab("Memory", id="memory") as mem_tab:
             mem_btn = gr.Button("Refresh", elem_id="mem-refresh")
             with gr.Row():
@@ -777,7 +1117,8 @@ def build_app(models: Models | None = None, limits: Limits | None = None) -> gr.
                                          x_title="frames written", y_title="bytes")
             mem_json = gr.JSON(label="current statistics", open=False, elem_id="mem-json")
             gr.Markdown("**Snapshots** of your own memory (safetensors). A snapshot loads only into the head "
-                        "it came from, with the same settings; anything else is refused.")
+                        "it came from, with the same settings (Detect: the tab's detector and memory; Generate: "
+                        "the snapshot's own memory, seed and steps); anything else is refused.")
             with gr.Row():
                 snap_head = gr.Radio(list(SNAPSHOT_HEADS), value="ask", label="head")
                 snap_save = gr.Button("Save snapshot")
@@ -806,6 +1147,16 @@ def build_app(models: Models | None = None, limits: Limits | None = None) -> gr.
         det_cam.stream(guarded("Webcam")(app.detect_webcam), [det_cam, detector, memory, state],
                        [det_image, det_stats, state], api_name="detect_webcam", stream_every=limits.stream_every_s,
                        time_limit=limits.webcam_time_limit_s, show_progress="hidden", **heavy)
+        gen_out = [gen_image, gen_stats, gen_file, state]
+        gen_go.click(guarded_stream("Generate")(app.generate),
+                     [gen_start, gen_scene, gen_actions, gen_prompt, gen_memory, gen_frames, gen_seed, gen_steps, state],
+                     gen_out, api_name="generate", **heavy)
+        gen_cont.click(guarded_stream("Continue")(app.generate_continue),
+                       [gen_actions, gen_prompt, gen_frames, gen_steps, state], gen_out, api_name="generate_continue",
+                       **heavy)
+        gen_stop.click(guarded("Stop")(app.generate_stop), [state], [gen_msg, state], api_name="generate_stop", **light)
+        gen_prompt.submit(guarded("Prompt")(app.generate_prompt), [gen_prompt, state], [gen_msg, state],
+                          api_name="generate_prompt", **light)
         mem_out = [tokens_plot, bytes_plot, mem_json, state]
         mem_fn = guarded("Memory")(app.memory_stats)
         mem_btn.click(mem_fn, [state], mem_out, api_name="memory_stats", **light)
@@ -838,6 +1189,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
                    help="QA answerer: a SmallAnswerer checkpoint folder, or hf:<LLaVA-family model id or folder> "
                         "(default: the shipped answerer, StreamWorld's vocabulary only)")
     p.add_argument("--detector-checkpoint", default=None, help="small detector checkpoint folder (default: shipped)")
+    p.add_argument("--generator-checkpoint", default=None,
+                   help="generator checkpoint folder (default: shipped; loaded on the first Generate)")
     p.add_argument("--max-upload-mb", type=float, default=d.max_upload_mb, help="largest upload in MB")
     p.add_argument("--max-video-s", type=float, default=d.max_video_s, help="longest video in seconds")
     p.add_argument("--concurrency", type=int, default=d.concurrency, help="videos processed at once")
@@ -852,7 +1205,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         limits = Limits(max_upload_mb=args.max_upload_mb, max_video_s=args.max_video_s,
                         concurrency=args.concurrency, max_sessions=args.max_sessions)
-        models = Models.load(args.answerer, args.detector_checkpoint)
+        models = Models.load(args.answerer, args.detector_checkpoint, args.generator_checkpoint)
     except (ValueError, OSError, ImportError, HubUnavailable) as exc:
         print(f"serve.py: {exc}", file=sys.stderr)
         return 2

@@ -7,6 +7,7 @@ import threading
 import time
 from pathlib import Path
 
+import cv2
 import gradio as gr
 import httpx
 import numpy as np
@@ -71,7 +72,8 @@ def test_two_visitors_get_answers_about_their_own_video(server, files):
     demo, url = server
     ca, cb = client(url), client(url)
     assert {"/ask_process", "/ask_question", "/ask_webcam", "/ask_pyramid", "/detect_video", "/detect_webcam",
-            "/memory_stats", "/snapshot_save", "/snapshot_load"} <= set(ca.view_api(print_info=False,
+            "/generate", "/generate_continue", "/generate_stop", "/generate_prompt", "/memory_stats", "/snapshot_save",
+            "/snapshot_load"} <= set(ca.view_api(print_info=False,
                                                                                  return_format="dict")["named_endpoints"])
     # both videos stream in at the same time, each into its visitor's memory
     ja = ca.submit(handle_file(str(files["a"])), api_name="/ask_process")
@@ -250,3 +252,81 @@ def test_an_idle_session_is_freed_after_its_time_to_live(server, files):
         assert c.session_hash not in demo.streammem.sessions
     finally:
         state.time_to_live = ttl
+
+
+def _session(demo, c: Client):
+    return demo.streammem.sessions.get(type("Request", (), {"session_hash": c.session_hash})())
+
+
+def test_generate_two_visitors_continue_snapshot_and_bad_input(server, tmp_path):
+    """Generate: frames stream back chunk by chunk into each visitor's own stream; Continue goes on
+    from where the stream stopped (the same frames as one longer run under the same seed); a
+    snapshot of the Generate head restores the stream; bad input gets a clear message."""
+    demo, url = server
+    ca, cb, cc = client(url), client(url), client(url)
+    start = tmp_path / "start.png"
+    cv2.imwrite(str(start), np.random.default_rng(0).integers(0, 255, (40, 30, 3), np.uint8))
+    # two visitors at once: a scene, and an uploaded image on another memory (the rolling window
+    # keeps snapshots under this test's 0.3 MB upload limit)
+    ja = ca.submit(None, 3, "RRUU", "clean", "window", 6, 0, 2, api_name="/generate")
+    jb = cb.submit(handle_file(str(start)), 0, "l d", "", "dual", 3, 1, 2, api_name="/generate")
+    (_, stats_a, mp4_a), (_, stats_b, mp4_b) = ja.result(timeout=120), jb.result(timeout=120)
+    assert len(ja.outputs()) == 4 and all(o[0] is not None for o in ja.outputs())  # 3 chunks streamed, then the mp4
+    assert stats_a["source"] == "StreamWorld scene 3" and stats_a["generated"] == 6
+    assert stats_a["pipeline"]["frames"] == 7 and stats_a["pipeline"]["chunks"] == 3
+    assert stats_b["source"] == "uploaded image" and stats_b["pipeline"]["memory"] == "dual"
+    assert stats_b["generated"] == 3 and stats_b["pipeline"]["chunks"] == 2
+    assert mp4_b["path"].endswith(".mp4") and Path(mp4_b["path"]).parent != Path(mp4_a["path"]).parent
+    cap = cv2.VideoCapture(mp4_a["path"])
+    assert int(cap.get(cv2.CAP_PROP_FRAME_COUNT)) == 7  # the start frame and the 6 generated
+    cap.release()
+    sa, sb = _session(demo, ca), _session(demo, cb)
+    assert sa.gen is not sb.gen and sa.gen.model is sb.gen.model  # own pipelines, one shared model
+    assert [len(sa.gen_frames), len(sb.gen_frames)] == [7, 4]
+    assert ca.predict(api_name="/memory_stats")[2]["generate"]["frames"] == 7
+    assert cb.predict(api_name="/memory_stats")[2]["generate"]["frames"] == 4
+
+    # Continue: the stream goes on with its memory; the same as one longer run of the same seed
+    snap = ca.predict("generate", api_name="/snapshot_save")[0]["path"]
+    stats = ca.predict("FF", "clean", 4, 2, api_name="/generate_continue")[1]
+    assert stats["generated"] == 4 and stats["pipeline"]["frames"] == 11 and stats["pipeline"]["chunks"] == 5
+    cc.predict(None, 3, "RRUURRFFFF", "clean", "window", 10, 0, 2, api_name="/generate")
+    continued, one_run = list(sa.gen_frames), list(_session(demo, cc).gen_frames)
+    assert len(continued) == len(one_run) == 11
+    assert all(np.array_equal(x, y) for x, y in zip(continued, one_run))
+    # the snapshot taken after 6 frames restores the stream there; continuing it gives the same frames again
+    assert "Loaded" in ca.predict(handle_file(snap), "generate", "small", "none", api_name="/snapshot_load")
+    assert ca.predict(api_name="/memory_stats")[2]["generate"]["frames"] == 7
+    ca.predict("FF", "clean", 4, 2, api_name="/generate_continue")
+    assert all(np.array_equal(x, y) for x, y in zip(sa.gen_frames, one_run[-5:]))
+    with pytest.raises(AppError, match=r"streammem_generate_snapshot.safetensors.*'generation' head"):
+        ca.predict(handle_file(snap), "ask", "small", "none", api_name="/snapshot_load")
+
+    # bad input: a clear message each time, and the session goes on
+    with pytest.raises(AppError, match=r"unknown action letters 'XZ' in 'RXZ'; use F/B forward/back"):
+        ca.predict(None, 3, "rxz", "clean", "posekv", 4, 0, 2, api_name="/generate")
+    with pytest.raises(AppError, match=r"does not know the prompt words \['sunny', 'beach'\].*'clean', 'medium'"):
+        ca.predict("R", "sunny beach", 2, 2, api_name="/generate_continue")
+    with pytest.raises(AppError, match=r"Value 65 is greater than maximum value 64"):  # the slider's own check
+        ca.predict(None, 3, "R", "", "posekv", 65, 0, 2, api_name="/generate")
+    with pytest.raises(AppError, match="nothing to continue yet: press Generate first"):
+        client(url).predict("R", "", 2, 2, api_name="/generate_continue")
+    stats = ca.predict("R", "hard", 2, 2, api_name="/generate_continue")[1]
+    assert stats["pipeline"]["frames"] == 13 and stats["prompt"] == "hard"
+
+
+def test_generate_stops_at_once_and_can_continue(server):
+    """Stop sets the pipeline's interrupt: the run ends within a chunk, keeps what it made, and
+    Continue goes on from there."""
+    _, url = server
+    c = client(url)
+    job = c.submit(None, 1, "R", "", "posekv", 64, 0, 16, api_name="/generate")
+    deadline = time.monotonic() + 60
+    while not job.outputs() and time.monotonic() < deadline:
+        time.sleep(0.05)
+    assert "Stopped" in c.predict(api_name="/generate_stop")
+    _, stats, mp4 = job.result(timeout=60)
+    assert stats["interrupted"] and 2 <= stats["generated"] < 64 and mp4["path"].endswith(".mp4")
+    made = stats["pipeline"]["frames"]
+    stats = c.predict("L", "", 2, 2, api_name="/generate_continue")[1]
+    assert stats["pipeline"]["frames"] == made + 2 and not stats["interrupted"]

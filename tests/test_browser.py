@@ -1,6 +1,6 @@
 """The web demo in a real headless browser (Selenium 4 driving Debian's chromium): open the page,
-upload a video and ask a question on Ask, stream chromium's fake webcam through Detect, and look
-at the Memory tab. The fake camera plays a StreamWorld clip (a Y4M file), so the detector sees
+upload a video and ask a question on Ask, stream chromium's fake webcam through Detect, generate
+a few frames on Generate, and look at the Memory tab. The fake camera plays a StreamWorld clip (a Y4M file), so the detector sees
 what it knows. A PNG screenshot of each tab is saved to the test's folder and, when
 ``STREAMMEM_SCREENSHOTS`` names a folder (``docs/images`` for the README), there as
 ``app_<tab>.png``. Needs no display: chromium runs ``--headless=new``."""
@@ -29,7 +29,7 @@ WAIT_S = 60
 
 @pytest.fixture(scope="module")
 def url():
-    demo = build_app(limits=Limits(max_upload_mb=5, stream_every_s=0.5))
+    demo = build_app(limits=Limits(max_upload_mb=5, stream_every_s=0.5, max_gen_frames=6))
     demo.queue(default_concurrency_limit=2)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
@@ -92,7 +92,7 @@ def test_ask_detect_and_memory_in_a_browser(url, browser, tmp_path):
     path = video.close()
 
     d.get(url)
-    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "button[role=tab]")) == 3)
+    wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "button[role=tab]")) == 4)
 
     # Ask: upload, process, ask, see the answer with its confidence and the pyramid
     d.find_element(By.CSS_SELECTOR, "#ask-video input[type=file]").send_keys(str(path))
@@ -117,6 +117,13 @@ def test_ask_detect_and_memory_in_a_browser(url, browser, tmp_path):
     shoot(d, tmp_path, "detect")
     [b for b in cam.find_elements(By.CSS_SELECTOR, "button") if b.text == "Stop"][0].click()
     wait.until(lambda d: [b for b in cam.find_elements(By.CSS_SELECTOR, "button") if b.text == "Record"])
+
+    # Generate: frames from the default StreamWorld scene stream back, then the stream's mp4
+    open_tab(d, "Generate")
+    wait.until(lambda d: d.find_element(By.ID, "gen-go")).click()
+    wait.until(lambda d: "generated_" in text_of(d, "gen-file"))  # the mp4 comes once the run is done
+    assert d.find_elements(By.CSS_SELECTOR, "#gen-image img") and "StreamWorld scene 0" in text_of(d, "gen-stats")
+    shoot(d, tmp_path, "generate")
 
     # Memory: opening the tab draws this visitor's memories over time (Ask's pyramid and Detect's banks)
     open_tab(d, "Memory")
