@@ -9,7 +9,9 @@ Per video it runs :func:`~streammem.pipelines.jobs.main.run_main_job` into ``OUT
 ``annotated.mp4``, ``frames.jsonl``, ``detections.jsonl`` (task ``detect``),
 ``answers.jsonl`` (task ``qa``: :func:`~streammem.pipelines.jobs.main.default_questions`,
 "is there a person / a cat in view now?" at the middle and near the end), ``memory.safetensors``
-and ``summary.json``, each file written under a temporary name and moved into place whole.
+and ``summary.json``, each file written under a temporary name and moved into place whole. The
+main job's ``report.html`` is not written per video (its plots would cost about as much as
+processing a short video; ``streammem run`` makes one for a single video).
 
 ``OUT/manifest.jsonl`` holds one line per video: its status (``done`` or ``failed``), timings,
 outputs (relative to ``OUT``) and error. A line is appended (and flushed to disk) when a video
@@ -288,7 +290,7 @@ class VideoWorker:
                 for q in default_questions(video, info.duration):
                     qa.schedule(q["question"], q["candidates"], float(q["middle_frame_timestamp"]), id=q)
             res = run_main_job(video, out, heads=self.heads, max_frames=self.options.get("max_frames"),
-                               progress=False, memory=self.options.get("memory", "ovbench"), **src_opts)
+                               progress=False, memory=self.options.get("memory", "ovbench"), report=False, **src_opts)
             s = res.summary
             rec["outputs"] = {k: os.path.relpath(v, root) for k, v in s["outputs"].items() if v}
             rec["outputs"]["summary"] = os.path.relpath(res.summary_path, root)
