@@ -279,7 +279,7 @@ def test_ground_distance_bias_prefers_keys_over_the_same_ground():
                        torch.cat([poses[0, 0].expand(s * s, 4, 4), shifted.expand(s * s, 4, 4)])[None],
                        torch.cat([grid, grid])[None], torch.ones(1, 2 * s * s, dtype=torch.int64),
                        torch.ones(1, 2 * s * s, dtype=torch.bool))
-    d = m._ground_distance(poses, grid, ctx)[0]  # (hw, 2 hw + hw)
+    d = m._ground_distance(poses, grid, m._token_ground(ctx.pose, ctx.grid))[0]  # (hw, 2 hw + hw)
     n = s * s
     assert torch.allclose(d[:, :n].diagonal(), torch.zeros(n), atol=1e-4)  # same pose, same token
     # token (r, c) of the query sits over token (r, c - 1) of the shifted frame
@@ -287,3 +287,18 @@ def test_ground_distance_bias_prefers_keys_over_the_same_ground():
     assert d[i, n:2 * n].argmin().item() == 1 * s + 1 and d[i, n + 1 * s + 1] < 1e-4
     gamma = torch.nn.functional.softplus(m.blocks[0].world_gamma)
     assert gamma[0] > gamma[-1] > 0  # heads from local to nearly global
+
+
+def test_a_prepared_context_gives_the_same_output():
+    m = _model()
+    x, t, actions, poses, prompt = _inputs()
+    mem = PoseKVMemory(dim=m.patch_dim, height=4, width=4, window=2, history_frames=18, retrieval="all")
+    for i in range(5):
+        mem.write(m.frame_tokens(torch.rand(3, 16, 16) * 2 - 1, _pose(5.0 * i).numpy(), i, i / 4))
+    ctx = ChunkContext.from_tokens([mem.read(), mem.read()])
+    for use_pose in (True, False):
+        ready = m.prepare_context(ctx, use_pose)
+        assert torch.equal(m(x, t, actions, poses, prompt, ctx, use_pose=use_pose),
+                           m(x, t, actions, poses, prompt, ready, use_pose=use_pose))
+    with pytest.raises(ValueError, match="use_pose"):
+        m(x, t, actions, poses, prompt, m.prepare_context(ctx, True), use_pose=False)

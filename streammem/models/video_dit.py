@@ -89,7 +89,7 @@ from torch import nn
 
 from streammem.types import Tokens
 
-__all__ = ["CausalVideoDiT", "ChunkContext", "sample_chunk", "ground_points", "reproject", "DEFAULT_VOCAB", "ACTION_DIM"]
+__all__ = ["CausalVideoDiT", "ChunkContext", "PreparedContext", "sample_chunk", "ground_points", "reproject", "DEFAULT_VOCAB", "ACTION_DIM"]
 
 ACTION_DIM = 13
 DEFAULT_VOCAB = ("<empty>", "<unk>", "clean", "medium", "hard")
@@ -191,6 +191,18 @@ class ChunkContext:
         return cls(tokens, pose, grid, level, mask)
 
 
+@dataclass
+class PreparedContext:
+    """A chunk's context as the model reads it (:meth:`CausalVideoDiT.prepare_context`): per
+    block ``(keys, values)`` ``(B, N, D)``, ``mask (B, N)``, the tokens' ground points
+    ``(B, N, 2)`` (None without the ground-distance bias) and whether the pose code is in."""
+
+    kv: list
+    mask: torch.Tensor
+    ground: torch.Tensor | None
+    use_pose: bool
+
+
 class _Attention(nn.Module):
     """Multi-head attention of chunk tokens over [context; chunk]; pose code on q and k only."""
 
@@ -206,18 +218,23 @@ class _Attention(nn.Module):
         b, n, d = x.shape
         return x.view(b, n, self.heads, d // self.heads).transpose(1, 2)
 
-    def forward(self, x, x_pose, ctx, ctx_pose, ctx_mask, bias=None):
-        """``x (B, M, D)`` normalised chunk tokens, ``ctx (B, N, D)`` normalised context tokens,
-        ``*_pose`` their pose codes (or None), ``ctx_mask (B, N)``, ``bias (B, heads, M, N + M)``
-        added to the attention logits (or None)."""
+    def context_kv(self, ctx, ctx_pose):
+        """Keys and values ``(B, N, D)`` of normalised context tokens (pose code on keys only)."""
+        kc, vc = self.to_k(ctx), self.to_v(ctx)
+        if ctx_pose is not None:
+            kc = kc + self.pose_k(ctx_pose)
+        return kc, vc
+
+    def forward(self, x, x_pose, ctx_kv, ctx_mask, bias=None):
+        """``x (B, M, D)`` normalised chunk tokens, ``ctx_kv`` the context's ``(keys, values)``
+        (:meth:`context_kv`) or None, ``x_pose`` the chunk's pose codes (or None), ``ctx_mask
+        (B, N)``, ``bias (B, heads, M, N + M)`` added to the attention logits (or None)."""
         q, k, v = self.to_q(x), self.to_k(x), self.to_v(x)
         if x_pose is not None:
             q, k = q + self.pose_q(x_pose), k + self.pose_k(x_pose)
         attn_mask = None
-        if ctx is not None:
-            kc, vc = self.to_k(ctx), self.to_v(ctx)
-            if ctx_pose is not None:
-                kc = kc + self.pose_k(ctx_pose)
+        if ctx_kv is not None:
+            kc, vc = ctx_kv
             k, v = torch.cat([kc, k], 1), torch.cat([vc, v], 1)
             if not bool(ctx_mask.all()):
                 keep = torch.cat([ctx_mask, ctx_mask.new_ones(x.shape[0], x.shape[1])], 1)
@@ -246,14 +263,17 @@ class _Block(nn.Module):
         nn.init.zeros_(self.ada.weight)
         nn.init.zeros_(self.ada.bias)
 
-    def forward(self, x, x_pose, cond, act, ctx, ctx_pose, ctx_mask, dist=None):
+    def context_kv(self, ctx, ctx_pose):
+        """This block's keys and values of the context tokens (fixed for a chunk's every step)."""
+        return self.attn.context_kv(self.norm_ctx(ctx), ctx_pose)
+
+    def forward(self, x, x_pose, cond, act, ctx_kv, ctx_mask, dist=None):
         sh1, sc1, g1, sh2, sc2, g2 = self.ada(F.silu(cond))[:, None].chunk(6, -1)
         h = self.norm1(x) * (1 + sc1) + sh1
-        c = self.norm_ctx(ctx) if ctx is not None else None
         bias = None
         if dist is not None:  # ground-distance bias: -softplus(gamma_h) * |X_q - X_k|^2 / sigma^2
             bias = -F.softplus(self.world_gamma)[None, :, None, None] * dist[:, None]
-        x = x + g1 * self.attn(h, x_pose, c, ctx_pose, ctx_mask, bias)
+        x = x + g1 * self.attn(h, x_pose, ctx_kv, ctx_mask, bias)
         x = x + self.action(act)  # camera action, after self-attention
         return x + g2 * self.mlp(self.norm2(x) * (1 + sc2) + sh2)
 
@@ -391,14 +411,27 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
         uv = grid.flip(-1).float() * p + (p - 1) / 2  # (row, col) -> pixel (u, v)
         return ground_points(pose.float(), uv, self.config.focal_px, self.config.sample_size, self.config.plane_z)
 
-    def _ground_distance(self, poses: torch.Tensor, grid: torch.Tensor, context: ChunkContext | None) -> torch.Tensor:
+    def _ground_distance(self, poses: torch.Tensor, grid: torch.Tensor, ctx_ground: torch.Tensor | None) -> torch.Tensor:
         """Squared ground distance / world_sigma^2 from each chunk token to each key
-        (``[context; chunk]``): ``(B, F*hw, N + F*hw)``."""
+        (``[context; chunk]``; ``ctx_ground (B, N, 2)`` the context tokens' ground points):
+        ``(B, F*hw, N + F*hw)``."""
         b, f = poses.shape[:2]
         hw = grid.shape[0]
         q = self._token_ground(poses[:, :, None].expand(b, f, hw, 4, 4), grid.expand(b, f, hw, 2)).reshape(b, f * hw, 2)
-        keys = q if context is None else torch.cat([self._token_ground(context.pose, context.grid), q], 1)
+        keys = q if ctx_ground is None else torch.cat([ctx_ground, q], 1)
         return torch.cdist(q, keys).square() / self.config.world_sigma ** 2
+
+    def prepare_context(self, context: ChunkContext | None, use_pose: bool = True) -> "PreparedContext | None":
+        """What every denoising step of a chunk reads from its context, computed once: each
+        block's keys and values of the context tokens, their mask and ground points. ``forward``
+        takes it in place of the :class:`ChunkContext` (same result); None for no context."""
+        if context is None or len(context) == 0:
+            return None
+        lvl = torch.log2(context.level.float().clamp_min(1)).round().long().clamp(0, 7)
+        ctx = self.ctx_embed(context.tokens) + self.grid_embed(self._grid_features(context.grid)) + self.level_embed(lvl)
+        ctx_pose = self.pose_code(context.pose, context.grid) if use_pose else None
+        ground = self._token_ground(context.pose, context.grid) if self.config.world_bias and use_pose else None
+        return PreparedContext([blk.context_kv(ctx, ctx_pose) for blk in self.blocks], context.mask, ground, use_pose)
 
     # ------------------------------------------------------------------ forward
     def forward(
@@ -408,7 +441,7 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
         actions: torch.Tensor,
         poses: torch.Tensor,
         prompt_ids: torch.Tensor,
-        context: ChunkContext | None = None,
+        context: "ChunkContext | PreparedContext | None" = None,
         anchor: torch.Tensor | None = None,
         use_pose: bool = True,
         anchor_pose: torch.Tensor | None = None,
@@ -451,19 +484,17 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
         act = self.action_mlp(actions)[:, :, None].expand(b, f, hw, d).reshape(b, f * hw, d)
         timestep = timestep.expand(b) if timestep.ndim == 0 else timestep
         cond = self._time_embed(timestep) + self._prompt_embed(prompt_ids)
-        ctx = ctx_pose = ctx_mask = None
-        if context is not None and len(context) > 0:
-            lvl = torch.log2(context.level.float().clamp_min(1)).round().long().clamp(0, 7)
-            ctx = (self.ctx_embed(context.tokens) + self.grid_embed(self._grid_features(context.grid))
-                   + self.level_embed(lvl))
-            ctx_mask = context.mask
-            if use_pose:
-                ctx_pose = self.pose_code(context.pose, context.grid)
+        if isinstance(context, ChunkContext):
+            context = self.prepare_context(context, use_pose)
+        if context is not None and context.use_pose != use_pose:
+            raise ValueError(f"the prepared context was made with use_pose={context.use_pose}, called with {use_pose}")
+        kv = [None] * len(self.blocks) if context is None else context.kv
+        ctx_mask = None if context is None else context.mask
         dist = None
         if self.config.world_bias and use_pose:
-            dist = self._ground_distance(poses, grid, context if ctx is not None else None)
-        for blk in self.blocks:
-            x = blk(x, x_pose, cond, act, ctx, ctx_pose, ctx_mask, dist)
+            dist = self._ground_distance(poses, grid, None if context is None else context.ground)
+        for blk, ctx_kv in zip(self.blocks, kv):
+            x = blk(x, x_pose, cond, act, ctx_kv, ctx_mask, dist)
         sh, sc = self.ada_out(F.silu(cond))[:, None].chunk(2, -1)
         out = self.proj_out(self.norm_out(x) * (1 + sc) + sh)
         x0_hat = self.unpatchify(out.reshape(b, f, hw, self.patch_dim))
@@ -479,7 +510,7 @@ def sample_chunk(
     actions: torch.Tensor,
     poses: torch.Tensor,
     prompt_ids: torch.Tensor,
-    context: ChunkContext | None,
+    context: "ChunkContext | PreparedContext | None",
     anchor: torch.Tensor | None = None,
     num_inference_steps: int = 8,
     generator: torch.Generator | None = None,
@@ -501,6 +532,8 @@ def sample_chunk(
     sched = scheduler or FlowMatchEulerDiscreteScheduler(num_train_timesteps=1000, shift=1.0)
     sched.set_timesteps(num_inference_steps)
     x = torch.randn(b, f, 3, size, size, generator=generator)
+    if isinstance(context, ChunkContext):  # the context's keys and values are the same at every step
+        context = model.prepare_context(context, use_pose)
     for i, t in enumerate(sched.timesteps):
         v = model(x, t.expand(b), actions, poses, prompt_ids, context, anchor, use_pose=use_pose, anchor_pose=anchor_pose)
         x = sched.step(v, t, x).prev_sample
