@@ -100,7 +100,7 @@ from __future__ import annotations
 import inspect
 from contextlib import contextmanager
 from dataclasses import dataclass, field
-from typing import Any, Iterator, Sequence
+from typing import Any, Callable, Iterator, Sequence
 
 import cv2
 import numpy as np
@@ -543,38 +543,30 @@ class LlavaAnswerer:
             self.model.set_attn_implementation({"text_config": prev})
 
     @contextmanager
-    def _attention_rows(self, rows: list[torch.Tensor]) -> Iterator[int]:
+    def _attention_hooks(self, take: Callable[[torch.Tensor], None]) -> Iterator[int]:
+        """``take(weights (B, heads, S, S))`` for each LM layer's attention during a pass (forward
+        hooks on the ``self_attn`` modules, removed afterwards); yields the number of layers."""
+
+        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
+            w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
+            if isinstance(w, torch.Tensor) and w.dim() == 4:
+                take(w)
+
+        mods = [m for n, m in self.language_model.named_modules() if n.rsplit(".", 1)[-1] == "self_attn"]
+        handles = [m.register_forward_hook(hook) for m in mods]
+        try:
+            yield len(mods)
+        finally:
+            for h in handles:
+                h.remove()
+
+    def _attention_rows(self, rows: list[torch.Tensor]):
         """Collect, per LM layer, the last query row of the attention, averaged over heads."""
+        return self._attention_hooks(lambda w: rows.append(w[0, :, -1, :].float().mean(0).cpu()))
 
-        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
-            w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if isinstance(w, torch.Tensor) and w.dim() == 4:
-                rows.append(w[0, :, -1, :].float().mean(0).cpu())
-
-        mods = [m for n, m in self.language_model.named_modules() if n.rsplit(".", 1)[-1] == "self_attn"]
-        handles = [m.register_forward_hook(hook) for m in mods]
-        try:
-            yield len(mods)
-        finally:
-            for h in handles:
-                h.remove()
-
-    @contextmanager
-    def _attention_columns(self, cols: list[torch.Tensor]) -> Iterator[int]:
+    def _attention_columns(self, cols: list[torch.Tensor]):
         """Collect, per LM layer, the attention each position received (summed over heads and queries)."""
-
-        def hook(_module: torch.nn.Module, _args: Any, output: Any) -> None:
-            w = output[1] if isinstance(output, tuple) and len(output) > 1 else None
-            if isinstance(w, torch.Tensor) and w.dim() == 4:
-                cols.append(w[0].float().sum((0, 1)))
-
-        mods = [m for n, m in self.language_model.named_modules() if n.rsplit(".", 1)[-1] == "self_attn"]
-        handles = [m.register_forward_hook(hook) for m in mods]
-        try:
-            yield len(mods)
-        finally:
-            for h in handles:
-                h.remove()
+        return self._attention_hooks(lambda w: cols.append(w[0].float().sum((0, 1))))
 
     @torch.no_grad()
     def answer(self, memory: Tokens, question: str, candidates: Sequence[str] | None = None,
