@@ -1,4 +1,4 @@
-"""Launch the streammem web demo: ``python serve.py [--host H] [--port P] [--share] [--answerer SPEC]``.
+"""Launch the streammem web demo: ``python serve.py [--host H] [--port P] [--share] [--answerer SPEC] [--detector hf:ID [--classes NAMES]]``.
 
 The Gradio app itself is ``demos/app.py`` (importable: ``build_app()`` returns the Blocks);
 ``python serve.py --help`` lists the options (upload and video-length limits, concurrency).

@@ -7,7 +7,9 @@ Four tabs, each on the visitor's own memories:
   stream times) or, for a question the answerer cannot honestly answer, the refusal and why.
   The pyramid's levels (which frames each holds, at which times) are shown live.
 - **Detect**: upload a video (or stream the webcam) through a detection head (the shipped small
-  detector or OpenCV's HOG people detector) with a memory (none, FeatureBank, DualMemory);
+  detector, OpenCV's HOG people detector, or a ``transformers`` detector the server was started
+  with: ``python serve.py --detector hf:<model id or folder> [--classes "person,car"]``) with a
+  memory (none, FeatureBank, DualMemory; an hf: detector takes none or FeatureBank);
   annotated frames stream back as they are processed, with the memory banks' statistics, and
   the annotated mp4 can be downloaded.
 - **Generate**: from a start image (an upload, or a StreamWorld scene by seed), the generation
@@ -55,10 +57,10 @@ import sys
 import tempfile
 import threading
 import time
-from collections import deque
-from dataclasses import dataclass, field
+from collections import Counter, deque
+from dataclasses import dataclass, field, replace
 from pathlib import Path
-from typing import Any
+from typing import Any, Sequence
 
 import cv2
 import gradio as gr
@@ -116,11 +118,13 @@ world, StreamWorld, on a CPU:
   its questions, e.g. *Is there a cat in view now?*, *Has a red star been in view at any time so far?*,
   *Where in the frame is the red star now?* (options: top left, top right, bottom left, bottom right).
   It refuses, and says why, any question with other words. Free-form questions about real footage need a
-  vision-language model: start the demo with `python serve.py --answerer hf:<LLaVA-family model id or
-  folder>` (`LlavaAnswerer`, streammem/models/vlm.py).
+  vision-language model: start the demo with `python serve.py --answerer hf:<model id or folder>` (LLaVA,
+  LLaVA-OneVision, SmolVLM / SmolVLM2; `load_answerer` in streammem/models/vlm.py).
 - the **small detector** (Detect) knows StreamWorld's 11 classes; for people in real footage pick the
-  **OpenCV HOG people detector**. Bigger detectors plug in as detection heads
-  (`TorchvisionDetectionPipeline` in streammem/pipelines/detection/torchvision.py).
+  **OpenCV HOG people detector**. Pretrained `transformers` detectors (DETR, RT-DETR, YOLOS; OWLv2 with
+  the classes to look for) join the detector picker when the demo is started with
+  `python serve.py --detector hf:<model id or folder> [--classes "person,car"]`; they know their own
+  classes, and take the memory *none* or *FeatureBank*.
 - the **generator** (Generate) is a 1.5 M-parameter causal video model trained here on StreamWorld: it makes
   64 x 64 frames, 2 per chunk, from camera actions and a prompt of StreamWorld's scene styles (`clean`,
   `medium`, `hard`, or none); any start image is continued as if it were a StreamWorld ground seen from
@@ -217,13 +221,22 @@ class Models:
     own generation pipeline on it).
 
     ``answerer``: None for the shipped one, a checkpoint folder of a ``SmallAnswerer``, or
-    ``hf:<model id or folder>`` for a LLaVA-family vision-language model."""
+    ``hf:<model id or folder>`` for a vision-language model (:func:`~streammem.models.vlm.load_answerer`:
+    LLaVA, LLaVA-NeXT(-Video), LLaVA-OneVision, SmolVLM / SmolVLM2, Idefics3).
+
+    ``hf_detectors``: the Detect tab's ``transformers`` detectors, ``{picker value: head}``
+    (:meth:`add_detector`). Each head is built once by
+    :func:`~streammem.pipelines.jobs.build_detection_head` (as ``streammem detect --detector
+    hf:...`` builds it) and serves as a template: a session's head shares its model weights
+    (read-only, inference only) and gets its own memory banks and track re-scorer."""
 
     encoder: Any
     answerer: Any
     answerer_name: str = "shipped"
     detector_checkpoint: str | None = None
     generator_checkpoint: str | None = None
+    hf_detectors: dict[str, Any] = field(default_factory=dict)
+    hf_labels: dict[str, str] = field(default_factory=dict)
     _generator: Any = field(default=None, repr=False)
     _generator_lock: Any = field(default_factory=threading.Lock, repr=False)
 
@@ -237,10 +250,10 @@ class Models:
 
         hf = parse_spec(answerer)
         if hf is not None:
-            from streammem.models.vlm import LlavaAnswerer
+            from streammem.models.vlm import load_answerer
 
             with hub_errors(hf):
-                ans = LlavaAnswerer.from_pretrained(os.path.expanduser(hf) if Path(hf).expanduser().is_dir() else hf)
+                ans = load_answerer("hf:" + (os.path.expanduser(hf) if Path(hf).expanduser().is_dir() else hf))
             return cls(VLMFrameEncoder(ans), ans, answerer, detector_checkpoint, generator_checkpoint)
         folder = Path(answerer) if answerer else path("answerer")
         if not (folder / "config.json").is_file():
@@ -256,8 +269,45 @@ class Models:
         (832 tokens), with thumbnails of the frames it holds."""
         return StreamingQAPipeline(self.encoder, self.answerer, memory="ovbench", keep_thumbnails=True, thumb_side=96)
 
+    def add_detector(self, spec: str, classes: str | None = None) -> str:
+        """Load the ``transformers`` detector ``spec`` (``hf:<model id or folder>``; ``classes``: what
+        an open-vocabulary one looks for, e.g. ``"person,car"``) once, through
+        :func:`~streammem.pipelines.jobs.build_detection_head` with its defaults, and offer it in the
+        Detect tab's picker as ``"<id> (transformers)"``. Returns its picker value (``spec``).
+        Raises ValueError on a bad spec or options, or a spec already added, and
+        :class:`~streammem.models.hf.HubUnavailable` when it cannot be fetched."""
+        from streammem.models.hf import parse_spec
+
+        name = parse_spec(spec)
+        if name is None:
+            raise ValueError(f"--detector: the web demo adds transformers detectors, hf:<model id or folder>; "
+                             f"got {spec!r} (small and hog are always offered)")
+        name = os.path.expanduser(name) if Path(name).expanduser().is_dir() else name
+        value = f"hf:{name}"
+        if value in self.hf_detectors:
+            raise ValueError(f"--detector {spec} is given twice")
+        self.hf_detectors[value] = build_detection_head(value, classes=classes, memory="feature_bank")
+        label = f"{name.rstrip('/')} (transformers"
+        self.hf_labels[value] = label + (f"; {', '.join(self.hf_detectors[value].class_names)})" if classes else ")")
+        return value
+
+    def detector_choices(self) -> list[tuple[str, str]]:
+        """The Detect tab's picker: ``(label, value)`` of the shipped detectors and the added hf: ones."""
+        return DETECTOR_LABELS + [(self.hf_labels[v], v) for v in self.hf_detectors]
+
     def detection_head(self, detector: str, memory: str):
-        return build_detection_head(detector, self.detector_checkpoint if detector == "small" else None, memory)
+        """A fresh detection head for a session (ValueError on settings the detector does not take)."""
+        template = self.hf_detectors.get(detector)
+        if template is None:
+            return build_detection_head(detector, self.detector_checkpoint if detector == "small" else None, memory)
+        from streammem.pipelines.detection import HF_MEMORIES, HFDetectionPipeline, TrackRescorer
+
+        if memory not in HF_MEMORIES:
+            raise ValueError(f"a transformers detector takes the memory {' or '.join(HF_MEMORIES)}, got {memory!r}")
+        tracker = None if template.tracker is None else TrackRescorer(template.tracker.config)
+        head = HFDetectionPipeline(template.detector, replace(template.config, memory=memory), tracker=tracker)
+        head.display_threshold = template.display_threshold
+        return head
 
     def generator(self):
         """The generator's :class:`~streammem.models.video_dit.CausalVideoDiT`, loaded once (the
@@ -740,7 +790,7 @@ class App:
         out = session.dir / f"{Path(name).stem}_annotated.mp4"
         writer = VideoWriter(out, fps=src.info.fps or 8.0)
         n, last, t0, error = 0, 0.0, time.perf_counter(), None
-        image = None
+        image, labels = None, Counter()
         try:
             for frame in src:
                 with session.lock:
@@ -749,13 +799,14 @@ class App:
                         return  # the visitor started another stream: this one is over
                     det = head.step(frame)
                     session.record("detect", head)
+                labels.update(_class_names(det))
                 image = head.annotate(frame.image, det)
                 writer.write(fit_to(image, writer.size), timestamp=frame.timestamp)
                 n += 1
                 if time.monotonic() - last > self.limits.yield_every_s:
                     last = time.monotonic()
                     progress((n, total) if total else n, desc=f"detecting in {name}", unit="frames")
-                    yield image, self._detect_stats(head, n, t0, len(det)), None, session
+                    yield image, self._detect_stats(head, n, t0, len(det), labels), None, session
         except SourceError as exc:
             error = exc
         except BaseException:
@@ -767,7 +818,7 @@ class App:
         if error is not None:
             gr.Warning(f"{name}: reading stopped at frame {n} ({error}); the video holds what came before")
         path = writer.close()
-        yield image, self._detect_stats(head, n, t0, None), str(path) if path else None, session
+        yield image, self._detect_stats(head, n, t0, None, labels), str(path) if path else None, session
 
     def detect_webcam(self, image, detector, memory, state, request: gr.Request):
         """One webcam frame through the detection head; returns it annotated."""
@@ -782,20 +833,26 @@ class App:
         return head.annotate(img, det), self._detect_stats(head, head.counters.get("frames", index + 1),
                                                              None, len(det)), session
 
-    @staticmethod
-    def _detect_settings(detector, memory) -> tuple[str, str]:
+    def _detect_settings(self, detector, memory) -> tuple[str, str]:
         detector = detector or "small"
         memory = memory or "feature_bank"
-        if detector not in DETECTORS:
-            raise gr.Error(f"detector must be one of {', '.join(DETECTORS)}, got {detector!r}")
+        known = (*DETECTORS, *self.models.hf_detectors)
+        if detector not in known:
+            raise gr.Error(f"detector must be one of {', '.join(known)}, got {detector!r}")
         if memory not in {v for _, v in DETECT_MEMORIES}:
             raise gr.Error(f"memory must be one of {', '.join(v for _, v in DETECT_MEMORIES)}, got {memory!r}")
+        if detector in self.models.hf_detectors and memory == "dual":
+            raise gr.Error(f"{detector} takes the memory none or feature_bank (DualMemory needs the small "
+                           "detector's pixel features)")
         return detector, memory
 
     @staticmethod
-    def _detect_stats(head, frames: int, t0: float | None, last: int | None) -> dict:
+    def _detect_stats(head, frames: int, t0: float | None, last: int | None, labels: Counter | None = None) -> dict:
+        """The Detect tab's JSON: frames done, speed, detections in the newest frame, ``labels``
+        (detections per class name over the video so far) and the head's statistics."""
         out = {"frames": frames, **({"fps": round(frames / max(1e-9, time.perf_counter() - t0), 2)} if t0 else {}),
-               **({"detections_in_frame": last} if last is not None else {}), "pipeline": head.stats()}
+               **({"detections_in_frame": last} if last is not None else {}),
+               **({"labels": dict(labels.most_common())} if labels is not None else {}), "pipeline": head.stats()}
         return json.loads(json.dumps(out, default=str))
 
     # ------------------------------------------------------------------ Generate
@@ -1011,11 +1068,24 @@ class App:
         self.sessions.close(getattr(request, "session_hash", None))
 
 
+def _class_names(det) -> list[str]:
+    """The class name of each detection (``data["class_name"]``, else the class id)."""
+    if not len(det):
+        return []
+    names = det.data.get("class_name") if det.data else None
+    return [str(x) for x in (names if names is not None else det.class_id)]
+
+
 # ---------------------------------------------------------------------- the page
-def build_app(models: Models | None = None, limits: Limits | None = None) -> gr.Blocks:
+def build_app(models: Models | None = None, limits: Limits | None = None,
+              detectors: Sequence[str | tuple[str, str | None]] = ()) -> gr.Blocks:
     """The Gradio Blocks of the demo (not launched). ``demo.streammem`` is its :class:`App`
-    (handlers and sessions)."""
+    (handlers and sessions). ``detectors``: ``transformers`` detectors added to the Detect tab's
+    picker, each ``"hf:<model id or folder>"`` or ``("hf:...", classes)`` (:meth:`Models.add_detector`)."""
     models = models or Models.load()
+    for d in detectors:
+        spec, classes = (d, None) if isinstance(d, str) else d
+        models.add_detector(spec, classes)
     limits = limits or Limits()
     app = App(models, limits)
     heavy = dict(concurrency_limit=limits.concurrency, concurrency_id="heavy")
@@ -1027,7 +1097,9 @@ def build_app(models: Models | None = None, limits: Limits | None = None) -> gr.
         gr.Markdown("# streammem: streaming video memory\nEverything below runs on your own memories: "
                     "no other visitor sees or changes them.")
         with gr.Accordion("What the shipped models know", open=False):
-            gr.Markdown(MODEL_NOTES + f"\n\nAnswerer in use: **{models.answerer_name}**. Limits: uploads up to "
+            extra = "".join(f", **{lbl}**" for lbl in models.hf_labels.values())
+            gr.Markdown(MODEL_NOTES + f"\n\nAnswerer in use: **{models.answerer_name}**. Detectors: small, HOG{extra}. "
+                        f"Limits: uploads up to "
                         f"{limits.max_upload_mb:g} MB, videos up to {limits.max_video_s:g} s.")
 
         with gr.Tab("Ask", id="ask"):
@@ -1059,7 +1131,7 @@ def build_app(models: Models | None = None, limits: Limits | None = None) -> gr.
             with gr.Row():
                 with gr.Column():
                     det_video = gr.Video(label="video", sources=["upload"], elem_id="det-video")
-                    detector = gr.Dropdown(DETECTOR_LABELS, value="small", label="detector")
+                    detector = gr.Dropdown(models.detector_choices(), value="small", label="detector")
                     memory = gr.Dropdown(DETECT_MEMORIES, value="feature_bank", label="memory")
                     det_go = gr.Button("Detect", variant="primary", elem_id="det-go")
                     det_cam = gr.Image(label="or stream the webcam", sources=["webcam"], streaming=True,
@@ -1178,6 +1250,22 @@ def launch(demo: gr.Blocks, limits: Limits, **launch_kwargs):
     return demo.launch(**launch_kwargs)
 
 
+class _DetectorAction(argparse.Action):
+    """``--detector SPEC``: appends ``[SPEC, None]`` (its classes come from a following ``--classes``)."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        setattr(namespace, self.dest, [*getattr(namespace, self.dest), [values, None]])
+
+
+class _ClassesAction(argparse.Action):
+    """``--classes NAMES``: the classes of the ``--detector`` just before it."""
+
+    def __call__(self, parser, namespace, values, option_string=None):
+        if not namespace.detectors or namespace.detectors[-1][1] is not None:
+            parser.error("--classes names what the --detector just before it looks for; put it after its --detector")
+        namespace.detectors[-1][1] = values
+
+
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     d = Limits()
     p = argparse.ArgumentParser(prog="serve.py", description="the streammem web demo (Gradio)")
@@ -1185,8 +1273,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     p.add_argument("--port", type=int, default=7860, help="port (default 7860)")
     p.add_argument("--share", action="store_true", help="also open a public gradio.live link (off by default)")
     p.add_argument("--answerer", default=None,
-                   help="QA answerer: a SmallAnswerer checkpoint folder, or hf:<LLaVA-family model id or folder> "
-                        "(default: the shipped answerer, StreamWorld's vocabulary only)")
+                   help="QA answerer: a SmallAnswerer checkpoint folder, or hf:<model id or folder> of a "
+                        "vision-language model (LLaVA, LLaVA-OneVision, SmolVLM/SmolVLM2) (default: the shipped "
+                        "answerer, StreamWorld's vocabulary only)")
+    p.add_argument("--detector", dest="detectors", action=_DetectorAction, default=[], metavar="hf:ID_OR_FOLDER",
+                   help="add a transformers detector (DETR, RT-DETR, YOLOS, OWLv2) to the Detect tab's picker; "
+                        "repeatable (the shipped small detector and HOG are always offered)")
+    p.add_argument("--classes", action=_ClassesAction, default=None, metavar="NAMES",
+                   help='what the preceding --detector looks for, comma-separated (open-vocabulary models such '
+                        'as OWLv2), e.g. --classes "person,car"')
     p.add_argument("--detector-checkpoint", default=None, help="small detector checkpoint folder (default: shipped)")
     p.add_argument("--generator-checkpoint", default=None,
                    help="generator checkpoint folder (default: shipped; loaded on the first Generate)")
@@ -1198,13 +1293,16 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
 
 
 def main(argv: list[str] | None = None) -> int:
-    """``python serve.py [--host H] [--port P] [--share] [--answerer SPEC]``: build and serve the demo."""
+    """``python serve.py [--host H] [--port P] [--share] [--answerer SPEC] [--detector hf:ID [--classes NAMES]]``:
+    build and serve the demo; a model that cannot be loaded or fetched is one line and exit code 2."""
     args = parse_args(argv)
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         limits = Limits(max_upload_mb=args.max_upload_mb, max_video_s=args.max_video_s,
                         concurrency=args.concurrency, max_sessions=args.max_sessions)
         models = Models.load(args.answerer, args.detector_checkpoint, args.generator_checkpoint)
+        for spec, classes in args.detectors:
+            models.add_detector(spec, classes)
     except (ValueError, OSError, ImportError, HubUnavailable) as exc:
         print(f"serve.py: {exc}", file=sys.stderr)
         return 2

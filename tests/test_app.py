@@ -5,6 +5,7 @@ clear message while the session stays usable."""
 import socket
 import threading
 import time
+from dataclasses import replace
 from pathlib import Path
 
 import cv2
@@ -12,6 +13,7 @@ import gradio as gr
 import httpx
 import numpy as np
 import pytest
+import torch
 from gradio_client import Client, handle_file
 from gradio_client.exceptions import AppError
 
@@ -330,3 +332,81 @@ def test_generate_stops_at_once_and_can_continue(server):
     made = stats["pipeline"]["frames"]
     stats = c.predict("L", "", 2, 2, api_name="/generate_continue")[1]
     assert stats["pipeline"]["frames"] == made + 2 and not stats["interrupted"]
+
+
+def _confident_detr(path: Path) -> dict[int, str]:
+    """A tiny random DETR as tests/test_hf_detector.py builds it (transformers' test-sized
+    configuration), whose class head is biased so that every query says "cat" with high
+    probability: the detections the app shows are then certain to carry the model's names."""
+    import transformers as tf
+
+    id2label = {0: "cat", 1: "dog", 2: "car"}
+    torch.manual_seed(0)
+    backbone = tf.ResNetConfig(embedding_size=8, hidden_sizes=[8, 16], depths=[1, 1], out_features=["stage2"])
+    cfg = tf.DetrConfig(use_timm_backbone=False, use_pretrained_backbone=False, backbone_config=backbone, d_model=16,
+                        encoder_layers=1, decoder_layers=1, encoder_attention_heads=2, decoder_attention_heads=2,
+                        encoder_ffn_dim=16, decoder_ffn_dim=16, num_queries=6, id2label=id2label,
+                        label2id={v: k for k, v in id2label.items()})
+    model = tf.DetrForObjectDetection(cfg)
+    with torch.no_grad():
+        model.class_labels_classifier.weight.zero_()
+        model.class_labels_classifier.bias.copy_(torch.tensor([6.0, 0.0, 0.0, 0.0]))  # cat, dog, car, no object
+    model.save_pretrained(path)
+    tf.DetrImageProcessor(size={"shortest_edge": 48, "longest_edge": 80}).save_pretrained(path)
+    return id2label
+
+
+def test_detect_with_a_transformers_detector_from_a_folder(server, files, tmp_path):
+    """``build_app(detectors=["hf:<folder>"])`` (``serve.py --detector hf:...``) puts the model in the
+    Detect picker; a session's head shares the loaded weights and keeps its own banks."""
+    from demos.app import parse_args
+
+    id2label = _confident_detr(tmp_path / "detr")
+    spec = f"hf:{tmp_path / 'detr'}"
+    models = replace(server[0].streammem.models, hf_detectors={}, hf_labels={})  # the shipped models, loaded once
+    demo = build_app(models, LIMITS, detectors=[spec])
+    assert (f"{tmp_path / 'detr'} (transformers)", spec) in models.detector_choices()
+    demo.queue(default_concurrency_limit=LIMITS.concurrency)
+    _, url, _ = demo.launch(prevent_thread_lock=True, server_name="127.0.0.1", server_port=free_port(), quiet=True,
+                            show_error=True, max_file_size=LIMITS.max_upload_bytes)
+    try:
+        c = client(url)
+        job = c.submit(handle_file(str(files["b"])), spec, "feature_bank", api_name="/detect_video")
+        image, stats, video = job.result(timeout=120)
+        assert all(o[0] is not None for o in job.outputs()) and video["path"].endswith("b_annotated.mp4")
+        assert stats["frames"] == B_FRAMES and stats["pipeline"]["detector"] == spec
+        assert stats["pipeline"]["model_type"] == "detr" and stats["pipeline"]["memory"] == "feature_bank"
+        assert stats["pipeline"]["positive_memory"]["num_tokens"] > 0  # confident boxes reached its own bank
+        assert set(stats["labels"]) == {id2label[0]} and stats["labels"]["cat"] >= B_FRAMES
+        # every session's head is its own, on the one model
+        sessions = demo.streammem.sessions
+        head = sessions.get(type("R", (), {"session_hash": c.session_hash})()).det
+        assert head.detector is models.hf_detectors[spec].detector and head is not models.hf_detectors[spec]
+        assert models.hf_detectors[spec].counters["frames"] == 0
+        # DualMemory needs the small detector's pixel features: refused with the reason
+        with pytest.raises(AppError, match="none or feature_bank"):
+            c.predict(handle_file(str(files["b"])), spec, "dual", api_name="/detect_video")
+    finally:
+        demo.close()
+    # serve.py's options: repeatable --detector, --classes for the one before it
+    args = parse_args(["--detector", spec, "--detector", "hf:x/owl", "--classes", "person,car"])
+    assert args.detectors == [[spec, None], ["hf:x/owl", "person,car"]]
+    with pytest.raises(SystemExit):
+        parse_args(["--classes", "person"])
+
+
+def test_serve_exits_2_with_one_line_when_a_detector_cannot_be_fetched(server, monkeypatch, capsys):
+    """Without the hub, ``serve.py --detector hf:<id>`` prints one line and exits 2 (nothing served)."""
+    import huggingface_hub.constants
+
+    import demos.app as app_module
+
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    monkeypatch.setattr(huggingface_hub.constants, "HF_HUB_OFFLINE", True)
+    shipped = server[0].streammem.models
+    monkeypatch.setattr(app_module.Models, "load", classmethod(lambda cls, *a: replace(shipped, hf_detectors={},
+                                                                                         hf_labels={})))
+    monkeypatch.setattr(app_module, "launch", lambda *a, **k: pytest.fail("served despite the failed detector"))
+    assert app_module.main(["--detector", "hf:streammem-tests/no-such-detector"]) == 2
+    err = [x for x in capsys.readouterr().err.splitlines() if x.strip()]
+    assert len(err) == 1 and err[0].startswith("serve.py: could not fetch 'streammem-tests/no-such-detector'"), err
