@@ -95,12 +95,14 @@ def test_ask_detect_and_memory_in_a_browser(url, browser, tmp_path):
     wait.until(lambda d: len(d.find_elements(By.CSS_SELECTOR, "button[role=tab]")) == 4)
 
     # Ask: upload, process, ask, see the answer with its confidence and the pyramid
-    d.find_element(By.CSS_SELECTOR, "#ask-video input[type=file]").send_keys(str(path))
+    # the tab bar can render before the tab's inputs: wait for each element before using it
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#ask-video input[type=file]"))[0].send_keys(str(path))
     wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#ask-video video"))
-    d.find_element(By.ID, "ask-process").click()
+    wait.until(lambda d: d.find_element(By.ID, "ask-process")).click()
     wait.until(lambda d: f"{FRAMES} frames written" in text_of(d, "ask-status"))
-    d.find_element(By.CSS_SELECTOR, "#question textarea, #question input").send_keys("Is there a cat in view now?")
-    d.find_element(By.ID, "ask-button").click()
+    wait.until(lambda d: d.find_elements(By.CSS_SELECTOR, "#question textarea, #question input"))[0].send_keys(
+        "Is there a cat in view now?")
+    wait.until(lambda d: d.find_element(By.ID, "ask-button")).click()
     wait.until(lambda d: "confidence" in text_of(d, "answer"))
     answer = text_of(d, "answer")
     assert answer.split(",")[0].strip() in ("yes", "no") and "street.mp4" in answer
