@@ -77,7 +77,8 @@ import torch
 from safetensors.torch import load_file, save_file
 
 from streammem.memory import ErrorBank
-from streammem.models.video_dit import CausalVideoDiT, ChunkContext
+from streammem.models.video_dit import CausalVideoDiT
+from streammem.train.generator import batch_context
 from streammem.types import field_checker
 
 __all__ = ["ErrorRecyclingConfig", "ErrorRecycler", "RecycleOutput", "FlowAdapter", "DiTAdapter",
@@ -341,37 +342,6 @@ def train_step(recycler: ErrorRecycler, batch: Any, optimizer: torch.optim.Optim
 
 
 # ---------------------------------------------------------------------------- the small generator
-def batch_context(model: CausalVideoDiT, frames: torch.Tensor, poses: torch.Tensor, window: int) -> ChunkContext:
-    """What ``streammem.train.generator.ClipSampler.context`` computes (the memory context of
-    frames ``0 .. k-1``: history frames pooled per axis by ``RELIC_SCHEDULE[i % 18]``, oldest
-    first, then the last ``window`` frames at full resolution), with the frames of each pooling
-    factor pooled in one call: ``frames (B, k, 3, H, W)``, ``poses (B, k, 4, 4)``."""
-    from streammem.memory import RELIC_SCHEDULE
-    from streammem.memory.posekv import _cells
-
-    b, k = frames.shape[:2]
-    s = model.grid_side
-    patches = model.patchify(frames).reshape(b, k, s, s, -1)
-    factor = [1 if i >= k - window else RELIC_SCHEDULE[i % len(RELIC_SCHEDULE)] for i in range(k)]
-    per_frame: list = [None] * k
-    for f in sorted(set(factor)):
-        idx = [i for i in range(k) if factor[i] == f]
-        o = math.ceil(s / f)
-        t = patches[:, idx]
-        if o != s:
-            t = t.reshape(b * len(idx), s, s, -1).permute(0, 3, 1, 2)
-            t = torch.nn.functional.adaptive_avg_pool2d(t, (o, o)).permute(0, 2, 3, 1).reshape(b, len(idx), o, o, -1)
-            gy, gx = torch.meshgrid(_cells(s, o), _cells(s, o), indexing="ij")
-        else:
-            gy, gx = (g.float() for g in torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij"))
-        grid = torch.stack([gy.reshape(-1), gx.reshape(-1)], 1)
-        for j, i in enumerate(idx):
-            per_frame[i] = (t[:, j].reshape(b, o * o, -1), grid, f)
-    tokens = torch.cat([p[0] for p in per_frame], 1)
-    pose = torch.cat([poses[:, i, None].expand(b, len(p[1]), 4, 4) for i, p in enumerate(per_frame)], 1)
-    grid = torch.cat([p[1] for p in per_frame], 0).expand(b, -1, 2)
-    level = torch.cat([torch.full((len(p[1]),), p[2], dtype=torch.int64) for p in per_frame]).expand(b, -1)
-    return ChunkContext(tokens, pose, grid, level, torch.ones(tokens.shape[:2], dtype=torch.bool))
 
 
 class RecyclingClipSampler:
@@ -384,22 +354,13 @@ class RecyclingClipSampler:
     def __init__(self, cfg, data: dict, model: CausalVideoDiT, rng: np.random.Generator) -> None:
         from streammem.train.generator import ClipSampler
 
-        sampler = ClipSampler(cfg, data, model, rng)
-        seen: dict = {}
-
-        def keep(frames: torch.Tensor, poses: torch.Tensor) -> None:
-            seen["frames"], seen["poses"] = frames, poses
-
-        sampler.context = keep  # on this instance only: the sampler's own code is unchanged
-        self.sampler, self._seen = sampler, seen
+        self.sampler = ClipSampler(cfg, data, model, rng)
         self.context = lambda frames, poses: batch_context(model, frames, poses, cfg.window)
 
     def batch(self, **kw) -> dict:
         """A batch whose ``context`` is None until :meth:`with_context` (or the adapter, after
         errors entered the frames) builds it: one context per step, in either mode."""
-        b = self.sampler.batch(**kw)
-        b["context_frames"], b["context_poses"] = self._seen["frames"], self._seen["poses"]
-        return b
+        return self.sampler.batch(build_context=False, **kw)
 
     def with_context(self, batch: dict) -> dict:
         """``batch`` with its memory context built from its context frames."""

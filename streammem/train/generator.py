@@ -53,7 +53,7 @@ from streammem.memory import RELIC_SCHEDULE, PoseKVMemory
 from streammem.memory.posekv import _cells
 from streammem.models.video_dit import ChunkContext, CausalVideoDiT
 
-__all__ = ["TrainConfig", "train", "render_streams", "reverse_actions", "ClipSampler"]
+__all__ = ["TrainConfig", "train", "render_streams", "reverse_actions", "ClipSampler", "batch_context"]
 
 # action layout pairs (right/left, down/up, forward/backward, pitch, yaw, roll) swap when time runs backwards
 _ACTION_SWAP = [1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 12]
@@ -147,6 +147,37 @@ def reverse_actions(actions: np.ndarray) -> np.ndarray:
     return out
 
 
+def batch_context(model: CausalVideoDiT, frames: torch.Tensor, poses: torch.Tensor, window: int) -> ChunkContext:
+    """What a ``PoseKVMemory(window=window, retrieval="all")`` returns from ``read()`` after
+    writing frames ``0 .. k-1`` of each clip, for the whole batch at once: history frames (older
+    than the window), oldest first, each pooled per axis by ``RELIC_SCHEDULE[i % 18]``, then the
+    window at full resolution; the frames of each pooling factor are pooled in one call.
+    ``frames (B, k, 3, H, W)``, ``poses (B, k, 4, 4)``."""
+    b, k = frames.shape[:2]
+    s = model.grid_side
+    patches = model.patchify(frames).reshape(b, k, s, s, -1)
+    factor = [1 if i >= k - window else RELIC_SCHEDULE[i % len(RELIC_SCHEDULE)] for i in range(k)]
+    per_frame: list = [None] * k
+    for f in sorted(set(factor)):
+        idx = [i for i in range(k) if factor[i] == f]
+        o = math.ceil(s / f)
+        t = patches[:, idx]
+        if o != s:
+            t = t.reshape(b * len(idx), s, s, -1).permute(0, 3, 1, 2)
+            t = torch.nn.functional.adaptive_avg_pool2d(t, (o, o)).permute(0, 2, 3, 1).reshape(b, len(idx), o, o, -1)
+            gy, gx = torch.meshgrid(_cells(s, o), _cells(s, o), indexing="ij")
+        else:
+            gy, gx = (g.float() for g in torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij"))
+        grid = torch.stack([gy.reshape(-1), gx.reshape(-1)], 1)
+        for j, i in enumerate(idx):
+            per_frame[i] = (t[:, j].reshape(b, o * o, -1), grid, f)
+    tokens = torch.cat([p[0] for p in per_frame], 1)
+    pose = torch.cat([poses[:, i, None].expand(b, len(p[1]), 4, 4) for i, p in enumerate(per_frame)], 1)
+    grid = torch.cat([p[1] for p in per_frame], 0).expand(b, -1, 2)
+    level = torch.cat([torch.full((len(p[1]),), p[2], dtype=torch.int64) for p in per_frame]).expand(b, -1)
+    return ChunkContext(tokens, pose, grid, level, torch.ones(tokens.shape[:2], dtype=torch.bool))
+
+
 class ClipSampler:
     """Draws training batches (clip, chunk start, memory context) from rendered streams."""
 
@@ -160,7 +191,7 @@ class ClipSampler:
                             history_frames=18 * math.ceil(self.cfg.clip_frames / 18), retrieval="all")
 
     def batch(self, k: int | None = None, reverse: bool | None = None, drop_prompt: bool = True,
-              revisit: bool | None = None) -> dict:
+              revisit: bool | None = None, build_context: bool = True) -> dict:
         cfg, rng = self.cfg, self.rng
         f = cfg.chunk_frames
         if k is None:
@@ -194,10 +225,12 @@ class ClipSampler:
             if drop_prompt and rng.random() < cfg.prompt_drop:
                 pid = torch.zeros_like(pid)
             prompts.append(pid)
-        context = self.context(torch.stack([c[0] for c in ctx]), torch.stack([c[1] for c in ctx]))
+        ctx_frames, ctx_poses = torch.stack([c[0] for c in ctx]), torch.stack([c[1] for c in ctx])
+        context = self.context(ctx_frames, ctx_poses) if build_context else None
         return {"x0": torch.stack(xs), "actions": torch.stack(acts), "poses": torch.stack(poses),
                 "prompt_ids": torch.stack(prompts), "context": context, "anchor": torch.stack(anchors),
-                "anchor_pose": torch.stack(anchor_poses), "k": k}
+                "anchor_pose": torch.stack(anchor_poses), "k": k, "context_frames": ctx_frames,
+                "context_poses": ctx_poses}
 
     def revisits(self, poses: np.ndarray, k: int) -> bool:
         """Whether a chunk starting at ``k`` returns to a pose last seen before the window
@@ -211,35 +244,8 @@ class ClipSampler:
         return False
 
     def context(self, frames: torch.Tensor, poses: torch.Tensor) -> ChunkContext:
-        """What ``self.memory()`` returns from ``read()`` after writing frames ``0 .. k-1`` of
-        each clip, computed for the whole batch at once: ``frames (B, k, 3, H, W)``,
-        ``poses (B, k, 4, 4)``. History frames (older than the window), oldest first, each
-        pooled per axis by ``RELIC_SCHEDULE[i % 18]``, then the window at full resolution."""
-        m, w = self.model, self.cfg.window
-        b, k = frames.shape[:2]
-        s = m.grid_side
-        patches = m.patchify(frames).reshape(b, k, s, s, -1)
-        ys, xs = torch.meshgrid(torch.arange(s), torch.arange(s), indexing="ij")
-        full = torch.stack([ys.reshape(-1), xs.reshape(-1)], 1).float()
-        toks, pos, grids, lvls = [], [], [], []
-        for i in range(k):
-            f = 1 if i >= k - w else RELIC_SCHEDULE[i % len(RELIC_SCHEDULE)]
-            o = math.ceil(s / f)
-            t = patches[:, i]
-            if o != s:
-                t = torch.nn.functional.adaptive_avg_pool2d(t.permute(0, 3, 1, 2), (o, o)).permute(0, 2, 3, 1)
-                gy, gx = torch.meshgrid(_cells(s, o), _cells(s, o), indexing="ij")
-                grid = torch.stack([gy.reshape(-1), gx.reshape(-1)], 1)
-            else:
-                grid = full
-            n = o * o
-            toks.append(t.reshape(b, n, -1))
-            pos.append(poses[:, i, None].expand(b, n, 4, 4))
-            grids.append(grid.expand(b, n, 2))
-            lvls.append(torch.full((b, n), f, dtype=torch.int64))
-        tokens = torch.cat(toks, 1)
-        return ChunkContext(tokens, torch.cat(pos, 1), torch.cat(grids, 1), torch.cat(lvls, 1),
-                            torch.ones(tokens.shape[:2], dtype=torch.bool))
+        """The memory context of frames ``0 .. k-1`` of each clip (:func:`batch_context`)."""
+        return batch_context(self.model, frames, poses, self.cfg.window)
 
 
 def flow_loss(model: CausalVideoDiT, batch: dict, sigma: torch.Tensor, noise: torch.Tensor,
