@@ -4,6 +4,8 @@ clip chaining's overlap handling, and the drift evaluation on a tiny model."""
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -105,6 +107,18 @@ def test_each_site_gets_its_error_at_its_rate_from_the_right_bins():
     # the target is the velocity toward the clean latent: eps' - x0, with the noise error in eps'
     assert torch.allclose(out.v[noise_hit], torch.full((int(noise_hit.sum()), DIM), 1000.0))
     assert torch.equal(out.v[~noise_hit], torch.zeros(int((~noise_hit).sum()), DIM))
+
+
+def test_conditioning_errors_can_come_from_a_timestep_range():
+    probe = Probe()
+    bank = filled_bank()
+    lo, hi = float(bank.bin_timesteps[45]), float(bank.bin_timesteps[40])
+    rec = ErrorRecycler(probe, ErrorRecyclingConfig(cond_timesteps=(lo, hi)), bank, seed=1)
+    rec.loss({"x0": torch.zeros(N, DIM)}, sigma=torch.full((N,), 0.5), noise=torch.zeros(N, DIM))
+    drawn = torch.unique(probe.cond_errors[probe.cond_mask][:, 0, 0])
+    assert drawn.tolist() == [float(b + 1) for b in range(40, 46)]
+    with pytest.raises(ValueError, match="cond_timesteps"):
+        ErrorRecyclingConfig(cond_timesteps=(500, 100))
 
 
 def test_residuals_match_a_hand_computation():
@@ -309,3 +323,32 @@ def test_a_resumed_fine_tune_continues_exactly(tmp_path):
     ba, bb = load_file(tmp_path / "a" / "error_bank.safetensors"), load_file(tmp_path / "b" / "error_bank.safetensors")
     assert ba["count"].sum() > 0 and all(torch.equal(ba[k], bb[k]) for k in ba)
     assert "6 steps" in (tmp_path / "b" / "README.md").read_text()
+    # a fine-tune of a base that kept its training state starts from its AdamW moments
+    # (the step count goes on from the base's), unless told not to
+    import shutil
+
+    shutil.copytree(tmp_path / "a", tmp_path / "base2")
+    shutil.copy(base / "training.json", tmp_path / "base2" / "training.json")
+    kw2 = {**kw, "base": str(tmp_path / "base2")}
+    finetune(RecycleTrainConfig(out=str(tmp_path / "c"), max_steps=1, **kw2))
+    finetune(RecycleTrainConfig(out=str(tmp_path / "d"), max_steps=1, base_optimizer=False, **kw2))
+    sc, sd = (load_file(tmp_path / n / "training_state.safetensors") for n in ("c", "d"))
+    assert float(sc["opt.0.step"]) == 7 and float(sd["opt.0.step"]) == 1
+    assert not torch.equal(sc["opt.0.exp_avg_sq"], sd["opt.0.exp_avg_sq"])
+
+
+def test_optimizer_moments_load_only_for_matching_parameters():
+    from streammem.train.error_recycling import _load_moments
+
+    net = torch.nn.Linear(3, 2)
+    opt = torch.optim.AdamW(net.parameters())
+    net(torch.ones(1, 3)).sum().backward()
+    opt.step()
+    params = list(net.parameters())
+    state = {f"opt.{i}.{k}": v.clone() for i, p in enumerate(params) for k, v in opt.state[p].items()}
+    fresh = torch.optim.AdamW(params)
+    assert _load_moments(fresh, params, state)
+    assert torch.equal(fresh.state[params[0]]["exp_avg"], opt.state[params[0]]["exp_avg"])
+    other = torch.nn.Linear(4, 2)
+    assert not _load_moments(torch.optim.AdamW(other.parameters()), list(other.parameters()), state)
+    assert not _load_moments(fresh, params, Path("/nonexistent/training_state.safetensors"))

@@ -192,11 +192,21 @@ def test_eval_classes_revisits_and_scores_every_memory():
                                                                    "beyond", "within", "within", "beyond"]
     img = np.full((4, 4, 3), 100, np.uint8)
     assert psnr(img, img) == 100.0 and abs(psnr(img, img + 1) - 48.13) < 0.01
-    res = evaluate_generation(tiny(), seeds=(5,), frames=12, steps=1, window=2, history_frames=18, progress=False)
+    res = evaluate_generation(tiny(), seeds=(15,), frames=12, steps=1, window=2, history_frames=18, progress=False)
     assert set(res["summary"]) == {"window", "full", "posekv", "posekv_nopose", "dual"}
     assert len(res["records"]) == 5 * 11 and all(np.isfinite(r["psnr"]) for r in res["records"])
     assert res["summary"]["window"]["tokens_max"] < res["summary"]["full"]["tokens_max"]
     assert "| posekv |" in format_table(res["summary"])
+    # the copy bound: the model's own frame at the place's first visit against the truth
+    from streammem.eval.generation import render_path
+
+    gt = render_path(15, 12, res["setup"]["size"])
+    states = [f.info["gt"]["camera"]["state"] for f in gt]
+    revisits = [r for r in res["records"] if r["kind"] in ("within", "beyond")]
+    assert revisits
+    for r in revisits:
+        first = states.index(states[r["frame"]])
+        assert first < r["frame"] and r["psnr_copy"] == psnr(res["frames"][r["memory"]][first], gt[r["frame"]].image)
     from streammem.eval.generation import frame_strip
 
     assert set(res["frames"]) == {"truth", "window", "full", "posekv", "posekv_nopose", "dual"}

@@ -134,6 +134,11 @@ def test_error_bank_l2_replacement_and_sampling():
     assert all(any(torch.equal(x, y) for y in got) for x in one)
     every = bank.sample(400, side="clean")
     assert (every == -1).all(1).any() and not (one == -1).all(1).any()
+    # from the bins whose timestep lies in a range: only those bins' errors
+    lo, hi = float(bank.bin_timesteps[32]), float(bank.bin_timesteps[28])
+    ranged = bank.sample(100, side="clean", between=(lo, hi))
+    assert len(ranged) == 100 and (ranged == -1).all(1).all()
+    assert len(bank.sample(5, side="clean", between=(0.0, float(bank.bin_timesteps[40])))) == 0
     assert len(bank.sample(5, side="noise")) == 0
     # a read of one bin (TimestepQuery) gives its errors, tagged by bank and timestep
     near = bank.read(TimestepQuery(torch.tensor([t]), banks=1))

@@ -145,6 +145,8 @@ def train_recycle(
     lr: float = typer.Option(default(RecycleTrainConfig, "lr"), help="peak learning rate"),
     seed: int = typer.Option(default(RecycleTrainConfig, "seed"), help="data and noise seed (keep it equal "
                              "across modes)"),
+    base_optimizer: bool = typer.Option(default(RecycleTrainConfig, "base_optimizer"),
+                                        help="start AdamW from the base's moments when its folder has them"),
     bank_mb: int = typer.Option(default(RecycleTrainConfig, "bank_mb"), help="error bank cap (MiB)"),
     timestep_sampling: str = typer.Option(default(RecycleTrainConfig, "timestep_sampling"),
                                           help="logit_normal (the base's) or shifted (SVI's)"),
@@ -152,6 +154,9 @@ def train_recycle(
                                         "(accelerate)"),
     save_every_s: float = typer.Option(default(RecycleTrainConfig, "save_every_s"), help="checkpoint period (s)"),
     cache_dir: str = typer.Option(default(RecycleTrainConfig, "cache_dir"), help="where rendered streams are cached"),
+    cond_max_timestep: Optional[float] = typer.Option(None, help="draw the conditioning frames' errors only from "
+                                                      "the bins at or below this timestep (default: every bin, "
+                                                      "SVI)"),
     progress: bool = typer.Option(False, help="print a line per logged step"),
 ) -> None:
     """Fine-tune a generator checkpoint with Stable Video Infinity's error recycling (or the same
@@ -160,9 +165,11 @@ def train_recycle(
 
     try:
         cfg = RecycleTrainConfig(mode=mode, base=base, out=out, max_steps=max_steps, minutes=minutes, threads=threads,
-                                 batch_size=batch_size, lr=lr, seed=seed, bank_mb=bank_mb,
+                                 batch_size=batch_size, lr=lr, seed=seed, bank_mb=bank_mb, base_optimizer=base_optimizer,
                                  timestep_sampling=timestep_sampling, mixed_precision=mixed_precision,
-                                 save_every_s=save_every_s, cache_dir=cache_dir)
+                                 save_every_s=save_every_s, cache_dir=cache_dir,
+                                 recycling={} if cond_max_timestep is None else
+                                 {"cond_timesteps": (0.0, cond_max_timestep)})
     except ValueError as exc:
         fail(str(exc))
     try:

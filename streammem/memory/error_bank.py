@@ -205,13 +205,18 @@ class ErrorBank(Memory):
             self.frame_ids[s, b, slot] = f
         self.counters["writes"] += 1
 
-    def sample(self, n: int = 1, side: str = "clean", timestep: float | None = None) -> torch.Tensor:
+    def sample(self, n: int = 1, side: str = "clean", timestep: float | None = None,
+               between: tuple[float, float] | None = None) -> torch.Tensor:
         """``(k, dim)`` float32 errors drawn uniformly with replacement from the bin nearest
-        ``timestep`` (or from all bins when None), each scaled by ``U(1 - m, 1 + m)``;
-        ``k = 0`` when there is nothing to draw from."""
+        ``timestep``, or (``timestep`` None) from every bin whose timestep lies in ``between =
+        (lo, hi)`` (all bins when None), each scaled by ``U(1 - m, 1 + m)``; ``k = 0`` when
+        there is nothing to draw from."""
         s = SIDES[side]
         if timestep is None:
             counts = torch.tensor(self._count[s])
+            if between is not None:
+                lo, hi = between
+                counts[(self.bin_timesteps < lo) | (self.bin_timesteps > hi)] = 0
         else:
             counts = torch.zeros(self.config.num_bins, dtype=torch.int64)
             b = int(self.bin_of(timestep)[0])

@@ -94,6 +94,10 @@ class ErrorRecyclingConfig:
 
     Attributes:
         cond_prob: chance of a banked clean-side error in the conditioning frames (all bins).
+        cond_timesteps: ``(lo, hi)``: draw the conditioning errors only from the bins whose
+            timestep lies in this range (None: every bin, SVI). Conditioning frames are
+            finished frames, whose error is the one made at the sampler's last steps: the
+            small generator's fine-tune can draw them from those bins.
         latent_prob: chance of a banked clean-side error in the clean latent (same bin).
         noise_prob: chance of a banked noise-side error in the noise (same bin).
         clean_prob: chance that nothing at all is injected.
@@ -112,6 +116,7 @@ class ErrorRecyclingConfig:
     """
 
     cond_prob: float = 0.9
+    cond_timesteps: tuple[float, float] | None = None
     latent_prob: float = 0.9
     noise_prob: float = 0.01
     clean_prob: float = 0.2
@@ -135,6 +140,10 @@ class ErrorRecyclingConfig:
         need(self.timestep_sampling in ("shifted", "logit_normal"), "timestep_sampling",
              "'shifted' or 'logit_normal'")
         need(self.shift > 0, "shift", "> 0")
+        if self.cond_timesteps is not None:
+            self.cond_timesteps = tuple(float(v) for v in self.cond_timesteps)
+            need(len(self.cond_timesteps) == 2 and 0 <= self.cond_timesteps[0] <= self.cond_timesteps[1],
+                 "cond_timesteps", "None or (lo, hi) with 0 <= lo <= hi")
         need(isinstance(self.gather_steps, int) and self.gather_steps >= 0, "gather_steps", "an int >= 0")
 
     def make_bank(self, dim: int, seed: int = 0) -> ErrorBank:
@@ -241,8 +250,9 @@ class ErrorRecycler:
                              f"the clean latent has {dim} ({tuple(x0.shape[1:])})")
         return self.error_bank
 
-    def _draw(self, side: str, n: int, timestep: float | None, like: torch.Tensor) -> torch.Tensor | None:
-        e = self.error_bank.sample(n, side=side, timestep=timestep)
+    def _draw(self, side: str, n: int, timestep: float | None, like: torch.Tensor,
+              between: tuple[float, float] | None = None) -> torch.Tensor | None:
+        e = self.error_bank.sample(n, side=side, timestep=timestep, between=between)
         if e.shape[0] < n:
             return None
         return e.reshape(n, *like.shape).to(like.device, like.dtype)
@@ -263,11 +273,11 @@ class ErrorRecycler:
         sigma = sigma.to(x0.device, torch.float32)
         sites = draw_injections(cfg, b, self.draw_generator)
         done = {k: torch.zeros(b, dtype=torch.bool) for k in ("cond", "latent", "noise")}
-        # (a) the conditioning: errors from every bin
+        # (a) the conditioning: errors from every bin (or the bins of cond_timesteps)
         n_cond = ad.condition_draws(batch)
         if n_cond > 0 and bool(sites["cond"].any()):
             idx = sites["cond"].nonzero().flatten()
-            e = self._draw("clean", len(idx) * n_cond, None, x0[0])
+            e = self._draw("clean", len(idx) * n_cond, None, x0[0], between=cfg.cond_timesteps)
             if e is not None:
                 errors = torch.zeros(b, n_cond, *x0.shape[1:], dtype=x0.dtype, device=x0.device)
                 errors[idx] = e.reshape(len(idx), n_cond, *x0.shape[1:])
@@ -417,6 +427,9 @@ class RecycleTrainConfig:
         threads, batch_size, seed: torch threads, clips per step, data / noise seed (keep it the
             same for both modes: they then see the same clips, noise levels and noise).
         lr, warmup: AdamW peak learning rate (cosine decay over ``max_steps`` to 0.1 of it).
+        base_optimizer: start AdamW from the base's moments (its ``training_state.safetensors``,
+            when the base folder has one for the same parameters), so that a fine-tune at the
+            base's last learning rate continues its training smoothly; False starts them at 0.
         bank_mb: cap on the error bank (MiB; 512 holds 54 errors per bin and side of the shipped
             generator's 2-frame 64 px chunks); ``bank_dtype`` its storage (float16 halves the
             bytes but makes every write several times slower on a CPU).
@@ -438,6 +451,7 @@ class RecycleTrainConfig:
     seed: int = 0
     lr: float = 1e-4
     warmup: int = 20
+    base_optimizer: bool = True
     bank_mb: int = 512
     bank_dtype: str = "float32"
     bank_shift: float = 1.0
@@ -505,6 +519,27 @@ def _save(out: Path, model, opt, recycler: ErrorRecycler, step: int, elapsed: fl
     os.replace(out / "training.tmp.json", out / "training.json")
 
 
+def _load_moments(opt: torch.optim.Optimizer, params: list, state: "dict | Path") -> bool:
+    """Put the ``opt.<param index>.<name>`` tensors of a training state (a dict, or a
+    safetensors file) into ``opt``'s state; False (nothing loaded) when the file is missing
+    or its moments do not match ``params``' shapes."""
+    if not isinstance(state, dict):
+        if not Path(state).is_file():
+            return False
+        state = load_file(str(state))
+    moments: dict[int, dict] = {}
+    for key, val in state.items():
+        if key.startswith("opt."):
+            _, i, name = key.split(".", 2)
+            moments.setdefault(int(i), {})[name] = val
+    if not moments or any(i >= len(params) or ("exp_avg" in m and m["exp_avg"].shape != params[i].shape)
+                          for i, m in moments.items()):
+        return False
+    for i, m in moments.items():
+        opt.state[params[i]].update(m)
+    return True
+
+
 def _lr(cfg: RecycleTrainConfig, step: int) -> float:
     if step < cfg.warmup:
         return cfg.lr * (step + 1) / cfg.warmup
@@ -539,15 +574,13 @@ def finetune(cfg: RecycleTrainConfig, progress: bool = False) -> Path:
     bank = rcfg.make_bank(data_cfg.chunk_frames * 3 * data_cfg.size ** 2, seed=cfg.seed)
     recycler = ErrorRecycler(DiTAdapter(model, sampler.context), rcfg, bank, seed=cfg.seed, accelerator=accelerator)
     step, elapsed = 0, 0.0
-    stats = {"injected": 0, "banked": 0, "samples": 0, "loss": None}
+    from_base = (not resume and cfg.base_optimizer
+                 and _load_moments(opt, list(model.parameters()), base / "training_state.safetensors"))
+    stats = {"injected": 0, "banked": 0, "samples": 0, "loss": None, "base_moments": bool(from_base)}
     if resume:
         meta = json.loads((out / "training.json").read_text())
         tensors = load_file(str(out / "training_state.safetensors"))
-        params = list(model.parameters())
-        for key, val in tensors.items():
-            if key.startswith("opt."):
-                _, i, name = key.split(".", 2)
-                opt.state[params[int(i)]][name] = val
+        _load_moments(opt, list(model.parameters()), tensors)
         torch.set_rng_state(tensors["rng.torch"])
         recycler.generator.set_state(tensors["rng.noise"])
         recycler.draw_generator.set_state(tensors["rng.draw"])
@@ -616,6 +649,12 @@ def model_card(cfg: RecycleTrainConfig, base: Path, step: int, elapsed: float, s
             f"{cfg.bank_mb} MiB cap ({cfg.bank_dtype}), {rcfg.replace} replacement; {stats.get('bank_errors', 0)} "
             f"errors held at the end (both sides); {stats['injected']} of {stats['samples']} samples had an error "
             "injected.\n" if cfg.mode == "recycle" else "")
+    moments = "from the base's training state" if stats.get("base_moments") else "from zero"
+    bins = ("every bin" if rcfg.cond_timesteps is None else
+            f"the bins at timesteps {rcfg.cond_timesteps[0]:g}-{rcfg.cond_timesteps[1]:g}")
+    flags = f" --lr {cfg.lr:g}" if cfg.lr != RecycleTrainConfig.lr else ""
+    if rcfg.cond_timesteps is not None and cfg.mode == "recycle":
+        flags += f" --cond-max-timestep {rcfg.cond_timesteps[1]:g}"
     return f"""---
 tags:
 - streammem
@@ -632,13 +671,13 @@ inputs and its cost per chunk are the base's (see the base's card).
 
 ## How it was trained
 
-`streammem train recycle --mode {cfg.mode} --max-steps {cfg.max_steps} --base {cfg.base or '(shipped)'}`:
+`streammem train recycle --mode {cfg.mode} --max-steps {cfg.max_steps} --base {cfg.base or '(shipped)'}{flags}`:
 {step} steps in {elapsed / 60:.1f} minutes ({elapsed / max(step, 1):.3f} s per step) on {cfg.threads} CPU
 thread(s), batch {cfg.batch_size}, AdamW {cfg.lr:g} ({cfg.warmup} warm-up steps, cosine to 0.1x over
-{cfg.max_steps} steps), gradient clipping 1.0, noise levels {cfg.timestep_sampling}, seed {cfg.seed};
+{cfg.max_steps} steps; moments {moments}), gradient clipping 1.0, noise levels {cfg.timestep_sampling}, seed {cfg.seed};
 data: the base's StreamWorld training worlds and clips.
 
-- Step: conditioning-frame error p={rcfg.cond_prob}, clean-latent error p={rcfg.latent_prob}, noise error
+- Step: conditioning-frame error p={rcfg.cond_prob} (from {bins}), clean-latent error p={rcfg.latent_prob}, noise error
   p={rcfg.noise_prob}, nothing injected p={rcfg.clean_prob}, clean-input samples banked p={rcfg.clean_bank_prob};
   target v = eps' - x0.
 {bank}- Loss over the last logged steps: {stats['loss'] if stats['loss'] is not None else float('nan'):.4f}.
