@@ -133,3 +133,14 @@ def test_generate_writes_the_video_and_per_frame_records(tmp_path):
     assert not (tmp_path / "bad").exists()
     res = run(app, ["generate", "--scene", "1", "--checkpoint", str(tmp_path / "none"), "--out", str(tmp_path / "n")])
     assert res.exit_code == 2 and "train generator" in res.output
+
+
+def test_the_command_line_starts_without_loading_the_generation_model_code():
+    """``streammem --help`` and the reading commands do not import diffusers (several seconds);
+    the generation commands import it when they run."""
+    import subprocess
+    import sys
+
+    code = "import sys, streammem.cli; print(sorted(m for m in ('diffusers', 'streammem.models.video_dit') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True)
+    assert out.stdout.strip() == "[]"

@@ -21,9 +21,8 @@ import typer
 
 from streammem.cli.common import app, default, eval_app, fail, job_errors, train_app
 from streammem.eval.generation import MEMORIES
-from streammem.pipelines.generation import GENERATION_MEMORIES, GenerationConfig
-from streammem.train.error_recycling import RecycleTrainConfig
-from streammem.train.generator import TrainConfig
+from streammem.pipelines.generation_config import GENERATION_MEMORIES, GenerationConfig
+from streammem.train.generation_config import RecycleTrainConfig, TrainConfig
 
 
 @app.command("generate")

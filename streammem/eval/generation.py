@@ -30,14 +30,15 @@ from __future__ import annotations
 
 import dataclasses
 import time
+from typing import TYPE_CHECKING
 
 import numpy as np
-from skimage.metrics import structural_similarity
 from tqdm.auto import tqdm
 
-from streammem.models.video_dit import CausalVideoDiT
-from streammem.pipelines.generation import GenerationConfig, StreamingGenerationPipeline
 from streammem.world import PRESETS, World
+
+if TYPE_CHECKING:
+    from streammem.models.video_dit import CausalVideoDiT
 
 __all__ = ["MEMORIES", "evaluate_generation", "format_table", "frame_strip", "psnr", "render_path"]
 
@@ -80,6 +81,10 @@ def evaluate_generation(model: CausalVideoDiT, seeds=(20_000, 20_001, 20_002, 20
                         progress: bool = True) -> dict:
     """Roll out every memory on every seed; returns per-memory summaries, per-frame records and
     per-chunk cost (see the module docstring)."""
+    from skimage.metrics import structural_similarity
+
+    from streammem.pipelines.generation import GenerationConfig, StreamingGenerationPipeline
+
     size = model.config.sample_size
     records, chunks = [], []
     worlds = {s: render_path(s, frames, size) for s in seeds}

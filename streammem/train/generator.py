@@ -42,7 +42,6 @@ import json
 import math
 import os
 import time
-from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
@@ -52,55 +51,12 @@ from safetensors.torch import load_file, save_file
 from streammem.memory import RELIC_SCHEDULE, PoseKVMemory
 from streammem.memory.posekv import _cells
 from streammem.models.video_dit import ChunkContext, CausalVideoDiT
+from streammem.train.generation_config import TrainConfig
 
 __all__ = ["TrainConfig", "train", "render_streams", "reverse_actions", "ClipSampler", "batch_context"]
 
 # action layout pairs (right/left, down/up, forward/backward, pitch, yaw, roll) swap when time runs backwards
 _ACTION_SWAP = [1, 0, 3, 2, 5, 4, 7, 6, 9, 8, 11, 10, 12]
-
-
-@dataclass
-class TrainConfig:
-    """Training hyper-parameters (see the module docstring)."""
-
-    out: str = "outputs/checkpoints/generator"
-    minutes: float = 60.0
-    threads: int = 1
-    seed: int = 0
-    batch_size: int = 8
-    lr: float = 3e-4
-    warmup: int = 100
-    clip_frames: int = 48
-    chunk_frames: int = 2
-    window: int = 4
-    size: int = 64
-    fps: float = 4.0
-    presets: tuple = ("clean", "medium")
-    loop_prob: float = 0.6
-    pan_speed: float = 80.0
-    n_seeds: int = 48
-    seed_base: int = 10_000
-    stream_frames: int = 192
-    reverse_prob: float = 0.5
-    prompt_drop: float = 0.1
-    revisit_prob: float = 0.5
-    save_every_s: float = 300.0
-    log_every: int = 20
-    val_every: int = 200
-    max_steps: int | None = None
-    cache_dir: str = "~/.cache/streammem/generator"
-    model: dict = field(default_factory=lambda: dict(sample_size=64, patch_size=8, dim=128, num_layers=4,
-                                                      num_heads=4, mlp_ratio=3.0, chunk_frames=2, reproject=True,
-                                                      world_bias=True))
-
-    def __post_init__(self) -> None:
-        self.presets = tuple(self.presets)
-        if self.chunk_frames + 1 > self.clip_frames:
-            raise ValueError(f"clip_frames={self.clip_frames} must exceed chunk_frames={self.chunk_frames}")
-        if self.clip_frames > self.stream_frames:
-            raise ValueError(f"clip_frames={self.clip_frames} must be <= stream_frames={self.stream_frames}")
-        if self.minutes <= 0 or self.threads < 1 or self.batch_size < 1:
-            raise ValueError("minutes must be > 0, threads and batch_size >= 1")
 
 
 def render_streams(cfg: TrainConfig, seeds: list[int]) -> dict[str, np.ndarray]:
