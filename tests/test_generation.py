@@ -120,6 +120,46 @@ def test_snapshot_mid_rollout_continues_exactly(memory):
         pipe(memory="window" if memory != "window" else "full").load_state_dict(state)
 
 
+def reprojecting(seed: int = 0) -> CausalVideoDiT:
+    torch.manual_seed(seed)
+    m = CausalVideoDiT(sample_size=16, patch_size=4, dim=32, num_layers=1, num_heads=2, reproject=True,
+                       focal_px=31.25, vocab=("<empty>", "<unk>", "clean", "hard"))
+    with torch.no_grad():
+        for p in m.parameters():
+            if p.abs().sum() == 0:
+                p.normal_(0, 0.05)
+    return m.eval()
+
+
+def test_the_observed_frame_is_the_first_anchor_while_the_model_generates():
+    model = reprojecting()
+    on = StreamingGenerationPipeline(model, GenerationConfig(num_inference_steps=2))
+    off = StreamingGenerationPipeline(model, GenerationConfig(num_inference_steps=2, reference_anchor=False))
+    outs = []
+    for p in (on, off):
+        p.start(image(), prompt="clean")
+        a, pose = p._anchors()
+        assert a.shape == (1, 3, 16, 16)  # the observed frame is the newest: one anchor
+        outs.append([f.image for f in p.stream("RRRRUU", progress=False)])
+    a, pose = on._anchors()
+    assert a.shape == (1, 2, 3, 16, 16) and pose.shape == (1, 2, 4, 4)
+    assert torch.equal(a[0, 0], on.observed[0]) and torch.equal(a[0, 1], on.anchor)
+    assert off._anchors()[0].shape == (1, 3, 16, 16)
+    assert np.array_equal(outs[0][0], outs[1][0])  # the first chunk continues the observed frame either way
+    assert not np.array_equal(outs[0][-1], outs[1][-1])  # later chunks read the observed frame too
+    # a real frame observed mid-stream becomes the reference
+    w = next(iter(World(seed=3, preset="clean", size=16, frames=1)))
+    on.step(w)
+    assert torch.equal(on.observed[0], on.anchor) and on._anchors()[0].shape == (1, 3, 16, 16)
+    # snapshot and restore keep the reference: the same continuation
+    list(on.stream("LL", progress=False))
+    state = on.state_dict()
+    again = StreamingGenerationPipeline(model, GenerationConfig(num_inference_steps=2))
+    again.load_state_dict(state)
+    assert all(np.array_equal(x.image, y.image) for x, y in
+               zip(on.stream("DDRR", progress=False), again.stream("DDRR", progress=False)))
+
+
 def test_dual_memory_is_bounded_keeps_poses_and_routes_what_moved():
     from streammem.eval.generation import render_path
     from streammem.memory import DualMemory

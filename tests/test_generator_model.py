@@ -263,6 +263,21 @@ def test_reprojecting_model_starts_from_the_reprojected_anchor():
     assert torch.allclose(x0_hat, warped.reshape(2, 2, 3, 16, 16), atol=1e-5)
     with pytest.raises(ValueError, match="anchor_pose"):
         m(x, t, actions, poses, prompt, None, anchor)
+    # two anchors: each pixel from the first whose re-projection covers it, the second elsewhere
+    first = torch.rand(2, 3, 16, 16) * 2 - 1
+    f_pose = a_pose.clone()
+    f_pose[:, 0, 3] += 70.0  # off to the other side: it covers part of each frame
+    v2 = m(x, t, actions, poses, prompt, None, torch.stack([first, anchor], 1),
+           anchor_pose=torch.stack([f_pose, a_pose], 1))
+    w1, c1 = reproject(first.repeat_interleave(2, 0), f_pose.repeat_interleave(2, 0), poses.reshape(4, 4, 4), 31.25)
+    want = torch.where(c1 > 0, w1, warped).reshape(2, 2, 3, 16, 16)
+    assert 0 < c1.mean() < 1 and torch.allclose(x - 0.5 * v2, want, atol=1e-5)
+    # the same frame twice is the frame once
+    v3 = m(x, t, actions, poses, prompt, None, torch.stack([anchor, anchor], 1),
+           anchor_pose=torch.stack([a_pose, a_pose], 1))
+    assert torch.allclose(v3, v, atol=1e-6)
+    with pytest.raises(ValueError, match="anchor_pose"):
+        m(x, t, actions, poses, prompt, None, torch.stack([first, anchor], 1), anchor_pose=a_pose)
 
 
 def test_ground_distance_bias_prefers_keys_over_the_same_ground():

@@ -44,7 +44,10 @@ Conditioning:
   camera only moved, the chunk starts from the previous view moved with the camera; what comes
   into view, what moves and what stands off the ground (StreamWorld's foliage layer) is the
   network's to fill, from the memory. This departs from RELIC (which denoises from the context
-  alone) in the manner of geometry-conditioned generators (rendered caches as conditioning);
+  alone) in the manner of geometry-conditioned generators (rendered caches as conditioning).
+  Several anchors ``(B, K, 3, H, W)`` with poses ``(B, K, 4, 4)`` are composited in order: each
+  pixel comes from the first anchor whose re-projection covers it (the pipeline puts the newest
+  observed real frame ahead of the newest generated one);
 - **camera action** of each new frame (13-d, ``streammem.world.scene.ACTION_LAYOUT``) is
   embedded and added to that frame's tokens **after self-attention** in every block (RELIC);
 - **flow time** and **prompt** modulate every block (adaLN, as DiT): the prompt is a short
@@ -448,7 +451,9 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
     ) -> torch.Tensor:
         """Velocity ``v`` (estimate of ``eps - x0``) for a noisy chunk at ``timestep = 1000 s``
         (see the module docstring for shapes): ``(sample - x0_hat) / max(s, min_sigma)``.
-        ``anchor_pose (B, 4, 4)`` is the anchor's camera pose (needed when ``reproject``)."""
+        ``anchor_pose (B, 4, 4)`` is the anchor's camera pose (needed when ``reproject``); a
+        re-projecting model also takes ``K`` anchors ``(B, K, 3, H, W)`` with poses
+        ``(B, K, 4, 4)``, composited first-covering-first (see the module docstring)."""
         b, f = sample.shape[:2]
         s, d = self.grid_side, self.config.dim
         if tuple(sample.shape[2:]) != (3, s * self.config.patch_size, s * self.config.patch_size):
@@ -463,13 +468,24 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
         x = self.patch_embed(self.patchify(sample)) + self.grid_embed(self._grid_features(grid))  # (B, F, hw, D)
         base = None  # the re-projected anchor: x0_hat is predicted as a residual over it
         if anchor is not None:
-            if tuple(anchor.shape) != (b, *sample.shape[2:]):
+            several = anchor.ndim == 5 and self.config.reproject
+            if tuple(anchor.shape) != (b, *sample.shape[2:]) and not (several and anchor.shape[0] == b
+                                                                       and tuple(anchor.shape[2:]) == tuple(sample.shape[2:])):
                 raise ValueError(f"anchor must be {(b, *sample.shape[2:])}, got {tuple(anchor.shape)}")
             if self.config.reproject:
-                if anchor_pose is None or tuple(anchor_pose.shape) != (b, 4, 4):
-                    raise ValueError(f"this model re-projects its anchor: pass anchor_pose of shape {(b, 4, 4)}")
-                warped, valid = reproject(anchor.repeat_interleave(f, 0), anchor_pose.repeat_interleave(f, 0),
-                                          poses.reshape(b * f, 4, 4), self.config.focal_px, self.config.plane_z)
+                anchors = anchor if several else anchor[:, None]
+                k = anchors.shape[1]
+                if anchor_pose is None or tuple(anchor_pose.shape) not in ((b, 4, 4), (b, k, 4, 4)) or (
+                        several and tuple(anchor_pose.shape) != (b, k, 4, 4)):
+                    raise ValueError(f"this model re-projects its anchor: pass anchor_pose of shape {(b, 4, 4)}"
+                                     f" (or {(b, k, 4, 4)} for {k} anchors)")
+                apose = anchor_pose if anchor_pose.ndim == 4 else anchor_pose[:, None]
+                warped = valid = None
+                for i in reversed(range(k)):  # the first anchor that covers a pixel gives it
+                    w_i, v_i = reproject(anchors[:, i].repeat_interleave(f, 0), apose[:, i].repeat_interleave(f, 0),
+                                         poses.reshape(b * f, 4, 4), self.config.focal_px, self.config.plane_z)
+                    warped = w_i if warped is None else torch.where(v_i > 0, w_i, warped)
+                    valid = v_i if valid is None else torch.maximum(valid, v_i)
                 base = warped.reshape(b, f, *sample.shape[2:])
                 p = self.config.patch_size
                 mask = valid.reshape(b, f, 1, s, p, s, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(b, f, hw, p * p)
@@ -524,7 +540,8 @@ def sample_chunk(
     ``actions (B, F, 13)`` and ``poses (B, F, 4, 4)`` are the new frames' camera actions and
     absolute poses; ``context`` the clean past (``ChunkContext.from_tokens(memory reads)``);
     ``anchor (B, 3, H, W)`` the newest clean frame (start image, then the last generated one),
-    ``anchor_pose (B, 4, 4)`` its camera pose (for a model that re-projects its anchor).
+    ``anchor_pose (B, 4, 4)`` its camera pose (for a model that re-projects its anchor, which
+    also takes several anchors ``(B, K, 3, H, W)`` and poses ``(B, K, 4, 4)``).
     ``scheduler`` defaults to ``FlowMatchEulerDiscreteScheduler(shift=1.0)``.
     """
     b, f = actions.shape[:2]

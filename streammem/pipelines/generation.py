@@ -10,7 +10,10 @@ by chunk (``model.config.chunk_frames`` frames each) with a
    window at full resolution plus the history pooled by RELIC's schedule, for ``"posekv"``);
 3. denoise the chunk (flow matching, ``num_inference_steps`` Euler steps, a fresh seed per
    chunk: ``seed + chunk index``), conditioned on the memory, the newest frame (the anchor), the
-   actions, the poses and the prompt;
+   actions, the poses and the prompt; with ``reference_anchor`` (default) the newest *observed*
+   frame is a second anchor ahead of it: re-projected to each new pose, it gives every pixel it
+   covers, so what the camera saw is carried over from the true frame rather than re-generated
+   from the model's own (the model corrects both with its residual);
 4. write the new frames to the memory and yield them.
 
 The memory is bounded (``window + history_frames`` frames at most), so the cost of a chunk is the
@@ -84,7 +87,6 @@ from streammem.world.scene import (
 )
 
 __all__ = ["GenerationConfig", "GenerationOutput", "StreamingGenerationPipeline", "ACTION_LETTERS", "GENERATION_MEMORIES"]
-
 
 
 @dataclass
@@ -169,6 +171,7 @@ class StreamingGenerationPipeline(HeadBase):
         self.clip, self.clip_made = 0, 0
         self.recent: list[tuple[torch.Tensor, np.ndarray, int, float]] = []
         self.reference: tuple[torch.Tensor, np.ndarray] | None = None
+        self.observed: tuple[torch.Tensor, np.ndarray] | None = None  # the newest observed real frame
 
     def memories(self) -> dict:
         return {"memory": self.memory}
@@ -178,6 +181,8 @@ class StreamingGenerationPipeline(HeadBase):
         out: dict[str, Any] = {"camera": cam, "frames": self.frames, "chunks": self.chunks, "prompt": self.prompt}
         if self.anchor is not None:
             out["anchor"] = self.anchor
+        if self.observed is not None:
+            out["observed"], out["observed_pose"] = self.observed[0], np.asarray(self.observed[1]).tolist()
         if self.config.chain_clip_frames is not None:
             out["clip"], out["clip_made"] = self.clip, self.clip_made
             out["recent"] = [[np.asarray(p).tolist(), i, t] for _, p, i, t in self.recent]
@@ -190,6 +195,8 @@ class StreamingGenerationPipeline(HeadBase):
         self.camera = None if extra["camera"] is None else CameraState(*extra["camera"])
         self.frames, self.chunks, self.prompt = int(extra["frames"]), int(extra["chunks"]), extra["prompt"]
         self.anchor = extra.get("anchor")
+        seen = extra.get("observed")
+        self.observed = None if seen is None else (seen, np.asarray(extra["observed_pose"]))
         # between chunks the newest written frame is the anchor, at the camera's pose
         self._last = None if self.anchor is None or self.camera is None else (self.anchor, self.camera.pose())
         if self.config.chain_clip_frames is not None:
@@ -244,6 +251,7 @@ class StreamingGenerationPipeline(HeadBase):
         t = self.frames / self.config.fps
         self._write(x, pose, t)
         self.anchor = x
+        self.observed = (x, pose)
         if self.config.chain_clip_frames is not None:
             self._remember(x, pose, self.frames, t)
             if self.reference is None:
@@ -343,13 +351,13 @@ class StreamingGenerationPipeline(HeadBase):
                     labels.append(label)
                 # 3. read the memory; denoise the chunk with a fresh seed
                 ctx = ChunkContext.from_tokens([self.memory.read()])
+                anchors, anchor_poses = self._anchors()
                 seed = c.seed + self.chunks
                 x = sample_chunk(model, torch.from_numpy(np.stack(vecs))[None].float(),
                                  torch.from_numpy(np.stack(poses))[None].float(), model.prompt_ids(self.prompt)[None],
-                                 ctx, anchor=self.anchor[None], num_inference_steps=c.num_inference_steps,
+                                 ctx, anchor=anchors, num_inference_steps=c.num_inference_steps,
                                  generator=torch.Generator().manual_seed(seed), use_pose=c.use_pose,
-                                 callback=self._check_interrupt,
-                                 anchor_pose=torch.from_numpy(self.camera.pose())[None].float())
+                                 callback=self._check_interrupt, anchor_pose=anchor_poses)
                 # 4. write the new frames, yield them
                 out = []
                 for j in range(len(chunk)):
@@ -375,6 +383,18 @@ class StreamingGenerationPipeline(HeadBase):
             return
         finally:
             bar.close()
+
+    def _anchors(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The chunk's anchors and their poses: ``(1, 3, H, W)`` and ``(1, 4, 4)`` (the newest
+        frame), or with ``reference_anchor``, while the newest frame is a generated one,
+        ``(1, 2, 3, H, W)`` and ``(1, 2, 4, 4)``: the newest observed frame, then the newest frame."""
+        anchor, pose = self.anchor[None], torch.from_numpy(self.camera.pose())[None].float()
+        seen = self.observed
+        if (not (self.config.reference_anchor and self.model.config.reproject) or seen is None
+                or seen[0] is self.anchor or torch.equal(seen[0], self.anchor)):
+            return anchor, pose
+        return (torch.stack([seen[0], self.anchor])[None],
+                torch.stack([torch.from_numpy(np.asarray(seen[1])).float(), pose[0]])[None])
 
     def _remember(self, x: torch.Tensor, pose: np.ndarray, index: int, t: float) -> None:
         """Keep the last ``chain_frames`` frames (the next clip's conditioning)."""

@@ -35,6 +35,10 @@ class GenerationConfig:
     chain_frames: the last generated frames that condition the next clip (SVI: 1, or 5 for
         film).
     chain_ref_pad: the reference (first) image conditions every clip too (SVI's ``ref_pad``).
+    reference_anchor: the newest observed real frame (the start image, or the last frame given
+        to :meth:`StreamingGenerationPipeline.step`) is re-projected to each new frame too, and
+        gives every pixel it covers; the newest generated frame gives the rest (for a model
+        that re-projects its anchor; see :mod:`streammem.pipelines.generation`).
     """
 
     memory: str = "posekv"
@@ -48,6 +52,7 @@ class GenerationConfig:
     chain_clip_frames: int | None = None
     chain_frames: int = 1
     chain_ref_pad: bool = False
+    reference_anchor: bool = True
 
     def __post_init__(self) -> None:
         need = field_checker(self)
