@@ -38,6 +38,8 @@ def generate(
     memory: str = typer.Option(default(GenerationConfig, "memory"), help=f"one of {', '.join(GENERATION_MEMORIES)}"),
     steps: int = typer.Option(default(GenerationConfig, "num_inference_steps"), help="denoising steps per chunk"),
     seed: int = typer.Option(default(GenerationConfig, "seed"), help="chunk k is sampled with seed + k"),
+    reference_anchor: bool = typer.Option(default(GenerationConfig, "reference_anchor"),
+                                          help="re-project the start image as the first anchor of every chunk"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     """Generate a video from a first frame, steered by camera actions and prompts."""
@@ -45,7 +47,8 @@ def generate(
 
     with job_errors():
         res = run_generate(out, scene=scene, image=image, actions=actions, prompts=prompt or [""], num_frames=frames,
-                           checkpoint=checkpoint, memory=memory, steps=steps, seed=seed, progress=progress)
+                           checkpoint=checkpoint, memory=memory, steps=steps, seed=seed,
+                           reference_anchor=reference_anchor, progress=progress)
     s = res.summary
     typer.echo(f"streammem generate: {s['frames_generated']} frames in {s['chunks']} chunks "
                f"({s['seconds_per_chunk']:.2f} s per chunk), memory {memory} {s['memory_tokens']} tokens")
@@ -91,6 +94,8 @@ def eval_generation(
     frames: int = typer.Option(96, help="frames per rollout (4 fps)"),
     memory: List[str] = typer.Option(list(MEMORIES), "--memory", help="memories to compare"),
     steps: int = typer.Option(default(GenerationConfig, "num_inference_steps"), help="denoising steps per chunk"),
+    reference_anchor: bool = typer.Option(default(GenerationConfig, "reference_anchor"),
+                                          help="re-project the start frame as the first anchor of every chunk"),
     out: Path = typer.Option(Path("outputs/eval_generation"), "--out", "-o", help="results folder"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
@@ -110,7 +115,7 @@ def eval_generation(
     except FileNotFoundError as exc:
         fail(str(exc))
     res = evaluate_generation(model, seeds=tuple(seeds), frames=frames, memories=tuple(memory), steps=steps,
-                              progress=progress)
+                              reference_anchor=reference_anchor, progress=progress)
     table = format_table(res["summary"])
     out.mkdir(parents=True, exist_ok=True)
     (out / "records.jsonl").write_text("".join(json.dumps(r) + "\n" for r in res["records"] + res["chunks"]))
@@ -193,6 +198,8 @@ def eval_drift(
                                      "next clip"),
     chain_ref_pad: bool = typer.Option(default(GenerationConfig, "chain_ref_pad"), help="the first image "
                                        "conditions every clip"),
+    reference_anchor: bool = typer.Option(default(GenerationConfig, "reference_anchor"),
+                                          help="re-project the start frame as the first anchor of every chunk"),
     threads: int = typer.Option(1, help="torch threads"),
     out: Path = typer.Option(Path("outputs/eval_drift"), "--out", "-o", help="results folder"),
     progress: bool = typer.Option(True, help="show a progress bar"),
@@ -210,7 +217,8 @@ def eval_drift(
         fail(f"no generator checkpoint (config.json + weights) at {'; '.join(missing)}")
     try:
         cfg = GenerationConfig(num_inference_steps=steps, chain_clip_frames=chain_clip_frames,
-                               chain_frames=chain_frames, chain_ref_pad=chain_ref_pad)
+                               chain_frames=chain_frames, chain_ref_pad=chain_ref_pad,
+                               reference_anchor=reference_anchor)
     except ValueError as exc:
         fail(str(exc))
     torch.set_num_threads(threads)

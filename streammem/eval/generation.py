@@ -78,7 +78,7 @@ def classify(states: list[tuple], window: int) -> list[str]:
 
 def evaluate_generation(model: CausalVideoDiT, seeds=(20_000, 20_001, 20_002, 20_003), frames: int = 96,
                         memories=MEMORIES, steps: int = 8, window: int = 4, history_frames: int = 72,
-                        progress: bool = True) -> dict:
+                        reference_anchor: bool = True, progress: bool = True) -> dict:
     """Roll out every memory on every seed; returns per-memory summaries, per-frame records and
     per-chunk cost (see the module docstring)."""
     from skimage.metrics import structural_similarity
@@ -93,6 +93,7 @@ def evaluate_generation(model: CausalVideoDiT, seeds=(20_000, 20_001, 20_002, 20
     for name in memories:
         mem = "posekv" if name == "posekv_nopose" else name
         cfg = GenerationConfig(memory=mem, window=window, history_frames=history_frames, num_inference_steps=steps,
+                               reference_anchor=reference_anchor,
                                use_pose=name != "posekv_nopose")
         for seed, gt in worlds.items():
             states = [f.info["gt"]["camera"]["state"] for f in gt]
@@ -126,7 +127,8 @@ def evaluate_generation(model: CausalVideoDiT, seeds=(20_000, 20_001, 20_002, 20
     bar.close()
     return {"summary": summarise(records, chunks), "records": records, "chunks": chunks, "frames": shown,
             "setup": {"seeds": list(seeds), "frames": frames, "steps": steps, "window": window,
-                      "history_frames": history_frames, "size": size}}
+                      "history_frames": history_frames, "size": size,
+                      "reference_anchor": reference_anchor}}
 
 
 def frame_strip(frames: dict[str, list[np.ndarray]], kinds: list[str] | None = None, columns: int = 12,

@@ -55,6 +55,7 @@ def _start_frame(scene: int | None, image: str | os.PathLike | None, size: int):
 def run_generate(out: str | os.PathLike, scene: int | None = None, image: str | os.PathLike | None = None,
                  actions: str = "RRRRUUUULLLLDDDD", prompts: Sequence[str] = ("",), num_frames: int | None = None,
                  checkpoint: str | os.PathLike | None = None, memory: str = "posekv", steps: int = 8, seed: int = 0,
+                 reference_anchor: bool = True,
                  progress: bool = False) -> JobResult:
     """Generate from a start frame; see the module docstring. Raises ValueError on bad input
     (no or two starts, an unreadable image, an unknown action letter, zero frames) before
@@ -65,7 +66,8 @@ def run_generate(out: str | os.PathLike, scene: int | None = None, image: str | 
         raise ValueError(f"--frames must be >= 1, got {num_frames}")
     if not actions:
         raise ValueError("give at least one action")
-    pipe = load_default_generator(checkpoint, GenerationConfig(memory=memory, num_inference_steps=steps, seed=seed))
+    pipe = load_default_generator(checkpoint, GenerationConfig(memory=memory, num_inference_steps=steps, seed=seed,
+                                                                     reference_anchor=reference_anchor))
     bad = sorted({a for a in actions.upper() if a not in "FBLRUDIOS"})
     if bad:
         raise ValueError(f"unknown action letters {''.join(bad)!r}; use F/B (forward/back), L/R/U/D (pan), "
