@@ -78,6 +78,57 @@ def test_detection_snapshot_mid_stream_continues_exactly(memory):
     assert second.stats() == whole.stats()
 
 
+@pytest.mark.parametrize("kind", ["rescorer", "smoother"])
+def test_a_detection_snapshot_carries_its_tracker(kind):
+    """Track ids and re-scored confidences after a restore match the uninterrupted stream."""
+    from streammem.pipelines.detection import IoUTracker, TrackRescoreConfig, TrackRescorer, TrackScoreSmoother
+
+    class Tracked:  # an IoU tracker, then the smoother (what `streammem eval detection` chains)
+        def __init__(self):
+            self.tracker, self.smoother = IoUTracker(), TrackScoreSmoother(length=3)
+
+        def reset(self):
+            self.tracker.reset()
+            self.smoother.reset()
+
+        def update(self, det):
+            return self.smoother.update(self.tracker.update(det))
+
+        def state(self):
+            return {"tracker": self.tracker.state(), "smoother": self.smoother.state()}
+
+        def load_state(self, state):
+            self.tracker.load_state(state["tracker"])
+            self.smoother.load_state(state["smoother"])
+
+    def make():
+        tr = TrackRescorer(TrackRescoreConfig(history=3)) if kind == "rescorer" else Tracked()
+        return StreamingDetectionPipeline(tiny_detector(), DetectionConfig(memory="none", image_size=64,
+                                                                           score_threshold=0.0), tracker=tr)
+
+    frames = world_frames(10)
+    whole = make()
+    ref = [whole.step(f) for f in frames]
+    assert sum(len(d) for d in ref) > 10 and max(int(d.tracker_id.max()) for d in ref if len(d)) > 1
+    first = make()
+    for f in frames[:5]:
+        first.step(f)
+    second = make()
+    second.load_state_dict(first.state_dict())
+    rest = [second.step(f) for f in frames[5:]]
+    assert all(same_detections(a, b) and np.array_equal(a.tracker_id, b.tracker_id) for a, b in zip(ref[5:], rest))
+    # without its tracker's state a restored head would renumber the tracks
+    fresh = make()
+    state = first.state_dict()
+    fresh.load_state_dict(state)
+    fresh.tracker.reset()
+    renumbered = [fresh.step(f) for f in frames[5:]]
+    assert not all(np.array_equal(a.tracker_id, b.tracker_id) for a, b in zip(ref[5:], renumbered))
+    with pytest.raises(ValueError, match="carries a .* state, this head has no tracker"):
+        StreamingDetectionPipeline(tiny_detector(), DetectionConfig(memory="none", image_size=64,
+                                                                    score_threshold=0.0)).load_state_dict(state)
+
+
 def test_qa_snapshot_mid_stream_answers_as_the_uninterrupted_stream():
     frames = world_frames(24)
     whole = tiny_qa()

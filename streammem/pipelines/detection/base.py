@@ -106,8 +106,30 @@ class DetectionHead(HeadBase):
         return label.annotate(img, det, labels=labels)
 
     # ------------------------------------------------------------------ snapshots
+    def _tracker_state(self) -> dict:
+        """``{"tracker": {"kind", "state"}}`` for a tracker with ``state()`` / ``load_state()``
+        (``IoUTracker``, ``TrackScoreSmoother``, ``TrackRescorer``), else nothing."""
+        tr = getattr(self, "tracker", None)
+        if tr is None or not hasattr(tr, "state"):
+            return {}
+        return {"tracker": {"kind": type(tr).__name__, "state": tr.state()}}
+
+    def _load_tracker_state(self, extra: dict) -> None:
+        """Restore the tracker from a snapshot's extra state; a snapshot without one resets it.
+        ValueError when the snapshot's tracker is not this head's."""
+        saved, tr = extra.get("tracker"), getattr(self, "tracker", None)
+        if saved is None:
+            if tr is not None:
+                tr.reset()
+            return
+        if tr is None or type(tr).__name__ != saved["kind"] or not hasattr(tr, "load_state"):
+            have = "no tracker" if tr is None else f"a {type(tr).__name__}"
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the snapshot carries a {saved['kind']}'s "
+                             f"state, this head has {have}")
+        tr.load_state(saved["state"])
+
     def _extra_state(self) -> dict:
-        out: dict = {"counters": dict(self.counters)}
+        out: dict = {"counters": dict(self.counters), **self._tracker_state()}
         gen = getattr(self, "gen", None)
         if gen is not None:
             out["generator"] = gen.get_state()
@@ -117,3 +139,4 @@ class DetectionHead(HeadBase):
         self.counters = dict(extra["counters"])
         if "generator" in extra and getattr(self, "gen", None) is not None:
             self.gen.set_state(extra["generator"])
+        self._load_tracker_state(extra)

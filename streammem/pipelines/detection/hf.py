@@ -159,7 +159,8 @@ class HFDetectionPipeline(DetectionHead):
         return {"positive_memory": self.rescorer.positive, "negative_memory": self.rescorer.negative}
 
     def _extra_state(self) -> dict:
-        return {"counters": dict(self.counters), "feature_dim": None if self.rescorer is None else self.rescorer.dim}
+        return {"counters": dict(self.counters), "feature_dim": None if self.rescorer is None else self.rescorer.dim,
+                **self._tracker_state()}
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
         """Restore a snapshot (the banks are built first when the snapshot has them)."""

@@ -55,7 +55,7 @@ import supervision as sv
 import torch
 
 from streammem.models.hog import support
-from streammem.pipelines.detection.tracking import IoUTracker
+from streammem.pipelines.detection.tracking import IoUTracker, history_state, load_history
 from streammem.types import Frame, Tokens, field_checker
 
 __all__ = ["RESCORERS", "TrackRescoreConfig", "TrackRescorer", "FeatureRescorer"]
@@ -109,6 +109,15 @@ class TrackRescorer:
         self.tracker.reset()
         self.history: dict[int, tuple[deque, int]] = {}
         self.t = 0
+
+    def state(self) -> dict:
+        """Its tracks, per-track scores and frame counter, JSON-able (a head snapshot carries it)."""
+        return {"tracker": self.tracker.state(), "history": history_state(self.history), "t": self.t}
+
+    def load_state(self, state: dict) -> None:
+        """Restore what :meth:`state` returned."""
+        self.tracker.load_state(state["tracker"])
+        self.history, self.t = load_history(state["history"], self.config.history), int(state["t"])
 
     def update(self, det: sv.Detections) -> sv.Detections:
         c = self.config

@@ -11,7 +11,17 @@ from collections import deque
 import numpy as np
 import supervision as sv
 
-__all__ = ["IoUTracker", "TrackScoreSmoother"]
+__all__ = ["IoUTracker", "TrackScoreSmoother", "history_state", "load_history"]
+
+
+def history_state(history: dict[int, tuple[deque, int]]) -> list:
+    """Per-track score histories ``{id: (deque of scores, last frame)}`` as JSON-able lists."""
+    return [[k, [float(v) for v in scores], last] for k, (scores, last) in history.items()]
+
+
+def load_history(rows: list, length: int) -> dict[int, tuple[deque, int]]:
+    """The inverse of :func:`history_state` (deques of at most ``length`` scores)."""
+    return {int(k): (deque((float(v) for v in scores), maxlen=length), int(last)) for k, scores, last in rows}
 
 
 class IoUTracker:
@@ -33,6 +43,17 @@ class IoUTracker:
     def reset(self) -> None:
         self.tracks: dict[int, tuple[np.ndarray, int, int]] = {}  # id -> (last box, last frame, class)
         self.next_id, self.t = 1, 0
+
+    def state(self) -> dict:
+        """The tracks and counters, JSON-able (a head snapshot carries it)."""
+        return {"tracks": [[k, [float(v) for v in box], last, cls] for k, (box, last, cls) in self.tracks.items()],
+                "next_id": self.next_id, "t": self.t}
+
+    def load_state(self, state: dict) -> None:
+        """Restore what :meth:`state` returned."""
+        self.tracks = {int(k): (np.asarray(box, dtype=np.float32), int(last), int(cls))
+                       for k, box, last, cls in state["tracks"]}
+        self.next_id, self.t = int(state["next_id"]), int(state["t"])
 
     def update(self, det: sv.Detections) -> sv.Detections:
         from scipy.optimize import linear_sum_assignment
@@ -77,6 +98,14 @@ class TrackScoreSmoother:
     def reset(self) -> None:
         self.history: dict[int, tuple[deque, int]] = {}  # id -> (last `length` confidences, last frame seen)
         self.t = 0
+
+    def state(self) -> dict:
+        """The per-track scores and the frame counter, JSON-able."""
+        return {"history": history_state(self.history), "t": self.t}
+
+    def load_state(self, state: dict) -> None:
+        """Restore what :meth:`state` returned."""
+        self.history, self.t = load_history(state["history"], self.length), int(state["t"])
 
     def update(self, det: sv.Detections) -> sv.Detections:
         self.t += 1
