@@ -38,9 +38,11 @@ for mem in memories:
             for f in pipe.stream([g.pose for g in gt[t:t + 2]], progress=False):
                 if kinds[f.index] in scores:
                     scores[kinds[f.index]].append(psnr(f.image, gt[f.index].image))
+            chunks = pipe.chunks
             pipe.load_state_dict(snap)  # forget what it made; observe the truth instead
             for g in gt[t:t + 2]:
                 pipe.step(g)
+            pipe.chunks = chunks  # the next chunk's seed is seed + chunk index, as free-running
             t += 2
     rows[mem] = {k: (float(np.mean(v)), len(v)) for k, v in scores.items()}
     print(mem, {k: f"{m:.2f} ({n})" for k, (m, n) in rows[mem].items()}, flush=True)

@@ -513,8 +513,9 @@ def generation_config_of(path: str | os.PathLike, max_bytes: int, limits: Limits
                          f"{StreamingGenerationPipeline.name!r} head (pick the other head to load it)")
     config = meta.get("config")
     default = GenerationConfig().__dict__
-    if not isinstance(config, dict) or set(config) != set(default):
+    if not isinstance(config, dict) or not set(config) <= set(default):
         raise ValueError(f"{name}: its generation config is not this demo's (fields {sorted(config or {})})")
+    config = {**default, **config}  # a field the snapshot predates: its default
     other = sorted(k for k in default if k not in ("memory", "seed", "num_inference_steps") and config[k] != default[k])
     if other:
         raise ValueError(f"{name} was made with generation settings this demo does not offer (fields {other})")
@@ -1036,10 +1037,16 @@ class App:
                 state_dict = check_snapshot(path, head, self.limits.max_upload_bytes)
                 if head_name == "generate":
                     side = head.model.config.sample_size
-                    anchor = state_dict.get("extra.anchor")
-                    if anchor is not None and (tuple(anchor.shape) != (3, side, side) or anchor.dtype != torch.float32):
-                        raise ValueError(f"{_name(path)}: its newest frame is {tuple(anchor.shape)} {anchor.dtype}, "
-                                         f"not (3, {side}, {side}) float32")
+                    for key, what in (("extra.anchor", "newest frame"), ("extra.observed", "observed frame")):
+                        frame = state_dict.get(key)
+                        if frame is not None and (tuple(frame.shape) != (3, side, side) or frame.dtype != torch.float32
+                                                  or not bool(torch.isfinite(frame).all())):
+                            raise ValueError(f"its {what} is {tuple(frame.shape)} {frame.dtype}, "
+                                             f"not finite (3, {side}, {side}) float32")
+                    pose = (tensor_json(state_dict["head.meta"]).get("extra") or {}).get("observed_pose")
+                    if pose is not None and not (np.asarray(pose).shape == (4, 4)
+                                                 and np.isfinite(np.asarray(pose, dtype=float)).all()):
+                        raise ValueError("its observed frame's pose is not a finite 4x4 matrix")
                 head.load_state_dict(state_dict)
             except ValueError as exc:
                 raise gr.Error(f"{_name(path)} was not loaded: {exc}") from None

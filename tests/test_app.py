@@ -24,7 +24,7 @@ from streammem.world import World
 
 FPS = 8
 A_FRAMES, B_FRAMES, LONG_FRAMES = 32, 20, 48  # 3.9 s, 2.4 s and 5.9 s at 8 fps
-LIMITS = Limits(max_upload_mb=0.3, max_video_s=4.5, concurrency=2)
+LIMITS = Limits(max_upload_mb=0.4, max_video_s=4.5, concurrency=2)
 
 
 def render(path: Path, seed: int, frames: int, size: int = 96) -> Path:
@@ -196,12 +196,12 @@ def test_bad_requests_get_clear_messages_and_the_session_stays_usable(server, fi
         c.predict(handle_file(str(files["long"])), "small", "none", api_name="/detect_video")
     # an oversized upload: gradio_client refuses to send it, the server refuses to take it (launch's
     # max_file_size), and the handler itself refuses a file over the limit that got through anyway
-    with pytest.raises(ValueError, match=r"big.mp4 exceeds the maximum file size of 300000 bytes"):
+    with pytest.raises(ValueError, match=r"big.mp4 exceeds the maximum file size of 400000 bytes"):
         c.predict(handle_file(str(files["big"])), api_name="/ask_process")
     r = httpx.post(url + "gradio_api/upload", files={"files": ("big.mp4", files["big"].read_bytes(), "video/mp4")})
-    assert r.status_code == 413 and "maximum allowed size of 300000 bytes" in r.text
+    assert r.status_code == 413 and "maximum allowed size of 400000 bytes" in r.text
     me = type("Request", (), {"session_hash": c.session_hash})()
-    with pytest.raises(gr.Error, match=r"big.mp4 is 0.5 MB; this demo takes uploads up to 0.3 MB"):
+    with pytest.raises(gr.Error, match=r"big.mp4 is 0.6 MB; this demo takes uploads up to 0.4 MB"):
         list(demo.streammem.ask_process(str(files["big"]), None, me, lambda *a, **k: None))
     with pytest.raises(AppError, match="junk.safetensors was not loaded: junk.safetensors is not a safetensors"):
         c.predict(handle_file(str(files["junk"])), "ask", "small", "none", api_name="/snapshot_load")
@@ -269,7 +269,7 @@ def test_generate_two_visitors_continue_snapshot_and_bad_input(server, tmp_path)
     start = tmp_path / "start.png"
     cv2.imwrite(str(start), np.random.default_rng(0).integers(0, 255, (40, 30, 3), np.uint8))
     # two visitors at once: a scene, and an uploaded image on another memory (the rolling window
-    # keeps snapshots under this test's 0.3 MB upload limit)
+    # keeps snapshots under this test's 0.4 MB upload limit)
     ja = ca.submit(None, 3, "RRUU", "clean", "window", 6, 0, 2, api_name="/generate")
     jb = cb.submit(handle_file(str(start)), 0, "l d", "", "dual", 3, 1, 2, api_name="/generate")
     (_, stats_a, mp4_a), (_, stats_b, mp4_b) = ja.result(timeout=120), jb.result(timeout=120)
@@ -303,7 +303,6 @@ def test_generate_two_visitors_continue_snapshot_and_bad_input(server, tmp_path)
     assert all(np.array_equal(x, y) for x, y in zip(sa.gen_frames, one_run[-5:]))
     with pytest.raises(AppError, match=r"streammem_generate_snapshot.safetensors.*'generation' head"):
         ca.predict(handle_file(snap), "ask", "small", "none", api_name="/snapshot_load")
-
     # bad input: a clear message each time, and the session goes on
     with pytest.raises(AppError, match=r"unknown action letters 'XZ' in 'RXZ'; use F/B forward/back"):
         ca.predict(None, 3, "rxz", "clean", "posekv", 4, 0, 2, api_name="/generate")
@@ -315,6 +314,24 @@ def test_generate_two_visitors_continue_snapshot_and_bad_input(server, tmp_path)
         client(url).predict("R", "", 2, 2, api_name="/generate_continue")
     stats = ca.predict("R", "hard", 2, 2, api_name="/generate_continue")[1]
     assert stats["pipeline"]["frames"] == 13 and stats["prompt"] == "hard"
+    # a snapshot made before a config field existed loads (the field at its default); a
+    # tampered observed frame is refused by name
+    from safetensors.torch import load_file, save_file
+
+    from streammem.pipelines.base import json_tensor, tensor_json
+
+    state = load_file(snap)
+    meta = tensor_json(state["head.meta"])
+    meta["config"].pop("reference_anchor")
+    old = {**state, "head.meta": json_tensor(meta)}
+    save_file(old, str(tmp_path / "older.safetensors"))
+    assert "Loaded" in ca.predict(handle_file(str(tmp_path / "older.safetensors")), "generate", "small", "none",
+                                  api_name="/snapshot_load")
+    save_file({**old, "extra.observed": torch.zeros(3, 8, 8)}, str(tmp_path / "bad_observed.safetensors"))
+    with pytest.raises(AppError, match=r"bad_observed.safetensors was not loaded: its observed frame is \(3, 8, 8\)"):
+        ca.predict(handle_file(str(tmp_path / "bad_observed.safetensors")), "generate", "small", "none",
+                   api_name="/snapshot_load")
+
 
 
 def test_generate_stops_at_once_and_can_continue(server):

@@ -119,6 +119,8 @@ def test_conditioning_errors_can_come_from_a_timestep_range():
     assert drawn.tolist() == [float(b + 1) for b in range(40, 46)]
     with pytest.raises(ValueError, match="cond_timesteps"):
         ErrorRecyclingConfig(cond_timesteps=(500, 100))
+    with pytest.raises(ValueError, match="at least one bin timestep"):
+        ErrorRecyclingConfig(cond_timesteps=(0, 0.5))
 
 
 def test_residuals_match_a_hand_computation():

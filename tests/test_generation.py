@@ -160,6 +160,34 @@ def test_the_observed_frame_is_the_first_anchor_while_the_model_generates():
                zip(on.stream("DDRR", progress=False), again.stream("DDRR", progress=False)))
 
 
+@pytest.mark.parametrize("ref_pad", [False, True])
+def test_chained_clips_read_the_observed_frame_only_with_ref_pad(ref_pad):
+    p = StreamingGenerationPipeline(reprojecting(), GenerationConfig(num_inference_steps=1, chain_clip_frames=2,
+                                                                     chain_frames=1, chain_ref_pad=ref_pad))
+    p.start(image(), prompt="clean")
+    list(p.stream("RR", progress=False))  # clip 0: continues the start image
+    assert p._anchors()[0].shape == (1, 2, 3, 16, 16)
+    list(p.stream("RR", progress=False))  # clip 1: its conditioning is the last frame (and the start image with ref_pad)
+    assert p.clip == 1 and p._anchors()[0].shape == ((1, 2, 3, 16, 16) if ref_pad else (1, 3, 16, 16))
+
+
+def test_a_snapshot_older_than_a_config_field_loads_with_its_default():
+    from streammem.pipelines.base import json_tensor, tensor_json
+
+    a = pipe()
+    a.start(image(), prompt="clean")
+    list(a.stream("RRUU", progress=False))
+    state = a.state_dict()
+    meta = tensor_json(state["head.meta"])
+    meta["config"].pop("reference_anchor")
+    older = {**state, "head.meta": json_tensor(meta)}
+    b = pipe()
+    b.load_state_dict(older)
+    assert b.frames == a.frames
+    with pytest.raises(ValueError, match=r"another configuration \(fields \['reference_anchor'\]\)"):
+        pipe(reference_anchor=False).load_state_dict(older)
+
+
 def test_dual_memory_is_bounded_keeps_poses_and_routes_what_moved():
     from streammem.eval.generation import render_path
     from streammem.memory import DualMemory

@@ -124,9 +124,11 @@ def test_a_detection_snapshot_carries_its_tracker(kind):
     fresh.tracker.reset()
     renumbered = [fresh.step(f) for f in frames[5:]]
     assert not all(np.array_equal(a.tracker_id, b.tracker_id) for a, b in zip(ref[5:], renumbered))
+    bare = StreamingDetectionPipeline(tiny_detector(), DetectionConfig(memory="none", image_size=64,
+                                                                      score_threshold=0.0))
     with pytest.raises(ValueError, match="carries a .* state, this head has no tracker"):
-        StreamingDetectionPipeline(tiny_detector(), DetectionConfig(memory="none", image_size=64,
-                                                                    score_threshold=0.0)).load_state_dict(state)
+        bare.load_state_dict(state)
+    assert bare.counters == StreamingDetectionPipeline(tiny_detector(), bare.config).counters  # nothing restored
 
 
 def test_qa_snapshot_mid_stream_answers_as_the_uninterrupted_stream():

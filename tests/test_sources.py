@@ -133,6 +133,24 @@ def test_breaking_out_early_stops_the_decode_thread(videos):
     assert not [t.name for t in started if t.is_alive()]
 
 
+def test_close_stops_the_running_iterations_and_a_closed_source_refuses_to_read(videos):
+    before = set(threading.enumerate())
+    with open_source(videos["h264_mp4"], prefetch=4) as src:
+        running = iter(src)
+        next(running)
+        unstarted = iter(src)  # asked for nothing yet: no decode thread
+        assert len([t for t in threading.enumerate() if t not in before]) == 1
+    assert src.closed
+    assert list(running) == [] and list(unstarted) == []  # both stopped
+    started = [t for t in threading.enumerate() if t not in before]
+    for t in started:
+        t.join(timeout=30)
+    assert not [t.name for t in started if t.is_alive()]
+    with pytest.raises(SourceError, match="the source is closed"):
+        iter(src)
+    src.close()  # idempotent
+
+
 def test_prefetch_queue_is_bounded():
     produced = itertools.count()
     made = []

@@ -159,8 +159,8 @@ def train_recycle(
     save_every_s: float = typer.Option(default(RecycleTrainConfig, "save_every_s"), help="checkpoint period (s)"),
     cache_dir: str = typer.Option(default(RecycleTrainConfig, "cache_dir"), help="where rendered streams are cached"),
     cond_max_timestep: Optional[float] = typer.Option(None, help="draw the conditioning frames' errors only from "
-                                                      "the bins at or below this timestep (default: every bin, "
-                                                      "SVI)"),
+                                                      "the bins at or below this timestep (0-1000 units; default: "
+                                                      "every bin, SVI)"),
     progress: bool = typer.Option(False, help="print a line per logged step"),
 ) -> None:
     """Fine-tune a generator checkpoint with Stable Video Infinity's error recycling (or the same

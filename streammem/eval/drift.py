@@ -4,9 +4,11 @@ Protocol. Each generator (for the error-recycling issue: a plain fine-tune and a
 fine-tune of the same base, trained with equal compute) starts from the first frame of a
 held-out StreamWorld world (:func:`streammem.eval.generation.render_path`: the training's camera
 program, so the true continuation is known) and follows the world's camera path (its poses, as
-raw pose actions) for ``chunks`` chunks, fed only its own generated frames
-(:class:`~streammem.pipelines.generation.StreamingGenerationPipeline`, default memory, or clip
-chaining with ``chain_clip_frames``). Every model sees the same worlds, poses and seeds.
+raw pose actions) for ``chunks`` chunks, fed only its own generated frames and the start
+image (:class:`~streammem.pipelines.generation.StreamingGenerationPipeline`, default memory,
+or clip chaining with ``chain_clip_frames``; by default the start image is re-projected as the
+first anchor of every chunk, ``reference_anchor``). Every model sees the same worlds, poses
+and seeds.
 
 Metrics per chunk (the mean over the chunk's frames, then over seeds), images uint8 RGB:
 
@@ -134,7 +136,8 @@ def evaluate_drift(models: dict[str, CausalVideoDiT], seeds=(20_000, 20_001), ch
         summary[label] = row
     setup = {"seeds": list(seeds), "chunks": chunks, "chunk_frames": f, "steps": cfg.num_inference_steps,
              "edge": edge, "size": size, "memory": cfg.memory, "chain_clip_frames": cfg.chain_clip_frames,
-             "chain_frames": cfg.chain_frames, "chain_ref_pad": cfg.chain_ref_pad}
+             "chain_frames": cfg.chain_frames, "chain_ref_pad": cfg.chain_ref_pad,
+             "reference_anchor": cfg.reference_anchor}
     return {"curves": curves, "summary": summary, "chunks": rows, "setup": setup}
 
 
@@ -198,7 +201,9 @@ def format_results(res: dict, plots: dict[str, str]) -> str:
              f"{s['chunk_frames']} frames ({s['size']} px, {s['steps']} steps, memory {s['memory']}"
              + (f", clips of {s['chain_clip_frames']} frames chained on the last {s['chain_frames']}"
                 f"{' + the reference image' if s['chain_ref_pad'] else ''}" if s["chain_clip_frames"] else "")
-             + f"); each model fed only its own frames. Columns: {edge}, degradation (positive = worse).", "",
+             + "); each model fed only its own frames"
+             + (" and the start image (re-projected as the first anchor)" if s.get("reference_anchor") else "")
+             + f". Columns: {edge}, degradation (positive = worse).", "",
              "| model | PSNR (dB) | PSNR degradation | colour drift | colour drift degradation | consistency | "
              "consistency degradation | s / chunk |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
     for label, r in summary.items():

@@ -14,7 +14,8 @@ _DONE = object()
 def _prefetch(it: Iterator, size: int) -> Iterator:
     """Run ``it`` in a daemon thread, handing items through a queue of ``size``.
     Exceptions are re-raised in the consumer after every item before them; closing the
-    consumer (break, garbage collection) stops the thread."""
+    consumer (break, garbage collection, ``close()``) stops the thread. The thread starts when
+    the first item is asked for."""
     q: queue.Queue = queue.Queue(maxsize=size)
     stop = threading.Event()
 
@@ -41,9 +42,9 @@ def _prefetch(it: Iterator, size: int) -> Iterator:
                     pass
 
     thread = threading.Thread(target=work, name="streammem-prefetch", daemon=True)
-    thread.start()
 
     def consume() -> Iterator:
+        thread.start()  # on the first item asked for: an iterator closed before that starts nothing
         try:
             while True:
                 item = q.get()

@@ -45,6 +45,7 @@ from __future__ import annotations
 
 import os
 import re
+import weakref
 from pathlib import Path
 from typing import Iterator
 
@@ -66,12 +67,36 @@ _SCHEME_RE = re.compile(r"^([a-z][a-z0-9+.-]+):")  # two characters at least: "C
 
 class Source:
     """An iterable of :class:`Frame` over one input. Iterating again starts from the beginning
-    (for files, folders and the world); a live source is read once."""
+    (for files, folders and the world); a live source is read once.
+
+    :meth:`close` (or leaving a ``with open_source(...) as src:`` block) releases what it holds
+    at once: a camera or stream opened and not read yet, and the iterations running (their
+    decode threads and decoders); iterating a closed source raises :class:`SourceError`."""
 
     def __init__(self, uri: str, opts: SourceOptions) -> None:
         self.uri = str(uri)
         self.opts = opts
+        self._iterations: list = []  # weak references to the running iterations, closed by close()
+        self.closed = False
         self._reader, self.info = self._open()
+
+    def close(self) -> None:
+        """Stop every running iteration and release the camera or stream handle; idempotent."""
+        for ref in self._iterations:
+            it = ref()
+            if it is not None:
+                it.close()
+        self._iterations.clear()
+        cap = getattr(self._reader, "cap", None)
+        if cap is not None:
+            cap.release()
+        self.closed = True
+
+    def __enter__(self) -> "Source":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.close()
 
     # -- opening
     def _open(self):
@@ -165,13 +190,16 @@ class Source:
         raise SourceReadError(error.uri, error.problem, error.frame_index, error.timestamp, read)
 
     def __iter__(self) -> Iterator[Frame]:
+        if self.closed:
+            raise SourceError(self.uri, "the source is closed")
         if self.info.kind in ("camera", "stream"):
             if getattr(self, "_consumed", False):
                 raise SourceError(self.uri, "a live source can be iterated only once")
             self._consumed = True
-        if self.opts.prefetch == 0:
-            return self._frames()
-        return _prefetch(self._frames(), self.opts.prefetch)
+        it = self._frames() if self.opts.prefetch == 0 else _prefetch(self._frames(), self.opts.prefetch)
+        # weak: an iteration left behind (a loop broken out of) is still closed when it is dropped
+        self._iterations = [r for r in self._iterations if r() is not None] + [weakref.ref(it)]
+        return it
 
     def __len__(self) -> int:
         if self.info.selected_frames is None:

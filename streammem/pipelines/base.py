@@ -109,6 +109,19 @@ def _config_json(config: Any) -> Any:
                                  default=str))
 
 
+def _with_defaults(theirs: Any, config: Any) -> Any:
+    """A snapshot's config with the fields it lacks (it predates them) at their defaults."""
+    if not (isinstance(theirs, dict) and dataclasses.is_dataclass(config)):
+        return theirs
+    out = dict(theirs)
+    for f in dataclasses.fields(config):
+        if f.name not in out and f.default is not dataclasses.MISSING:
+            out[f.name] = json.loads(json.dumps(f.default, default=str))
+        elif f.name not in out and f.default_factory is not dataclasses.MISSING:
+            out[f.name] = json.loads(json.dumps(f.default_factory(), default=str))
+    return out
+
+
 class HeadBase:
     """Shared plumbing of heads: snapshots, and empty defaults for ``finish``, ``records`` and
     ``annotate``. A subclass sets ``name``, ``records_file`` and ``config`` and implements
@@ -159,8 +172,8 @@ class HeadBase:
         return state
 
     def load_state_dict(self, state: dict[str, torch.Tensor]) -> None:
-        """Restore a snapshot of the same head with the same configuration; raises ValueError
-        naming what differs."""
+        """Restore a snapshot of the same head with the same configuration (a field the
+        snapshot predates counts at its default); raises ValueError naming what differs."""
         me = type(self).__name__
         if "head.meta" not in state:
             raise ValueError(f"{me}.load_state_dict: not a streammem head snapshot (no 'head.meta')")
@@ -168,8 +181,8 @@ class HeadBase:
         if meta.get("name") != self.name:
             raise ValueError(f"{me}.load_state_dict: snapshot is of head {meta.get('name')!r}, this is {self.name!r}")
         mine = _config_json(self.config)
-        if meta.get("config") != mine:
-            theirs = meta.get("config") or {}
+        if _with_defaults(meta.get("config"), self.config) != mine:
+            theirs = _with_defaults(meta.get("config"), self.config) or {}
             diff = sorted(k for k in set(theirs) | set(mine or {}) if theirs.get(k) != (mine or {}).get(k)) \
                 if isinstance(theirs, dict) and isinstance(mine, dict) else ["config"]
             raise ValueError(f"{me}.load_state_dict: snapshot has another configuration (fields {diff})")

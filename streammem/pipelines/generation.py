@@ -43,6 +43,8 @@ with ``chain_ref_pad``, the reference image (the first frame) before them; those
 frames were already yielded by the clip before, so they are not generated or yielded again
 (SVI generates them again as the clip's first frames and drops the overlap: the same output).
 Every chunk has its own seed, so every clip does; a prompt stream gives one prompt per clip.
+Clips after the first read the observed frame as an anchor (``reference_anchor``) only with
+``chain_ref_pad``, like their memory.
 
 Example:
     >>> import numpy as np
@@ -387,10 +389,12 @@ class StreamingGenerationPipeline(HeadBase):
     def _anchors(self) -> tuple[torch.Tensor, torch.Tensor]:
         """The chunk's anchors and their poses: ``(1, 3, H, W)`` and ``(1, 4, 4)`` (the newest
         frame), or with ``reference_anchor``, while the newest frame is a generated one,
-        ``(1, 2, 3, H, W)`` and ``(1, 2, 4, 4)``: the newest observed frame, then the newest frame."""
+        ``(1, 2, 3, H, W)`` and ``(1, 2, 4, 4)``: the newest observed frame, then the newest frame.
+        A chained clip after the first reads the observed frame only with ``chain_ref_pad``."""
         anchor, pose = self.anchor[None], torch.from_numpy(self.camera.pose())[None].float()
-        seen = self.observed
-        if (not (self.config.reference_anchor and self.model.config.reproject) or seen is None
+        c, seen = self.config, self.observed
+        chained_away = c.chain_clip_frames is not None and self.clip > 0 and not c.chain_ref_pad
+        if (not (c.reference_anchor and self.model.config.reproject) or seen is None or chained_away
                 or seen[0] is self.anchor or torch.equal(seen[0], self.anchor)):
             return anchor, pose
         return (torch.stack([seen[0], self.anchor])[None],

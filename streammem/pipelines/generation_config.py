@@ -38,7 +38,8 @@ class GenerationConfig:
     reference_anchor: the newest observed real frame (the start image, or the last frame given
         to :meth:`StreamingGenerationPipeline.step`) is re-projected to each new frame too, and
         gives every pixel it covers; the newest generated frame gives the rest (for a model
-        that re-projects its anchor; see :mod:`streammem.pipelines.generation`).
+        that re-projects its anchor; see :mod:`streammem.pipelines.generation`). With clip
+        chaining, clips after the first use it only with ``chain_ref_pad``.
     """
 
     memory: str = "posekv"

@@ -392,8 +392,8 @@ def _load_moments(opt: torch.optim.Optimizer, params: list, state: "dict | Path"
     if not moments or any(i >= len(params) or ("exp_avg" in m and m["exp_avg"].shape != params[i].shape)
                           for i, m in moments.items()):
         return False
-    for i, m in moments.items():
-        opt.state[params[i]].update(m)
+    for i, m in moments.items():  # the moments on the parameter's device; the step count stays where Adam keeps it
+        opt.state[params[i]].update({k: v if k == "step" else v.to(params[i].device) for k, v in m.items()})
     return True
 
 
@@ -437,7 +437,8 @@ def finetune(cfg: RecycleTrainConfig, progress: bool = False) -> Path:
     if resume:
         meta = json.loads((out / "training.json").read_text())
         tensors = load_file(str(out / "training_state.safetensors"))
-        _load_moments(opt, list(model.parameters()), tensors)
+        if not _load_moments(opt, list(model.parameters()), tensors) and any(k.startswith("opt.") for k in tensors):
+            raise ValueError(f"{out}: its optimiser state does not match the model (another checkpoint's folder?)")
         torch.set_rng_state(tensors["rng.torch"])
         recycler.generator.set_state(tensors["rng.noise"])
         recycler.draw_generator.set_state(tensors["rng.draw"])
@@ -510,8 +511,10 @@ def model_card(cfg: RecycleTrainConfig, base: Path, step: int, elapsed: float, s
     bins = ("every bin" if rcfg.cond_timesteps is None else
             f"the bins at timesteps {rcfg.cond_timesteps[0]:g}-{rcfg.cond_timesteps[1]:g}")
     flags = f" --lr {cfg.lr:g}" if cfg.lr != RecycleTrainConfig.lr else ""
+    flags += "" if cfg.base_optimizer else " --no-base-optimizer"
     if rcfg.cond_timesteps is not None and cfg.mode == "recycle":
-        flags += f" --cond-max-timestep {rcfg.cond_timesteps[1]:g}"
+        flags += (f" --cond-max-timestep {rcfg.cond_timesteps[1]:g}" if rcfg.cond_timesteps[0] == 0
+                  else f" (recycling cond_timesteps {rcfg.cond_timesteps[0]:g}-{rcfg.cond_timesteps[1]:g})")
     return f"""---
 tags:
 - streammem

@@ -118,6 +118,13 @@ class ErrorRecyclingConfig:
             self.cond_timesteps = tuple(float(v) for v in self.cond_timesteps)
             need(len(self.cond_timesteps) == 2 and 0 <= self.cond_timesteps[0] <= self.cond_timesteps[1],
                  "cond_timesteps", "None or (lo, hi) with 0 <= lo <= hi")
+            from streammem.memory.error_bank import flow_match_timesteps
+
+            lo, hi = self.cond_timesteps
+            bins = flow_match_timesteps(self.num_bins, self.bank_shift, self.num_train_timesteps)
+            need(any(lo <= t <= hi for t in bins), "cond_timesteps",
+                 f"a range holding at least one bin timestep (0-{self.num_train_timesteps} units; the bins run "
+                 f"from {min(bins):g} to {max(bins):g})")
         need(isinstance(self.gather_steps, int) and self.gather_steps >= 0, "gather_steps", "an int >= 0")
 
     def make_bank(self, dim: int, seed: int = 0) -> ErrorBank:

@@ -10,7 +10,7 @@ from typing import Iterable, Iterator, Sequence
 import numpy as np
 import supervision as sv
 
-from streammem.pipelines.base import HeadBase
+from streammem.pipelines.base import HeadBase, tensor_json
 from streammem.pipelines.detection.config import PROTOCOL_LABEL
 from streammem.types import Frame
 
@@ -114,19 +114,29 @@ class DetectionHead(HeadBase):
             return {}
         return {"tracker": {"kind": type(tr).__name__, "state": tr.state()}}
 
+    def _check_tracker_state(self, extra: dict) -> None:
+        """ValueError when a snapshot's tracker state is not for this head's tracker."""
+        saved, tr = extra.get("tracker"), getattr(self, "tracker", None)
+        if saved is not None and (tr is None or type(tr).__name__ != saved.get("kind") or not hasattr(tr, "load_state")):
+            have = "no tracker" if tr is None else f"a {type(tr).__name__}"
+            raise ValueError(f"{type(self).__name__}.load_state_dict: the snapshot carries a {saved.get('kind')}'s "
+                             f"state, this head has {have}")
+
     def _load_tracker_state(self, extra: dict) -> None:
-        """Restore the tracker from a snapshot's extra state; a snapshot without one resets it.
-        ValueError when the snapshot's tracker is not this head's."""
+        """Restore the tracker from a snapshot's extra state; a snapshot without one resets it."""
+        self._check_tracker_state(extra)
         saved, tr = extra.get("tracker"), getattr(self, "tracker", None)
         if saved is None:
             if tr is not None:
                 tr.reset()
             return
-        if tr is None or type(tr).__name__ != saved["kind"] or not hasattr(tr, "load_state"):
-            have = "no tracker" if tr is None else f"a {type(tr).__name__}"
-            raise ValueError(f"{type(self).__name__}.load_state_dict: the snapshot carries a {saved['kind']}'s "
-                             f"state, this head has {have}")
         tr.load_state(saved["state"])
+
+    def load_state_dict(self, state: dict) -> None:
+        """:meth:`HeadBase.load_state_dict`, the tracker checked before anything is restored."""
+        if "head.meta" in state:
+            self._check_tracker_state(tensor_json(state["head.meta"]).get("extra") or {})
+        super().load_state_dict(state)
 
     def _extra_state(self) -> dict:
         out: dict = {"counters": dict(self.counters), **self._tracker_state()}
