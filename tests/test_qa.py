@@ -62,6 +62,25 @@ def tiny_answerer(seed: int = 0, token_dim: int = 8) -> SmallAnswerer:
     return SmallAnswerer(vocab=vocab.words, token_dim=token_dim, d=16, heads=2, layers=1, grid=4).eval()
 
 
+def test_an_answerer_that_raises_keeps_the_question_in_the_records_and_the_stream_going():
+    class Flaky(SpyAnswerer):
+        def answer_many(self, memory, questions, candidates, query_time, evidence_k=5):
+            if "boom" in questions[0]:
+                raise RuntimeError("out of memory on the VLM")
+            return super().answer_many(memory, questions, candidates, query_time, evidence_k)
+
+    pipe = StreamingQAPipeline(GridSpy(), Flaky(), memory=pyramid())
+    bad, good = pipe.schedule("boom", ["a", "b"], at=0.3), pipe.schedule("fine", ["a", "b"], at=0.6)
+    outs = [pipe.step(f) for f in frames(8)]
+    records = [r for f, o in zip(frames(8), outs) for r in pipe.records(f, o)]
+    assert [r["question"] for r in records] == ["boom", "fine"]
+    assert records[0]["refused"] and records[0]["kind"] == "error"
+    assert "RuntimeError: out of memory on the VLM" in records[0]["reason"]
+    assert not records[1].get("refused") and good.result().text == "a"
+    with pytest.raises(RuntimeError, match="out of memory"):
+        bad.result()
+
+
 # ---------------------------------------------------------------------- causality
 def test_a_question_at_t_never_sees_later_frames():
     spy = SpyAnswerer()

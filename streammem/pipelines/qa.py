@@ -448,8 +448,10 @@ class StreamingQAPipeline(HeadBase):
                 else:
                     answers = self._answer([q for q, _ in items], at)
             except Exception as exc:  # noqa: BLE001 - delivered to the asker
-                for _, fut in items:
+                for q, fut in items:
                     fut.set_exception(exc)
+                    # the stream's records keep the question, with what went wrong
+                    out.append((q, Refusal("error", f"the answerer failed: {type(exc).__name__}: {exc}", query_time=at)))
                 continue
             for (q, fut), a in zip(items, answers):
                 fut.set_result(a)

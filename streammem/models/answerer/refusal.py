@@ -10,7 +10,9 @@ no answer (``kind`` and ``reason``) and carries no evidence. ``kind`` is one of 
   (:func:`is_yes_no`);
 - ``"time"``: the question's time is outside the stream (before 0 s, or after the last frame
   of a stream that ended);
-- ``"no_memory"``: no frame was in memory at the question's time.
+- ``"no_memory"``: no frame was in memory at the question's time;
+- ``"error"``: the answerer raised on the question (the reason names the exception): the
+  stream's records keep the question with this refusal, and its future raises the exception.
 
 Where each one comes out (:class:`~streammem.pipelines.qa.StreamingQAPipeline`): the refusals
 that are known before any frame is read (vocabulary, options, a negative time) are bad input:
@@ -46,7 +48,7 @@ from streammem.models.answerer.text import WORD_RE
 __all__ = ["Refusal", "QuestionRefused", "KINDS", "YES_NO_STARTS", "is_yes_no"]
 
 #: why a question was refused (see the module docstring)
-KINDS = ("vocabulary", "options", "time", "no_memory")
+KINDS = ("vocabulary", "options", "time", "no_memory", "error")
 #: the first words of a yes/no question (which must also have no "or")
 YES_NO_STARTS = ("is", "are", "was", "were", "has", "have", "had", "do", "does", "did", "can", "could", "will",
                  "would")
