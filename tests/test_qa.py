@@ -79,6 +79,12 @@ def test_an_answerer_that_raises_keeps_the_question_in_the_records_and_the_strea
     assert not records[1].get("refused") and good.result().text == "a"
     with pytest.raises(RuntimeError, match="out of memory"):
         bad.result()
+    # `streammem ask`'s job: the failed time is answered by the error refusal, the others go on
+    from streammem.pipelines.jobs import run_ask
+
+    flaky = StreamingQAPipeline(GridSpy(), Flaky(), memory=pyramid())
+    res = run_ask("world:seed=0,seconds=2,fps=4,size=32", "boom", ["a", "b"], at=[0.5], pipeline=flaky)
+    assert [(t, a.kind) for t, a in res.answers] == [(0.5, "error")]
 
 
 # ---------------------------------------------------------------------- causality

@@ -55,7 +55,9 @@ def run_ask(source: str, question: str, candidates: Sequence[str] | None, at: Se
     Raises QuestionRefused (a ValueError) for a refused question, ValueError on bad options and
     SourceError when the source cannot be opened or fails before its first frame, all leaving
     nothing behind. Each answer is written to ``OUT/answers.jsonl`` as soon as it is due, so a
-    failure mid-stream keeps the answers given before it. Questions due after a mid-stream
+    failure mid-stream keeps the answers given before it; a question the answerer fails on is
+    answered by a ``Refusal`` of kind ``"error"`` naming the exception, and the rest go on.
+    Questions due after a mid-stream
     source error are answered over the memory at the error when their time is within a frame
     of it, else refused (and the error is returned)."""
     # 1. check inputs, build the head, open the source
@@ -79,7 +81,10 @@ def run_ask(source: str, question: str, candidates: Sequence[str] | None, at: Se
                 t, fut = futures[len(result.answers)]
                 if not (final or fut.done()):
                     return
-                a = fut.result()
+                try:
+                    a = fut.result()
+                except Exception as exc:  # noqa: BLE001 - the answerer failed on this one: say so, go on
+                    a = Refusal("error", f"the answerer failed: {type(exc).__name__}: {exc}", query_time=float(t))
                 result.answers.append((float(t), a))
                 if writer is not None:
                     writer.write({"question": question, "candidates": pipe.candidates_for(options), "at": float(t),
