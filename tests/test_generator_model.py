@@ -278,6 +278,11 @@ def test_reprojecting_model_starts_from_the_reprojected_anchor():
     assert torch.allclose(v3, v, atol=1e-6)
     with pytest.raises(ValueError, match="anchor_pose"):
         m(x, t, actions, poses, prompt, None, torch.stack([first, anchor], 1), anchor_pose=a_pose)
+    # prepared once per chunk (what sample_chunk does), the same result at every step
+    prepared = m.prepare_anchor(torch.stack([first, anchor], 1), torch.stack([f_pose, a_pose], 1), poses)
+    assert torch.equal(m(x, t, actions, poses, prompt, None, prepared), v2)
+    with pytest.raises(ValueError, match="the prepared anchor is for"):
+        m(x[:, :1], t, actions[:, :1], poses[:, :1], prompt, None, prepared)
 
 
 def test_ground_distance_bias_prefers_keys_over_the_same_ground():

@@ -92,7 +92,7 @@ from torch import nn
 
 from streammem.types import Tokens
 
-__all__ = ["CausalVideoDiT", "ChunkContext", "PreparedContext", "sample_chunk", "ground_points", "reproject", "DEFAULT_VOCAB", "ACTION_DIM"]
+__all__ = ["CausalVideoDiT", "ChunkContext", "PreparedContext", "PreparedAnchor", "sample_chunk", "ground_points", "reproject", "DEFAULT_VOCAB", "ACTION_DIM"]
 
 ACTION_DIM = 13
 DEFAULT_VOCAB = ("<empty>", "<unk>", "clean", "medium", "hard")
@@ -204,6 +204,16 @@ class PreparedContext:
     mask: torch.Tensor
     ground: torch.Tensor | None
     use_pose: bool
+
+
+@dataclass
+class PreparedAnchor:
+    """A chunk's re-projected anchor (:meth:`CausalVideoDiT.prepare_anchor`): ``base (B, F, 3,
+    H, W)``, the anchor seen from each frame's pose, and ``mask (B, F, h*w, p*p)``, the pixels
+    it covers, per patch."""
+
+    base: torch.Tensor
+    mask: torch.Tensor
 
 
 class _Attention(nn.Module):
@@ -436,6 +446,37 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
         ground = self._token_ground(context.pose, context.grid) if self.config.world_bias and use_pose else None
         return PreparedContext([blk.context_kv(ctx, ctx_pose) for blk in self.blocks], context.mask, ground, use_pose)
 
+    def prepare_anchor(self, anchor: torch.Tensor, anchor_pose: torch.Tensor | None,
+                       poses: torch.Tensor) -> "PreparedAnchor":
+        """The anchor re-projected to each frame's pose ``poses (B, F, 4, 4)`` with its coverage
+        mask, what every denoising step of a chunk reads: ``anchor (B, 3, H, W)`` at
+        ``anchor_pose (B, 4, 4)``, or ``K`` anchors ``(B, K, 3, H, W)`` at ``(B, K, 4, 4)``
+        composited first-covering-first (see the module docstring). ``forward`` takes it in
+        place of the anchor (same result)."""
+        if not self.config.reproject:
+            raise ValueError("this model does not re-project its anchor: pass the anchor itself")
+        b, f = poses.shape[:2]
+        size = self.config.sample_size
+        several = anchor.ndim == 5
+        if tuple(anchor.shape[-3:]) != (3, size, size) or anchor.shape[0] != b or anchor.ndim not in (4, 5):
+            raise ValueError(f"anchor must be {(b, 3, size, size)} (or {(b, 'K', 3, size, size)}), "
+                             f"got {tuple(anchor.shape)}")
+        anchors = anchor if several else anchor[:, None]
+        k = anchors.shape[1]
+        if anchor_pose is None or tuple(anchor_pose.shape) != ((b, k, 4, 4) if several else (b, 4, 4)):
+            raise ValueError(f"this model re-projects its anchor: pass anchor_pose of shape {(b, 4, 4)}"
+                             f" (or {(b, k, 4, 4)} for {k} anchors)")
+        apose = anchor_pose if several else anchor_pose[:, None]
+        warped = valid = None
+        for i in reversed(range(k)):  # the first anchor that covers a pixel gives it
+            w_i, v_i = reproject(anchors[:, i].repeat_interleave(f, 0), apose[:, i].repeat_interleave(f, 0),
+                                 poses.reshape(b * f, 4, 4), self.config.focal_px, self.config.plane_z)
+            warped = w_i if warped is None else torch.where(v_i > 0, w_i, warped)
+            valid = v_i if valid is None else torch.maximum(valid, v_i)
+        p, s = self.config.patch_size, self.grid_side
+        mask = valid.reshape(b, f, 1, s, p, s, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(b, f, s * s, p * p)
+        return PreparedAnchor(warped.reshape(b, f, 3, size, size), mask)
+
     # ------------------------------------------------------------------ forward
     def forward(
         self,
@@ -468,29 +509,17 @@ class CausalVideoDiT(ModelMixin, ConfigMixin):
         x = self.patch_embed(self.patchify(sample)) + self.grid_embed(self._grid_features(grid))  # (B, F, hw, D)
         base = None  # the re-projected anchor: x0_hat is predicted as a residual over it
         if anchor is not None:
-            several = anchor.ndim == 5 and self.config.reproject
-            if tuple(anchor.shape) != (b, *sample.shape[2:]) and not (several and anchor.shape[0] == b
-                                                                       and tuple(anchor.shape[2:]) == tuple(sample.shape[2:])):
-                raise ValueError(f"anchor must be {(b, *sample.shape[2:])}, got {tuple(anchor.shape)}")
             if self.config.reproject:
-                anchors = anchor if several else anchor[:, None]
-                k = anchors.shape[1]
-                if anchor_pose is None or tuple(anchor_pose.shape) not in ((b, 4, 4), (b, k, 4, 4)) or (
-                        several and tuple(anchor_pose.shape) != (b, k, 4, 4)):
-                    raise ValueError(f"this model re-projects its anchor: pass anchor_pose of shape {(b, 4, 4)}"
-                                     f" (or {(b, k, 4, 4)} for {k} anchors)")
-                apose = anchor_pose if anchor_pose.ndim == 4 else anchor_pose[:, None]
-                warped = valid = None
-                for i in reversed(range(k)):  # the first anchor that covers a pixel gives it
-                    w_i, v_i = reproject(anchors[:, i].repeat_interleave(f, 0), apose[:, i].repeat_interleave(f, 0),
-                                         poses.reshape(b * f, 4, 4), self.config.focal_px, self.config.plane_z)
-                    warped = w_i if warped is None else torch.where(v_i > 0, w_i, warped)
-                    valid = v_i if valid is None else torch.maximum(valid, v_i)
-                base = warped.reshape(b, f, *sample.shape[2:])
-                p = self.config.patch_size
-                mask = valid.reshape(b, f, 1, s, p, s, p).permute(0, 1, 3, 5, 2, 4, 6).reshape(b, f, hw, p * p)
-                x = x + self.anchor_embed(torch.cat([self.patchify(base), mask], -1))
+                if not isinstance(anchor, PreparedAnchor):
+                    anchor = self.prepare_anchor(anchor, anchor_pose, poses)
+                if tuple(anchor.base.shape) != tuple(sample.shape):
+                    raise ValueError(f"the prepared anchor is for {tuple(anchor.base.shape)}, the sample is "
+                                     f"{tuple(sample.shape)}")
+                base = anchor.base
+                x = x + self.anchor_embed(torch.cat([self.patchify(base), anchor.mask], -1))
             else:
+                if tuple(anchor.shape) != (b, *sample.shape[2:]):
+                    raise ValueError(f"anchor must be {(b, *sample.shape[2:])}, got {tuple(anchor.shape)}")
                 x = x + self.anchor_embed(self.patchify(anchor))[:, None]
         x = x.reshape(b, f * hw, d)
         x_pose = None
@@ -551,6 +580,8 @@ def sample_chunk(
     x = torch.randn(b, f, 3, size, size, generator=generator)
     if isinstance(context, ChunkContext):  # the context's keys and values are the same at every step
         context = model.prepare_context(context, use_pose)
+    if anchor is not None and model.config.reproject and not isinstance(anchor, PreparedAnchor):
+        anchor = model.prepare_anchor(anchor, anchor_pose, poses)  # and so is the re-projected anchor
     for i, t in enumerate(sched.timesteps):
         v = model(x, t.expand(b), actions, poses, prompt_ids, context, anchor, use_pose=use_pose, anchor_pose=anchor_pose)
         x = sched.step(v, t, x).prev_sample
