@@ -270,12 +270,26 @@ def test_drift_eval_on_a_tiny_model_writes_metrics_and_plots(tmp_path):
         assert r["psnr_degradation"] == pytest.approx(r["psnr_first"] - r["psnr_last"])
         assert r["colour_drift_degradation"] == pytest.approx(r["colour_drift_last"] - r["colour_drift_first"])
         assert r["seconds_per_chunk"] > 0
+        for key in METRICS:  # one seed: its degradation is the degradation
+            assert r[f"{key}_degradation_seeds"] == [pytest.approx(r[f"{key}_degradation"])]
     assert len(res["chunks"]) == 2 * 3
     paths = write_results(res, tmp_path)
     for key in METRICS:
         assert paths[key].stat().st_size > 1000 and paths[key].read_bytes()[:4] == b"\x89PNG"
     text = paths["results"].read_text()
     assert "| plain |" in text and "time per chunk, recycled / plain" in text
+
+
+def test_seed_bootstrap_ratio_interval():
+    from streammem.eval.drift import seed_bootstrap_ratio
+
+    assert seed_bootstrap_ratio([2.0, 1.0, 4.0], [1.0, 0.5, 2.0]) == pytest.approx((0.5, 0.5))  # every seed halves
+    lo, hi = seed_bootstrap_ratio([1.0, 2.0, 3.0, 4.0], [1.0, 1.0, 1.0, 4.0])
+    assert lo < 7 / 10 < hi and hi <= 1.0 and lo >= 0.25  # the point ratio inside; bounds of any resample
+    assert seed_bootstrap_ratio([1.0], [0.5]) is None  # one seed: no interval
+    assert seed_bootstrap_ratio([-1.0, -2.0], [1.0, 1.0]) is None  # the plain one never degrades: no ratio
+    with pytest.raises(ValueError, match="same length"):
+        seed_bootstrap_ratio([1.0, 2.0], [1.0])
 
 
 def test_recycle_command_options_default_to_the_config():

@@ -22,7 +22,11 @@ Metrics per chunk (the mean over the chunk's frames, then over seeds), images ui
 
 Degradation, per metric and model: the first chunk minus the last chunk, signed so that a
 positive value is a loss (``psnr`` and ``consistency``: first - last; ``colour_drift``: last -
-first); ``edge`` > 1 averages the first and last ``edge`` chunks. Cost: the median seconds per
+first); ``edge`` > 1 averages the first and last ``edge`` chunks. It is also computed per seed
+(``<metric>_degradation_seeds``, in seed order; their mean is the degradation), and the
+recycled / plain ratio gets a seed-bootstrap interval (:func:`seed_bootstrap_ratio`): with the
+reference anchor, how much of the start image's ground the last chunks look at varies from
+seed to seed, and so does the degradation. Cost: the median seconds per
 chunk of each model (rollouts interleaved seed by seed, the order alternating, so that both
 see the same machine load).
 Outputs (:func:`write_results`): a PNG per metric against chunk index, ``results.md``,
@@ -42,7 +46,8 @@ from streammem.eval.generation import psnr, render_path
 from streammem.models.video_dit import CausalVideoDiT
 from streammem.pipelines.generation import GenerationConfig, StreamingGenerationPipeline
 
-__all__ = ["METRICS", "evaluate_drift", "colour_drift", "consistency", "write_results", "plot_metric"]
+__all__ = ["METRICS", "evaluate_drift", "colour_drift", "consistency", "seed_bootstrap_ratio", "summarize",
+           "write_results", "plot_metric"]
 
 #: metric -> (title, True when higher is better)
 METRICS = {"psnr": ("PSNR vs ground truth (dB)", True),
@@ -120,8 +125,19 @@ def evaluate_drift(models: dict[str, CausalVideoDiT], seeds=(20_000, 20_001), ch
             rows += [{"model": label, "seed": seed, **r} for r in _rollout(model, cfg, gt, chunks)]
             bar.update(1)
     bar.close()
+    curves, summary = summarize(rows, list(models), seeds, chunks, edge)
+    setup = {"seeds": list(seeds), "chunks": chunks, "chunk_frames": f, "steps": cfg.num_inference_steps,
+             "edge": edge, "size": size, "memory": cfg.memory, "chain_clip_frames": cfg.chain_clip_frames,
+             "chain_frames": cfg.chain_frames, "chain_ref_pad": cfg.chain_ref_pad,
+             "reference_anchor": cfg.reference_anchor}
+    return {"curves": curves, "summary": summary, "chunks": rows, "setup": setup}
+
+
+def summarize(rows: list[dict], labels: list[str], seeds, chunks: int, edge: int) -> tuple[dict, dict]:
+    """Per-chunk curves (means over seeds) and per-model summaries of ``chunks.jsonl`` rows
+    (see the module docstring): ``(curves, summary)`` as :func:`evaluate_drift` returns them."""
     curves, summary = {}, {}
-    for label in models:
+    for label in labels:
         mine = [r for r in rows if r["model"] == label]
         curve = {}
         for key in (*METRICS, "gt_colour_drift", "gt_consistency", "seconds"):
@@ -133,12 +149,34 @@ def evaluate_drift(models: dict[str, CausalVideoDiT], seeds=(20_000, 20_001), ch
             row[f"{key}_first"], row[f"{key}_last"] = first, last
             row[f"{key}_degradation"] = first - last if higher else last - first
             row[f"{key}_mean"] = float(np.mean(curve[key]))
+            per_seed = []
+            for seed in seeds:
+                ys = [r[key] for r in sorted((r for r in mine if r["seed"] == seed), key=lambda r: r["chunk"])]
+                a, b = float(np.mean(ys[:edge])), float(np.mean(ys[-edge:]))
+                per_seed.append(a - b if higher else b - a)
+            row[f"{key}_degradation_seeds"] = per_seed
         summary[label] = row
-    setup = {"seeds": list(seeds), "chunks": chunks, "chunk_frames": f, "steps": cfg.num_inference_steps,
-             "edge": edge, "size": size, "memory": cfg.memory, "chain_clip_frames": cfg.chain_clip_frames,
-             "chain_frames": cfg.chain_frames, "chain_ref_pad": cfg.chain_ref_pad,
-             "reference_anchor": cfg.reference_anchor}
-    return {"curves": curves, "summary": summary, "chunks": rows, "setup": setup}
+    return curves, summary
+
+
+def seed_bootstrap_ratio(plain: list[float], recycled: list[float], level: float = 0.9, draws: int = 2000,
+                         seed: int = 0) -> tuple[float, float] | None:
+    """The central ``level`` interval of ``mean(recycled[i]) / mean(plain[i])`` over ``draws``
+    resamples ``i`` of the seeds with replacement (the two lists are per-seed degradations in the
+    same seed order). Resamples whose plain degradation is not positive have no ratio and are
+    left out; None when fewer than half of them have one, or with a single seed."""
+    p, r = np.asarray(plain, float), np.asarray(recycled, float)
+    if p.shape != r.shape or p.ndim != 1:
+        raise ValueError(f"need two per-seed lists of the same length, got {p.shape} and {r.shape}")
+    if len(p) < 2:
+        return None
+    idx = np.random.default_rng(seed).integers(0, len(p), (draws, len(p)))
+    den, num = p[idx].mean(1), r[idx].mean(1)
+    ok = den > 0
+    if ok.sum() < draws / 2:
+        return None
+    lo, hi = np.quantile(num[ok] / den[ok], [(1 - level) / 2, (1 + level) / 2])
+    return float(lo), float(hi)
 
 
 def plot_metric(curves: dict, metric: str, path: Path) -> Path:
@@ -218,8 +256,16 @@ def format_results(res: dict, plots: dict[str, str]) -> str:
         for key in METRICS:
             if p[f"{key}_degradation"] > 0:
                 target = " (target: <= 0.5)" if key == "psnr" else ""
+                spread = ""
+                ps, rs = p.get(f"{key}_degradation_seeds"), r.get(f"{key}_degradation_seeds")
+                if ps and rs:
+                    ci = seed_bootstrap_ratio(ps, rs)
+                    spread = (f"; 90% seed-bootstrap interval {ci[0]:.2f} to {ci[1]:.2f}" if ci else "")
+                    if key == "psnr":
+                        spread += ("; per seed, plain " + " ".join(f"{v:+.2f}" for v in ps)
+                                   + ", recycled " + " ".join(f"{v:+.2f}" for v in rs))
                 lines.append(f"- {key} degradation, recycled / plain: "
-                             f"{r[f'{key}_degradation'] / p[f'{key}_degradation']:.2f}{target}")
+                             f"{r[f'{key}_degradation'] / p[f'{key}_degradation']:.2f}{target}{spread}")
             else:
                 lines.append(f"- {key}: the plain fine-tune does not degrade ({p[f'{key}_degradation']:+.3f}); no ratio")
         lines.append(f"- time per chunk, recycled / plain: {r['seconds_per_chunk'] / p['seconds_per_chunk']:.3f} "
