@@ -302,6 +302,28 @@ def test_recycle_command_options_default_to_the_config():
     assert all(p.default == fields[p.name] for p in cmd.params if p.name in fields)
 
 
+def test_recycle_command_passes_the_injection_probabilities(monkeypatch, tmp_path):
+    from typer.testing import CliRunner
+
+    import streammem.train.error_recycling as er
+    from streammem.cli import app
+
+    seen = []
+    monkeypatch.setattr(er, "finetune", lambda cfg, progress=False: seen.append(cfg))
+    res = CliRunner().invoke(app, ["train", "recycle", "--out", str(tmp_path / "o"), "--latent-prob", "0",
+                                   "--noise-prob", "0", "--cond-max-timestep", "150"])
+    assert res.exit_code == 0, res.output
+    rcfg = seen[0].recycling_config()
+    assert (rcfg.cond_prob, rcfg.latent_prob, rcfg.noise_prob, rcfg.clean_prob) == (0.9, 0.0, 0.0, 0.2)
+    assert rcfg.cond_timesteps == (0.0, 150.0)
+    assert seen[0].recycling == {"latent_prob": 0.0, "noise_prob": 0.0, "cond_timesteps": (0.0, 150.0)}
+    card = er.model_card(seen[0], tmp_path, 1, 1.0, {"injected": 1, "samples": 8, "loss": 0.1})
+    assert "--latent-prob 0 --noise-prob 0 --cond-max-timestep 150" in card
+    assert "replayed into its conditioning frames)" in card
+    res = CliRunner().invoke(app, ["train", "recycle", "--out", str(tmp_path / "o"), "--clean-prob", "1.5"])
+    assert res.exit_code != 0 and "clean_prob" in res.output
+
+
 def test_the_batched_context_is_the_samplers_context():
     from streammem.train.error_recycling import batch_context
     from streammem.train.generator import ClipSampler, TrainConfig

@@ -22,7 +22,7 @@ import typer
 from streammem.cli.common import app, default, eval_app, fail, job_errors, train_app
 from streammem.eval.generation import MEMORIES
 from streammem.pipelines.generation_config import GENERATION_MEMORIES, GenerationConfig
-from streammem.train.generation_config import RecycleTrainConfig, TrainConfig
+from streammem.train.generation_config import ErrorRecyclingConfig, RecycleTrainConfig, TrainConfig
 
 
 @app.command("generate")
@@ -161,19 +161,33 @@ def train_recycle(
     cond_max_timestep: Optional[float] = typer.Option(None, help="draw the conditioning frames' errors only from "
                                                       "the bins at or below this timestep (0-1000 units; default: "
                                                       "every bin, SVI)"),
+    cond_prob: float = typer.Option(default(ErrorRecyclingConfig, "cond_prob"), help="chance of a banked error "
+                                    "in the conditioning frames"),
+    latent_prob: float = typer.Option(default(ErrorRecyclingConfig, "latent_prob"), help="chance of a banked error "
+                                      "in the clean chunk before noising"),
+    noise_prob: float = typer.Option(default(ErrorRecyclingConfig, "noise_prob"), help="chance of a banked error "
+                                     "in the noise"),
+    clean_prob: float = typer.Option(default(ErrorRecyclingConfig, "clean_prob"), help="chance that nothing is "
+                                     "injected"),
     progress: bool = typer.Option(False, help="print a line per logged step"),
 ) -> None:
     """Fine-tune a generator checkpoint with Stable Video Infinity's error recycling (or the same
     steps plain); resumable; writes a model card."""
     from streammem.train.error_recycling import finetune
 
+    recycling: dict = {}  # only what differs from SVI's defaults, so the model card names it
+    for name, value in (("cond_prob", cond_prob), ("latent_prob", latent_prob), ("noise_prob", noise_prob),
+                        ("clean_prob", clean_prob)):
+        if value != default(ErrorRecyclingConfig, name):
+            recycling[name] = value
+    if cond_max_timestep is not None:
+        recycling["cond_timesteps"] = (0.0, cond_max_timestep)
     try:
         cfg = RecycleTrainConfig(mode=mode, base=base, out=out, max_steps=max_steps, minutes=minutes, threads=threads,
                                  batch_size=batch_size, lr=lr, seed=seed, bank_mb=bank_mb, base_optimizer=base_optimizer,
                                  timestep_sampling=timestep_sampling, mixed_precision=mixed_precision,
                                  save_every_s=save_every_s, cache_dir=cache_dir,
-                                 recycling={} if cond_max_timestep is None else
-                                 {"cond_timesteps": (0.0, cond_max_timestep)})
+                                 recycling=recycling)
     except ValueError as exc:
         fail(str(exc))
     try:

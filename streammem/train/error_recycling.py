@@ -499,8 +499,13 @@ def model_card(cfg: RecycleTrainConfig, base: Path, step: int, elapsed: float, s
     """The fine-tuned checkpoint's card: base, mode, steps, wall time, step configuration, the
     last loss (mean over the last logged steps) and the bank's fill."""
     rcfg = cfg.recycling_config()
+    sites = [name for name, p in (("conditioning frames", rcfg.cond_prob), ("clean chunk", rcfg.latent_prob),
+                                  ("noise", rcfg.noise_prob)) if p > 0]
+    into = (f"replayed into its {' and '.join([', '.join(sites[:-1]), sites[-1]] if len(sites) > 1 else sites)}"
+            if sites else "never replayed (every injection probability is 0)")
     what = ("error-recycling fine-tune (Stable Video Infinity): banked errors of the model's own predictions "
-            "replayed into its conditioning frames, clean chunk and noise" if cfg.mode == "recycle" else
+            f"{into}"
+            if cfg.mode == "recycle" else
             "plain fine-tune: the same steps, data, noise levels and noise as the error-recycling fine-tune, "
             "nothing injected (the equal-compute baseline)")
     bank = (f"- Error bank: {rcfg.num_bins} bins (inference timesteps, shift {rcfg.bank_shift}), "
@@ -512,6 +517,11 @@ def model_card(cfg: RecycleTrainConfig, base: Path, step: int, elapsed: float, s
             f"the bins at timesteps {rcfg.cond_timesteps[0]:g}-{rcfg.cond_timesteps[1]:g}")
     flags = f" --lr {cfg.lr:g}" if cfg.lr != RecycleTrainConfig.lr else ""
     flags += "" if cfg.base_optimizer else " --no-base-optimizer"
+    if cfg.mode == "recycle":
+        svi = ErrorRecyclingConfig()
+        for name in ("cond_prob", "latent_prob", "noise_prob", "clean_prob"):
+            if getattr(rcfg, name) != getattr(svi, name):
+                flags += f" --{name.replace('_', '-')} {getattr(rcfg, name):g}"
     if rcfg.cond_timesteps is not None and cfg.mode == "recycle":
         flags += (f" --cond-max-timestep {rcfg.cond_timesteps[1]:g}" if rcfg.cond_timesteps[0] == 0
                   else f" (recycling cond_timesteps {rcfg.cond_timesteps[0]:g}-{rcfg.cond_timesteps[1]:g})")
