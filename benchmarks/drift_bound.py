@@ -19,7 +19,7 @@ drift-free, and the smallest recycled / plain ratio a model as good as each one 
 zero drift: ``drift-free degradation / plain's measured degradation``.
 
     python benchmarks/drift_bound.py --model plain=DIR --model recycled=DIR [--drift OUT] \
-        [--seed 20000 --seed 20001 ...] [--chunks 50] [--edge 3] [--no-reference-anchor]
+        [--seed 20000 --seed 20001 ...] [--chunks 50] [--edge 3] [--no-reference-anchor] [--pan-speed 80]
 
 Without ``--model`` it measures the shipped generator.
 """
@@ -82,6 +82,7 @@ def main() -> None:
     ap.add_argument("--edge", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--no-reference-anchor", action="store_true")
+    ap.add_argument("--pan-speed", type=float, default=80.0, help="camera pan, world px/s (as `eval drift`)")
     ap.add_argument("--drift", type=Path, default=None, help="an `eval drift` output folder to compare with")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -102,10 +103,11 @@ def main() -> None:
     if args.drift is not None:
         d = json.loads((args.drift / "summary.json").read_text())
         if d["setup"]["seeds"] != seeds or d["setup"]["chunks"] != args.chunks or d["setup"]["edge"] != args.edge \
-                or bool(d["setup"].get("reference_anchor")) == args.no_reference_anchor:
+                or bool(d["setup"].get("reference_anchor")) == args.no_reference_anchor \
+                or d["setup"].get("pan_speed", 80.0) != args.pan_speed:
             raise SystemExit(f"{args.drift} was run with other settings: {d['setup']}")
         measured = {k: v["psnr_degradation"] for k, v in d["summary"].items()}
-    print(f"seeds {seeds}, {args.chunks} chunks of {f} frames, edge {args.edge}, "
+    print(f"seeds {seeds}, {args.chunks} chunks of {f} frames, edge {args.edge}, pan {args.pan_speed:g} px/s, "
           f"reference anchor {'off' if args.no_reference_anchor else 'on'}")
     print("| model | drift-free PSNR first / last | drift-free degradation | measured degradation | "
           "drift-free share | ratio floor vs plain |")
@@ -113,7 +115,7 @@ def main() -> None:
     for label, model in models.items():
         curves = []
         for seed in seeds:
-            gt = render_path(seed, args.chunks * f + 1, size)
+            gt = render_path(seed, args.chunks * f + 1, size, pan_speed=args.pan_speed)
             curves.append(drift_free(model, cfg, gt, known_frames(gt, focal), args.chunks))
         m = np.mean(curves, 0)
         first, last = float(m[:args.edge].mean()), float(m[-args.edge:].mean())

@@ -273,6 +273,8 @@ def test_drift_eval_on_a_tiny_model_writes_metrics_and_plots(tmp_path):
         for key in METRICS:  # one seed: its degradation is the degradation
             assert r[f"{key}_degradation_seeds"] == [pytest.approx(r[f"{key}_degradation"])]
     assert len(res["chunks"]) == 2 * 3
+    with pytest.raises(ValueError, match="pan_speed"):
+        evaluate_drift({"plain": tiny_dit(0, 32, 8)}, seeds=(20_000,), chunks=3, steps=1, progress=False, pan_speed=0)
     paths = write_results(res, tmp_path)
     for key in METRICS:
         assert paths[key].stat().st_size > 1000 and paths[key].read_bytes()[:4] == b"\x89PNG"

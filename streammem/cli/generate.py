@@ -214,6 +214,8 @@ def eval_drift(
                                        "conditions every clip"),
     reference_anchor: bool = typer.Option(default(GenerationConfig, "reference_anchor"),
                                           help="re-project the start frame as the first anchor of every chunk"),
+    pan_speed: float = typer.Option(80.0, help="the camera's typical pan (world px/s; 80 = the training's, "
+                                    "which soon leaves the start image's ground; slow keeps it in view)"),
     threads: int = typer.Option(1, help="torch threads"),
     out: Path = typer.Option(Path("outputs/eval_drift"), "--out", "-o", help="results folder"),
     progress: bool = typer.Option(True, help="show a progress bar"),
@@ -238,7 +240,8 @@ def eval_drift(
     torch.set_num_threads(threads)
     models = {k: CausalVideoDiT.from_pretrained(str(p)).eval() for k, p in folders.items()}
     try:
-        res = evaluate_drift(models, seeds=tuple(seeds), chunks=chunks, edge=edge, config=cfg, progress=progress)
+        res = evaluate_drift(models, seeds=tuple(seeds), chunks=chunks, edge=edge, config=cfg, progress=progress,
+                             pan_speed=pan_speed)
     except ValueError as exc:
         fail(str(exc))
     paths = write_results(res, out)

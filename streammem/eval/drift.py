@@ -102,13 +102,19 @@ def _rollout(model: CausalVideoDiT, cfg: GenerationConfig, gt: list, chunks: int
 
 
 def evaluate_drift(models: dict[str, CausalVideoDiT], seeds=(20_000, 20_001), chunks: int = 50, steps: int = 8,
-                   edge: int = 1, config: GenerationConfig | None = None, progress: bool = True) -> dict:
+                   edge: int = 1, config: GenerationConfig | None = None, progress: bool = True,
+                   pan_speed: float = 80.0) -> dict:
     """Roll out every model on every seed for ``chunks`` chunks (see the module docstring).
-    ``models``: label -> model, all with the same frame size and chunk length. Returns
+    ``models``: label -> model, all with the same frame size and chunk length. ``pan_speed``:
+    the camera program's typical pan (world px per second; 80 is the training's, under which
+    the camera leaves the start image's ground within seconds; a slow pan keeps most of the view
+    on ground the start image shows, so that what is lost is mostly drift). Returns
     ``{"curves": {label: {metric: [per chunk]}}, "summary": {label: {...}}, "chunks": rows,
     "setup": {...}}``."""
     if not models:
         raise ValueError("evaluate_drift needs at least one model")
+    if not pan_speed > 0:
+        raise ValueError(f"pan_speed must be > 0 (world px per second), got {pan_speed}")
     if chunks < 1 or edge < 1 or 2 * edge > chunks + 1:
         raise ValueError(f"need chunks >= 1 and 1 <= edge <= (chunks + 1) / 2, got chunks={chunks}, edge={edge}")
     sizes = {(m.config.sample_size, m.config.chunk_frames) for m in models.values()}
@@ -116,7 +122,7 @@ def evaluate_drift(models: dict[str, CausalVideoDiT], seeds=(20_000, 20_001), ch
         raise ValueError(f"the models differ in frame size or chunk length: {sorted(sizes)}")
     size, f = sizes.pop()
     cfg = config or GenerationConfig(num_inference_steps=steps)
-    worlds = {s: render_path(s, chunks * f + 1, size) for s in seeds}
+    worlds = {s: render_path(s, chunks * f + 1, size, pan_speed=pan_speed) for s in seeds}
     rows: list[dict] = []
     bar = tqdm(total=len(seeds) * len(models), desc="eval drift", disable=not progress)
     for n, (seed, gt) in enumerate(worlds.items()):
@@ -129,7 +135,7 @@ def evaluate_drift(models: dict[str, CausalVideoDiT], seeds=(20_000, 20_001), ch
     setup = {"seeds": list(seeds), "chunks": chunks, "chunk_frames": f, "steps": cfg.num_inference_steps,
              "edge": edge, "size": size, "memory": cfg.memory, "chain_clip_frames": cfg.chain_clip_frames,
              "chain_frames": cfg.chain_frames, "chain_ref_pad": cfg.chain_ref_pad,
-             "reference_anchor": cfg.reference_anchor}
+             "reference_anchor": cfg.reference_anchor, "pan_speed": pan_speed}
     return {"curves": curves, "summary": summary, "chunks": rows, "setup": setup}
 
 
@@ -239,6 +245,7 @@ def format_results(res: dict, plots: dict[str, str]) -> str:
              f"{s['chunk_frames']} frames ({s['size']} px, {s['steps']} steps, memory {s['memory']}"
              + (f", clips of {s['chain_clip_frames']} frames chained on the last {s['chain_frames']}"
                 f"{' + the reference image' if s['chain_ref_pad'] else ''}" if s["chain_clip_frames"] else "")
+             + (f"; camera pan {s['pan_speed']:g} px/s" if s.get("pan_speed", 80.0) != 80.0 else "")
              + "); each model fed only its own frames"
              + (" and the start image (re-projected as the first anchor)" if s.get("reference_anchor") else "")
              + f". Columns: {edge}, degradation (positive = worse).", "",
