@@ -326,6 +326,26 @@ def test_recycle_command_passes_the_injection_probabilities(monkeypatch, tmp_pat
     assert res.exit_code != 0 and "clean_prob" in res.output
 
 
+def test_clean_first_keeps_the_oldest_context_frames_real():
+    from streammem.train.error_recycling import DiTAdapter
+
+    g = torch.Generator().manual_seed(0)
+    frames = torch.rand(3, 5, 3, 8, 8, generator=g) - 0.5
+    batch = {"context_frames": frames, "x0": torch.zeros(3, 2, 3, 8, 8)}
+    errors = torch.full((3, 3, 2, 3, 8, 8), 0.1)  # ceil(5 / 2) = 3 chunk-sized errors per sample
+    mask = torch.tensor([True, False, True])
+    for first in (0, 1, 2):
+        out = DiTAdapter(None, None, clean_first=first).inject_condition(batch, errors, mask)
+        diff = (out["context_frames"] - frames).abs().flatten(2).amax(2)  # (B, k)
+        assert torch.equal(diff[1], torch.zeros(5))  # not drawn: untouched
+        for b in (0, 2):
+            assert torch.equal(diff[b, :first], torch.zeros(first))  # the oldest frames stay real
+            assert torch.allclose(diff[b, first:], torch.full((5 - first,), 0.1))
+        assert torch.equal(out["anchor"], out["context_frames"][:, -1])
+    with pytest.raises(ValueError, match="clean_first"):
+        DiTAdapter(None, None, clean_first=-1)
+
+
 def test_the_batched_context_is_the_samplers_context():
     from streammem.train.error_recycling import batch_context
     from streammem.train.generator import ClipSampler, TrainConfig

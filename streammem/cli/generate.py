@@ -169,6 +169,9 @@ def train_recycle(
                                      "in the noise"),
     clean_prob: float = typer.Option(default(ErrorRecyclingConfig, "clean_prob"), help="chance that nothing is "
                                      "injected"),
+    clean_first: int = typer.Option(default(RecycleTrainConfig, "clean_first"), help="oldest context frames "
+                                    "never given an error (1: the clip's first frame stays real, like the start "
+                                    "image at inference)"),
     progress: bool = typer.Option(False, help="print a line per logged step"),
 ) -> None:
     """Fine-tune a generator checkpoint with Stable Video Infinity's error recycling (or the same
@@ -187,7 +190,7 @@ def train_recycle(
                                  batch_size=batch_size, lr=lr, seed=seed, bank_mb=bank_mb, base_optimizer=base_optimizer,
                                  timestep_sampling=timestep_sampling, mixed_precision=mixed_precision,
                                  save_every_s=save_every_s, cache_dir=cache_dir,
-                                 recycling=recycling)
+                                 recycling=recycling, clean_first=clean_first)
     except ValueError as exc:
         fail(str(exc))
     try:

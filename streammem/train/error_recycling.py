@@ -315,10 +315,15 @@ class DiTAdapter:
     the context frames and the anchor: ``ceil(k / F)`` clean-side errors per sample, laid end to
     end, are added to the ``k`` context frames (the newest frame, the anchor, gets the last
     error frame), clamped to [-1, 1] as generated frames are; the memory context is built from
-    the frames as they reach the model (``context_fn``, the sampler's) where the batch has none."""
+    the frames as they reach the model (``context_fn``, the sampler's) where the batch has none.
+    ``clean_first``: the oldest context frames that never get an error (0: every frame, SVI; 1:
+    the clip's first frame stays real, as the observed start image does at inference, so that
+    a lone real frame is never taught to be distrusted)."""
 
-    def __init__(self, model: CausalVideoDiT, context_fn) -> None:
-        self.model, self.context_fn = model, context_fn
+    def __init__(self, model: CausalVideoDiT, context_fn, clean_first: int = 0) -> None:
+        if not (isinstance(clean_first, int) and clean_first >= 0):
+            raise ValueError(f"clean_first must be an int >= 0, got {clean_first!r}")
+        self.model, self.context_fn, self.clean_first = model, context_fn, clean_first
 
     def clean(self, batch: dict) -> torch.Tensor:
         return batch["x0"]
@@ -331,7 +336,8 @@ class DiTAdapter:
         b, k = frames.shape[:2]
         idx = mask.nonzero().flatten()
         noisy = frames.clone()
-        e = errors[idx].reshape(len(idx), -1, *frames.shape[2:])[:, -k:]
+        e = errors[idx].reshape(len(idx), -1, *frames.shape[2:])[:, -k:].clone()
+        e[:, :self.clean_first] = 0
         noisy[idx] = (frames[idx] + e).clamp_(-1, 1)
         return {**batch, "context_frames": noisy, "anchor": noisy[:, -1], "context": None}
 
@@ -429,7 +435,7 @@ def finetune(cfg: RecycleTrainConfig, progress: bool = False) -> Path:
     sampler = RecyclingClipSampler(data_cfg, data, accelerator.unwrap_model(model), rng)
     rcfg = cfg.recycling_config()
     bank = rcfg.make_bank(data_cfg.chunk_frames * 3 * data_cfg.size ** 2, seed=cfg.seed)
-    recycler = ErrorRecycler(DiTAdapter(model, sampler.context), rcfg, bank, seed=cfg.seed, accelerator=accelerator)
+    recycler = ErrorRecycler(DiTAdapter(model, sampler.context, clean_first=cfg.clean_first), rcfg, bank, seed=cfg.seed, accelerator=accelerator)
     step, elapsed = 0, 0.0
     from_base = (not resume and cfg.base_optimizer
                  and _load_moments(opt, list(model.parameters()), base / "training_state.safetensors"))
@@ -522,6 +528,8 @@ def model_card(cfg: RecycleTrainConfig, base: Path, step: int, elapsed: float, s
         for name in ("cond_prob", "latent_prob", "noise_prob", "clean_prob"):
             if getattr(rcfg, name) != getattr(svi, name):
                 flags += f" --{name.replace('_', '-')} {getattr(rcfg, name):g}"
+        if cfg.clean_first:
+            flags += f" --clean-first {cfg.clean_first}"
     if rcfg.cond_timesteps is not None and cfg.mode == "recycle":
         flags += (f" --cond-max-timestep {rcfg.cond_timesteps[1]:g}" if rcfg.cond_timesteps[0] == 0
                   else f" (recycling cond_timesteps {rcfg.cond_timesteps[0]:g}-{rcfg.cond_timesteps[1]:g})")
@@ -547,7 +555,7 @@ thread(s), batch {cfg.batch_size}, AdamW {cfg.lr:g} ({cfg.warmup} warm-up steps,
 {cfg.max_steps} steps; moments {moments}), gradient clipping 1.0, noise levels {cfg.timestep_sampling}, seed {cfg.seed};
 data: the base's StreamWorld training worlds and clips.
 
-- Step: conditioning-frame error p={rcfg.cond_prob} (from {bins}), clean-latent error p={rcfg.latent_prob}, noise error
+- Step: conditioning-frame error p={rcfg.cond_prob} (from {bins}{f'; the first {cfg.clean_first} context frame(s) kept real' if cfg.clean_first else ''}), clean-latent error p={rcfg.latent_prob}, noise error
   p={rcfg.noise_prob}, nothing injected p={rcfg.clean_prob}, clean-input samples banked p={rcfg.clean_bank_prob};
   target v = eps' - x0.
 {bank}- Loss over the last logged steps: {stats['loss'] if stats['loss'] is not None else float('nan'):.4f}.

@@ -162,6 +162,9 @@ class RecycleTrainConfig:
         save_every_s, log_every: checkpoint period (seconds), log period (steps).
         cache_dir: rendered StreamWorld streams (shared with ``streammem train generator``).
         recycling: the other :class:`ErrorRecyclingConfig` fields, by name.
+        clean_first: the oldest context frames of each clip that never get a conditioning error
+            (0: every frame, SVI; 1: the clip's first frame stays real, as the observed start
+            image does at inference).
     """
 
     base: str = ""
@@ -184,9 +187,11 @@ class RecycleTrainConfig:
     log_every: int = 20
     cache_dir: str = "~/.cache/streammem/generator"
     recycling: dict = field(default_factory=dict)
+    clean_first: int = 0
 
     def __post_init__(self) -> None:
         need = field_checker(self)
+        need(isinstance(self.clean_first, int) and self.clean_first >= 0, "clean_first", "an int >= 0")
         need(self.mode in MODES, "mode", f"one of {MODES}")
         need(isinstance(self.max_steps, int) and self.max_steps >= 1, "max_steps", "an int >= 1")
         need(self.minutes > 0, "minutes", "> 0")
