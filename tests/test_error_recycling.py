@@ -261,6 +261,16 @@ def test_drift_eval_on_a_tiny_model_writes_metrics_and_plots(tmp_path):
     a = np.random.default_rng(0).integers(0, 240, (8, 8, 3), dtype=np.uint8)
     assert colour_drift(a, a) == 0 and consistency(a, a) == pytest.approx(1.0)
     assert colour_drift(a + 10, a) == pytest.approx(10.0)  # means shift by 10, stds unchanged
+    import cv2
+
+    from streammem.eval.drift import detail
+
+    t = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
+    assert detail(t, t) == pytest.approx(1.0)
+    assert detail(cv2.GaussianBlur(t, (5, 5), 1.5), t) < 0.3  # blur loses detail
+    soft = cv2.GaussianBlur(t, (5, 5), 1.5)
+    noisy = np.clip(soft.astype(int) + np.random.default_rng(2).integers(-60, 60, t.shape), 0, 255).astype(np.uint8)
+    assert detail(noisy, soft) > 2  # noise: more high-frequency energy than the truth
     res = evaluate_drift({"plain": tiny_dit(0, 32, 8), "recycled": tiny_dit(1, 32, 8)}, seeds=(20_000,), chunks=3,
                          steps=1, progress=False)
     for label in ("plain", "recycled"):

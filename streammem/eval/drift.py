@@ -18,7 +18,12 @@ Metrics per chunk (the mean over the chunk's frames, then over seeds), images ui
   units; the ground truth's own value is reported beside it, since the true view changes too);
 - ``consistency``: consistency with the first frame, the histogram intersection of the frame's
   and the first frame's per-channel colour histograms (32 bins, averaged over channels; 1 is
-  the same colour distribution; the ground truth's own value beside it).
+  the same colour distribution; the ground truth's own value beside it);
+- ``detail``: the variance of the frame's Laplacian (grey levels) over the ground truth's: 1 is
+  as much fine detail as the truth, below 1 blur, above 1 more high-frequency energy than the
+  truth (noise, over-sharpening). PSNR rewards blur where the content is uncertain, so a model
+  that keeps its detail can score lower PSNR than one that washes out; this column tells them
+  apart.
 
 Degradation, per metric and model: the first chunk minus the last chunk, signed so that a
 positive value is a loss (``psnr`` and ``consistency``: first - last; ``colour_drift``: last -
@@ -39,6 +44,7 @@ import json
 import time
 from pathlib import Path
 
+import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
@@ -46,13 +52,14 @@ from streammem.eval.generation import psnr, render_path
 from streammem.models.video_dit import CausalVideoDiT
 from streammem.pipelines.generation import GenerationConfig, StreamingGenerationPipeline
 
-__all__ = ["METRICS", "evaluate_drift", "colour_drift", "consistency", "seed_bootstrap_ratio", "summarize",
+__all__ = ["METRICS", "evaluate_drift", "colour_drift", "consistency", "detail", "seed_bootstrap_ratio", "summarize",
            "write_results", "plot_metric"]
 
 #: metric -> (title, True when higher is better)
 METRICS = {"psnr": ("PSNR vs ground truth (dB)", True),
            "colour_drift": ("colour statistics drift from the first frame (0-255)", False),
-           "consistency": ("colour consistency with the first frame (histogram intersection)", True)}
+           "consistency": ("colour consistency with the first frame (histogram intersection)", True),
+           "detail": ("detail: Laplacian variance / the ground truth's (1 = as sharp)", True)}
 
 
 def _stats(img: np.ndarray) -> np.ndarray:
@@ -73,6 +80,17 @@ def _hist(img: np.ndarray) -> np.ndarray:
 def consistency(img: np.ndarray, first: np.ndarray) -> float:
     """Histogram intersection (per channel, 32 bins, averaged) of ``img`` and ``first`` in [0, 1]."""
     return float(np.minimum(_hist(img), _hist(first)).sum(1).mean())
+
+
+def _laplacian_var(img: np.ndarray) -> float:
+    grey = cv2.cvtColor(img, cv2.COLOR_RGB2GRAY).astype(np.float32)
+    return float(cv2.Laplacian(grey, cv2.CV_32F).var())
+
+
+def detail(img: np.ndarray, truth: np.ndarray) -> float:
+    """Fine detail of ``img`` relative to ``truth`` (uint8 RGB): the ratio of their Laplacian
+    variances (1 = as sharp as the truth; a flat truth counts as variance 1e-6)."""
+    return _laplacian_var(img) / max(_laplacian_var(truth), 1e-6)
 
 
 def _rollout(model: CausalVideoDiT, cfg: GenerationConfig, gt: list, chunks: int) -> list[dict]:
@@ -96,6 +114,7 @@ def _rollout(model: CausalVideoDiT, cfg: GenerationConfig, gt: list, chunks: int
         row["psnr"] = float(np.mean([psnr(fr.image, g) for fr, g in zip(mine, truth)]))
         row["colour_drift"] = float(np.mean([colour_drift(fr.image, first) for fr in mine]))
         row["consistency"] = float(np.mean([consistency(fr.image, first) for fr in mine]))
+        row["detail"] = float(np.mean([detail(fr.image, g) for fr, g in zip(mine, truth)]))
         row["gt_colour_drift"] = float(np.mean([colour_drift(g, gt[0].image) for g in truth]))
         row["gt_consistency"] = float(np.mean([consistency(g, gt[0].image) for g in truth]))
     return rows
@@ -147,10 +166,14 @@ def summarize(rows: list[dict], labels: list[str], seeds, chunks: int, edge: int
         mine = [r for r in rows if r["model"] == label]
         curve = {}
         for key in (*METRICS, "gt_colour_drift", "gt_consistency", "seconds"):
+            if any(key not in r for r in mine):
+                continue  # rows written before the metric existed
             curve[key] = [float(np.mean([r[key] for r in mine if r["chunk"] == k])) for k in range(chunks)]
         curves[label] = curve
         row = {"seconds_per_chunk": float(np.median([r["seconds"] for r in mine]))}
         for key, (_, higher) in METRICS.items():
+            if key not in curve:
+                continue
             first, last = float(np.mean(curve[key][:edge])), float(np.mean(curve[key][-edge:]))
             row[f"{key}_first"], row[f"{key}_last"] = first, last
             row[f"{key}_degradation"] = first - last if higher else last - first
@@ -250,17 +273,22 @@ def format_results(res: dict, plots: dict[str, str]) -> str:
              + (" and the start image (re-projected as the first anchor)" if s.get("reference_anchor") else "")
              + f". Columns: {edge}, degradation (positive = worse).", "",
              "| model | PSNR (dB) | PSNR degradation | colour drift | colour drift degradation | consistency | "
-             "consistency degradation | s / chunk |", "|---|---:|---:|---:|---:|---:|---:|---:|"]
+             "consistency degradation | detail | detail degradation | s / chunk |",
+             "|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
     for label, r in summary.items():
+        dt = (f"{r['detail_first']:.2f} / {r['detail_last']:.2f} | {r['detail_degradation']:+.2f}"
+              if "detail_first" in r else "- | -")
         lines.append(f"| {label} | {r['psnr_first']:.2f} / {r['psnr_last']:.2f} | {r['psnr_degradation']:+.2f} | "
                      f"{r['colour_drift_first']:.2f} / {r['colour_drift_last']:.2f} | "
                      f"{r['colour_drift_degradation']:+.2f} | {r['consistency_first']:.3f} / "
-                     f"{r['consistency_last']:.3f} | {r['consistency_degradation']:+.3f} | "
+                     f"{r['consistency_last']:.3f} | {r['consistency_degradation']:+.3f} | {dt} | "
                      f"{r['seconds_per_chunk']:.3f} |")
     if "plain" in summary and "recycled" in summary:
         p, r = summary["plain"], summary["recycled"]
         lines.append("")
         for key in METRICS:
+            if f"{key}_degradation" not in p or f"{key}_degradation" not in r:
+                continue
             if p[f"{key}_degradation"] > 0:
                 target = " (target: <= 0.5)" if key == "psnr" else ""
                 spread = ""
