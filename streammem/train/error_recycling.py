@@ -435,7 +435,8 @@ def finetune(cfg: RecycleTrainConfig, progress: bool = False) -> Path:
     sampler = RecyclingClipSampler(data_cfg, data, accelerator.unwrap_model(model), rng)
     rcfg = cfg.recycling_config()
     bank = rcfg.make_bank(data_cfg.chunk_frames * 3 * data_cfg.size ** 2, seed=cfg.seed)
-    recycler = ErrorRecycler(DiTAdapter(model, sampler.context, clean_first=cfg.clean_first), rcfg, bank, seed=cfg.seed, accelerator=accelerator)
+    adapter = DiTAdapter(model, sampler.context, clean_first=cfg.clean_first)
+    recycler = ErrorRecycler(adapter, rcfg, bank, seed=cfg.seed, accelerator=accelerator)
     step, elapsed = 0, 0.0
     from_base = (not resume and cfg.base_optimizer
                  and _load_moments(opt, list(model.parameters()), base / "training_state.safetensors"))
@@ -518,6 +519,7 @@ def model_card(cfg: RecycleTrainConfig, base: Path, step: int, elapsed: float, s
             f"{cfg.bank_mb} MiB cap ({cfg.bank_dtype}), {rcfg.replace} replacement; {stats.get('bank_errors', 0)} "
             f"errors held at the end (both sides); {stats['injected']} of {stats['samples']} samples had an error "
             "injected.\n" if cfg.mode == "recycle" else "")
+    kept = f"; the first {cfg.clean_first} context frame(s) kept real" if cfg.clean_first else ""
     moments = "from the base's training state" if stats.get("base_moments") else "from zero"
     bins = ("every bin" if rcfg.cond_timesteps is None else
             f"the bins at timesteps {rcfg.cond_timesteps[0]:g}-{rcfg.cond_timesteps[1]:g}")
@@ -555,7 +557,7 @@ thread(s), batch {cfg.batch_size}, AdamW {cfg.lr:g} ({cfg.warmup} warm-up steps,
 {cfg.max_steps} steps; moments {moments}), gradient clipping 1.0, noise levels {cfg.timestep_sampling}, seed {cfg.seed};
 data: the base's StreamWorld training worlds and clips.
 
-- Step: conditioning-frame error p={rcfg.cond_prob} (from {bins}{f'; the first {cfg.clean_first} context frame(s) kept real' if cfg.clean_first else ''}), clean-latent error p={rcfg.latent_prob}, noise error
+- Step: conditioning-frame error p={rcfg.cond_prob} (from {bins}{kept}), clean-latent error p={rcfg.latent_prob}, noise error
   p={rcfg.noise_prob}, nothing injected p={rcfg.clean_prob}, clean-input samples banked p={rcfg.clean_bank_prob};
   target v = eps' - x0.
 {bank}- Loss over the last logged steps: {stats['loss'] if stats['loss'] is not None else float('nan'):.4f}.
