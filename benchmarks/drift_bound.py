@@ -12,11 +12,14 @@ then generated with the rollout's own per-chunk seed and scored against the trut
 reference anchor (the default) the start image stays the observed frame it re-projects.
 
 Its first-minus-last degradation (``--edge`` chunks at each end, as in `streammem eval drift`)
-is what a generator of this quality loses with no drift at all. The first chunk is the normal
-rollout's (memory = the start image). With ``--drift DIR`` (an `eval drift` output on the same
-seeds and settings) it prints, for each model, the share of its measured degradation that is
-drift-free, and the smallest recycled / plain ratio a model as good as each one could reach with
-zero drift: ``drift-free degradation / plain's measured degradation``.
+estimates what a generator of this quality loses with no drift at all. Chunk 0 is the normal
+rollout's (memory = the start image); later chunks, the first ``edge`` included, read the known
+frames. The estimate leans high: the flat mean-colour fill is not the best guess of unseen
+ground, and the model never saw such frames in training, so a rollout can measure below it.
+With ``--drift DIR`` (an `eval drift` output with the same seeds and settings) it prints, for
+each model, the share of its measured degradation the drift-free rollout shows, and that
+rollout's degradation over plain's measured one (``ratio floor``: roughly where a model as good
+as each one would stand with zero drift).
 
     python benchmarks/drift_bound.py --model plain=DIR --model recycled=DIR [--drift OUT] \
         [--seed 20000 --seed 20001 ...] [--chunks 50] [--edge 3] [--no-reference-anchor] [--pan-speed 80]
@@ -40,7 +43,7 @@ from streammem.pipelines.jobs import load_default_generator
 from streammem.types import Frame
 
 
-def known_frames(gt: list, focal: float) -> list[np.ndarray]:
+def known_frames(gt: list, focal: float, plane_z: float = 0.0) -> list[np.ndarray]:
     """Per frame of ``gt``: the start image re-projected to its pose where it covers the view,
     the start image's mean colour elsewhere (uint8 RGB)."""
     x0 = torch.from_numpy(gt[0].image).permute(2, 0, 1)[None].float() / 127.5 - 1
@@ -48,7 +51,7 @@ def known_frames(gt: list, focal: float) -> list[np.ndarray]:
     mean = x0.mean((2, 3), keepdim=True)
     out = []
     for g in gt:
-        warped, cover = reproject(x0, p0, torch.from_numpy(g.pose)[None].float(), focal)
+        warped, cover = reproject(x0, p0, torch.from_numpy(g.pose)[None].float(), focal, plane_z)
         f = torch.where(cover > 0, warped, mean)
         out.append(((f[0].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).round().astype(np.uint8))
     return out
@@ -99,12 +102,15 @@ def main() -> None:
     size = next(iter(models.values())).config.sample_size
     f = next(iter(models.values())).config.chunk_frames
     focal = next(iter(models.values())).config.focal_px
+    plane_z = next(iter(models.values())).config.plane_z
     measured = {}
     if args.drift is not None:
         d = json.loads((args.drift / "summary.json").read_text())
-        if d["setup"]["seeds"] != seeds or d["setup"]["chunks"] != args.chunks or d["setup"]["edge"] != args.edge \
-                or bool(d["setup"].get("reference_anchor")) == args.no_reference_anchor \
-                or d["setup"].get("pan_speed", 80.0) != args.pan_speed:
+        st = d["setup"]
+        if st["seeds"] != seeds or st["chunks"] != args.chunks or st["edge"] != args.edge \
+                or st["steps"] != args.steps or st["memory"] != cfg.memory or st.get("chain_clip_frames") \
+                or bool(st.get("reference_anchor")) == args.no_reference_anchor \
+                or st.get("pan_speed", 80.0) != args.pan_speed:
             raise SystemExit(f"{args.drift} was run with other settings: {d['setup']}")
         measured = {k: v["psnr_degradation"] for k, v in d["summary"].items()}
     print(f"seeds {seeds}, {args.chunks} chunks of {f} frames, edge {args.edge}, pan {args.pan_speed:g} px/s, "
@@ -116,7 +122,7 @@ def main() -> None:
         curves = []
         for seed in seeds:
             gt = render_path(seed, args.chunks * f + 1, size, pan_speed=args.pan_speed)
-            curves.append(drift_free(model, cfg, gt, known_frames(gt, focal), args.chunks))
+            curves.append(drift_free(model, cfg, gt, known_frames(gt, focal, plane_z), args.chunks))
         m = np.mean(curves, 0)
         first, last = float(m[:args.edge].mean()), float(m[-args.edge:].mean())
         deg = first - last

@@ -266,7 +266,7 @@ def test_drift_eval_on_a_tiny_model_writes_metrics_and_plots(tmp_path):
     from streammem.eval.drift import detail
 
     t = np.random.default_rng(1).integers(0, 256, (32, 32, 3), dtype=np.uint8)
-    assert detail(t, t) == pytest.approx(1.0)
+    assert detail(t, t) == pytest.approx(1.0) and detail([t, t], [t, t]) == pytest.approx(1.0)
     assert detail(cv2.GaussianBlur(t, (5, 5), 1.5), t) < 0.3  # blur loses detail
     soft = cv2.GaussianBlur(t, (5, 5), 1.5)
     noisy = np.clip(soft.astype(int) + np.random.default_rng(2).integers(-60, 60, t.shape), 0, 255).astype(np.uint8)
@@ -290,6 +290,39 @@ def test_drift_eval_on_a_tiny_model_writes_metrics_and_plots(tmp_path):
         assert paths[key].stat().st_size > 1000 and paths[key].read_bytes()[:4] == b"\x89PNG"
     text = paths["results"].read_text()
     assert "| plain |" in text and "time per chunk, recycled / plain" in text
+
+
+def test_summarize_per_seed_with_edges_and_rows_without_detail(tmp_path):
+    from streammem.eval.drift import loss, summarize, write_results
+
+    # two seeds, 4 chunks, edge 2: seed 1 loses 1 dB per chunk, seed 2 gains 0.5 dB per chunk
+    rows = []
+    for seed, slope in ((1, -1.0), (2, 0.5)):
+        for c in range(4):
+            rows.append({"model": "plain", "seed": seed, "chunk": c, "seconds": 0.1, "psnr": 20 + slope * c,
+                         "colour_drift": 1.0 + c, "consistency": 0.9, "gt_colour_drift": 1.0,
+                         "gt_consistency": 0.9, "detail": 1.0 if seed == 1 else 2.0 ** (c - 1)})
+    rows += [{**r, "model": "recycled", "psnr": r["psnr"] + 1} for r in rows]
+    curves, summary = summarize(rows, ["plain", "recycled"], [1, 2], 4, 2)
+    p = summary["plain"]
+    # seed 1: first (20 + 19) / 2 = 19.5, last (18 + 17) / 2 = 17.5 -> +2; seed 2: 20.25 -> 21.25 -> -1
+    assert p["psnr_degradation_seeds"] == pytest.approx([2.0, -1.0])
+    assert p["psnr_degradation"] == pytest.approx(0.5)  # the mean of the per-seed values
+    assert p["colour_drift_degradation_seeds"] == pytest.approx([2.0, 2.0])  # last - first: worse
+    # detail: seed 2 goes 0.5, 1 -> 2, 4 (geometric ends 0.71, 2.83): distance from 1 grows either way
+    assert p["detail_degradation_seeds"][0] == 0.0
+    assert p["detail_degradation_seeds"][1] == pytest.approx(abs(np.log(3.0)) - abs(np.log(0.75)))
+    assert loss("detail", 1.0, 2.0) == pytest.approx(np.log(2)) == pytest.approx(loss("detail", 1.0, 0.5))
+    assert summary["recycled"]["psnr_degradation"] == pytest.approx(0.5)
+    # rows written before the detail metric: summarized and written without it
+    old = [{k: v for k, v in r.items() if k != "detail"} for r in rows]
+    curves, summary = summarize(old, ["plain", "recycled"], [1, 2], 4, 2)
+    assert "detail" not in curves["plain"] and "detail_degradation" not in summary["plain"]
+    res = {"curves": curves, "summary": summary, "chunks": old,
+           "setup": {"seeds": [1, 2], "chunks": 4, "chunk_frames": 2, "steps": 8, "edge": 2, "size": 64,
+                     "memory": "posekv", "chain_clip_frames": None, "chain_frames": 4, "chain_ref_pad": False}}
+    paths = write_results(res, tmp_path)
+    assert "detail" not in paths and "| - | - |" in paths["results"].read_text()
 
 
 def test_seed_bootstrap_ratio_interval():
@@ -332,6 +365,17 @@ def test_recycle_command_passes_the_injection_probabilities(monkeypatch, tmp_pat
     card = er.model_card(seen[0], tmp_path, 1, 1.0, {"injected": 1, "samples": 8, "loss": 0.1})
     assert "--latent-prob 0 --noise-prob 0 --cond-max-timestep 150" in card
     assert "replayed into its conditioning frames)" in card
+    # the card's command line gives the same configuration back
+    res = CliRunner().invoke(app, ["train", "recycle", "--out", str(tmp_path / "o"), "--clean-first", "1",
+                                   "--noise-prob", "0.5", "--lr", "3e-5"])
+    assert res.exit_code == 0, res.output
+    card = er.model_card(seen[1], tmp_path, 1, 1.0, {"injected": 1, "samples": 8, "loss": 0.1})
+    line = next(ln for ln in card.splitlines() if ln.startswith("`streammem train recycle"))
+    args = line.strip("`:").split()[3:]
+    args = [a for a in args if a != "(shipped)" and a != "--base"]
+    res = CliRunner().invoke(app, ["train", "recycle", "--out", str(tmp_path / "o"), *args])
+    assert res.exit_code == 0, res.output
+    assert seen[2] == seen[1] and seen[2].clean_first == 1 and seen[2].recycling == {"noise_prob": 0.5}
     res = CliRunner().invoke(app, ["train", "recycle", "--out", str(tmp_path / "o"), "--clean-prob", "1.5"])
     assert res.exit_code != 0 and "clean_prob" in res.output
 
@@ -354,6 +398,9 @@ def test_clean_first_keeps_the_oldest_context_frames_real():
         assert torch.equal(out["anchor"], out["context_frames"][:, -1])
     with pytest.raises(ValueError, match="clean_first"):
         DiTAdapter(None, None, clean_first=-1)
+    # every context frame kept real: no draws, so nothing counts as injected
+    assert DiTAdapter(None, None, clean_first=5).condition_draws(batch) == 0
+    assert DiTAdapter(None, None, clean_first=4).condition_draws(batch) == 3
 
 
 def test_the_batched_context_is_the_samplers_context():

@@ -217,14 +217,15 @@ def eval_drift(
                                        "conditions every clip"),
     reference_anchor: bool = typer.Option(default(GenerationConfig, "reference_anchor"),
                                           help="re-project the start frame as the first anchor of every chunk"),
-    pan_speed: float = typer.Option(80.0, help="the camera's typical pan (world px/s; 80 = the training's, "
-                                    "which soon leaves the start image's ground; slow keeps it in view)"),
+    pan_speed: float = typer.Option(80.0, help="the camera's typical pan (world px/s; 80 = the training's, over "
+                                    "ground the start image shows only in part; 8 keeps most of it in view)"),
     threads: int = typer.Option(1, help="torch threads"),
     out: Path = typer.Option(Path("outputs/eval_drift"), "--out", "-o", help="results folder"),
     progress: bool = typer.Option(True, help="show a progress bar"),
 ) -> None:
     """Drift of a plain against an error-recycled fine-tune over long rollouts on held-out worlds:
-    per-chunk PSNR, colour drift and consistency with the first frame, plots, degradation, cost."""
+    per-chunk PSNR, colour drift, consistency with the first frame and detail, plots,
+    degradation (with per-seed values and a seed-bootstrap interval of the ratio), cost."""
     import torch
 
     from streammem.eval.drift import evaluate_drift, write_results

@@ -25,10 +25,12 @@ Metrics per chunk (the mean over the chunk's frames, then over seeds), images ui
   that keeps its detail can score lower PSNR than one that washes out; this column tells them
   apart.
 
-Degradation, per metric and model: the first chunk minus the last chunk, signed so that a
-positive value is a loss (``psnr`` and ``consistency``: first - last; ``colour_drift``: last -
-first); ``edge`` > 1 averages the first and last ``edge`` chunks. It is also computed per seed
-(``<metric>_degradation_seeds``, in seed order; their mean is the degradation), and the
+Degradation, per metric and model: the first chunk against the last chunk, signed so that a
+positive value is a loss (:func:`loss`: ``psnr`` and ``consistency``: first - last;
+``colour_drift``: last - first; ``detail``: ``|ln last| - |ln first|``, the growth of its
+distance from the truth's detail); ``edge`` > 1 averages the first and last ``edge`` chunks. It
+is also computed per seed (``<metric>_degradation_seeds``, in seed order; for every metric but
+``detail`` their mean is the degradation), and the
 recycled / plain ratio gets a seed-bootstrap interval (:func:`seed_bootstrap_ratio`): with the
 reference anchor, how much of the start image's ground the last chunks look at varies from
 seed to seed, and so does the degradation. Cost: the median seconds per
@@ -52,14 +54,26 @@ from streammem.eval.generation import psnr, render_path
 from streammem.models.video_dit import CausalVideoDiT
 from streammem.pipelines.generation import GenerationConfig, StreamingGenerationPipeline
 
-__all__ = ["METRICS", "evaluate_drift", "colour_drift", "consistency", "detail", "seed_bootstrap_ratio", "summarize",
+__all__ = ["METRICS", "loss", "evaluate_drift", "colour_drift", "consistency", "detail", "seed_bootstrap_ratio", "summarize",
            "write_results", "plot_metric"]
 
-#: metric -> (title, True when higher is better)
-METRICS = {"psnr": ("PSNR vs ground truth (dB)", True),
-           "colour_drift": ("colour statistics drift from the first frame (0-255)", False),
-           "consistency": ("colour consistency with the first frame (histogram intersection)", True),
-           "detail": ("detail: Laplacian variance / the ground truth's (1 = as sharp)", True)}
+#: metric -> (title, sense): "higher" or "lower" is better, or "one" (the truth's own value, 1)
+METRICS = {"psnr": ("PSNR vs ground truth (dB)", "higher"),
+           "colour_drift": ("colour statistics drift from the first frame (0-255)", "lower"),
+           "consistency": ("colour consistency with the first frame (histogram intersection)", "higher"),
+           "detail": ("detail: Laplacian variance / the ground truth's (1 = as sharp)", "one")}
+
+
+def loss(metric: str, first: float, last: float) -> float:
+    """The degradation of ``metric`` from ``first`` to ``last`` (positive = worse): the drop for
+    a higher-is-better metric, the rise for a lower-is-better one, and for ``detail`` the growth
+    of ``|ln value|``, the distance from the truth's own detail (so blur and noise both count)."""
+    sense = METRICS[metric][1]
+    if sense == "higher":
+        return first - last
+    if sense == "lower":
+        return last - first
+    return abs(float(np.log(max(last, 1e-12)))) - abs(float(np.log(max(first, 1e-12))))
 
 
 def _stats(img: np.ndarray) -> np.ndarray:
@@ -87,10 +101,15 @@ def _laplacian_var(img: np.ndarray) -> float:
     return float(cv2.Laplacian(grey, cv2.CV_32F).var())
 
 
-def detail(img: np.ndarray, truth: np.ndarray) -> float:
-    """Fine detail of ``img`` relative to ``truth`` (uint8 RGB): the ratio of their Laplacian
-    variances (1 = as sharp as the truth; a flat truth counts as variance 1e-6)."""
-    return _laplacian_var(img) / max(_laplacian_var(truth), 1e-6)
+def detail(images, truths) -> float:
+    """Fine detail of ``images`` relative to ``truths`` (uint8 RGB, one image or a list of
+    them, paired): the sum of their Laplacian variances over the truths' (1 = as sharp as the
+    truth; a flat truth counts as variance 1e-6, and a sum keeps one flat frame from
+    dominating)."""
+    if isinstance(images, np.ndarray):
+        images, truths = [images], [truths]
+    made = sum(_laplacian_var(i) for i in images)
+    return made / max(sum(_laplacian_var(t) for t in truths), 1e-6)
 
 
 def _rollout(model: CausalVideoDiT, cfg: GenerationConfig, gt: list, chunks: int) -> list[dict]:
@@ -114,7 +133,7 @@ def _rollout(model: CausalVideoDiT, cfg: GenerationConfig, gt: list, chunks: int
         row["psnr"] = float(np.mean([psnr(fr.image, g) for fr, g in zip(mine, truth)]))
         row["colour_drift"] = float(np.mean([colour_drift(fr.image, first) for fr in mine]))
         row["consistency"] = float(np.mean([consistency(fr.image, first) for fr in mine]))
-        row["detail"] = float(np.mean([detail(fr.image, g) for fr, g in zip(mine, truth)]))
+        row["detail"] = detail([fr.image for fr in mine], truth)
         row["gt_colour_drift"] = float(np.mean([colour_drift(g, gt[0].image) for g in truth]))
         row["gt_consistency"] = float(np.mean([consistency(g, gt[0].image) for g in truth]))
     return rows
@@ -126,8 +145,9 @@ def evaluate_drift(models: dict[str, CausalVideoDiT], seeds=(20_000, 20_001), ch
     """Roll out every model on every seed for ``chunks`` chunks (see the module docstring).
     ``models``: label -> model, all with the same frame size and chunk length. ``pan_speed``:
     the camera program's typical pan (world px per second; 80 is the training's, under which
-    the camera leaves the start image's ground within seconds; a slow pan keeps most of the view
-    on ground the start image shows, so that what is lost is mostly drift). Returns
+    the view moves over ground the start image shows only in part or at another scale; a slow
+    pan keeps most of the view on ground the start image shows, so that most of what is lost is
+    drift). Returns
     ``{"curves": {label: {metric: [per chunk]}}, "summary": {label: {...}}, "chunks": rows,
     "setup": {...}}``."""
     if not models:
@@ -171,18 +191,18 @@ def summarize(rows: list[dict], labels: list[str], seeds, chunks: int, edge: int
             curve[key] = [float(np.mean([r[key] for r in mine if r["chunk"] == k])) for k in range(chunks)]
         curves[label] = curve
         row = {"seconds_per_chunk": float(np.median([r["seconds"] for r in mine]))}
-        for key, (_, higher) in METRICS.items():
+        for key in METRICS:
             if key not in curve:
                 continue
             first, last = float(np.mean(curve[key][:edge])), float(np.mean(curve[key][-edge:]))
             row[f"{key}_first"], row[f"{key}_last"] = first, last
-            row[f"{key}_degradation"] = first - last if higher else last - first
+            row[f"{key}_degradation"] = loss(key, first, last)
             row[f"{key}_mean"] = float(np.mean(curve[key]))
             per_seed = []
             for seed in seeds:
                 ys = [r[key] for r in sorted((r for r in mine if r["seed"] == seed), key=lambda r: r["chunk"])]
                 a, b = float(np.mean(ys[:edge])), float(np.mean(ys[-edge:]))
-                per_seed.append(a - b if higher else b - a)
+                per_seed.append(loss(key, a, b))
             row[f"{key}_degradation_seeds"] = per_seed
         summary[label] = row
     return curves, summary
@@ -314,7 +334,8 @@ def format_results(res: dict, plots: dict[str, str]) -> str:
 def write_results(res: dict, out: Path) -> dict[str, Path]:
     """Write one PNG per metric, ``results.md``, ``summary.json`` and ``chunks.jsonl`` to ``out``."""
     out.mkdir(parents=True, exist_ok=True)
-    plots = {key: plot_metric(res["curves"], key, out / f"drift_{key}.png") for key in METRICS}
+    plots = {key: plot_metric(res["curves"], key, out / f"drift_{key}.png") for key in METRICS
+             if all(key in c for c in res["curves"].values())}  # rows from before a metric existed lack it
     (out / "results.md").write_text(format_results(res, {k: p.name for k, p in plots.items()}) + "\n")
     (out / "summary.json").write_text(json.dumps({"summary": res["summary"], "setup": res["setup"],
                                                   "curves": res["curves"]}, indent=1))

@@ -329,7 +329,10 @@ class DiTAdapter:
         return batch["x0"]
 
     def condition_draws(self, batch: dict) -> int:
-        return math.ceil(batch["context_frames"].shape[1] / batch["x0"].shape[1])
+        k = batch["context_frames"].shape[1]  # shared by the batch
+        if k <= self.clean_first:
+            return 0  # every context frame stays real: nothing to inject (nor to count as injected)
+        return math.ceil(k / batch["x0"].shape[1])
 
     def inject_condition(self, batch: dict, errors: torch.Tensor, mask: torch.Tensor) -> dict:
         frames = batch["context_frames"]
