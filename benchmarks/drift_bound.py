@@ -36,9 +36,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from streammem.eval.generation import psnr, render_path
+from streammem.eval.generation import TRAINING_PAN_SPEED, psnr, render_path
 from streammem.models.video_dit import CausalVideoDiT, reproject
-from streammem.pipelines.generation import GenerationConfig, StreamingGenerationPipeline
+from streammem.pipelines.generation import GenerationConfig, StreamingGenerationPipeline, _to_image, _to_tensor
 from streammem.pipelines.jobs import load_default_generator
 from streammem.types import Frame
 
@@ -46,14 +46,14 @@ from streammem.types import Frame
 def known_frames(gt: list, focal: float, plane_z: float = 0.0) -> list[np.ndarray]:
     """Per frame of ``gt``: the start image re-projected to its pose where it covers the view,
     the start image's mean colour elsewhere (uint8 RGB)."""
-    x0 = torch.from_numpy(gt[0].image).permute(2, 0, 1)[None].float() / 127.5 - 1
+    x0 = _to_tensor(gt[0].image, gt[0].image.shape[0])[None]
     p0 = torch.from_numpy(gt[0].pose)[None].float()
     mean = x0.mean((2, 3), keepdim=True)
     out = []
     for g in gt:
         warped, cover = reproject(x0, p0, torch.from_numpy(g.pose)[None].float(), focal, plane_z)
         f = torch.where(cover > 0, warped, mean)
-        out.append(((f[0].permute(1, 2, 0).numpy() + 1) * 127.5).clip(0, 255).round().astype(np.uint8))
+        out.append(_to_image(f[0]))
     return out
 
 
@@ -85,7 +85,8 @@ def main() -> None:
     ap.add_argument("--edge", type=int, default=3)
     ap.add_argument("--steps", type=int, default=8)
     ap.add_argument("--no-reference-anchor", action="store_true")
-    ap.add_argument("--pan-speed", type=float, default=80.0, help="camera pan, world px/s (as `eval drift`)")
+    ap.add_argument("--pan-speed", type=float, default=TRAINING_PAN_SPEED,
+                    help="camera pan, world px/s (as `eval drift`)")
     ap.add_argument("--drift", type=Path, default=None, help="an `eval drift` output folder to compare with")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -99,10 +100,8 @@ def main() -> None:
         models[label] = CausalVideoDiT.from_pretrained(path).eval()
     if not models:
         models["shipped"] = load_default_generator().model
-    size = next(iter(models.values())).config.sample_size
-    f = next(iter(models.values())).config.chunk_frames
-    focal = next(iter(models.values())).config.focal_px
-    plane_z = next(iter(models.values())).config.plane_z
+    mc = next(iter(models.values())).config
+    size, f = mc.sample_size, mc.chunk_frames
     measured = {}
     if args.drift is not None:
         d = json.loads((args.drift / "summary.json").read_text())
@@ -110,7 +109,7 @@ def main() -> None:
         if st["seeds"] != seeds or st["chunks"] != args.chunks or st["edge"] != args.edge \
                 or st["steps"] != args.steps or st["memory"] != cfg.memory or st.get("chain_clip_frames") \
                 or bool(st.get("reference_anchor")) == args.no_reference_anchor \
-                or st.get("pan_speed", 80.0) != args.pan_speed:
+                or st.get("pan_speed", TRAINING_PAN_SPEED) != args.pan_speed:
             raise SystemExit(f"{args.drift} was run with other settings: {d['setup']}")
         measured = {k: v["psnr_degradation"] for k, v in d["summary"].items()}
     print(f"seeds {seeds}, {args.chunks} chunks of {f} frames, edge {args.edge}, pan {args.pan_speed:g} px/s, "
@@ -122,7 +121,7 @@ def main() -> None:
         curves = []
         for seed in seeds:
             gt = render_path(seed, args.chunks * f + 1, size, pan_speed=args.pan_speed)
-            curves.append(drift_free(model, cfg, gt, known_frames(gt, focal, plane_z), args.chunks))
+            curves.append(drift_free(model, cfg, gt, known_frames(gt, mc.focal_px, mc.plane_z), args.chunks))
         m = np.mean(curves, 0)
         first, last = float(m[:args.edge].mean()), float(m[-args.edge:].mean())
         deg = first - last

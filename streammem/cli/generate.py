@@ -20,7 +20,7 @@ from typing import List, Optional
 import typer
 
 from streammem.cli.common import app, default, eval_app, fail, job_errors, train_app
-from streammem.eval.generation import MEMORIES
+from streammem.eval.generation import MEMORIES, TRAINING_PAN_SPEED
 from streammem.pipelines.generation_config import GENERATION_MEMORIES, GenerationConfig
 from streammem.train.generation_config import ErrorRecyclingConfig, RecycleTrainConfig, TrainConfig
 
@@ -217,8 +217,9 @@ def eval_drift(
                                        "conditions every clip"),
     reference_anchor: bool = typer.Option(default(GenerationConfig, "reference_anchor"),
                                           help="re-project the start frame as the first anchor of every chunk"),
-    pan_speed: float = typer.Option(80.0, help="the camera's typical pan (world px/s; 80 = the training's, over "
-                                    "ground the start image shows only in part; 8 keeps most of it in view)"),
+    pan_speed: float = typer.Option(TRAINING_PAN_SPEED, help="the camera's typical pan (world px/s; 80 = the "
+                                    "training's, over ground the start image shows only in part; 8 keeps most of "
+                                    "it in view)"),
     threads: int = typer.Option(1, help="torch threads"),
     out: Path = typer.Option(Path("outputs/eval_drift"), "--out", "-o", help="results folder"),
     progress: bool = typer.Option(True, help="show a progress bar"),

@@ -50,12 +50,12 @@ import cv2
 import numpy as np
 from tqdm.auto import tqdm
 
-from streammem.eval.generation import psnr, render_path
+from streammem.eval.generation import TRAINING_PAN_SPEED, psnr, render_path
 from streammem.models.video_dit import CausalVideoDiT
 from streammem.pipelines.generation import GenerationConfig, StreamingGenerationPipeline
 
-__all__ = ["METRICS", "loss", "evaluate_drift", "colour_drift", "consistency", "detail", "seed_bootstrap_ratio", "summarize",
-           "write_results", "plot_metric"]
+__all__ = ["METRICS", "loss", "evaluate_drift", "colour_drift", "consistency", "detail", "seed_bootstrap_ratio",
+           "summarize", "write_results", "plot_metric"]
 
 #: metric -> (title, sense): "higher" or "lower" is better, or "one" (the truth's own value, 1)
 METRICS = {"psnr": ("PSNR vs ground truth (dB)", "higher"),
@@ -141,7 +141,7 @@ def _rollout(model: CausalVideoDiT, cfg: GenerationConfig, gt: list, chunks: int
 
 def evaluate_drift(models: dict[str, CausalVideoDiT], seeds=(20_000, 20_001), chunks: int = 50, steps: int = 8,
                    edge: int = 1, config: GenerationConfig | None = None, progress: bool = True,
-                   pan_speed: float = 80.0) -> dict:
+                   pan_speed: float = TRAINING_PAN_SPEED) -> dict:
     """Roll out every model on every seed for ``chunks`` chunks (see the module docstring).
     ``models``: label -> model, all with the same frame size and chunk length. ``pan_speed``:
     the camera program's typical pan (world px per second; 80 is the training's, under which
@@ -191,21 +191,23 @@ def summarize(rows: list[dict], labels: list[str], seeds, chunks: int, edge: int
             curve[key] = [float(np.mean([r[key] for r in mine if r["chunk"] == k])) for k in range(chunks)]
         curves[label] = curve
         row = {"seconds_per_chunk": float(np.median([r["seconds"] for r in mine]))}
+        by_seed = {seed: sorted((r for r in mine if r["seed"] == seed), key=lambda r: r["chunk"]) for seed in seeds}
         for key in METRICS:
             if key not in curve:
                 continue
-            first, last = float(np.mean(curve[key][:edge])), float(np.mean(curve[key][-edge:]))
+            first, last = _ends(curve[key], edge)
             row[f"{key}_first"], row[f"{key}_last"] = first, last
             row[f"{key}_degradation"] = loss(key, first, last)
             row[f"{key}_mean"] = float(np.mean(curve[key]))
-            per_seed = []
-            for seed in seeds:
-                ys = [r[key] for r in sorted((r for r in mine if r["seed"] == seed), key=lambda r: r["chunk"])]
-                a, b = float(np.mean(ys[:edge])), float(np.mean(ys[-edge:]))
-                per_seed.append(loss(key, a, b))
-            row[f"{key}_degradation_seeds"] = per_seed
+            row[f"{key}_degradation_seeds"] = [loss(key, *_ends([r[key] for r in by_seed[seed]], edge))
+                                               for seed in seeds]
         summary[label] = row
     return curves, summary
+
+
+def _ends(ys: list[float], edge: int) -> tuple[float, float]:
+    """The means of the first and the last ``edge`` values."""
+    return float(np.mean(ys[:edge])), float(np.mean(ys[-edge:]))
 
 
 def seed_bootstrap_ratio(plain: list[float], recycled: list[float], level: float = 0.9, draws: int = 2000,
@@ -288,7 +290,8 @@ def format_results(res: dict, plots: dict[str, str]) -> str:
              f"{s['chunk_frames']} frames ({s['size']} px, {s['steps']} steps, memory {s['memory']}"
              + (f", clips of {s['chain_clip_frames']} frames chained on the last {s['chain_frames']}"
                 f"{' + the reference image' if s['chain_ref_pad'] else ''}" if s["chain_clip_frames"] else "")
-             + (f"; camera pan {s['pan_speed']:g} px/s" if s.get("pan_speed", 80.0) != 80.0 else "")
+             + (f"; camera pan {s['pan_speed']:g} px/s" if s.get("pan_speed", TRAINING_PAN_SPEED) != TRAINING_PAN_SPEED
+                else "")
              + "); each model fed only its own frames"
              + (" and the start image (re-projected as the first anchor)" if s.get("reference_anchor") else "")
              + f". Columns: {edge}, degradation (positive = worse).", "",

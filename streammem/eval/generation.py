@@ -51,8 +51,12 @@ def psnr(a: np.ndarray, b: np.ndarray) -> float:
     return 100.0 if mse == 0 else 10.0 * np.log10(255.0 ** 2 / mse)
 
 
+#: the generator training's typical camera pan (world px per second)
+TRAINING_PAN_SPEED = 80.0
+
+
 def render_path(seed: int, frames: int, size: int, fps: float = 4.0, loop_prob: float = 0.6,
-                pan_speed: float = 80.0) -> list:
+                pan_speed: float = TRAINING_PAN_SPEED) -> list:
     """The ground-truth stream of a held-out world with the training's camera program."""
     w = World(seed=seed, preset="clean", size=size, fps=fps, frames=frames, drop_frames=False)
     w.params = dataclasses.replace(PRESETS["clean"], loop_prob=loop_prob, pan_speed=pan_speed)

@@ -511,11 +511,10 @@ def model_card(cfg: RecycleTrainConfig, base: Path, step: int, elapsed: float, s
     rcfg = cfg.recycling_config()
     sites = [name for name, p in (("conditioning frames", rcfg.cond_prob), ("clean chunk", rcfg.latent_prob),
                                   ("noise", rcfg.noise_prob)) if p > 0]
-    into = (f"replayed into its {' and '.join([', '.join(sites[:-1]), sites[-1]] if len(sites) > 1 else sites)}"
-            if sites else "never replayed (every injection probability is 0)")
+    listed = ", ".join(sites[:-1]) + " and " + sites[-1] if len(sites) > 1 else "".join(sites)
+    into = f"replayed into its {listed}" if sites else "never replayed (every injection probability is 0)"
     what = ("error-recycling fine-tune (Stable Video Infinity): banked errors of the model's own predictions "
-            f"{into}"
-            if cfg.mode == "recycle" else
+            + into if cfg.mode == "recycle" else
             "plain fine-tune: the same steps, data, noise levels and noise as the error-recycling fine-tune, "
             "nothing injected (the equal-compute baseline)")
     bank = (f"- Error bank: {rcfg.num_bins} bins (inference timesteps, shift {rcfg.bank_shift}), "
